@@ -1,0 +1,44 @@
+# Warden — every target needs root and installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-unit demo bench packages reliability fuzz clean
+
+setup: $(STAMP)
+	@sh packaging/scripts/setup-host.sh
+	@$(PY) -m agent.bccfind --link $(VENV)
+
+$(STAMP): pyproject.toml
+	@sh packaging/scripts/setup-host.sh
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --disable-pip-version-check --upgrade pip wheel setuptools
+	@$(PIP) install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/pytest -q -ra tests
+
+test-unit: setup
+	$(VENV)/bin/pytest -q -ra tests/unit
+
+bench: setup
+	$(PY) bench/run_all.py
+
+demo: setup
+	$(PY) -m agent.demo
+
+packages: setup
+	@echo "make packages: not built yet (see issue 9)"; exit 1
+
+reliability: setup
+	@echo "make reliability: not built yet (see issue 10)"; exit 1
+
+fuzz: setup
+	@echo "make fuzz: not built yet (see issue 10)"; exit 1
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
