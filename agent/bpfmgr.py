@@ -1,0 +1,307 @@
+"""BPF lifecycle: compile, attach to the scope's cgroups, fill maps, read captures, detach.
+
+Programs are attached with BPF_F_ALLOW_MULTI (not as bpf_links) on purpose: if the agent
+dies, they stay attached and governed connects keep going to the dead listener port, so
+they fail closed (ECONNREFUSED) instead of silently going direct. The next start removes
+those stale attachments by name (every program of ours is called `warden_*`).
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import bpf as bpf_sources
+from agent import cgroups
+from agent.bccfind import import_bcc
+
+log = logging.getLogger("warden.bpf")
+
+BPF_F_ALLOW_MULTI = 2
+ATTACH_INET4_CONNECT = 10
+ATTACH_INET6_CONNECT = 11
+ATTACH_SOCK_OPS = 3
+ATTACH_INET_SOCK_RELEASE = 34
+
+FLAG_GOVERNED = 1
+FLAG_BYPASS = 2
+FLAG_REDIRECTED = 4
+FLAG_V4MAPPED = 8
+
+EV_ATTEMPT = 1
+EV_ESTABLISHED = 2
+EV_FAILED = 3
+
+ON_DOWN = {"refuse": 0, "bypass": 1}
+
+# (function, attach type name for bpftool, attach type number, BCC prog type attr)
+PROGRAMS = (
+    ("warden_connect4", "connect4", ATTACH_INET4_CONNECT, "CGROUP_SOCK_ADDR"),
+    ("warden_connect6", "connect6", ATTACH_INET6_CONNECT, "CGROUP_SOCK_ADDR"),
+    ("warden_sockops", "sock_ops", ATTACH_SOCK_OPS, "SOCK_OPS"),
+    ("warden_release", "sock_release", ATTACH_INET_SOCK_RELEASE, "CGROUP_SOCK"),
+)
+
+# struct conn_info / conn_event layout in bpf/warden.bpf.c
+CONN_INFO = struct.Struct("<QQQ16sIIIIIHBB16s")
+CONN_EVENT = struct.Struct("<II" + CONN_INFO.format[1:])
+assert CONN_INFO.size == 80 and CONN_EVENT.size == 88
+
+
+class BpfUnavailable(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the kernel recorded at connect() time."""
+
+    cookie: int
+    cgroup_id: int
+    ktime_ns: int
+    orig_ip: str
+    orig_port: int
+    target_id: int
+    tgid: int
+    pid: int
+    uid: int
+    gid: int
+    family: int          # 4 or 6
+    flags: int
+    comm: str
+
+    @property
+    def governed(self) -> bool:
+        return bool(self.flags & FLAG_GOVERNED)
+
+    @property
+    def bypass(self) -> bool:
+        return bool(self.flags & FLAG_BYPASS)
+
+    @property
+    def redirected(self) -> bool:
+        return bool(self.flags & FLAG_REDIRECTED)
+
+
+def mapped16(ip: str) -> bytes:
+    """16-byte form used in the maps: IPv6 as is, IPv4 as ::ffff:a.b.c.d."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv4Address):
+        return b"\0" * 10 + b"\xff\xff" + addr.packed
+    if addr.ipv4_mapped is not None:
+        return addr.packed
+    return addr.packed
+
+
+def unmap16(raw: bytes) -> str:
+    addr = ipaddress.IPv6Address(raw)
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def parse_conn_info(raw: bytes) -> Capture:
+    (cookie, cg, ts, orig, target_id, tgid, pid, uid, gid, port, family, flags,
+     comm) = CONN_INFO.unpack_from(raw)
+    return Capture(cookie, cg, ts, unmap16(orig), port, target_id, tgid, pid, uid, gid,
+                   family, flags, comm.split(b"\0", 1)[0].decode(errors="replace"))
+
+
+@dataclass(frozen=True)
+class TargetRule:
+    target_id: int
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    port: int
+    listen_port: int
+    on_down: str = "refuse"
+
+
+class BpfManager:
+    """Owns the compiled programs, their cgroup attachments and the maps."""
+
+    def __init__(self, scope_paths: Iterable[str]):
+        self.scope_paths = [os.path.abspath(p) for p in scope_paths]
+        self.bcc = None
+        self.b = None
+        self.funcs: dict[str, object] = {}
+        self.attached: list[tuple[str, object, int]] = []   # (cgroup path, fn, attach type)
+        self._ring_thread: Optional[threading.Thread] = None
+        self._ring_stop = threading.Event()
+        self._on_event: Optional[Callable[[int, Capture], None]] = None
+        self._lock = threading.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def load(self) -> None:
+        try:
+            self.bcc = import_bcc()
+        except Exception as exc:
+            raise BpfUnavailable(str(exc)) from exc
+        BPF = self.bcc.BPF
+        try:
+            self.b = BPF(text=bpf_sources.source(), cflags=["-Wno-macro-redefined"])
+        except Exception as exc:
+            raise BpfUnavailable(
+                f"compiling the BPF programs failed ({exc}); check that kernel headers are installed "
+                f"at /lib/modules/{os.uname().release}/build (make setup links the nearest ones)") from exc
+        for name, _bpftool, attach_type, prog_type in PROGRAMS:
+            self.funcs[name] = self.b.load_func(name, getattr(BPF, prog_type), attach_type=attach_type)
+
+    def attach(self) -> None:
+        BPF = self.bcc.BPF
+        for path in self.scope_paths:
+            sweep_stale(path)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for name, _bpftool, attach_type, _pt in PROGRAMS:
+                    BPF.attach_func(self.funcs[name], fd, attach_type, BPF_F_ALLOW_MULTI)
+                    self.attached.append((path, self.funcs[name], attach_type))
+            finally:
+                os.close(fd)
+        log.info("BPF programs attached to %s", ", ".join(self.scope_paths))
+
+    def detach(self) -> None:
+        self.stop_events()
+        if self.bcc is None:
+            return
+        BPF = self.bcc.BPF
+        for path, fn, attach_type in reversed(self.attached):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                continue
+            try:
+                BPF.detach_func(fn, fd, attach_type)
+            except Exception as exc:   # already gone (cgroup removed): nothing left to detach
+                log.debug("detach from %s: %s", path, exc)
+            finally:
+                os.close(fd)
+        self.attached.clear()
+        if self.b is not None:
+            self.b.cleanup()
+            self.b = None
+
+    # ---- maps -------------------------------------------------------------------------
+    def set_targets(self, rules: Iterable[TargetRule]) -> None:
+        table = self.b["targets"]
+        wanted = {}
+        for rule in rules:
+            key = table.Key()
+            addr = mapped16(str(rule.network.network_address))
+            plen = rule.network.prefixlen + (96 if rule.network.version == 4 else 0)
+            key.prefixlen = 32 + plen
+            key.port = socket.htons(rule.port)
+            key.pad = 0
+            ctypes.memmove(ctypes.addressof(key.addr), addr, 16)
+            val = table.Leaf()
+            val.target_id = rule.target_id
+            val.listen_port = rule.listen_port
+            val.on_down = ON_DOWN[rule.on_down]
+            val.pad = 0
+            wanted[bytes(key)] = (key, val)
+        with self._lock:
+            for key in list(table.keys()):
+                if bytes(key) not in wanted:
+                    del table[key]
+            for key, val in wanted.values():
+                table[key] = val
+
+    def exempt_process(self, tgid: int) -> None:
+        table = self.b["exempt_tgids"]
+        table[table.Key(tgid)] = table.Leaf(1)
+
+    def exempt_cgroup(self, cgroup_id: int) -> None:
+        table = self.b["exempt_cgroups"]
+        table[table.Key(cgroup_id)] = table.Leaf(1)
+
+    def take_redirected(self, client_ip: str, client_port: int) -> Optional[Capture]:
+        """Attribution of an accepted connection by the client's address and port (consumed)."""
+        table = self.b["redirected"]
+        key = table.Key()
+        ctypes.memmove(ctypes.addressof(key.addr), mapped16(client_ip), 16)
+        key.port = client_port
+        key.pad = 0
+        try:
+            leaf = table[key]
+        except KeyError:
+            return None
+        try:
+            del table[key]
+        except KeyError:
+            pass
+        return parse_conn_info(bytes(leaf))
+
+    def map_counts(self) -> dict[str, int]:
+        return {name: len(list(self.b[name].keys())) for name in ("targets", "pending", "redirected")}
+
+    # ---- ring buffer ----------------------------------------------------------------
+    def start_events(self, on_event: Callable[[int, Capture], None]) -> None:
+        self._on_event = on_event
+
+        def callback(_ctx, data, size):
+            raw = ctypes.string_at(data, size)
+            kind = struct.unpack_from("<I", raw)[0]
+            try:
+                self._on_event(kind, parse_conn_info(raw[8:]))
+            except Exception:   # a consumer bug must not stop the ring reader
+                log.exception("connection event handler failed")
+
+        self._ring_callback = callback      # keep the ctypes callback alive
+        self.b["events"].open_ring_buffer(callback)
+        self._ring_stop.clear()
+
+        def loop():
+            while not self._ring_stop.is_set():
+                self.b.ring_buffer_poll(100)
+
+        self._ring_thread = threading.Thread(target=loop, name="warden-bpf-events", daemon=True)
+        self._ring_thread.start()
+
+    def stop_events(self) -> None:
+        self._ring_stop.set()
+        if self._ring_thread is not None:
+            self._ring_thread.join(timeout=2)
+            self._ring_thread = None
+
+
+# ---- stale attachments ------------------------------------------------------------------
+def attached_programs(cgroup_path: str) -> list[dict]:
+    """Programs attached directly to a cgroup, as bpftool reports them."""
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    if not os.path.exists(bpftool):
+        raise BpfUnavailable("bpftool is needed to find stale attachments (apt-get install bpftool)")
+    out = subprocess.run([bpftool, "-j", "cgroup", "show", cgroup_path],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0 or not out.stdout.strip():
+        return []
+    return json.loads(out.stdout)
+
+
+def ours(programs: list[dict]) -> list[dict]:
+    return [p for p in programs if str(p.get("name", "")).startswith(bpf_sources.PROGRAM_PREFIX)]
+
+
+def sweep_stale(cgroup_path: str) -> int:
+    """Detach every `warden_*` program left on this cgroup by an earlier run that crashed."""
+    bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
+    removed = 0
+    bpftool_type = {name: kind for name, kind, _num, _pt in PROGRAMS}
+    for prog in ours(attached_programs(cgroup_path)):
+        kind = bpftool_type.get(prog["name"]) or prog["attach_type"]
+        res = subprocess.run([bpftool, "cgroup", "detach", cgroup_path, kind,
+                              "id", str(prog["id"])], capture_output=True, text=True, check=False)
+        if res.returncode == 0:
+            removed += 1
+            log.warning("removed stale %s program id %s from %s", prog["name"], prog["id"], cgroup_path)
+        else:
+            log.error("could not detach stale program %s from %s: %s", prog["id"], cgroup_path,
+                      res.stderr.strip())
+    return removed
