@@ -147,13 +147,13 @@ class BpfManager:
             raise BpfUnavailable(str(exc)) from exc
         BPF = self.bcc.BPF
         try:
-            self.b = BPF(text=bpf_sources.source(), cflags=["-Wno-macro-redefined"])
+            self.b = BPF(text=bpf_sources.source().encode(), cflags=["-Wno-macro-redefined"])
         except Exception as exc:
             raise BpfUnavailable(
                 f"compiling the BPF programs failed ({exc}); check that kernel headers are installed "
                 f"at /lib/modules/{os.uname().release}/build (make setup links the nearest ones)") from exc
         for name, _bpftool, attach_type, prog_type in PROGRAMS:
-            self.funcs[name] = self.b.load_func(name, getattr(BPF, prog_type), attach_type=attach_type)
+            self.funcs[name] = self.b.load_func(name.encode(), getattr(BPF, prog_type), attach_type=attach_type)
 
     def attach(self) -> None:
         BPF = self.bcc.BPF
@@ -191,7 +191,7 @@ class BpfManager:
 
     # ---- maps -------------------------------------------------------------------------
     def set_targets(self, rules: Iterable[TargetRule]) -> None:
-        table = self.b["targets"]
+        table = self.b[b"targets"]
         wanted = {}
         for rule in rules:
             key = table.Key()
@@ -215,16 +215,16 @@ class BpfManager:
                 table[key] = val
 
     def exempt_process(self, tgid: int) -> None:
-        table = self.b["exempt_tgids"]
+        table = self.b[b"exempt_tgids"]
         table[table.Key(tgid)] = table.Leaf(1)
 
     def exempt_cgroup(self, cgroup_id: int) -> None:
-        table = self.b["exempt_cgroups"]
+        table = self.b[b"exempt_cgroups"]
         table[table.Key(cgroup_id)] = table.Leaf(1)
 
     def take_redirected(self, client_ip: str, client_port: int) -> Optional[Capture]:
         """Attribution of an accepted connection by the client's address and port (consumed)."""
-        table = self.b["redirected"]
+        table = self.b[b"redirected"]
         key = table.Key()
         ctypes.memmove(ctypes.addressof(key.addr), mapped16(client_ip), 16)
         key.port = client_port
@@ -240,7 +240,7 @@ class BpfManager:
         return parse_conn_info(bytes(leaf))
 
     def map_counts(self) -> dict[str, int]:
-        return {name: len(list(self.b[name].keys())) for name in ("targets", "pending", "redirected")}
+        return {name: len(list(self.b[name.encode()].keys())) for name in ("targets", "pending", "redirected")}
 
     # ---- ring buffer ----------------------------------------------------------------
     def start_events(self, on_event: Callable[[int, Capture], None]) -> None:
@@ -255,7 +255,7 @@ class BpfManager:
                 log.exception("connection event handler failed")
 
         self._ring_callback = callback      # keep the ctypes callback alive
-        self.b["events"].open_ring_buffer(callback)
+        self.b[b"events"].open_ring_buffer(callback)
         self._ring_stop.clear()
 
         def loop():

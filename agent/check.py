@@ -1,0 +1,79 @@
+"""`warden-agent check`: everything that would stop the agent from governing this host."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import socket
+from urllib.parse import urlparse
+
+from agent import cgroups
+from agent import config as config_mod
+
+
+def run_checks(config_path: str) -> tuple[list[str], list[str]]:
+    problems: list[str] = []
+    notes: list[str] = []
+
+    cfg = None
+    try:
+        cfg = config_mod.load(config_path)
+        notes.append(f"config {config_path} is valid ({len(cfg.targets)} target(s), {len(cfg.identities)} identity rule(s))")
+    except config_mod.ConfigError as exc:
+        problems.extend(exc.problems)
+
+    try:
+        mount = cgroups.cgroup2_mount()
+        notes.append(f"cgroup2 mounted at {mount}")
+        if cfg is not None:
+            for cg in cfg.scope_cgroups:
+                path = cgroups.abs_path(cg, mount)
+                if not os.path.isdir(path):
+                    problems.append(f"scope cgroup {cg} does not exist ({path})")
+    except cgroups.CgroupError as exc:
+        problems.append(str(exc))
+
+    if os.geteuid() != 0:
+        problems.append("not running as root: loading and attaching BPF programs needs CAP_BPF, CAP_NET_ADMIN "
+                        "and CAP_SYS_ADMIN (run as root or under the packaged systemd unit)")
+    else:
+        notes.append("running with root privileges")
+
+    try:
+        from agent.bccfind import import_bcc
+        bcc = import_bcc()
+        notes.append(f"BCC importable from {os.path.dirname(bcc.__file__)}")
+    except Exception as exc:
+        problems.append(str(exc))
+
+    release = os.uname().release
+    build = f"/lib/modules/{release}/build"
+    if os.path.exists(os.path.join(build, "Makefile")) or os.path.exists("/sys/kernel/kheaders.tar.xz"):
+        notes.append(f"kernel headers available for {release}")
+    else:
+        problems.append(f"no kernel headers at {build}: install linux-headers-{release} (or the distribution's "
+                        f"nearest headers and link them there; `make setup` does this)")
+
+    if shutil.which("bpftool") or os.path.exists("/usr/sbin/bpftool"):
+        notes.append("bpftool present (used to remove stale attachments)")
+    else:
+        problems.append("bpftool is missing: install it (apt-get install bpftool / dnf install bpftool)")
+
+    if cfg is not None and cfg.collector.url:
+        url = urlparse(cfg.collector.url)
+        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+        try:
+            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+            ips = sorted({i[4][0] for i in infos})
+            for target in cfg.targets:
+                nets = config_mod.resolve_target_networks(target)
+                for ip in ips:
+                    addr = ipaddress.ip_address(ip)
+                    if port == target.match.port and any(addr.version == n.version and addr in n for n in nets):
+                        problems.append(f"target {target.name!r} would capture the collector's own address "
+                                        f"{ip}:{port}; narrow its match")
+            with socket.create_connection((ips[0], port), timeout=3):
+                notes.append(f"collector {cfg.collector.url} reachable")
+        except OSError as exc:
+            problems.append(f"collector {cfg.collector.url} is not reachable: {exc}")
+    return problems, notes

@@ -1,0 +1,113 @@
+"""`warden-agent`: run the daemon, check a host and config, validate and dry-run policies."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+DEFAULT_CONFIG = "/etc/warden/agent.yaml"
+
+
+def _cmd_run(args) -> int:
+    from agent import config as config_mod
+    from agent.daemon import run_forever
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    return run_forever(cfg)
+
+
+def _cmd_check(args) -> int:
+    from agent.check import run_checks
+    problems, notes = run_checks(args.config)
+    if args.json:
+        print(json.dumps({"ok": not problems, "problems": problems, "checked": notes}, indent=2))
+    else:
+        for note in notes:
+            print(f"ok   {note}")
+        for problem in problems:
+            print(f"FAIL {problem}")
+        print("all checks passed" if not problems else f"{len(problems)} problem(s) found")
+    return 1 if problems else 0
+
+
+def _cmd_policy_check(args) -> int:
+    try:
+        from enforcer.policy.cli import cmd_check
+    except ImportError:
+        print("the policy engine is not installed in this build", file=sys.stderr)
+        return 1
+    return cmd_check(args.file)
+
+
+def _cmd_policy_test(args) -> int:
+    try:
+        from enforcer.policy.cli import cmd_test
+    except ImportError:
+        print("the policy engine is not installed in this build", file=sys.stderr)
+        return 1
+    policy = args.policy
+    if policy is None:
+        from agent import config as config_mod
+        try:
+            policy = config_mod.load(args.config).policy_path
+        except config_mod.ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+    if not policy:
+        print("no policy file: pass --policy FILE or set policy.path in the config", file=sys.stderr)
+        return 1
+    if bool(args.sql) == bool(args.http):
+        print("give exactly one of --sql or --http", file=sys.stderr)
+        return 2
+    attrs = json.loads(args.attrs) if args.attrs else None
+    return cmd_test(policy, args.identity, args.target, sql=args.sql, http=args.http,
+                    identity_attrs=attrs, as_json=args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warden-agent", description="Warden host agent")
+    parser.add_argument("--log-level", default=os.environ.get("WARDEN_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent in the foreground (systemd Type=notify)")
+    run.add_argument("--config", default=DEFAULT_CONFIG)
+    run.set_defaults(func=_cmd_run)
+
+    check = sub.add_parser("check", help="validate the config and the host; exit 1 listing every problem")
+    check.add_argument("--config", default=DEFAULT_CONFIG)
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=_cmd_check)
+
+    policy = sub.add_parser("policy", help="validate policies and dry-run decisions")
+    psub = policy.add_subparsers(dest="policy_command", required=True)
+    pcheck = psub.add_parser("check", help="validate a Cedar policy file")
+    pcheck.add_argument("file")
+    pcheck.set_defaults(func=_cmd_policy_check)
+    ptest = psub.add_parser("test", help="dry-run one decision")
+    ptest.add_argument("--identity", required=True)
+    ptest.add_argument("--target", required=True)
+    ptest.add_argument("--sql")
+    ptest.add_argument("--http", help='e.g. "GET https://api.internal/v1/customers/7"')
+    ptest.add_argument("--policy", help="policy file (default: policy.path from --config)")
+    ptest.add_argument("--config", default=DEFAULT_CONFIG)
+    ptest.add_argument("--attrs", help="principal attributes as JSON")
+    ptest.add_argument("--json", action="store_true")
+    ptest.set_defaults(func=_cmd_policy_test)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""agent.yaml: parsing and validation with file:line in every error.
+
+A config that fails validation is refused as a whole; the caller keeps whatever it ran
+before. Keys and defaults are documented in README.md ("Configuration reference").
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_STATE_DIR = "/var/lib/warden"
+DEFAULT_LISTEN_PORT_BASE = 15400
+PROTOCOLS = ("postgres", "http", "tcp")
+TLS_MODES = ("disable", "prefer", "require", "verify-full")
+ON_DOWN = ("refuse", "bypass")
+ON_FULL = ("refuse", "block")
+IDENTITY_MATCH_KEYS = ("systemd_unit", "cgroup", "exe", "uid", "user", "container", "comm", "claim")
+
+
+class ConfigError(Exception):
+    """One or more problems, each as 'file:line: message'."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+# ---- YAML with positions -----------------------------------------------------------------
+class _Located:
+    """Remembers the source line of every mapping key and sequence item by its path."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.lines: dict[tuple, int] = {}
+
+    def build(self, node: yaml.Node, path: tuple = ()) -> Any:
+        self.lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for key_node, value_node in node.value:
+                key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) \
+                    else key_node.value
+                if key in out:
+                    raise ConfigError([f"{self.filename}:{key_node.start_mark.line + 1}: duplicate key {key!r}"])
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                out[key] = self.build(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
+        # scalars: resolve with the safe loader's rules (ints, bools, null, strings)
+        return yaml.safe_load(yaml.serialize(node))
+
+    def where(self, path: tuple) -> str:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return f"{self.filename}:{self.lines.get(path, 1)}"
+
+
+def load_yaml(text: str, filename: str) -> tuple[Any, _Located]:
+    loc = _Located(filename)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([f"{filename}:{line}: YAML syntax error: {exc.problem}"]) from None
+    if node is None:
+        return {}, loc
+    return loc.build(node), loc
+
+
+# ---- the model -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TargetMatch:
+    cidrs: tuple[str, ...]
+    hostnames: tuple[str, ...]
+    port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    protocol: str
+    match: TargetMatch
+    listen_port: int
+    upstream_tls: str = "disable"
+    upstream_ca: Optional[str] = None
+    client_tls: str = "allow"        # allow (terminate with the local CA) | refuse
+    on_enforcer_down: str = "refuse"
+    credentials: dict = dataclasses.field(default_factory=dict)
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityRule:
+    name: str
+    match: dict
+    groups: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SpoolConfig:
+    path: str
+    max_bytes: int = 1 << 30
+    on_full: str = "refuse"
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectorConfig:
+    url: Optional[str] = None
+    enrollment: Optional[str] = None
+    ca: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    source: str
+    agent_id: Optional[str]
+    state_dir: str
+    scope_cgroups: tuple[str, ...]
+    targets: tuple[TargetConfig, ...]
+    identities: tuple[IdentityRule, ...]
+    collector: CollectorConfig
+    spool: SpoolConfig
+    policy_path: Optional[str]
+    masking: dict
+    approvals_timeout: float
+    inventory_interval: float
+    event_log: Optional[str]          # JSON lines of every event, '-' for stdout, None for off
+    listen_host4: str = "127.0.0.1"
+    listen_host6: str = "::1"
+
+    def target(self, name: str) -> TargetConfig:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+def _parse_size(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper()
+    units = {"K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
+             "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30, "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * units[suffix])
+    return int(text)
+
+
+def _parse_duration(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    for suffix, mult in (("ms", 0.001), ("s", 1), ("m", 60), ("h", 3600)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * mult
+    return float(text)
+
+
+def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
+    data, loc = load_yaml(text, filename)
+    problems: list[str] = []
+
+    def err(path: tuple, msg: str) -> None:
+        problems.append(f"{loc.where(path)}: {msg}")
+
+    if not isinstance(data, dict):
+        raise ConfigError([f"{filename}:1: the top level must be a mapping of keys (agent, scope, targets, ...)"])
+
+    known = {"agent", "collector", "scope", "targets", "identities", "policy", "masking", "spool",
+             "approvals", "inventory", "enforcer"}
+    for key in data:
+        if key not in known:
+            err((key,), f"unknown key {key!r} (known: {', '.join(sorted(known))})")
+
+    agent = data.get("agent") or {}
+    if not isinstance(agent, dict):
+        err(("agent",), "'agent' must be a mapping"); agent = {}
+    state_dir = str(agent.get("state_dir", DEFAULT_STATE_DIR))
+    agent_id = agent.get("id")
+    event_log = agent.get("event_log")
+
+    collector = data.get("collector") or {}
+    if not isinstance(collector, dict):
+        err(("collector",), "'collector' must be a mapping with url, enrollment, ca"); collector = {}
+    url = collector.get("url")
+    if url is not None and not str(url).startswith(("http://", "https://")):
+        err(("collector", "url"), f"collector.url must start with https:// (or http:// on loopback), got {url!r}")
+
+    scope = data.get("scope") or {}
+    if isinstance(scope, list):
+        scope = {"cgroups": scope}
+    cgroups_list = scope.get("cgroups", ["/"]) if isinstance(scope, dict) else None
+    if not isinstance(cgroups_list, list) or not all(isinstance(c, str) for c in cgroups_list):
+        err(("scope",), "scope.cgroups must be a list of cgroup paths such as /system.slice/app.service")
+        cgroups_list = ["/"]
+
+    enforcer = data.get("enforcer") or {}
+    base_port = enforcer.get("listen_port_base", DEFAULT_LISTEN_PORT_BASE) if isinstance(enforcer, dict) else DEFAULT_LISTEN_PORT_BASE
+
+    targets: list[TargetConfig] = []
+    raw_targets = data.get("targets") or []
+    if not isinstance(raw_targets, list):
+        err(("targets",), "'targets' must be a list"); raw_targets = []
+    seen_names: set[str] = set()
+    used_ports: set[int] = set()
+    for i, t in enumerate(raw_targets):
+        p = ("targets", i)
+        if not isinstance(t, dict):
+            err(p, "each target must be a mapping with name, protocol, match"); continue
+        name = t.get("name")
+        if not name or not isinstance(name, str):
+            err(p, "target needs a 'name'"); name = f"target{i}"
+        elif name in seen_names:
+            err(p + ("name",), f"duplicate target name {name!r}")
+        seen_names.add(name)
+        protocol = t.get("protocol", "tcp")
+        if protocol not in PROTOCOLS:
+            err(p + ("protocol",), f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        match = t.get("match") or {}
+        if not isinstance(match, dict):
+            err(p + ("match",), "match must be a mapping with cidr/hostname and port"); match = {}
+        cidrs = match.get("cidr", [])
+        cidrs = [cidrs] if isinstance(cidrs, str) else list(cidrs or [])
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(str(cidr), strict=False)
+            except ValueError:
+                err(p + ("match", "cidr"), f"{cidr!r} is not a CIDR such as 10.0.1.0/24 or 2001:db8::/64")
+        hostnames = match.get("hostname", [])
+        hostnames = [hostnames] if isinstance(hostnames, str) else list(hostnames or [])
+        if not cidrs and not hostnames:
+            err(p + ("match",), "match needs 'cidr' or 'hostname'")
+        port = match.get("port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            err(p + ("match", "port"), f"match.port must be a TCP port number, got {port!r}")
+            port = 0
+        listen_port = t.get("listen_port", base_port + i)
+        if not isinstance(listen_port, int) or not 0 < listen_port < 65536:
+            err(p + ("listen_port",), f"listen_port must be a TCP port number, got {listen_port!r}")
+            listen_port = 0
+        elif listen_port in used_ports:
+            err(p + ("listen_port",), f"listen_port {listen_port} is used by another target")
+        used_ports.add(listen_port)
+        tls = t.get("upstream_tls", "disable")
+        if isinstance(tls, dict):
+            tls_mode, tls_ca = tls.get("mode", "disable"), tls.get("ca")
+        else:
+            tls_mode, tls_ca = tls, t.get("upstream_ca")
+        if tls_mode not in TLS_MODES:
+            err(p + ("upstream_tls",), f"upstream_tls must be one of {', '.join(TLS_MODES)}, got {tls_mode!r}")
+        if tls_mode == "verify-full" and not tls_ca:
+            err(p + ("upstream_tls",), "upstream_tls verify-full needs a CA bundle ('ca:')")
+        on_down = t.get("on_enforcer_down", "refuse")
+        if on_down not in ON_DOWN:
+            err(p + ("on_enforcer_down",), f"on_enforcer_down must be refuse or bypass, got {on_down!r}")
+        client_tls = t.get("client_tls", "allow")
+        if client_tls not in ("allow", "refuse"):
+            err(p + ("client_tls",), f"client_tls must be allow or refuse, got {client_tls!r}")
+        creds = t.get("credentials") or {}
+        options = {k: v for k, v in t.items() if k not in {
+            "name", "protocol", "match", "listen_port", "upstream_tls", "upstream_ca", "on_enforcer_down",
+            "credentials", "client_tls"}}
+        targets.append(TargetConfig(
+            name=name, protocol=protocol if protocol in PROTOCOLS else "tcp",
+            match=TargetMatch(tuple(str(c) for c in cidrs), tuple(str(h) for h in hostnames), port),
+            listen_port=listen_port, upstream_tls=tls_mode, upstream_ca=tls_ca, client_tls=client_tls,
+            on_enforcer_down=on_down, credentials=creds, options=options))
+
+    identities: list[IdentityRule] = []
+    raw_ids = data.get("identities") or []
+    if not isinstance(raw_ids, list):
+        err(("identities",), "'identities' must be a list"); raw_ids = []
+    for i, ident in enumerate(raw_ids):
+        p = ("identities", i)
+        if not isinstance(ident, dict) or not isinstance(ident.get("name"), str):
+            err(p, "each identity needs a 'name' and a 'match' mapping"); continue
+        match = ident.get("match") or {}
+        if not isinstance(match, dict) or not match:
+            err(p + ("match",), f"identity {ident['name']!r} needs a non-empty 'match'"); continue
+        for key in match:
+            if key not in IDENTITY_MATCH_KEYS:
+                err(p + ("match", key), f"unknown identity match key {key!r} (known: {', '.join(IDENTITY_MATCH_KEYS)})")
+        if "uid" in match and not isinstance(match["uid"], int):
+            err(p + ("match", "uid"), "uid must be a number")
+        groups = ident.get("groups", [])
+        identities.append(IdentityRule(ident["name"], dict(match), tuple(groups or ())))
+
+    policy = data.get("policy") or {}
+    policy_path = policy.get("path") if isinstance(policy, dict) else policy
+
+    spool = data.get("spool") or {}
+    if not isinstance(spool, dict):
+        err(("spool",), "'spool' must be a mapping"); spool = {}
+    try:
+        max_bytes = _parse_size(spool.get("max_bytes", 1 << 30))
+    except ValueError:
+        err(("spool", "max_bytes"), f"spool.max_bytes must be a size such as 512MiB, got {spool.get('max_bytes')!r}")
+        max_bytes = 1 << 30
+    on_full = spool.get("on_full", "refuse")
+    if on_full not in ON_FULL:
+        err(("spool", "on_full"), f"spool.on_full must be refuse or block, got {on_full!r}")
+
+    approvals = data.get("approvals") or {}
+    try:
+        approvals_timeout = _parse_duration(approvals.get("timeout", 300) if isinstance(approvals, dict) else 300)
+    except ValueError:
+        err(("approvals", "timeout"), "approvals.timeout must be a duration such as 5m"); approvals_timeout = 300
+    inventory = data.get("inventory") or {}
+    try:
+        inventory_interval = _parse_duration(inventory.get("interval", 10) if isinstance(inventory, dict) else 10)
+    except ValueError:
+        err(("inventory", "interval"), "inventory.interval must be a duration such as 10s"); inventory_interval = 10
+
+    masking = data.get("masking") or {}
+    if problems:
+        raise ConfigError(problems)
+    return AgentConfig(
+        source=filename, agent_id=agent_id, state_dir=state_dir,
+        scope_cgroups=tuple(cgroups_list), targets=tuple(targets), identities=tuple(identities),
+        collector=CollectorConfig(url, collector.get("enrollment"), collector.get("ca")),
+        spool=SpoolConfig(str(spool.get("path", os.path.join(state_dir, "spool"))), max_bytes, on_full),
+        policy_path=policy_path, masking=masking if isinstance(masking, dict) else {},
+        approvals_timeout=approvals_timeout, inventory_interval=inventory_interval,
+        event_log=event_log)
+
+
+def load(path: str) -> AgentConfig:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}:1: cannot read config: {exc.strerror}"]) from None
+    return parse(text, path)
+
+
+def resolve_target_networks(target: TargetConfig) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """CIDRs as given plus the current addresses of the hostnames (the agent refreshes these)."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in target.match.cidrs]
+    for host in target.match.hostnames:
+        try:
+            infos = socket.getaddrinfo(host, target.match.port, proto=socket.IPPROTO_TCP)
+        except socket.gaierror:
+            continue
+        for info in infos:
+            ip = info[4][0]
+            nets.append(ipaddress.ip_network(ip))
+    return nets

@@ -1,0 +1,275 @@
+"""`warden-agent run`: BPF attached to the scope, one enforcer listener per target, events out."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from typing import Optional
+
+from agent import cgroups, hostfacts, procinfo, sdnotify
+from agent.bpfmgr import BpfManager, Capture, TargetRule
+from agent.config import AgentConfig, TargetConfig, resolve_target_networks
+from agent.events import FanoutSink, JsonLinesSink, new_session_id
+from agent.identity import IdentityResolver
+from agent.inventory import Inventory
+from enforcer.context import Attribution, ConnectionContext, TargetInfo, UpstreamTLS
+
+log = logging.getLogger("warden.agent")
+
+HOSTNAME_REFRESH_S = 30.0
+VERSION = "0.1.0"
+
+
+def load_or_create_agent_id(state_dir: str, configured: Optional[str]) -> str:
+    if configured:
+        return str(configured)
+    path = os.path.join(state_dir, "agent_id")
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+            if value:
+                return value
+    except FileNotFoundError:
+        pass
+    value = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(value + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return value
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, sink=None):
+        self.config = config
+        os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        self.agent_id = load_or_create_agent_id(config.state_dir, config.agent_id)
+        self.host = socket.gethostname()
+        self.identities = IdentityResolver(config.identities, host=self.host)
+        self.targets_by_id = {i + 1: t for i, t in enumerate(config.targets)}
+        self.target_ids = {t.name: i for i, t in self.targets_by_id.items()}
+        json_sink = JsonLinesSink(config.event_log) if config.event_log else None
+        self.sink = FanoutSink(sink, json_sink) if sink is not None else (json_sink or FanoutSink())
+        mount = cgroups.cgroup2_mount()
+        self.scope_paths = [cgroups.abs_path(c, mount) for c in config.scope_cgroups]
+        self.bpf = BpfManager(self.scope_paths)
+        self.inventory = Inventory(self._describe_capture, self._target_name)
+        self.servers: list[asyncio.base_events.Server] = []
+        self.active_sessions: set[asyncio.Task] = set()
+        self.stats = {"accepted": 0, "unattributed": 0, "bypassed": 0}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._target_nets: dict[int, list] = {}
+        self.policy = None
+        self.masking = None
+        self.approvals = None
+
+    # ---- events ---------------------------------------------------------------------------
+    def emit(self, event_type: str, fields: dict, session_id: Optional[str] = None) -> None:
+        self.sink.emit(event_type, fields, session_id)
+
+    def _target_name(self, target_id: int) -> Optional[str]:
+        t = self.targets_by_id.get(target_id)
+        return t.name if t else None
+
+    def _describe_capture(self, cap: Capture) -> dict:
+        return procinfo.as_record(procinfo.describe(cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm, cap.cgroup_id))
+
+    def _on_bpf_event(self, kind: int, cap: Capture) -> None:
+        self.inventory.on_event(kind, cap)
+        if kind == 1 and cap.bypass:
+            self.stats["bypassed"] += 1
+            fields = {"target": self._target_name(cap.target_id), "dst_ip": cap.orig_ip, "dst_port": cap.orig_port,
+                      "reason": "enforcer_down", "process": self._describe_capture(cap)}
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self.emit, "agent.bypass", fields)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def _exempt_self(self) -> None:
+        """The enforcer's own upstream connects must never be redirected back to itself."""
+        self.bpf.exempt_process(os.getpid())
+        own = cgroups.cgroup_of_pid(os.getpid())
+        own_path = cgroups.abs_path(own) if own else ""
+        # exempting our cgroup is only safe when it is ours alone, i.e. not a scope root or an ancestor of one
+        if own_path and own not in ("/", "") and not any(
+                p == own_path or p.startswith(own_path.rstrip("/") + "/") for p in self.scope_paths):
+            if os.environ.get("INVOCATION_ID"):     # running as a systemd unit: the unit's cgroup is ours
+                self.bpf.exempt_cgroup(cgroups.cgroup_id(own_path))
+
+    def _target_rules(self) -> list[TargetRule]:
+        rules = []
+        for target_id, target in self.targets_by_id.items():
+            nets = resolve_target_networks(target)
+            self._target_nets[target_id] = nets
+            for net in nets:
+                rules.append(TargetRule(target_id, net, target.match.port, target.listen_port, target.on_enforcer_down))
+        return rules
+
+    async def _start_listeners(self) -> None:
+        for target_id, target in self.targets_by_id.items():
+            handler = self._make_handler(target_id, target)
+            for host in (self.config.listen_host4, self.config.listen_host6):
+                try:
+                    server = await asyncio.start_server(handler, host, target.listen_port, reuse_address=True,
+                                                        backlog=4096)
+                except OSError as exc:
+                    if host == self.config.listen_host6 and exc.errno in (97, 99):   # no IPv6 on this host
+                        continue
+                    raise RuntimeError(f"cannot listen on {host} port {target.listen_port} for target "
+                                       f"{target.name!r}: {exc.strerror}; choose another listen_port") from exc
+                self.servers.append(server)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.bpf.load()
+        self._exempt_self()
+        await self._start_listeners()
+        try:
+            self.bpf.set_targets(self._target_rules())
+            self.bpf.attach()
+            self.bpf.start_events(self._on_bpf_event)
+            # pyroute2's synchronous API runs its own event loop: keep it off ours
+            host_facts = await asyncio.to_thread(hostfacts.describe_host)
+            self.emit("agent.start", {"version": VERSION, "agent_id": self.agent_id, "host": host_facts,
+                                      "scope": list(self.config.scope_cgroups),
+                                      "targets": [{"name": t.name, "protocol": t.protocol, "listen_port": t.listen_port,
+                                                   "port": t.match.port, "cidrs": list(t.match.cidrs),
+                                                   "hostnames": list(t.match.hostnames)}
+                                                  for t in self.config.targets]})
+            sdnotify.notify("READY=1\nSTATUS=governing " + ", ".join(t.name for t in self.config.targets))
+            log.info("warden agent %s ready: %d target(s), scope %s", self.agent_id, len(self.targets_by_id),
+                     ", ".join(self.scope_paths))
+            tasks = [asyncio.create_task(self._inventory_loop(stop)),
+                     asyncio.create_task(self._hostname_loop(stop))]
+            await stop.wait()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            sdnotify.notify("STOPPING=1")
+            for server in self.servers:
+                server.close()
+            self.bpf.detach()
+            self._flush_inventory()
+            for task in list(self.active_sessions):
+                task.cancel()
+            if self.active_sessions:
+                await asyncio.wait(list(self.active_sessions), timeout=5)
+            self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats)})
+
+    def _flush_inventory(self) -> None:
+        for fields in self.inventory.flush():
+            self.emit("conn.observed", fields)
+
+    async def _inventory_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.config.inventory_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._flush_inventory()
+
+    async def _hostname_loop(self, stop: asyncio.Event) -> None:
+        if not any(t.match.hostnames for t in self.config.targets):
+            return
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=HOSTNAME_REFRESH_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+            before = dict(self._target_nets)
+            rules = await asyncio.to_thread(self._target_rules)
+            if before != self._target_nets:
+                self.bpf.set_targets(rules)
+                log.info("target addresses refreshed")
+
+    # ---- connections ----------------------------------------------------------------------
+    def _make_handler(self, target_id: int, target: TargetConfig):
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            self.active_sessions.add(task)
+            try:
+                await self._serve(target_id, target, reader, writer)
+            except Exception:
+                log.exception("session on target %s failed", target.name)
+            finally:
+                self.active_sessions.discard(task)
+                if not writer.is_closing():
+                    writer.close()
+        return handle
+
+    def attribute(self, client_ip: str, client_port: int) -> Optional[Capture]:
+        return self.bpf.take_redirected(client_ip, client_port)
+
+    async def _serve(self, target_id: int, target: TargetConfig, reader, writer) -> None:
+        peer = writer.get_extra_info("peername")
+        cap = self.attribute(peer[0], peer[1])
+        self.stats["accepted"] += 1
+        if cap is None or cap.target_id != target_id:
+            # not redirected by our programs: we cannot know where it was going, so it goes nowhere
+            self.stats["unattributed"] += 1
+            self.emit("agent.alert", {"kind": "unattributed_connection", "target": target.name,
+                                      "client": f"{peer[0]}:{peer[1]}"})
+            writer.close()
+            return
+        proc = procinfo.describe(cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm, cap.cgroup_id)
+        identity, attrs = self.identities.resolve(proc)
+        attribution = Attribution(
+            orig_ip=cap.orig_ip, orig_port=cap.orig_port, family=socket.AF_INET if cap.family == 4 else socket.AF_INET6,
+            target_id=target_id, client_ip=peer[0], client_port=peer[1], socket_cookie=cap.cookie,
+            connect_ns=cap.ktime_ns, process=proc)
+        info = TargetInfo(
+            name=target.name, protocol=target.protocol, upstream_host=cap.orig_ip, upstream_port=cap.orig_port,
+            tls=UpstreamTLS(target.upstream_tls, target.upstream_ca,
+                            target.match.hostnames[0] if target.match.hostnames else None),
+            on_enforcer_down=target.on_enforcer_down, options=dict(target.options))
+        ctx = ConnectionContext(
+            session_id=new_session_id(), identity=identity, identity_attrs=attrs, target=info,
+            attribution=attribution, sink=self, host=self.host, agent_id=self.agent_id,
+            policy=self.policy, masking=self.masking, approvals=self.approvals)
+        ctx.extra["session_start_fields"] = {
+            "identity": identity, "target": target.name, "protocol": target.protocol,
+            "orig_dst": f"{cap.orig_ip}:{cap.orig_port}", "process": procinfo.as_record(proc),
+            "client": f"{peer[0]}:{peer[1]}", "host": self.host}
+        handler = protocol_handler(target.protocol)
+        await handler(reader, writer, ctx)
+
+
+def protocol_handler(protocol: str):
+    if protocol == "postgres":
+        try:
+            from enforcer.postgres.proxy import serve_postgres
+            return serve_postgres
+        except ImportError:
+            pass
+    from enforcer.relay import serve_tcp
+    return serve_tcp
+
+
+def run_forever(config: AgentConfig) -> int:
+    try:
+        import uvloop
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        agent = Agent(config)
+        await agent.run(stop)
+
+    # uvloop for our loop only: pyroute2 runs its own loops in worker threads and needs
+    # the default policy's loops there (uvloop cannot open netlink sockets)
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+    return 0

@@ -1,0 +1,235 @@
+"""The agent core end to end on the real kernel: redirect, attribution, exemption, inventory,
+fail-closed and bypass, and clean detachment — with real sockets on loopback only."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agent.bpfmgr import BpfManager, TargetRule, attached_programs, ours
+from tests.agentproc import AgentProcess
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class WhoServer:
+    """A real TCP server that tells each client which peer address it sees, then echoes."""
+
+    def __init__(self, host: str, port: int = 0):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(64)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.peers: list[tuple] = []
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, peer = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.peers.append(peer)
+            threading.Thread(target=self._client, args=(conn, peer), daemon=True).start()
+
+    def _client(self, conn, peer):
+        with conn:
+            conn.sendall(f"peer={peer[0]}|{peer[1]}\n".encode())
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop = True
+        self.sock.close()
+        self.thread.join(timeout=2)
+
+
+CLIENT = r"""
+import json, os, socket, sys
+host, port, family = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fam = socket.AF_INET6 if family == "6" else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.settimeout(5)
+try:
+    s.connect((host, port))
+except OSError as exc:
+    print(json.dumps({"pid": os.getpid(), "error": exc.errno, "errname": type(exc).__name__}))
+    sys.exit(0)
+f = s.makefile("rwb")
+hello = f.readline().decode().strip()
+f.write(b"ping\n"); f.flush()
+echo = f.readline().decode().strip()
+print(json.dumps({"pid": os.getpid(), "hello": hello, "echo": echo, "local": list(s.getsockname()[:2]),
+                  "remote": list(s.getpeername()[:2]), "exe": os.path.realpath(sys.executable), "uid": os.getuid()}))
+"""
+
+
+def run_client(cg, host, port, family="4"):
+    res = cg.run([sys.executable, "-c", CLIENT, host, str(port), family], timeout=20)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def agent_config(cg, targets):
+    return {"scope": {"cgroups": [cg.rel]}, "targets": targets,
+            "identities": [{"name": "test-client", "match": {"cgroup": cg.rel, "comm": "python*"}}]}
+
+
+@pytest.fixture
+def servers():
+    made = []
+
+    def make(host, port=0):
+        s = WhoServer(host, port)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.close()
+
+
+def no_programs_of_ours(path):
+    return ours(attached_programs(path)) == []
+
+
+def test_ipv4_redirect_attribution_and_exemption(test_cgroup, servers):
+    server = servers("127.0.0.2")
+    listen = free_port()
+    # the agent itself runs inside the governed cgroup: its upstream connection must not loop back
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": server.port},
+         "listen_port": listen}]), cgroup=test_cgroup).start()
+    try:
+        out = run_client(test_cgroup, "127.0.0.2", server.port)
+        # the connect was rewritten in the kernel: the client needed no configuration
+        assert out["echo"] == "ping"
+        # the server sees the relay (the agent's upstream socket), not the client's port: it went through us
+        assert len(server.peers) == 1
+        session = agent.wait_for(lambda e: e["type"] == "session.start", what="session.start")
+        f = session["f"]
+        assert f["orig_dst"] == f"127.0.0.2:{server.port}"
+        assert f["identity"] == "test-client"
+        proc = f["process"]
+        assert proc["pid"] == out["pid"] and proc["tgid"] == out["pid"]
+        assert proc["uid"] == out["uid"] == os.getuid()
+        assert os.path.realpath(proc["exe"]) == out["exe"]
+        assert proc["cgroup"] == test_cgroup.rel
+        assert f["client"].endswith(f":{out['local'][1]}")
+        end = agent.wait_for(lambda e: e["type"] == "session.end", what="session.end")
+        assert end["sid"] == session["sid"] and end["f"]["bytes_in"] == 5 and end["f"]["bytes_out"] > 5
+    finally:
+        assert agent.stop() == 0
+    assert no_programs_of_ours(test_cgroup.path)
+
+
+def test_ipv6_and_ipv4_mapped_targets(test_cgroup, servers):
+    v6 = servers("::1")
+    v4 = servers("127.0.0.2")
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "v6db", "protocol": "tcp", "match": {"cidr": "::1/128", "port": v6.port}, "listen_port": free_port()},
+        {"name": "v4db", "protocol": "tcp", "match": {"cidr": "127.0.0.0/24", "port": v4.port},
+         "listen_port": free_port()},
+    ])).start()
+    try:
+        out6 = run_client(test_cgroup, "::1", v6.port, family="6")
+        assert out6["echo"] == "ping"
+        out_mapped = run_client(test_cgroup, "::ffff:127.0.0.2", v4.port, family="6")
+        assert out_mapped["echo"] == "ping"
+        starts = agent.wait_for(lambda e: e["type"] == "session.start" and e["f"]["target"] == "v4db", what="mapped")
+        assert starts["f"]["orig_dst"] == f"127.0.0.2:{v4.port}"
+        assert starts["f"]["process"]["pid"] == out_mapped["pid"]
+        s6 = agent.wait_for(lambda e: e["type"] == "session.start" and e["f"]["target"] == "v6db", what="v6")
+        assert s6["f"]["orig_dst"] == f"::1:{v6.port}" and s6["f"]["process"]["pid"] == out6["pid"]
+        # both servers were reached through the relay, whose upstream is the agent's own socket
+        assert len(v6.peers) == 1 and len(v4.peers) == 1
+    finally:
+        agent.stop()
+
+
+def test_ungoverned_connect_is_observed_not_redirected(test_cgroup, servers):
+    governed = servers("127.0.0.2")
+    other = servers("127.0.0.3")
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": governed.port},
+         "listen_port": free_port()}])).start()
+    try:
+        out = run_client(test_cgroup, "127.0.0.3", other.port)
+        # the server saw the client's own source port: nothing in between
+        assert other.peers[0][1] == out["local"][1]
+        assert out["hello"] == f"peer=127.0.0.1|{out['local'][1]}" or out["hello"].endswith(f"|{out['local'][1]}")
+        observed = agent.wait_for(lambda e: e["type"] == "conn.observed" and e["f"]["dst_port"] == other.port,
+                                  timeout=15, what="conn.observed")
+        f = observed["f"]
+        assert f["dst_ip"] == "127.0.0.3" and f["governed"] == 0 and f["redirected"] == 0
+        assert f["attempts"] == 1 and f["established"] == 1
+        assert f["process"]["tgid"] == out["pid"] and f["process"]["cgroup"] == test_cgroup.rel
+        assert agent.events("session.start") == []
+    finally:
+        agent.stop()
+
+
+def test_refuse_after_crash_then_restart_sweeps(test_cgroup, servers):
+    server = servers("127.0.0.2")
+    listen = free_port()
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": server.port},
+         "listen_port": listen, "on_enforcer_down": "refuse"}])).start()
+    agent.kill9()
+    # programs stay attached after a crash: governed connects fail closed, never go direct
+    assert len(ours(attached_programs(test_cgroup.path))) == 4
+    out = run_client(test_cgroup, "127.0.0.2", server.port)
+    assert out.get("errname") == "ConnectionRefusedError", out
+    assert server.peers == []
+    # a restart removes the stale attachments and serves again
+    agent.start()
+    try:
+        assert len(ours(attached_programs(test_cgroup.path))) == 4
+        assert run_client(test_cgroup, "127.0.0.2", server.port)["echo"] == "ping"
+    finally:
+        assert agent.stop() == 0
+    assert no_programs_of_ours(test_cgroup.path)
+
+
+def test_bypass_when_enforcer_down(test_cgroup, servers):
+    """With on_enforcer_down: bypass and no listener, the connect goes direct and is reported as a bypass."""
+    server = servers("127.0.0.2")
+    dead_port = free_port()
+    mgr = BpfManager([test_cgroup.path])
+    mgr.load()
+    events = []
+    try:
+        mgr.set_targets([TargetRule(7, ipaddress.ip_network("127.0.0.2/32"), server.port, dead_port, "bypass")])
+        mgr.attach()
+        mgr.start_events(lambda kind, cap: events.append((kind, cap)))
+        out = run_client(test_cgroup, "127.0.0.2", server.port)
+        assert out["echo"] == "ping"
+        assert server.peers[0][1] == out["local"][1]      # direct: the server saw the client itself
+        deadline = time.time() + 5
+        while time.time() < deadline and not any(k == 1 for k, _ in events):
+            time.sleep(0.05)
+        attempt = [c for k, c in events if k == 1][0]
+        assert attempt.governed and attempt.bypass and not attempt.redirected
+        assert attempt.target_id == 7 and attempt.tgid == out["pid"]
+    finally:
+        mgr.detach()
+    assert no_programs_of_ours(test_cgroup.path)
