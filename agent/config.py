@@ -39,7 +39,7 @@ class _Located:
         self.lines: dict[tuple, int] = {}
 
     def build(self, node: yaml.Node, path: tuple = ()) -> Any:
-        self.lines[path] = node.start_mark.line + 1
+        self.lines.setdefault(path, node.start_mark.line + 1)   # a key's own line wins over its value's
         if isinstance(node, yaml.MappingNode):
             out = {}
             for key_node, value_node in node.value:
