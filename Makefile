@@ -29,7 +29,7 @@ bench: setup
 	$(PY) bench/run_all.py
 
 demo: setup
-	$(PY) -m agent.demo
+	@if [ -f agent/demo.py ]; then $(PY) -m agent.demo; else echo "make demo: not built yet (see issue 9)"; exit 1; fi
 
 packages: setup
 	@echo "make packages: not built yet (see issue 9)"; exit 1
