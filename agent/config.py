@@ -131,6 +131,7 @@ class AgentConfig:
     masking: dict
     approvals_timeout: float
     inventory_interval: float
+    heartbeat_interval: float
     event_log: Optional[str]          # JSON lines of every event, '-' for stdout, None for off
     listen_host4: str = "127.0.0.1"
     listen_host6: str = "::1"
@@ -319,6 +320,12 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
     except ValueError:
         err(("inventory", "interval"), "inventory.interval must be a duration such as 10s"); inventory_interval = 10
 
+    try:
+        heartbeat_interval = _parse_duration(agent.get("heartbeat_interval", 30))
+    except ValueError:
+        err(("agent", "heartbeat_interval"), "agent.heartbeat_interval must be a duration such as 30s")
+        heartbeat_interval = 30.0
+
     masking = data.get("masking") or {}
     if problems:
         raise ConfigError(problems)
@@ -329,6 +336,7 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         spool=SpoolConfig(str(spool.get("path", os.path.join(state_dir, "spool"))), max_bytes, on_full),
         policy_path=policy_path, masking=masking if isinstance(masking, dict) else {},
         approvals_timeout=approvals_timeout, inventory_interval=inventory_interval,
+        heartbeat_interval=heartbeat_interval,
         event_log=event_log)
 
 

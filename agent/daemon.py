@@ -56,7 +56,8 @@ class Agent:
         self.targets_by_id = {i + 1: t for i, t in enumerate(config.targets)}
         self.target_ids = {t.name: i for i, t in self.targets_by_id.items()}
         json_sink = JsonLinesSink(config.event_log) if config.event_log else None
-        self.sink = FanoutSink(sink, json_sink) if sink is not None else (json_sink or FanoutSink())
+        self.records = None if sink is not None else RecordsPipeline(config, self.agent_id)
+        self.sink = FanoutSink(sink or self.records.writer, json_sink)
         mount = cgroups.cgroup2_mount()
         self.scope_paths = [cgroups.abs_path(c, mount) for c in config.scope_cgroups]
         self.bpf = BpfManager(self.scope_paths)
@@ -65,6 +66,7 @@ class Agent:
         self.active_sessions: set[asyncio.Task] = set()
         self.stats = {"accepted": 0, "unattributed": 0, "bypassed": 0}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.started = time.monotonic()
         self._target_nets: dict[int, list] = {}
         self.policy = None
         self.masking = None
@@ -85,7 +87,7 @@ class Agent:
         self.inventory.on_event(kind, cap)
         if kind == 1 and cap.bypass:
             self.stats["bypassed"] += 1
-            fields = {"target": self._target_name(cap.target_id), "dst_ip": cap.orig_ip, "dst_port": cap.orig_port,
+            fields = {"target": self._target_name(cap.target_id), "orig_dst": f"{cap.orig_ip}:{cap.orig_port}",
                       "reason": "enforcer_down", "process": self._describe_capture(cap)}
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self.emit, "agent.bypass", fields)
@@ -137,6 +139,9 @@ class Agent:
             # pyroute2's synchronous API runs its own event loop: keep it off ours
             host_facts = await asyncio.to_thread(hostfacts.describe_host)
             self.emit("agent.start", {"version": VERSION, "agent_id": self.agent_id, "host": host_facts,
+                                      "hostname": self.host, "pid": os.getpid(), "config_path": self.config.source,
+                                      "kernel": os.uname().release,
+                                      "bpf": {"attached": len(self.bpf.attached), "scope": self.scope_paths},
                                       "scope": list(self.config.scope_cgroups),
                                       "targets": [{"name": t.name, "protocol": t.protocol, "listen_port": t.listen_port,
                                                    "port": t.match.port, "cidrs": list(t.match.cidrs),
@@ -146,7 +151,10 @@ class Agent:
             log.info("warden agent %s ready: %d target(s), scope %s", self.agent_id, len(self.targets_by_id),
                      ", ".join(self.scope_paths))
             tasks = [asyncio.create_task(self._inventory_loop(stop)),
-                     asyncio.create_task(self._hostname_loop(stop))]
+                     asyncio.create_task(self._hostname_loop(stop)),
+                     asyncio.create_task(self._heartbeat_loop(stop))]
+            if self.records is not None and self.records.shipper is not None:
+                tasks.append(asyncio.create_task(self.records.shipper.run(stop)))
             await stop.wait()
             for t in tasks:
                 t.cancel()
@@ -161,7 +169,10 @@ class Agent:
                 task.cancel()
             if self.active_sessions:
                 await asyncio.wait(list(self.active_sessions), timeout=5)
-            self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats)})
+            self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats), "reason": "signal",
+                                     "uptime_s": round(time.monotonic() - self.started, 3)})
+            if self.records is not None:
+                await asyncio.to_thread(self.records.close)
 
     def _flush_inventory(self) -> None:
         for fields in self.inventory.flush():
@@ -174,6 +185,23 @@ class Agent:
             except asyncio.TimeoutError:
                 pass
             self._flush_inventory()
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.config.heartbeat_interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            fields = {"version": VERSION, "sessions_active": len(self.active_sessions), "stats": dict(self.stats),
+                      "uptime_s": round(time.monotonic() - self.started, 3)}
+            try:
+                fields["bpf_state"] = {"attached": len(self.bpf.attached), **self.bpf.map_counts()}
+            except Exception as exc:
+                fields["bpf_state"] = {"error": str(exc)}
+            if self.records is not None:
+                fields.update(self.records.status())
+            self.emit("agent.heartbeat", fields)
 
     async def _hostname_loop(self, stop: asyncio.Event) -> None:
         if not any(t.match.hostnames for t in self.config.targets):
@@ -215,12 +243,19 @@ class Agent:
         if cap is None or cap.target_id != target_id:
             # not redirected by our programs: we cannot know where it was going, so it goes nowhere
             self.stats["unattributed"] += 1
-            self.emit("agent.alert", {"kind": "unattributed_connection", "target": target.name,
-                                      "client": f"{peer[0]}:{peer[1]}"})
+            self.emit("agent.alert", {"kind": "unattributed_connection", "severity": "warning",
+                                      "message": f"a connection reached the listener of target {target.name!r} "
+                                                 f"without passing through Warden's BPF programs; refused",
+                                      "detail": {"target": target.name, "client": f"{peer[0]}:{peer[1]}"}})
             writer.close()
             return
         proc = procinfo.describe(cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm, cap.cgroup_id)
         identity, attrs = self.identities.resolve(proc)
+        if self.records is not None and self.records.full:
+            # no evidence, no access: the session could not be recorded
+            self.stats["refused_spool_full"] = self.stats.get("refused_spool_full", 0) + 1
+            await refuse_unrecordable(target.protocol, reader, writer)
+            return
         attribution = Attribution(
             orig_ip=cap.orig_ip, orig_port=cap.orig_port, family=socket.AF_INET if cap.family == 4 else socket.AF_INET6,
             target_id=target_id, client_ip=peer[0], client_port=peer[1], socket_cookie=cap.cookie,
@@ -237,9 +272,59 @@ class Agent:
         ctx.extra["session_start_fields"] = {
             "identity": identity, "target": target.name, "protocol": target.protocol,
             "orig_dst": f"{cap.orig_ip}:{cap.orig_port}", "process": procinfo.as_record(proc),
-            "client": f"{peer[0]}:{peer[1]}", "host": self.host}
+            "client": f"{peer[0]}:{peer[1]}", "host": self.host, "agent": self.agent_id}
         handler = protocol_handler(target.protocol)
         await handler(reader, writer, ctx)
+
+
+SPOOL_FULL_MESSAGE = ("Warden refused this connection: the agent's record spool is full, and sessions that "
+                      "cannot be recorded are not allowed. Free space under spool.path or raise spool.max_bytes.")
+
+
+async def refuse_unrecordable(protocol: str, reader, writer) -> None:
+    """Tell the client why, in its own protocol, then close."""
+    if protocol == "postgres":
+        body = b"SFATAL\0VFATAL\0C53100\0M" + SPOOL_FULL_MESSAGE.encode() + b"\0\0"
+        writer.write(b"E" + (len(body) + 4).to_bytes(4, "big") + body)
+    elif protocol == "http":
+        payload = ('{"error": "' + SPOOL_FULL_MESSAGE + '"}').encode()
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    try:
+        await asyncio.wait_for(writer.drain(), timeout=2)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    writer.close()
+
+
+class RecordsPipeline:
+    """Signing key, spool, chained record writer and (with a collector configured) the shipper."""
+
+    def __init__(self, config: AgentConfig, agent_id: str):
+        from records.signing import load_or_create_key
+        from records.spool import Spool
+        from records.writer import RecordWriter
+        self.key = load_or_create_key(os.path.join(config.state_dir, "agent.key"))
+        self.spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes, on_full=config.spool.on_full)
+        self.writer = RecordWriter(agent_id, self.key, os.path.join(config.state_dir, "records"), self.spool)
+        self.shipper = None
+        if config.collector.url:
+            from agent.shipper import Shipper
+            self.shipper = Shipper(self.spool, config.collector.url, self.key, agent_id,
+                                   ca_file=config.collector.ca, enrollment_token=config.collector.enrollment,
+                                   state_dir=os.path.join(config.state_dir, "shipper"))
+
+    @property
+    def full(self) -> bool:
+        return bool(self.writer.full)
+
+    def status(self) -> dict:
+        return {"spool_backlog_bytes": self.spool.used_bytes, "spool_backlog_batches": self.spool.pending_count,
+                "spool_full": self.full, "chain_seq": self.writer.last_seq}
+
+    def close(self) -> None:
+        self.writer.close()
+        self.spool.close()
 
 
 def protocol_handler(protocol: str):

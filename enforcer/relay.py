@@ -51,5 +51,5 @@ async def serve_tcp(client_reader: asyncio.StreamReader, client_writer: asyncio.
             up_writer.close()
             client_writer.close()
     ctx.emit("session.end", {"reason": reason, "error": error,
-                             "duration_us": (time.monotonic_ns() - started) // 1000,
+                             "duration_ns": time.monotonic_ns() - started,
                              "bytes_in": up_in[0], "bytes_out": up_out[0]})
