@@ -30,6 +30,8 @@ BPF_F_ALLOW_MULTI = 2
 ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_SOCK_OPS = 3
+ATTACH_INET4_GETPEERNAME = 29
+ATTACH_INET6_GETPEERNAME = 30
 ATTACH_INET_SOCK_RELEASE = 34
 
 FLAG_GOVERNED = 1
@@ -48,6 +50,8 @@ PROGRAMS = (
     ("warden_connect4", "connect4", ATTACH_INET4_CONNECT, "CGROUP_SOCK_ADDR"),
     ("warden_connect6", "connect6", ATTACH_INET6_CONNECT, "CGROUP_SOCK_ADDR"),
     ("warden_sockops", "sock_ops", ATTACH_SOCK_OPS, "SOCK_OPS"),
+    ("warden_peer4", "getpeername4", ATTACH_INET4_GETPEERNAME, "CGROUP_SOCK_ADDR"),
+    ("warden_peer6", "getpeername6", ATTACH_INET6_GETPEERNAME, "CGROUP_SOCK_ADDR"),
     ("warden_release", "sock_release", ATTACH_INET_SOCK_RELEASE, "CGROUP_SOCK"),
 )
 

@@ -8,6 +8,8 @@
 // sockops: once the source port is known (TCP_CONNECT_CB), re-key the capture by the
 //   client's address and port, which is what the enforcer sees on accept(); report the
 //   outcome of every connect (established or failed) for the inventory.
+// cgroup/getpeername4|6: a redirected socket still reports the destination the workload
+//   asked for, so the redirect stays invisible to it.
 // cgroup/sock_release: forget captures of sockets that go away.
 
 #include <uapi/linux/bpf.h>
@@ -74,6 +76,11 @@ struct client_key {
     u16 pad;
 };
 
+struct orig_dst {
+    u32 addr[4];        // as the workload asked (mapped form for IPv4)
+    u32 port;           // network order, as bpf_sock_addr's user_port
+};
+
 struct conn_event {
     u32 kind;
     u32 pad;
@@ -85,6 +92,7 @@ BPF_HASH(exempt_tgids, u32, u8, 1024);
 BPF_HASH(exempt_cgroups, u64, u8, 64);
 BPF_TABLE("lru_hash", u64, struct conn_info, pending, 65536);
 BPF_TABLE("lru_hash", struct client_key, struct conn_info, redirected, 65536);
+BPF_TABLE("lru_hash", u64, struct orig_dst, peer_names, 65536);
 BPF_RINGBUF_OUTPUT(events, 64);
 
 static __always_inline int is_exempt(void)
@@ -177,6 +185,11 @@ int warden_connect4(struct bpf_sock_addr *ctx)
             info.flags |= FLAG_BYPASS;
         } else {
             // refuse mode with no listener: connecting to the dead port gives ECONNREFUSED
+            struct orig_dst orig = {};
+            orig.addr[2] = bpf_htonl(0xffff);
+            orig.addr[3] = ctx->user_ip4;
+            orig.port = ctx->user_port;
+            peer_names.update(&info.cookie, &orig);
             ctx->user_ip4 = bpf_htonl(0x7f000001);
             ctx->user_port = bpf_htons(t->listen_port);
             info.flags |= FLAG_REDIRECTED;
@@ -221,6 +234,13 @@ int warden_connect6(struct bpf_sock_addr *ctx)
         if (t->on_down == ON_DOWN_BYPASS && !up) {
             info.flags |= FLAG_BYPASS;
         } else {
+            struct orig_dst orig = {};
+            orig.addr[0] = info.orig_addr[0];
+            orig.addr[1] = info.orig_addr[1];
+            orig.addr[2] = info.orig_addr[2];
+            orig.addr[3] = info.orig_addr[3];
+            orig.port = ctx->user_port;
+            peer_names.update(&info.cookie, &orig);
             if (mapped) {
                 ctx->user_ip6[0] = 0;
                 ctx->user_ip6[1] = 0;
@@ -294,9 +314,35 @@ int warden_sockops(struct bpf_sock_ops *skops)
     return 1;
 }
 
+int warden_peer4(struct bpf_sock_addr *ctx)
+{
+    u64 cookie = wd_socket_cookie(ctx);
+    struct orig_dst *orig = peer_names.lookup(&cookie);
+    if (orig) {
+        ctx->user_ip4 = orig->addr[3];
+        ctx->user_port = orig->port;
+    }
+    return 1;
+}
+
+int warden_peer6(struct bpf_sock_addr *ctx)
+{
+    u64 cookie = wd_socket_cookie(ctx);
+    struct orig_dst *orig = peer_names.lookup(&cookie);
+    if (orig) {
+        ctx->user_ip6[0] = orig->addr[0];
+        ctx->user_ip6[1] = orig->addr[1];
+        ctx->user_ip6[2] = orig->addr[2];
+        ctx->user_ip6[3] = orig->addr[3];
+        ctx->user_port = orig->port;
+    }
+    return 1;
+}
+
 int warden_release(struct bpf_sock *sk)
 {
     u64 cookie = wd_socket_cookie(sk);
     pending.delete(&cookie);
+    peer_names.delete(&cookie);
     return 1;
 }

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from agent.bpfmgr import BpfManager, TargetRule, attached_programs, ours
+from agent.bpfmgr import PROGRAMS, BpfManager, TargetRule, attached_programs, ours
 from tests.agentproc import AgentProcess
 
 
@@ -123,6 +123,8 @@ def test_ipv4_redirect_attribution_and_exemption(test_cgroup, servers):
         out = run_client(test_cgroup, "127.0.0.2", server.port)
         # the connect was rewritten in the kernel: the client needed no configuration
         assert out["echo"] == "ping"
+        # getpeername() reports what the client asked for: the redirect is invisible to it
+        assert out["remote"] == ["127.0.0.2", server.port]
         # the server sees the relay (the agent's upstream socket), not the client's port: it went through us
         assert len(server.peers) == 1
         session = agent.wait_for(lambda e: e["type"] == "session.start", what="session.start")
@@ -152,9 +154,9 @@ def test_ipv6_and_ipv4_mapped_targets(test_cgroup, servers):
     ])).start()
     try:
         out6 = run_client(test_cgroup, "::1", v6.port, family="6")
-        assert out6["echo"] == "ping"
+        assert out6["echo"] == "ping" and out6["remote"] == ["::1", v6.port]
         out_mapped = run_client(test_cgroup, "::ffff:127.0.0.2", v4.port, family="6")
-        assert out_mapped["echo"] == "ping"
+        assert out_mapped["echo"] == "ping" and out_mapped["remote"] == ["::ffff:127.0.0.2", v4.port]
         starts = agent.wait_for(lambda e: e["type"] == "session.start" and e["f"]["target"] == "v4db", what="mapped")
         assert starts["f"]["orig_dst"] == f"127.0.0.2:{v4.port}"
         assert starts["f"]["process"]["pid"] == out_mapped["pid"]
@@ -196,14 +198,14 @@ def test_refuse_after_crash_then_restart_sweeps(test_cgroup, servers):
          "listen_port": listen, "on_enforcer_down": "refuse"}])).start()
     agent.kill9()
     # programs stay attached after a crash: governed connects fail closed, never go direct
-    assert len(ours(attached_programs(test_cgroup.path))) == 4
+    assert len(ours(attached_programs(test_cgroup.path))) == len(PROGRAMS)
     out = run_client(test_cgroup, "127.0.0.2", server.port)
     assert out.get("errname") == "ConnectionRefusedError", out
     assert server.peers == []
     # a restart removes the stale attachments and serves again
     agent.start()
     try:
-        assert len(ours(attached_programs(test_cgroup.path))) == 4
+        assert len(ours(attached_programs(test_cgroup.path))) == len(PROGRAMS)
         assert run_client(test_cgroup, "127.0.0.2", server.port)["echo"] == "ping"
     finally:
         assert agent.stop() == 0
