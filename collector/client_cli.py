@@ -1,0 +1,331 @@
+"""warden: the security team's command line for the collector."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from collector.client import ClientError, CollectorClient
+from collector.timeparse import TimeFormatError, parse_duration_ns, parse_time_ns
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+out = Console(highlight=False, soft_wrap=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _time_arg(value: str | None) -> str | None:
+    """Resolve ISO / relative times on this machine, send exact nanoseconds."""
+    return None if value is None else str(parse_time_ns(value))
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _short_time(value: str | None) -> str:
+    return (value or "").replace("T", " ").rstrip("Z")[:23]
+
+
+def _process_text(process) -> str:
+    if not isinstance(process, dict):
+        return ""
+    exe = process.get("exe") or process.get("comm") or ""
+    unit = process.get("unit") or process.get("systemd_unit")
+    pid = process.get("pid")
+    text = f"{exe} pid={pid}" if pid is not None else exe
+    return f"{text} ({unit})" if unit else text
+
+
+# --- commands -------------------------------------------------------------------
+
+def cmd_sessions_list(client: CollectorClient, args) -> int:
+    items = list(client.paginate("/v1/sessions", max_items=args.limit, identity=args.identity, target=args.target,
+                                 host=args.host, table=args.table, since=_time_arg(args.since),
+                                 until=_time_arg(args.until), limit=min(args.limit, 1000)))
+    if args.json:
+        _print_json(items)
+        return EXIT_OK
+    table = Table(title=f"{len(items)} session(s)")
+    for column in ("session", "start (UTC)", "end", "identity", "target", "host", "process", "stmts", "reqs", "denied"):
+        table.add_column(column, overflow="fold")
+    for s in items:
+        table.add_row(s["id"], _short_time(s["start"]), _short_time(s["end"]) or "open", s["identity"] or "",
+                      s["target"] or "", s["host"] or "", _process_text(s["process"]), str(s["statement_count"]),
+                      str(s["request_count"]), str(s["denied_count"]))
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_sessions_show(client: CollectorClient, args) -> int:
+    session = client.get(f"/v1/sessions/{args.id}")
+    if args.json:
+        _print_json(session)
+        return EXIT_OK
+    table = Table(show_header=False, title=f"session {session['id']}")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key in ("agent_id", "host", "identity", "target", "protocol", "start", "end", "event_count",
+                "statement_count", "request_count", "denied_count"):
+        table.add_row(key, "" if session.get(key) is None else str(session[key]))
+    process = session.get("process") or {}
+    for key, value in process.items():
+        table.add_row(f"process.{key}", json.dumps(value) if not isinstance(value, str) else value)
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_events(client: CollectorClient, args) -> int:
+    params = dict(table=args.table, identity=args.identity, type=args.type, sid=args.session,
+                  since=_time_arg(args.since), until=_time_arg(args.until), limit=min(args.limit, 1000))
+    if args.at:
+        parse_duration_ns(args.window)  # validate before asking
+        params.update(at=_time_arg(args.at), window=args.window)
+    items = list(client.paginate("/v1/events", max_items=args.limit, **params))
+    if args.json:
+        _print_json(items)
+        return EXIT_OK
+    table = Table(title=f"{len(items)} event(s)")
+    for column in ("time (UTC)", "type", "identity", "target", "tables", "summary", "decision", "session", "agent:seq"):
+        table.add_column(column, overflow="fold")
+    for e in items:
+        table.add_row(_short_time(e["time"]), e["type"], e["identity"] or "", e["target"] or "",
+                      ", ".join(e.get("tables") or []), e["summary"] or "", e["decision"] or "", e["sid"] or "",
+                      f"{e['agent_id']}:{e['seq']}")
+    out.print(table)
+    return EXIT_OK
+
+
+def _replay_line(event: dict) -> tuple[str, str, str]:
+    """(what happened, result/decision, detail)"""
+    f, kind = event["fields"], event["type"]
+    if kind == "pg.statement":
+        params = f.get("params")
+        return "SQL", f.get("text") or "", f"params={json.dumps(params)}" if params else ""
+    if kind == "http.request":
+        return "HTTP", f"{f.get('method', '')} {f.get('host', '')}{f.get('path', '')}", ""
+    if kind in ("pg.result", "http.response"):
+        return "result", event["summary"] or "", ""
+    if kind == "policy.decision":
+        return "decision", event["summary"] or "", f.get("reason") or ""
+    if kind == "mask.applied":
+        return "masked", event["summary"] or "", ""
+    if kind.startswith("approval."):
+        return kind, event["summary"] or "", ""
+    return kind, event["summary"] or "", ""
+
+
+def cmd_replay(client: CollectorClient, args) -> int:
+    session = client.get(f"/v1/sessions/{args.id}")
+    items = list(client.paginate(f"/v1/sessions/{args.id}/events", limit=1000))
+    items.sort(key=lambda e: (e["ts"], e["agent_id"], e["seq"]))
+    if args.json:
+        _print_json({"session": session, "events": items})
+        return EXIT_OK
+    start = session.get("start_ns") or (items[0]["ts"] if items else 0)
+    out.print(f"[bold]session {session['id']}[/bold]  {session.get('identity') or '?'} → "
+              f"{session.get('target') or '?'}  on {session.get('host') or session['agent_id']}  "
+              f"{_process_text(session.get('process'))}  started {session.get('start')}")
+    table = Table()
+    for column in ("+time", "step", "statement / request / result", "detail"):
+        table.add_column(column, overflow="fold")
+    for e in items:
+        offset = (e["ts"] - start) / 1e9
+        step, text, detail = _replay_line(e)
+        table.add_row(f"{offset:+.3f}s", step, text, detail)
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_approvals_list(client: CollectorClient, args) -> int:
+    status = None if args.status == "all" else args.status
+    items = client.get("/v1/approvals", status=status)["items"]
+    if args.json:
+        _print_json(items)
+        return EXIT_OK
+    table = Table(title=f"{len(items)} approval(s)" + (f" ({status})" if status else ""))
+    for column in ("id", "created (UTC)", "status", "identity", "target", "statement", "session", "decided by", "reason"):
+        table.add_column(column, overflow="fold")
+    for a in items:
+        table.add_row(a["id"], _short_time(a["created"]), a["status"], a["identity"] or "", a["target"] or "",
+                      a["statement"] or "", a["session_id"] or "", a["decided_by"] or "", a["reason"] or "")
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_approvals_decide(client: CollectorClient, args) -> int:
+    result = client.post(f"/v1/approvals/{args.id}/decision",
+                         {"decision": args.approvals_command, "reason": args.reason})
+    if args.json:
+        _print_json(result)
+    else:
+        out.print(f"approval {result['id']}: {result['status']} by {result['decided_by']} ({result['reason']})")
+    return EXIT_OK
+
+
+def cmd_agents(client: CollectorClient, args) -> int:
+    items = client.get("/v1/agents")["items"]
+    if args.json:
+        _print_json(items)
+        return EXIT_OK
+    table = Table(title=f"{len(items)} agent(s)")
+    for column in ("agent", "host", "last seen", "lag s", "last seq", "events", "chain", "problems"):
+        table.add_column(column, overflow="fold")
+    for a in items:
+        chain = "[green]ok[/green]" if a["chain_ok"] else "[red]FLAGGED[/red]"
+        problems = "; ".join(f"{p['kind']}@{p['seq']}" for p in a["problems"][:3])
+        table.add_row(a["agent_id"], a["hostname"] or "", _short_time(a["last_seen"]), str(a["lag_seconds"] or ""),
+                      str(a["last_seq"]), str(a["events"]), chain, problems)
+    out.print(table)
+    return EXIT_OK
+
+
+def cmd_verify(client: CollectorClient, args) -> int:
+    params = dict(agent=args.agent, since=_time_arg(args.since), until=_time_arg(args.until))
+    if args.json:
+        report = client.get("/v1/verify", **params)
+        _print_json(report)
+        return EXIT_OK if report["ok"] else EXIT_FAIL
+    with err.status("verifying stored evidence…"):
+        report = client.get("/v1/verify", **params)
+    for agent in report["agents"]:
+        mark = "[green]intact[/green]" if agent["ok"] else "[red]PROBLEMS[/red]"
+        out.print(f"agent {agent['agent_id']}: {mark} — {agent['batches_checked']} batch(es), "
+                  f"{agent['events_checked']} event(s) checked")
+    if report["problems"]:
+        table = Table(title=f"{len(report['problems'])} problem(s)")
+        for column in ("agent", "kind", "seq", "batch id", "batch seqs", "detail"):
+            table.add_column(column, overflow="fold")
+        for p in report["problems"]:
+            table.add_row(p["agent_id"], p["kind"], str(p["seq"] if p["seq"] is not None else ""),
+                          str(p["batch_id"] if p["batch_id"] is not None else ""), p.get("batch_seq") or "",
+                          p["detail"] or "")
+        out.print(table)
+    if not report["agents"]:
+        out.print("no agents have stored evidence yet")
+    return EXIT_OK if report["ok"] else EXIT_FAIL
+
+
+def cmd_export(client: CollectorClient, args) -> int:
+    path = "/v1/export/ocsf" if args.format == "ocsf" else "/v1/export/ndjson"
+    lines = client.stream_lines(path, since=_time_arg(args.since), until=_time_arg(args.until))
+    target = open(args.output, "w") if args.output else sys.stdout
+    count = 0
+    try:
+        if args.output:
+            with err.status(f"exporting {args.format}…") as status:
+                for record in lines:
+                    target.write(json.dumps(record, separators=(",", ":")) + "\n")
+                    count += 1
+                    if count % 1000 == 0:
+                        status.update(f"exporting {args.format}… {count} records")
+            err.print(f"wrote {count} {args.format} record(s) to {args.output}")
+        else:
+            for record in lines:
+                target.write(json.dumps(record, separators=(",", ":")) + "\n")
+    finally:
+        if args.output:
+            target.close()
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warden", description="Query Warden's collector: sessions, events, "
+                                     "replays, approvals, integrity and exports. Times: ISO-8601 (UTC if no "
+                                     "zone) or relative ages like 2h, 30m.")
+    parser.add_argument("--collector", default=os.environ.get("WARDEN_COLLECTOR"),
+                        help="collector URL (default $WARDEN_COLLECTOR)")
+    parser.add_argument("--token", default=os.environ.get("WARDEN_TOKEN"), help="bearer token (default $WARDEN_TOKEN)")
+    parser.add_argument("--ca", default=os.environ.get("WARDEN_CA"), help="CA bundle for the collector's TLS certificate")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def json_flag(p):
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        return p
+
+    sessions = commands.add_parser("sessions", help="sessions (one client connection each)").add_subparsers(
+        dest="sessions_command", required=True, metavar="ACTION")
+    slist = json_flag(sessions.add_parser("list", help="list sessions, newest first"))
+    for name in ("identity", "target", "table", "host"):
+        slist.add_argument(f"--{name}")
+    slist.add_argument("--since", help="sessions active at or after this time")
+    slist.add_argument("--until", help="sessions started at or before this time")
+    slist.add_argument("--limit", type=int, default=100)
+    slist.set_defaults(func=cmd_sessions_list)
+    show = json_flag(sessions.add_parser("show", help="one session's details"))
+    show.add_argument("id")
+    show.set_defaults(func=cmd_sessions_show)
+
+    events = json_flag(commands.add_parser("events", help="events by table, identity, type and time"))
+    events.add_argument("--table", help="schema.table, or table in any schema")
+    events.add_argument("--identity")
+    events.add_argument("--type", help="event type, e.g. pg.statement or approval.*")
+    events.add_argument("--session", help="only this session id")
+    events.add_argument("--at", metavar="TIME", help="center of a time window")
+    events.add_argument("--window", default="5m", help="half-width of the window around --at (default 5m)")
+    events.add_argument("--since")
+    events.add_argument("--until")
+    events.add_argument("--limit", type=int, default=200)
+    events.set_defaults(func=cmd_events)
+
+    replay = json_flag(commands.add_parser("replay", help="a session as a timeline"))
+    replay.add_argument("id")
+    replay.set_defaults(func=cmd_replay)
+
+    approvals = commands.add_parser("approvals", help="pending and decided approvals").add_subparsers(
+        dest="approvals_command", required=True, metavar="ACTION")
+    alist = json_flag(approvals.add_parser("list", help="list approvals"))
+    alist.add_argument("--status", default="pending", choices=["pending", "approved", "denied", "expired", "all"])
+    alist.set_defaults(func=cmd_approvals_list)
+    for verb in ("approve", "deny"):
+        decide = json_flag(approvals.add_parser(verb, help=f"{verb} a pending approval"))
+        decide.add_argument("id")
+        decide.add_argument("--reason", required=True, help="why (recorded with your name)")
+        decide.set_defaults(func=cmd_approvals_decide)
+
+    agents = json_flag(commands.add_parser("agents", help="enrolled agents and their chain state"))
+    agents.set_defaults(func=cmd_agents)
+
+    verify = json_flag(commands.add_parser("verify", help="re-verify stored evidence (exit 1 if anything is wrong)"))
+    verify.add_argument("--agent")
+    verify.add_argument("--since")
+    verify.add_argument("--until")
+    verify.set_defaults(func=cmd_verify)
+
+    export = commands.add_parser("export", help="stream events as OCSF or plain NDJSON")
+    export.add_argument("--format", choices=["ocsf", "ndjson"], default="ocsf")
+    export.add_argument("--since")
+    export.add_argument("--until")
+    export.add_argument("-o", "--output", metavar="FILE", help="write to FILE (default stdout)")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        client = CollectorClient(args.collector, args.token, verify=args.ca or True)
+    except ClientError as exc:
+        err.print(f"error: {exc}")
+        return EXIT_USAGE
+    try:
+        return args.func(client, args)
+    except TimeFormatError as exc:
+        err.print(f"error: {exc}")
+        return EXIT_USAGE
+    except ClientError as exc:
+        err.print(f"error: {exc}")
+        return EXIT_FAIL
+    except BrokenPipeError:
+        return EXIT_OK
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Derive the query index (events, tables touched, sessions) from decoded events.
+
+Agents write fields by event type; this module is the one place that knows which
+field means identity, target, tables or a one-line summary, and it tolerates
+fields it does not know.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+
+
+def canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "base64:" + base64.b64encode(bytes(value)).decode()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _name(value) -> str | None:
+    """identity/target may be a string or a mapping with a name."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        for key in ("name", "id", "identity", "target"):
+            if isinstance(value.get(key), str):
+                return value[key]
+        return None
+    return str(value)
+
+
+def table_names(fields: dict) -> list[str]:
+    raw = fields.get("tables") or []
+    if isinstance(raw, (str, dict)):
+        raw = [raw]
+    names = []
+    for item in raw:
+        if isinstance(item, dict):
+            schema, name = item.get("schema"), item.get("name") or item.get("table")
+            item = f"{schema}.{name}" if schema and name else name
+        if item:
+            text = str(item).strip().strip('"').lower()
+            if text and text not in names:
+                names.append(text)
+    return names
+
+
+def table_base(name: str) -> str:
+    """public.customers -> customers (unqualified queries match any schema)."""
+    return name.rsplit(".", 1)[-1]
+
+
+def _clip(text, limit: int = 500) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def summarize(event_type: str, f: dict) -> str:
+    if event_type == "pg.statement":
+        return _clip(f.get("text") or f.get("sql") or "")
+    if event_type == "pg.result":
+        if f.get("error") or f.get("sqlstate"):
+            return _clip(f"ERROR {f.get('sqlstate', '')} {f.get('error') or f.get('message') or ''}".strip())
+        parts = [str(f.get("tag") or f.get("command_tag") or "")]
+        if f.get("rows") is not None:
+            parts.append(f"rows={f['rows']}")
+        return _clip(" ".join(p for p in parts if p))
+    if event_type == "http.request":
+        host = f.get("host") or ""
+        return _clip(f"{f.get('method', '')} {host}{f.get('path', '')}".strip())
+    if event_type == "http.response":
+        return _clip(f"{f.get('status', '')} bytes={f.get('bytes', f.get('size', ''))}")
+    if event_type == "policy.decision":
+        policies = f.get("policy_ids") or f.get("policies") or []
+        return _clip(f"{f.get('decision', '')} {' '.join(map(str, policies))}".strip())
+    if event_type.startswith("approval."):
+        return _clip(" ".join(str(f[k]) for k in ("approval_id", "id", "status", "decided_by", "reason") if f.get(k)))
+    if event_type == "mask.applied":
+        return _clip(canonical_json({k: v for k, v in f.items() if k in ("column", "columns", "rule", "count", "how")}))
+    if event_type == "conn.observed":
+        process = f.get("process") or {}
+        exe = process.get("exe") or process.get("comm") if isinstance(process, dict) else None
+        exe = exe or f.get("exe") or f.get("comm") or ""
+        dst = f.get("dst") or f"{f.get('daddr', '')}:{f.get('dport', '')}"
+        return _clip(f"{exe} -> {dst}")
+    if event_type == "session.start":
+        process = f.get("process") if isinstance(f.get("process"), dict) else {}
+        return _clip(f"{process.get('exe') or ''} pid={process.get('pid', '')}".strip())
+    return _clip(canonical_json(f), 300)
+
+
+def _decision(event_type: str, f: dict) -> str | None:
+    value = f.get("decision")
+    if value is None and event_type.startswith("approval."):
+        value = f.get("status")
+    return str(value) if value is not None else None
+
+
+@dataclass
+class SessionDelta:
+    """What one batch adds to one session row."""
+    sid: str
+    agent_id: str
+    start: dict | None = None        # columns from session.start
+    end_ns: int | None = None
+    first_ts: int | None = None
+    events: int = 0
+    statements: int = 0
+    requests: int = 0
+    denied: int = 0
+
+
+@dataclass
+class BatchIndex:
+    event_rows: list[dict] = field(default_factory=list)
+    table_rows: list[dict] = field(default_factory=list)
+    sessions: dict[str, SessionDelta] = field(default_factory=dict)
+
+
+def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list[dict],
+                known_sessions: dict[str, tuple[str | None, str | None]]) -> BatchIndex:
+    """known_sessions: sid -> (identity, target) of sessions already stored; it is
+    extended in place with sessions started in this batch."""
+    index = BatchIndex()
+    last_request: dict[str, dict] = {}  # sid -> the statement/request row a decision belongs to
+    for ev in events:
+        f = ev.get("f") or {}
+        event_type, sid, ts, seq = ev["type"], ev.get("sid"), int(ev["ts"]), int(ev["seq"])
+        identity, target = _name(f.get("identity")), _name(f.get("target"))
+        if sid is not None and event_type == "session.start":
+            known_sessions[sid] = (identity, target)
+        if sid is not None and (identity is None or target is None):
+            inherited = known_sessions.get(sid, (None, None))
+            identity, target = identity or inherited[0], target or inherited[1]
+        decision = _decision(event_type, f)
+        if sid is not None and event_type == "policy.decision" and decision and sid in last_request:
+            # The decision is its own event; copy it onto the statement it decided.
+            last_request.pop(sid)["decision"] = decision
+        index.event_rows.append({
+            "agent_id": agent_id, "seq": seq, "ts": ts, "sid": sid, "type": event_type,
+            "identity": identity, "target": target, "summary": summarize(event_type, f),
+            "decision": decision, "batch_id": batch_id, "event_hash": bytes(ev["hash"]).hex(),
+            "fields": canonical_json(f),
+        })
+        if sid is not None and event_type in ("pg.statement", "http.request"):
+            last_request[sid] = index.event_rows[-1]
+        for name in table_names(f):
+            index.table_rows.append({"agent_id": agent_id, "seq": seq, "table_name": name,
+                                     "table_base": table_base(name), "ts": ts, "sid": sid})
+        if sid is None:
+            continue
+        delta = index.sessions.get(sid) or index.sessions.setdefault(sid, SessionDelta(sid, agent_id))
+        delta.events += 1
+        delta.first_ts = ts if delta.first_ts is None else min(delta.first_ts, ts)
+        if event_type == "session.start":
+            process = f.get("process")
+            delta.start = {
+                "identity": identity, "target": target,
+                "host": f.get("host") or hostname,
+                "protocol": f.get("protocol"),
+                "process": canonical_json(process) if process is not None else None,
+                "start_ns": ts,
+            }
+        elif event_type == "session.end":
+            delta.end_ns = ts
+        elif event_type == "pg.statement":
+            delta.statements += 1
+        elif event_type == "http.request":
+            delta.requests += 1
+        if decision in ("deny", "denied") and event_type == "policy.decision":
+            delta.denied += 1
+    return index
+
+
+def index_fingerprint(event: dict) -> tuple:
+    """What /v1/verify compares between an evidence event and its index row."""
+    return (int(event["ts"]), event.get("sid"), event["type"], bytes(event["hash"]).hex(),
+            canonical_json(event.get("f") or {}))

@@ -1,0 +1,1 @@
+"""Collector storage: SQLAlchemy Core over SQLite (default) or PostgreSQL."""

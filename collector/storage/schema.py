@@ -1,0 +1,182 @@
+"""Tables of the collector database and the ordered migrations that create them.
+
+Raw batches are the evidence; every other table is an index derived from them
+(plus approvals, tokens and the access log, which the collector owns).
+"""
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Boolean, Column, Index, Integer, LargeBinary, MetaData,
+                        String, Table, Text, UniqueConstraint)
+
+metadata = MetaData()
+
+schema_migrations = Table(
+    "schema_migrations", metadata,
+    Column("version", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("applied_ns", BigInteger, nullable=False),
+)
+
+agents = Table(
+    "agents", metadata,
+    Column("agent_id", String(200), primary_key=True),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("hostname", String(255)),
+    Column("version", String(100)),
+    Column("enrolled_ns", BigInteger, nullable=False),
+    Column("last_seen_ns", BigInteger),
+    Column("last_event_ns", BigInteger),
+    Column("last_seq", BigInteger, nullable=False, default=0),
+    Column("last_hash", LargeBinary),
+    Column("batches", BigInteger, nullable=False, default=0),
+    Column("events", BigInteger, nullable=False, default=0),
+    Column("chain_ok", Boolean, nullable=False, default=True),
+    Column("problem_count", Integer, nullable=False, default=0),
+    Column("spool_backlog", BigInteger),
+)
+
+# Chain problems found at ingest: stored, never hidden.
+agent_problems = Table(
+    "agent_problems", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("agent_id", String(200), nullable=False, index=True),
+    Column("detected_ns", BigInteger, nullable=False),
+    Column("kind", String(100), nullable=False),
+    Column("seq", BigInteger),
+    Column("batch_id", BigInteger),
+    Column("detail", Text),
+)
+
+batches = Table(
+    "batches", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("agent_id", String(200), nullable=False),
+    Column("first_seq", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    Column("prev_hash", LargeBinary, nullable=False),
+    Column("last_hash", LargeBinary, nullable=False),
+    Column("event_count", Integer, nullable=False),
+    Column("first_ts", BigInteger),
+    Column("last_ts", BigInteger),
+    Column("received_ns", BigInteger, nullable=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("raw_sha256", String(64), nullable=False),
+    Column("chain_ok", Boolean, nullable=False, default=True),
+    UniqueConstraint("agent_id", "first_seq", "last_seq", name="uq_batches_range"),
+    Index("ix_batches_agent_seq", "agent_id", "first_seq"),
+    Index("ix_batches_agent_last", "agent_id", "last_seq"),
+    Index("ix_batches_last_ts", "last_ts"),
+)
+
+events = Table(
+    "events", metadata,
+    Column("agent_id", String(200), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("ts", BigInteger, nullable=False),
+    Column("sid", String(200)),
+    Column("type", String(100), nullable=False),
+    Column("identity", String(255)),
+    Column("target", String(255)),
+    Column("summary", Text),
+    Column("decision", String(50)),
+    Column("batch_id", BigInteger, nullable=False),
+    Column("event_hash", String(64), nullable=False),
+    Column("fields", Text, nullable=False),  # canonical JSON of the event's fields
+    Index("ix_events_ts", "ts"),
+    Index("ix_events_sid", "sid", "ts"),
+    Index("ix_events_identity_ts", "identity", "ts"),
+    Index("ix_events_type_ts", "type", "ts"),
+    Index("ix_events_batch", "batch_id"),
+)
+
+# One row per table an event touched; ts and sid are copied so "who touched
+# table X around T" is one index range scan.
+event_tables = Table(
+    "event_tables", metadata,
+    Column("agent_id", String(200), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("table_name", String(255), primary_key=True),
+    Column("table_base", String(255), nullable=False),
+    Column("ts", BigInteger, nullable=False),
+    Column("sid", String(200)),
+    Index("ix_event_tables_name_ts", "table_name", "ts"),
+    Index("ix_event_tables_base_ts", "table_base", "ts"),
+)
+
+sessions = Table(
+    "sessions", metadata,
+    Column("sid", String(200), primary_key=True),
+    Column("agent_id", String(200), nullable=False),
+    Column("host", String(255)),
+    Column("identity", String(255)),
+    Column("target", String(255)),
+    Column("protocol", String(50)),
+    Column("process", Text),  # JSON: pid, exe, cmdline, user, unit, cgroup, container
+    Column("start_ns", BigInteger),
+    Column("end_ns", BigInteger),
+    Column("event_count", Integer, nullable=False, default=0),
+    Column("statement_count", Integer, nullable=False, default=0),
+    Column("request_count", Integer, nullable=False, default=0),
+    Column("denied_count", Integer, nullable=False, default=0),
+    Index("ix_sessions_start", "start_ns"),
+    Index("ix_sessions_identity_start", "identity", "start_ns"),
+    Index("ix_sessions_target_start", "target", "start_ns"),
+)
+
+approvals = Table(
+    "approvals", metadata,
+    Column("id", String(64), primary_key=True),
+    Column("agent_id", String(200)),
+    Column("identity", String(255)),
+    Column("target", String(255)),
+    Column("statement", Text),
+    Column("session_id", String(200)),
+    Column("status", String(20), nullable=False),  # pending | approved | denied | expired
+    Column("created_ns", BigInteger, nullable=False),
+    Column("expires_ns", BigInteger, nullable=False),
+    Column("decided_ns", BigInteger),
+    Column("decided_by", String(255)),
+    Column("reason", Text),
+    Index("ix_approvals_status_created", "status", "created_ns"),
+)
+
+# Enrollment tokens (hashed, single use) and minted API tokens (by jti, revocable).
+tokens = Table(
+    "tokens", metadata,
+    Column("id", String(64), primary_key=True),  # sha256 of an enrollment token, or an API token's jti
+    Column("kind", String(20), nullable=False),  # enroll | api
+    Column("role", String(20)),
+    Column("subject", String(255)),
+    Column("created_ns", BigInteger, nullable=False),
+    Column("expires_ns", BigInteger, nullable=False),
+    Column("used_ns", BigInteger),
+    Column("used_by", String(200)),
+    Column("revoked_ns", BigInteger),
+)
+
+access_log = Table(
+    "access_log", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("ts", BigInteger, nullable=False),
+    Column("subject", String(255), nullable=False),
+    Column("role", String(20), nullable=False),
+    Column("method", String(10), nullable=False),
+    Column("path", Text, nullable=False),
+    Column("query", Text),
+    Column("status", Integer),
+    Index("ix_access_log_ts", "ts"),
+)
+
+
+def _create(*tables_):
+    def step(connection):
+        for table in tables_:
+            table.create(connection, checkfirst=True)
+    return step
+
+
+# Append new steps; never edit an applied one.
+MIGRATIONS = [
+    (1, "initial schema", _create(agents, agent_problems, batches, events, event_tables,
+                                   sessions, approvals, tokens, access_log)),
+]
