@@ -32,7 +32,7 @@ demo: setup
 	@if [ -f agent/demo.py ]; then $(PY) -m agent.demo; else echo "make demo: not built yet (see issue 9)"; exit 1; fi
 
 packages: setup
-	@echo "make packages: not built yet (see issue 9)"; exit 1
+	$(PY) packaging/build_packages.py
 
 reliability: setup
 	@echo "make reliability: not built yet (see issue 10)"; exit 1

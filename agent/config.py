@@ -31,6 +31,9 @@ class ConfigError(Exception):
 
 
 # ---- YAML with positions -----------------------------------------------------------------
+_SCALARS = yaml.SafeLoader("")     # only its constructor is used, to type scalar nodes
+
+
 class _Located:
     """Remembers the source line of every mapping key and sequence item by its path."""
 
@@ -43,8 +46,7 @@ class _Located:
         if isinstance(node, yaml.MappingNode):
             out = {}
             for key_node, value_node in node.value:
-                key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) \
-                    else key_node.value
+                key = _SCALARS.construct_object(key_node, deep=True)
                 if key in out:
                     raise ConfigError([f"{self.filename}:{key_node.start_mark.line + 1}: duplicate key {key!r}"])
                 self.lines[path + (key,)] = key_node.start_mark.line + 1
@@ -53,7 +55,7 @@ class _Located:
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
         # scalars: resolve with the safe loader's rules (ints, bools, null, strings)
-        return yaml.safe_load(yaml.serialize(node))
+        return _SCALARS.construct_object(node, deep=True)
 
     def where(self, path: tuple) -> str:
         while path and path not in self.lines:

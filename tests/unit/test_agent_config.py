@@ -88,3 +88,13 @@ def test_hostname_targets_resolve_to_addresses():
     cfg = parse("targets:\n  - name: a\n    match: {hostname: localhost, port: 5432}\n")
     nets = resolve_target_networks(cfg.targets[0])
     assert ipaddress.ip_network("127.0.0.1/32") in nets
+
+
+def test_packaged_default_config_is_valid():
+    """Empty keys (only comments under them) are null, not errors: the shipped file must load."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "packaging", "config", "agent.yaml")
+    with open(path) as f:
+        cfg = parse(f.read(), path)
+    assert cfg.targets == () and cfg.policy_path == "/etc/warden/policy.cedar"
+    assert cfg.spool.on_full == "refuse" and cfg.spool.max_bytes == 1 << 30

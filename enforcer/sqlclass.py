@@ -1,0 +1,586 @@
+"""Classify SQL statements the way Postgres will execute them, using Postgres's own parser.
+
+Each statement of a message becomes a StatementClass: the action policy decides on
+("pg:select", "pg:delete", ...), the tables it reads and writes, the functions it calls
+and whether an UPDATE/DELETE is restricted by a WHERE clause. The parse goes through
+pglast's JSON output (parse_sql_json) and a walk over plain dicts, which is an order of
+magnitude faster than building pglast's Python AST.
+
+Rules worth knowing (each one closes a bypass):
+- a table is named "schema.table"; unqualified names get schema "public", unquoted names
+  are lower-cased by the parser, quoted names keep their case;
+- CTE names are not tables, with Postgres's scoping (a non-recursive CTE cannot see
+  itself, an inner CTE does not hide an outer real table);
+- DML inside a CTE counts: `WITH d AS (DELETE ...) SELECT` is a pg:delete;
+- each table gets its own access: `INSERT INTO a SELECT * FROM customers` writes `a`
+  (pg:insert) and reads `customers` (pg:select); StatementClass.accesses lists the pairs;
+- EXPLAIN ANALYZE is what it executes; plain EXPLAIN only reads (pg:select);
+- COPY of a query is pg:copy_out on every table the query reads;
+- COPY to/from PROGRAM or a server file, and calls of the dangerous functions, make the
+  statement "pg:function" (dangerous_functions names them: "copy_program", "copy_file");
+- TRUNCATE is a pg:delete without WHERE; a WHERE made only of constants (`WHERE 1=1`)
+  does not count as a WHERE;
+- SET ROLE, SET SESSION AUTHORIZATION and SET search_path (which changes what an
+  unqualified table name means) are pg:set_role;
+- PREPARE is classified as the statement it prepares; EXECUTE is resolved by a
+  SqlClassifier that remembers the session's prepared statements.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from pglast import parser as _pg
+
+ACTIONS = (
+    "pg:select", "pg:insert", "pg:update", "pg:delete", "pg:ddl", "pg:copy_out",
+    "pg:copy_in", "pg:grant", "pg:set_role", "pg:function", "pg:do", "pg:other",
+)
+
+DEFAULT_DANGEROUS: frozenset[str] = frozenset({
+    # server files and directories
+    "pg_read_file", "pg_read_binary_file", "pg_stat_file", "pg_ls_dir", "pg_ls_logdir",
+    "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir", "pg_file_write",
+    "pg_file_rename", "pg_file_unlink",
+    # large objects move data between the server's file system and the database
+    "lo_import", "lo_export",
+    # other databases and arbitrary SQL run by name, out of the classifier's sight
+    "dblink*", "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema",
+    "table_to_xml", "table_to_xml_and_xmlschema", "schema_to_xml", "database_to_xml",
+    "cursor_to_xml",
+    # other sessions and the server itself
+    "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
+    "pg_promote", "pg_switch_wal", "pg_create_restore_point",
+    # set_config('role', ...) is SET ROLE in disguise
+    "set_config",
+})
+
+WRITE_ACTIONS = frozenset({"pg:insert", "pg:update", "pg:delete", "pg:copy_in", "pg:ddl"})
+
+# When one statement does several things, its action is the most consequential one.
+_PRIORITY = {a: i for i, a in enumerate((
+    "pg:other", "pg:select", "pg:insert", "pg:update", "pg:delete", "pg:copy_out",
+    "pg:copy_in", "pg:ddl", "pg:grant", "pg:set_role", "pg:do", "pg:function",
+))}
+
+_GRANT_KINDS = frozenset({
+    "GrantStmt", "GrantRoleStmt", "AlterDefaultPrivilegesStmt", "CreateRoleStmt",
+    "AlterRoleStmt", "AlterRoleSetStmt", "DropRoleStmt", "ReassignOwnedStmt",
+    "AlterOwnerStmt",
+})
+_DDL_KINDS = frozenset({"IndexStmt", "ViewStmt", "RuleStmt"})
+_DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Comment", "Define", "Refresh",
+                 "Cluster", "Reindex", "Import", "SecLabel", "Composite", "Load")
+_SET_ROLE_SETTINGS = frozenset({"role", "session_authorization", "search_path"})
+_DROP_TABLE_TYPES = frozenset({
+    "OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_INDEX", "OBJECT_SEQUENCE",
+    "OBJECT_FOREIGN_TABLE",
+})
+_MERGE_ACTIONS = {"CMD_INSERT": "pg:insert", "CMD_UPDATE": "pg:update", "CMD_DELETE": "pg:delete"}
+# Nodes that can hold no table, function or statement: not worth walking into.
+_LEAF_KINDS = frozenset({"A_Const", "ColumnRef", "ParamRef", "String", "Integer", "Float",
+                         "Boolean", "BitString", "A_Star", "SQLValueFunction", "SetToDefault"})
+# A WHERE clause restricts rows only if it looks at them.
+_ROW_DEPENDENT = frozenset({"ColumnRef", "ParamRef", "SubLink", "CurrentOfExpr"})
+
+
+@dataclass(frozen=True)
+class StatementClass:
+    action: str
+    kind: str
+    tables: tuple[str, ...] = ()
+    tables_written: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+    dangerous_functions: tuple[str, ...] = ()
+    has_where: Optional[bool] = None
+    fingerprint: str = ""
+    text: str = ""
+    parse_error: Optional[str] = None
+    # (action, table) pairs: what policy is asked for each table the statement touches
+    accesses: tuple[tuple[str, str], ...] = ()
+    locks_rows: bool = False              # SELECT ... FOR UPDATE/SHARE
+    prepared_name: Optional[str] = None   # PREPARE / EXECUTE / DEALLOCATE target ("*" = all)
+    resolved: bool = True                 # False: EXECUTE of a statement this session never prepared
+
+    def signature(self) -> tuple:
+        """Everything a policy decision can depend on (the text's constants are not)."""
+        return (self.action, self.kind, self.accesses, self.functions,
+                self.dangerous_functions, self.has_where, self.locks_rows,
+                self.parse_error is not None, self.resolved, self.fingerprint)
+
+
+def is_dangerous(name: str, dangerous: frozenset[str]) -> bool:
+    """`name` may be schema-qualified; the last part is matched, `*` ends a prefix."""
+    short = name.rsplit(".", 1)[-1]
+    if name in dangerous or short in dangerous:
+        return True
+    for pattern in dangerous:
+        if pattern.endswith("*") and short.startswith(pattern[:-1]):
+            return True
+    return False
+
+
+def _sval(node: dict) -> str:
+    string = node.get("String")
+    return string.get("sval", "") if string else ""
+
+
+def _table_name(schema: Optional[str], relname: str) -> str:
+    return f"{schema or 'public'}.{relname}"
+
+
+class _Walker:
+    """Collects accesses, functions and WHERE facts from one statement's JSON tree."""
+
+    def __init__(self, dangerous: frozenset[str]):
+        self.dangerous = dangerous
+        self.accesses: list[tuple[str, str]] = []
+        self.functions: list[str] = []
+        self.dangerous_found: list[str] = []
+        self.where_flags: list[bool] = []     # one per UPDATE/DELETE/TRUNCATE seen
+        self.locks_rows = False
+        self.actions: list[str] = []           # statement-level actions seen in nested statements
+        self.cte_scopes: list[set[str]] = []
+
+    # -- generic traversal -------------------------------------------------------------
+    def visit(self, value: Any, rv_action: str) -> None:
+        """Walk any JSON value; wrapped nodes ({"Kind": {...}}) go to their handler."""
+        if type(value) is list:
+            for item in value:
+                if type(item) is dict or type(item) is list:
+                    self.visit(item, rv_action)
+            return
+        if type(value) is not dict:
+            return
+        if len(value) == 1:
+            key = next(iter(value))
+            if key in _LEAF_KINDS:
+                return
+            handler = _HANDLERS.get(key)
+            if handler is not None:
+                handler(self, value[key], rv_action)
+                return
+            if key[:1].isupper():
+                value = value[key]
+                if type(value) is not dict:
+                    return
+        elif "relname" in value:      # a RangeVar stored unwrapped (e.g. InsertStmt.relation)
+            _range_var(self, value, rv_action)
+            return
+        elif "funcformat" in value:   # a FuncCall stored unwrapped (CallStmt.funccall)
+            _func_call(self, value, rv_action)
+            return
+        for child in value.values():
+            if type(child) is dict or type(child) is list:
+                self.visit(child, rv_action)
+
+    def visit_fields(self, fields: Any, rv_action: str, skip: tuple[str, ...] = ()) -> None:
+        if type(fields) is not dict:
+            return
+        for key, child in fields.items():
+            if key not in skip and (type(child) is dict or type(child) is list):
+                self.visit(child, rv_action)
+
+    def add_table(self, action: str, name: str) -> None:
+        self.accesses.append((action, name))
+
+    # -- CTE scoping -------------------------------------------------------------------
+    def enter_with(self, with_clause: Optional[dict]) -> bool:
+        """Visit a WITH clause's CTEs and push their names; returns whether a scope was pushed."""
+        if not with_clause:
+            return False
+        clause = with_clause.get("WithClause", with_clause)
+        ctes = [c.get("CommonTableExpr", c) for c in clause.get("ctes", [])]
+        names = {c.get("ctename", "") for c in ctes}
+        scope: set[str] = set(names) if clause.get("recursive") else set()
+        self.cte_scopes.append(scope)
+        for cte in ctes:
+            self.visit(cte.get("ctequery"), "pg:select")
+            scope.add(cte.get("ctename", ""))
+        return True
+
+    def is_cte(self, schemaname: Optional[str], relname: str) -> bool:
+        if schemaname:
+            return False
+        return any(relname in scope for scope in self.cte_scopes)
+
+    def where_restricts(self, where: Any) -> bool:
+        return where is not None and _contains_kind(where, _ROW_DEPENDENT)
+
+
+def _contains_kind(value: Any, kinds: frozenset[str]) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if key in kinds:
+                    return True
+                if isinstance(child, (dict, list)):
+                    stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+# -- node handlers -------------------------------------------------------------------------
+def _range_var(w: _Walker, node: dict, rv_action: str) -> None:
+    schema, rel = node.get("schemaname"), node.get("relname", "")
+    if not w.is_cte(schema, rel):
+        w.add_table(rv_action, _table_name(schema, rel))
+
+
+def _func_call(w: _Walker, node: dict, rv_action: str) -> None:
+    name = ".".join(_sval(part) for part in node.get("funcname", []))
+    w.functions.append(name)
+    if is_dangerous(name, w.dangerous):
+        w.dangerous_found.append(name)
+    w.visit_fields(node, rv_action, skip=("funcname",))
+
+
+def _with_scope(body):
+    """Wrap a statement handler so its WITH clause is visited first and scoped to it."""
+    def handler(w: _Walker, node: dict, rv_action: str) -> None:
+        pushed = w.enter_with(node.get("withClause"))
+        try:
+            body(w, node, rv_action)
+        finally:
+            if pushed:
+                w.cte_scopes.pop()
+    return handler
+
+
+@_with_scope
+def _select(w: _Walker, node: dict, rv_action: str) -> None:
+    if node.get("lockingClause"):
+        w.locks_rows = True
+    into = node.get("intoClause")
+    if into:  # SELECT ... INTO new_table creates a table
+        w.actions.append("pg:ddl")
+        w.visit(into, "pg:ddl")
+    w.visit_fields(node, "pg:select", skip=("withClause", "intoClause"))
+
+
+@_with_scope
+def _insert(w: _Walker, node: dict, rv_action: str) -> None:
+    w.actions.append("pg:insert")
+    relation = node.get("relation")
+    w.visit(relation, "pg:insert")
+    conflict = node.get("onConflictClause") or {}
+    if conflict.get("action") == "ONCONFLICT_UPDATE":
+        w.actions.append("pg:update")
+        w.visit(relation, "pg:update")
+    w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
+
+
+@_with_scope
+def _update(w: _Walker, node: dict, rv_action: str) -> None:
+    w.actions.append("pg:update")
+    w.where_flags.append(w.where_restricts(node.get("whereClause")))
+    w.visit(node.get("relation"), "pg:update")
+    w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
+
+
+@_with_scope
+def _delete(w: _Walker, node: dict, rv_action: str) -> None:
+    w.actions.append("pg:delete")
+    w.where_flags.append(w.where_restricts(node.get("whereClause")))
+    w.visit(node.get("relation"), "pg:delete")
+    w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
+
+
+@_with_scope
+def _merge(w: _Walker, node: dict, rv_action: str) -> None:
+    relation = node.get("relation")
+    for clause in node.get("mergeWhenClauses", []):
+        action = _MERGE_ACTIONS.get(clause.get("MergeWhenClause", {}).get("commandType", ""))
+        if action:
+            w.actions.append(action)
+            w.visit(relation, action)
+    w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
+
+
+def _truncate(w: _Walker, node: dict, rv_action: str) -> None:
+    w.actions.append("pg:delete")
+    w.where_flags.append(False)
+    w.visit(node.get("relations"), "pg:delete")
+
+
+def _drop(w: _Walker, node: dict, rv_action: str) -> None:
+    if node.get("removeType") not in _DROP_TABLE_TYPES:
+        return
+    for obj in node.get("objects", []):
+        parts = [_sval(item) for item in obj.get("List", {}).get("items", [])]
+        if parts:
+            schema = parts[-2] if len(parts) >= 2 else None
+            w.add_table(rv_action, _table_name(schema, parts[-1]))
+
+
+_HANDLERS = {
+    "RangeVar": _range_var,
+    "FuncCall": _func_call,
+    "SelectStmt": _select,
+    "InsertStmt": _insert,
+    "UpdateStmt": _update,
+    "DeleteStmt": _delete,
+    "MergeStmt": _merge,
+    "TruncateStmt": _truncate,
+    "DropStmt": _drop,
+}
+
+
+# -- statement level -----------------------------------------------------------------------
+def _base_action(kind: str, node: dict) -> str:
+    if kind in ("SelectStmt", "DeclareCursorStmt"):
+        return "pg:select"
+    if kind == "InsertStmt":
+        return "pg:insert"
+    if kind == "UpdateStmt":
+        return "pg:update"
+    if kind in ("DeleteStmt", "TruncateStmt"):
+        return "pg:delete"
+    if kind == "MergeStmt":
+        return "pg:select"   # the WHEN clauses add the writes
+    if kind == "DoStmt":
+        return "pg:do"
+    if kind == "VariableSetStmt":
+        return "pg:set_role" if node.get("name", "").lower() in _SET_ROLE_SETTINGS else "pg:other"
+    if kind in _GRANT_KINDS:
+        return "pg:grant"
+    if kind in _DDL_KINDS or kind.startswith(_DDL_PREFIXES):
+        return "pg:ddl"
+    return "pg:other"
+
+
+def _explain_analyzes(node: dict) -> bool:
+    for option in node.get("options", []):
+        elem = option.get("DefElem", {})
+        if elem.get("defname") != "analyze":
+            continue
+        arg = elem.get("arg")
+        if arg is None:
+            return True
+        if "Boolean" in arg:
+            return bool(arg["Boolean"].get("boolval", False))
+        if "String" in arg:
+            return arg["String"].get("sval", "").lower() in ("on", "true", "1", "yes")
+        if "Integer" in arg:
+            return arg["Integer"].get("ival", 0) != 0
+        return True
+    return False
+
+
+def _dedup(items: Iterable) -> tuple:
+    return tuple(dict.fromkeys(items))
+
+
+def _classify_node(kind: str, node: dict, dangerous: frozenset[str]) -> dict:
+    """Classify one parsed statement; returns StatementClass fields (without text/fingerprint)."""
+    if kind == "ExplainStmt":
+        inner_kind, inner = next(iter(node.get("query", {"Node": {}}).items()))
+        fields = _classify_node(inner_kind, inner, dangerous)
+        if not _explain_analyzes(node):  # plans only: nothing is executed or written
+            fields["accesses"] = _dedup(("pg:select", t) for _, t in fields["accesses"])
+            fields["action"] = "pg:function" if fields["dangerous_functions"] else "pg:select"
+            fields["has_where"] = None
+        fields["kind"] = "ExplainStmt"
+        return fields
+    if kind == "PrepareStmt":
+        inner_kind, inner = next(iter(node.get("query", {"Node": {}}).items()))
+        fields = _classify_node(inner_kind, inner, dangerous)
+        fields.update(kind="PrepareStmt", prepared_name=node.get("name", ""))
+        return fields
+    if kind == "ExecuteStmt":
+        walker = _Walker(dangerous)
+        walker.visit(node.get("params"), "pg:select")
+        return _fields_from(walker, "ExecuteStmt", "pg:other", prepared_name=node.get("name", ""),
+                            resolved=False)
+    if kind == "DeallocateStmt":
+        return _fields_from(_Walker(dangerous), kind, "pg:other",
+                            prepared_name=node.get("name") or "*")
+
+    walker = _Walker(dangerous)
+    base = _base_action(kind, node)
+    extra_dangerous: list[str] = []
+    if kind == "CopyStmt":
+        copy_action = "pg:copy_in" if node.get("is_from") else "pg:copy_out"
+        base = copy_action
+        if node.get("relation"):
+            walker.visit(node["relation"], copy_action)
+        if node.get("query"):
+            start = len(walker.accesses)
+            walker.visit(node["query"], "pg:select")
+            walker.accesses[start:] = [
+                (copy_action if a == "pg:select" else a, t) for a, t in walker.accesses[start:]]
+        if node.get("is_program"):
+            extra_dangerous.append("copy_program")
+        elif node.get("filename"):
+            extra_dangerous.append("copy_file")
+        walker.visit_fields(node, "pg:select", skip=("relation", "query"))
+    elif kind in _HANDLERS:
+        _HANDLERS[kind](walker, node, base)
+    else:
+        # DDL and everything else: tables named directly get the statement's own action,
+        # queries nested inside (CREATE VIEW AS SELECT ...) are reads.
+        walker.visit_fields(node, base)
+    walker.dangerous_found.extend(extra_dangerous)
+    return _fields_from(walker, kind, base)
+
+
+def _fields_from(walker: _Walker, kind: str, base: str, **extra: Any) -> dict:
+    accesses = _dedup(walker.accesses)
+    dangerous = _dedup(walker.dangerous_found)
+    candidates = [base, *walker.actions, *(a for a, _ in accesses)]
+    action = max(candidates, key=_PRIORITY.__getitem__)
+    if dangerous:
+        action = "pg:function"
+    has_where: Optional[bool] = None
+    if walker.where_flags:
+        has_where = all(walker.where_flags)
+    fields = dict(
+        action=action,
+        kind=kind,
+        tables=_dedup(t for _, t in accesses),
+        tables_written=_dedup(t for a, t in accesses if a in WRITE_ACTIONS),
+        functions=_dedup(f for f in walker.functions if f),
+        dangerous_functions=dangerous,
+        has_where=has_where,
+        accesses=accesses,
+        locks_rows=walker.locks_rows,
+    )
+    fields.update(extra)
+    return fields
+
+
+def _statement_fields_refresh(fields: dict) -> dict:
+    """Recompute the derived table lists after `accesses` was rewritten."""
+    accesses = fields["accesses"]
+    fields["tables"] = _dedup(t for _, t in accesses)
+    fields["tables_written"] = _dedup(t for a, t in accesses if a in WRITE_ACTIONS)
+    return fields
+
+
+def _fingerprint(text: str) -> str:
+    try:
+        return _pg.fingerprint(text)
+    except Exception:   # noqa: BLE001 - a statement pglast can parse but not fingerprint
+        return ""
+
+
+def classify_sql(sql: str, dangerous_functions: frozenset[str] = DEFAULT_DANGEROUS) -> list[StatementClass]:
+    """One StatementClass per statement in `sql` (empty for a message with no statement)."""
+    try:
+        tree = json.loads(_pg.parse_sql_json(sql))
+    except _pg.ParseError as exc:
+        return [_parse_failure(sql, str(exc))]
+    except RecursionError:
+        return [_parse_failure(sql, "statement nested too deeply to classify")]
+    statements = tree.get("stmts", [])
+    raw = sql.encode("utf-8") if len(statements) > 1 else None
+    result = []
+    for entry in statements:
+        if raw is None:
+            text = sql.strip().rstrip(";").strip()
+        else:   # stmt_location/stmt_len are byte offsets
+            start = entry.get("stmt_location", 0)
+            length = entry.get("stmt_len", 0)
+            end = start + length if length else len(raw)
+            text = raw[start:end].decode("utf-8", "replace").strip().rstrip(";").strip()
+        kind, node = next(iter(entry["stmt"].items()))
+        try:
+            fields = _classify_node(kind, node, dangerous_functions)
+        except RecursionError:
+            result.append(_parse_failure(text, "statement nested too deeply to classify"))
+            continue
+        if kind == "ExplainStmt":
+            _statement_fields_refresh(fields)
+        result.append(StatementClass(fingerprint=_fingerprint(text), text=text, **fields))
+    return result
+
+
+def _parse_failure(text: str, error: str) -> StatementClass:
+    return StatementClass(action="pg:other", kind="ParseError", text=text, parse_error=error)
+
+
+class ClassificationCache:
+    """Classification by exact statement text; a hit skips the parse and the fingerprint."""
+
+    def __init__(self, dangerous_functions: frozenset[str] = DEFAULT_DANGEROUS, max_entries: int = 20000):
+        self.dangerous_functions = dangerous_functions
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[StatementClass, ...]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def classify(self, sql: str) -> tuple[StatementClass, ...]:
+        found = self._entries.get(sql)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        found = tuple(classify_sql(sql, self.dangerous_functions))
+        if len(self._entries) >= self.max_entries:
+            # drop the oldest tenth: cheaper than LRU bookkeeping on every hit
+            for key in list(self._entries)[: self.max_entries // 10 or 1]:
+                del self._entries[key]
+        self._entries[sql] = found
+        return found
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class SqlClassifier:
+    """Per-session classifier: resolves EXECUTE to what this session PREPAREd.
+
+    The enforcer keeps one per client connection and also registers statements the client
+    prepares with the extended protocol (Parse messages share the SQL namespace).
+    """
+
+    def __init__(self, cache: Optional[ClassificationCache] = None,
+                 dangerous_functions: frozenset[str] = DEFAULT_DANGEROUS):
+        self.cache = cache or ClassificationCache(dangerous_functions)
+        self.prepared: dict[str, StatementClass] = {}
+
+    def classify(self, sql: str) -> list[StatementClass]:
+        return [self._apply(statement) for statement in self.cache.classify(sql)]
+
+    def register_prepared(self, name: str, sql: str) -> None:
+        statements = self.cache.classify(sql)
+        if len(statements) == 1:
+            self.prepared[name] = statements[0]
+
+    def forget(self, name: str) -> None:
+        if name == "*":
+            self.prepared.clear()
+        else:
+            self.prepared.pop(name, None)
+
+    def depends_on_session(self, statements: Iterable[StatementClass]) -> bool:
+        """True when a message's meaning depends on (or changes) this session's state."""
+        return any(s.prepared_name is not None or s.kind == "DiscardStmt" for s in statements)
+
+    def _apply(self, statement: StatementClass) -> StatementClass:
+        if statement.kind == "PrepareStmt" and statement.prepared_name is not None:
+            self.prepared[statement.prepared_name] = statement
+            return statement
+        if statement.kind == "DeallocateStmt":
+            self.forget(statement.prepared_name or "*")
+            return statement
+        if statement.kind == "DiscardStmt":
+            self.prepared.clear()
+            return statement
+        if statement.kind == "ExecuteStmt":
+            target = self.prepared.get(statement.prepared_name or "")
+            if target is None:
+                return statement
+            # the parameters are evaluated too: EXECUTE p(pg_read_file('...'))
+            dangerous = _dedup(target.dangerous_functions + statement.dangerous_functions)
+            return dataclasses.replace(
+                target, kind="ExecuteStmt", text=statement.text, prepared_name=statement.prepared_name,
+                functions=_dedup(target.functions + statement.functions),
+                dangerous_functions=dangerous,
+                action="pg:function" if dangerous else target.action, resolved=True)
+        return statement
