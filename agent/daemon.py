@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -18,6 +19,7 @@ from agent.events import FanoutSink, JsonLinesSink, new_session_id
 from agent.identity import IdentityResolver
 from agent.inventory import Inventory
 from enforcer.context import Attribution, ConnectionContext, TargetInfo, UpstreamTLS
+from records.schema import EVENT_FIELDS, SchemaError
 
 log = logging.getLogger("warden.agent")
 
@@ -67,14 +69,89 @@ class Agent:
         self.stats = {"accepted": 0, "unattributed": 0, "bypassed": 0}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.started = time.monotonic()
+        self._schema_warned: set[str] = set()
         self._target_nets: dict[int, list] = {}
-        self.policy = None
+        self.policy = self._load_policy(config)
         self.masking = None
         self.approvals = None
 
+    # ---- policy and reload ------------------------------------------------------------------
+    def _policy_groups(self, config: AgentConfig) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for rule in config.identities:
+            for group in rule.groups:
+                groups.setdefault(group, []).append(rule.name)
+        return groups
+
+    def _load_policy(self, config: AgentConfig):
+        """The Cedar policy store, or None when no policy is configured (observe-only: recorded, not decided)."""
+        if not config.policy_path:
+            log.warning("no policy configured: governed sessions are recorded but every statement is allowed")
+            return None
+        from enforcer.policy.store import PolicyStore
+        return PolicyStore(config.policy_path, groups=self._policy_groups(config),
+                           on_rejected=self._policy_rejected)
+
+    def _policy_rejected(self, error) -> None:
+        log.error("policy change refused, previous policy stays active:\n%s", error.format())
+        self.emit("agent.policy_rejected", {"file": error.file, "line": error.line, "reason": error.reason,
+                                            "problems": [list(p) for p in error.problems]})
+
+    def reload(self) -> None:
+        """SIGHUP: re-read agent.yaml and the policy. A bad file is refused and the old one keeps running."""
+        from agent import config as config_mod
+        try:
+            new = config_mod.load(self.config.source)
+        except config_mod.ConfigError as exc:
+            log.error("config change refused, previous config stays active:\n%s", exc)
+            self.emit("agent.config_rejected", {"file": self.config.source, "problems": exc.problems})
+            return
+        self.identities = IdentityResolver(new.identities, host=self.host)
+        if [t for t in new.targets] != [t for t in self.config.targets]:
+            self.emit("agent.alert", {"kind": "restart_required", "severity": "warning",
+                                      "message": "target changes take effect when the agent restarts"})
+        self.config = dataclasses.replace(new, targets=self.config.targets, scope_cgroups=self.config.scope_cgroups)
+        if self.policy is not None:
+            if self.policy.reload(groups=self._policy_groups(new)):
+                self.emit("agent.reloaded", {"what": "policy", "generation": self.policy.generation})
+        self.emit("agent.reloaded", {"what": "config", "detail": {"identities": len(new.identities)}})
+
+    async def _policy_watch_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and self.policy is not None:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if await asyncio.to_thread(self.policy.maybe_reload):
+                self.emit("agent.reloaded", {"what": "policy", "generation": self.policy.generation})
+
+    async def _watchdog_loop(self, stop: asyncio.Event) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if not usec:
+            return
+        while not stop.is_set():
+            sdnotify.notify("WATCHDOG=1")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=usec / 2e6)
+            except asyncio.TimeoutError:
+                pass
+
     # ---- events ---------------------------------------------------------------------------
     def emit(self, event_type: str, fields: dict, session_id: Optional[str] = None) -> None:
-        self.sink.emit(event_type, fields, session_id)
+        try:
+            self.sink.emit(event_type, fields, session_id)
+        except SchemaError as exc:
+            # a producer bug must not lose the event or break the session: keep the unknown
+            # fields under the x_ prefix the schema reserves for extras, and say so loudly
+            allowed = EVENT_FIELDS.get(event_type)
+            if allowed is None:
+                raise
+            if event_type not in self._schema_warned:
+                self._schema_warned.add(event_type)
+                log.error("event %s does not fit the schema (%s); unknown fields kept as x_*", event_type, exc)
+            fixed = {(k if k in allowed or k.startswith("x_") else "x_" + k): v for k, v in fields.items()}
+            self.sink.emit(event_type, fixed, session_id)
 
     def _target_name(self, target_id: int) -> Optional[str]:
         t = self.targets_by_id.get(target_id)
@@ -152,7 +229,9 @@ class Agent:
                      ", ".join(self.scope_paths))
             tasks = [asyncio.create_task(self._inventory_loop(stop)),
                      asyncio.create_task(self._hostname_loop(stop)),
-                     asyncio.create_task(self._heartbeat_loop(stop))]
+                     asyncio.create_task(self._heartbeat_loop(stop)),
+                     asyncio.create_task(self._policy_watch_loop(stop)),
+                     asyncio.create_task(self._watchdog_loop(stop))]
             if self.records is not None and self.records.shipper is not None:
                 tasks.append(asyncio.create_task(self.records.shipper.run(stop)))
             await stop.wait()
@@ -351,10 +430,31 @@ def run_forever(config: AgentConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         agent = Agent(config)
+        loop.add_signal_handler(signal.SIGHUP, agent.reload)
         await agent.run(stop)
+
+    from agent.bpfmgr import BpfUnavailable
+    try:
+        from enforcer.policy.loader import PolicyError
+    except ImportError:          # pragma: no cover - the policy package ships with the agent
+        PolicyError = RuntimeError
+    outcome = {"code": 0}
+
+    async def guarded() -> None:
+        try:
+            await main()
+        except PolicyError as exc:
+            log.error("the policy could not be loaded, nothing was started:\n%s", exc)
+            outcome["code"] = 1
+        except BpfUnavailable as exc:
+            log.error("BPF is not available: %s (run `warden-agent check` for details)", exc)
+            outcome["code"] = 1
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            outcome["code"] = 1
 
     # uvloop for our loop only: pyroute2 runs its own loops in worker threads and needs
     # the default policy's loops there (uvloop cannot open netlink sockets)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main())
-    return 0
+        runner.run(guarded())
+    return outcome["code"]

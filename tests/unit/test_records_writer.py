@@ -1,0 +1,88 @@
+import asyncio
+import time
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from records.batch import decode_batch
+from records.spool import Spool
+from records.verifier import verify_batches
+from records.writer import RecordWriter
+
+
+def frames(spool):
+    return [data for _, data in spool.pending()]
+
+
+def test_emit_flush_restart_continues_chain(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-w", key, str(tmp_path / "state"), spool,
+                          batch_max_events=10, batch_max_delay=0.05)
+    for n in range(25):
+        writer.emit("pg.statement", {"text": f"SELECT {n}"}, session_id="s1")
+    writer.flush()
+    assert writer.last_seq == 25
+    writer.close()
+    spool.close()
+
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-w", key, str(tmp_path / "state"), spool,
+                          batch_max_events=10, batch_max_delay=0.05)
+    assert writer.last_seq == 25
+    writer.emit("agent.start", {"version": "test"})
+    writer.close()
+    report = verify_batches(frames(spool), key.public_key())
+    assert report.ok and report.last_seq == 26, report.problems
+    batches = [decode_batch(f) for f in frames(spool)]
+    assert [b.last_seq - b.first_seq + 1 for b in batches] == [10, 10, 5, 1]
+    assert batches[0].events[3]["f"] == {"text": "SELECT 3"}
+
+
+def test_emit_from_asyncio_does_not_wait_for_disk(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-a", key, str(tmp_path / "state"), spool)
+
+    async def produce():
+        started = time.perf_counter()
+        for n in range(5000):
+            writer.emit("pg.result", {"rows": n})
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(produce())
+    assert elapsed < 1.0        # 5000 emits: enqueue only, no fsync on this thread
+    writer.flush()
+    assert verify_batches(frames(spool), key.public_key()).last_seq == 5000
+    writer.close()
+
+
+def test_full_spool_holds_events_and_records_alerts(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"), max_bytes=150_000, segment_bytes=64 << 10)
+    writer = RecordWriter("agent-f", key, str(tmp_path / "state"), spool,
+                          batch_max_events=50, batch_max_delay=0.01)
+    big = "x" * 2000
+    deadline = time.monotonic() + 10
+    n = 0
+    while not writer.full and time.monotonic() < deadline:
+        writer.emit("pg.statement", {"text": f"{n} {big}{n * 7919}"})
+        n += 1
+        if n % 50 == 0:
+            time.sleep(0.02)
+    assert writer.full
+    for extra in range(10):
+        writer.emit("pg.statement", {"text": f"while full {extra}"})
+    # Ship (acknowledge) everything durable so far: space returns.
+    for ref, _ in list(spool.pending()):
+        spool.ack(ref)
+    writer.flush(timeout=10)
+    assert not writer.full
+    report = verify_batches(frames(spool), key.public_key(),
+                            start_seq=decode_batch(frames(spool)[0]).first_seq,
+                            start_hash=decode_batch(frames(spool)[0]).prev_hash)
+    assert report.ok, report.problems
+    assert report.last_seq == n + 10 + 2          # every event plus two alerts
+    kinds = [e["f"].get("kind") for f in frames(spool) for e in decode_batch(f).events
+             if e["type"] == "agent.alert"]
+    assert kinds == ["spool_full", "spool_space_restored"]
+    writer.close()
