@@ -95,10 +95,39 @@ def describe(tgid: int, pid: int, uid: int, gid: int, comm: str, cgroup_id: int,
         container_id=container_id(cg_path), start_time=start)
 
 
+_SECRET_ASSIGN = re.compile(r"(?i)\b(password|passwd|pwd|pass|secret|token|api[_-]?key|access[_-]?key|auth)=([^\s&;]+)")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@/\s]+)@")
+_SECRET_FLAGS = {"--password", "--passwd", "--token", "--secret", "--api-key", "--apikey", "-password"}
+REDACTED = "[redacted]"
+
+
+def redact_cmdline(argv: list[str]) -> list[str]:
+    """Command lines are evidence but must never carry secrets into records or logs."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        flag, eq, _value = arg.partition("=")
+        if flag.lower() in _SECRET_FLAGS:
+            if eq:
+                out.append(f"{flag}={REDACTED}")
+            else:
+                out.append(arg)
+                hide_next = True
+            continue
+        arg = _URL_PASSWORD.sub(lambda m: m.group(1) + REDACTED + "@", arg)
+        arg = _SECRET_ASSIGN.sub(lambda m: m.group(1) + "=" + REDACTED, arg)
+        out.append(arg)
+    return out
+
+
 def as_record(info: ProcessInfo) -> dict:
     return {
         "pid": info.pid, "tgid": info.tgid, "uid": info.uid, "gid": info.gid, "user": info.user,
-        "comm": info.comm, "exe": info.exe, "cmdline": info.cmdline, "cgroup": info.cgroup_path,
+        "comm": info.comm, "exe": info.exe, "cmdline": redact_cmdline(info.cmdline), "cgroup": info.cgroup_path,
         "cgroup_id": info.cgroup_id, "unit": info.systemd_unit, "container": info.container_id,
         "start_time": info.start_time,
     }

@@ -86,3 +86,16 @@ def test_conn_info_layout_matches_c_struct():
     assert (cap.cookie, cap.cgroup_id, cap.orig_ip, cap.orig_port, cap.target_id) == (99, 7, "10.0.0.5", 5432, 3)
     assert (cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm) == (41, 42, 1000, 1001, "psql")
     assert cap.governed and cap.redirected and not cap.bypass
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["psql", "postgresql://app:s3cret@db:5432/x"], ["psql", "postgresql://app:[redacted]@db:5432/x"]),
+    (["psql", "host=db password=s3cret user=app"], ["psql", "host=db password=[redacted] user=app"]),
+    (["tool", "--password", "s3cret", "--user", "x"], ["tool", "--password", "[redacted]", "--user", "x"]),
+    (["tool", "--token=abc.def"], ["tool", "--token=[redacted]"]),
+    (["curl", "https://api/x?api_key=K123&q=1"], ["curl", "https://api/x?api_key=[redacted]&q=1"]),
+    (["python3", "job.py", "--limit", "5"], ["python3", "job.py", "--limit", "5"]),
+])
+def test_cmdline_secrets_are_redacted(argv, expected):
+    from agent.procinfo import redact_cmdline
+    assert redact_cmdline(argv) == expected
