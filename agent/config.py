@@ -132,6 +132,7 @@ class AgentConfig:
     policy_path: Optional[str]
     masking: dict
     approvals_timeout: float
+    approvals_grant_window: float
     inventory_interval: float
     heartbeat_interval: float
     event_log: Optional[str]          # JSON lines of every event, '-' for stdout, None for off
@@ -316,6 +317,10 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         approvals_timeout = _parse_duration(approvals.get("timeout", 300) if isinstance(approvals, dict) else 300)
     except ValueError:
         err(("approvals", "timeout"), "approvals.timeout must be a duration such as 5m"); approvals_timeout = 300
+    try:
+        grant_window = _parse_duration(approvals.get("grant_window", 0) if isinstance(approvals, dict) else 0)
+    except ValueError:
+        err(("approvals", "grant_window"), "approvals.grant_window must be a duration such as 10m"); grant_window = 0.0
     inventory = data.get("inventory") or {}
     try:
         inventory_interval = _parse_duration(inventory.get("interval", 10) if isinstance(inventory, dict) else 10)
@@ -337,7 +342,8 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         collector=CollectorConfig(url, collector.get("enrollment"), collector.get("ca")),
         spool=SpoolConfig(str(spool.get("path", os.path.join(state_dir, "spool"))), max_bytes, on_full),
         policy_path=policy_path, masking=masking if isinstance(masking, dict) else {},
-        approvals_timeout=approvals_timeout, inventory_interval=inventory_interval,
+        approvals_timeout=approvals_timeout, approvals_grant_window=grant_window,
+        inventory_interval=inventory_interval,
         heartbeat_interval=heartbeat_interval,
         event_log=event_log)
 

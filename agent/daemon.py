@@ -74,6 +74,11 @@ class Agent:
         self.policy = self._load_policy(config)
         self.masking = None
         self.approvals = None
+        if self.records is not None and self.records.shipper is not None:
+            from enforcer.approvals import ApprovalClient
+            self.approvals = ApprovalClient(config.collector.url, self.records.shipper.bearer_token,
+                                            timeout_s=config.approvals_timeout, ca_file=config.collector.ca,
+                                            grant_window_s=config.approvals_grant_window)
 
     # ---- policy and reload ------------------------------------------------------------------
     def _policy_groups(self, config: AgentConfig) -> dict[str, list[str]]:

@@ -33,6 +33,11 @@ permit (principal == Service::"billing", action == Action::"pg:connect", resourc
 @id("billing-reads")
 permit (principal == Service::"billing", action == Action::"pg:select", resource in Target::"customers-db");
 
+@id("customer-updates-need-approval")
+@approval("required")
+forbid (principal, action == Action::"pg:update", resource in Target::"customers-db")
+unless { context.approved };
+
 @id("billing-updates-with-where")
 permit (principal == Service::"billing", action in [Action::"pg:update", Action::"pg:delete"],
         resource in Target::"customers-db")
@@ -154,3 +159,86 @@ def test_agent_to_collector_to_query(test_cgroup, collector, database):
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print("agent workdir kept:", workdir)
+
+
+def _agent_for(test_cgroup, collector, database, workdir, approvals_timeout="20s"):
+    policy = Path(workdir, "policy.cedar")
+    policy.write_text(POLICY)
+    return AgentProcess({
+        "agent": {"id": "e2e-approvals"},
+        "collector": {"url": collector["url"], "enrollment": collector["enroll"]},
+        "scope": {"cgroups": [test_cgroup.rel]},
+        "targets": [{"name": "customers-db", "protocol": "postgres",
+                     "match": {"cidr": f"{database.host}/32", "port": database.port},
+                     "listen_port": free_port()}],
+        "identities": [{"name": "billing", "match": {"cgroup": test_cgroup.rel}}],
+        "policy": {"path": str(policy)},
+        "approvals": {"timeout": approvals_timeout},
+    }, workdir=workdir).start()
+
+
+def _wait_pending(collector, env, seen=()):
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        res = cli("warden", "approvals", "list", "--json", env=env, check=False)
+        if res.returncode == 0:
+            items = json.loads(res.stdout)
+            items = items.get("items", items) if isinstance(items, dict) else items
+            pending = [a for a in items if a["status"] == "pending" and a["id"] not in seen]
+            if pending:
+                return pending[0]
+        time.sleep(0.3)
+    raise AssertionError("no pending approval appeared at the collector")
+
+
+def test_approval_granted_and_denied_through_the_cli(test_cgroup, collector, database):
+    workdir = tempfile.mkdtemp(prefix="warden-e2e-agent-")
+    approver = cli("warden-collector", "token", "create", "--config", collector["config"], "--role", "approver",
+                   "--subject", "alice.approver").stdout.strip().split()[-1]
+    env = {"WARDEN_COLLECTOR": collector["url"], "WARDEN_TOKEN": approver}
+    agent = _agent_for(test_cgroup, collector, database, workdir)
+    psql = [database.bin("psql"), "-h", database.host, "-p", str(database.port), "-U", "alice", "-d", "app", "-qAt"]
+    pg_env = {**os.environ, "PGPASSWORD": "alice-pw"}
+    try:
+        # granted: the UPDATE waits for a human, then runs
+        waiting = test_cgroup.popen(psql + ["-c", "UPDATE customers SET name = 'renamed' WHERE id = 7"],
+                                    env=pg_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = _wait_pending(collector, env)
+        assert "UPDATE customers" in first["statement"] and first["identity"] == "billing"
+        cli("warden", "approvals", "approve", first["id"], "--reason", "ticket CHG-1234", env=env)
+        out, err = waiting.communicate(timeout=30)
+        assert waiting.returncode == 0, err
+        assert database.psql_local("SELECT name FROM customers WHERE id = 7", dbname="app").strip() == "renamed"
+
+        # denied: 42501 with the approver's reason, and the row is untouched
+        waiting = test_cgroup.popen(psql + ["-c", "UPDATE customers SET name = 'nope' WHERE id = 8"],
+                                    env=pg_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        second = _wait_pending(collector, env, seen={first["id"]})
+        cli("warden", "approvals", "deny", second["id"], "--reason", "not during freeze", env=env)
+        out, err = waiting.communicate(timeout=30)
+        assert waiting.returncode != 0 and "not during freeze" in err, err
+        assert database.psql_local("SELECT name FROM customers WHERE id = 8", dbname="app").strip() == "customer 8"
+
+        decided = agent.wait_for(lambda e: e["type"] == "approval.decided" and e["f"]["decision"] == "denied",
+                                 what="approval.decided")
+        assert decided["f"]["approver"] == "alice.approver"
+        granted = [e for e in agent.events("approval.decided") if e["f"]["decision"] == "approved"]
+        assert granted and granted[0]["f"]["reason"] == "ticket CHG-1234"
+    finally:
+        agent.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_approval_times_out(test_cgroup, collector, database):
+    workdir = tempfile.mkdtemp(prefix="warden-e2e-agent-")
+    agent = _agent_for(test_cgroup, collector, database, workdir, approvals_timeout="2s")
+    try:
+        res = test_cgroup.run([database.bin("psql"), "-h", database.host, "-p", str(database.port), "-U", "alice",
+                               "-d", "app", "-qAt", "-c", "UPDATE customers SET name = 'late' WHERE id = 9"],
+                              env={**os.environ, "PGPASSWORD": "alice-pw"}, timeout=30)
+        assert res.returncode != 0 and "not decided within" in res.stderr, res.stderr
+        agent.wait_for(lambda e: e["type"] == "approval.expired", what="approval.expired")
+        assert database.psql_local("SELECT name FROM customers WHERE id = 9", dbname="app").strip() == "customer 9"
+    finally:
+        agent.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

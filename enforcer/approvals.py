@@ -1,0 +1,126 @@
+"""Just-in-time approvals: hold a statement or request until a human at the collector decides.
+
+The enforcer asks when the policy answers "approval"; this client creates the approval at
+the collector (authenticated as the agent), tells the client where to approve it, long-polls
+for the decision up to `approvals.timeout`, and records every step. No answer, a denial or an
+unreachable collector all end in a deny that says which of them it was.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable, Optional
+
+import httpx
+
+from enforcer.policy.engine import Decision
+
+log = logging.getLogger("warden.approvals")
+
+POLL_SLICE_S = 25.0      # one long-poll; the collector caps a single wait itself
+
+
+class ApprovalClient:
+    def __init__(self, collector_url: str, token_source: Callable[[], str], timeout_s: float = 300.0,
+                 ca_file: Optional[str] = None, grant_window_s: float = 0.0):
+        self.url = collector_url.rstrip("/")
+        self.token_source = token_source
+        self.timeout_s = timeout_s
+        self.grant_window_s = grant_window_s
+        self._verify = ca_file if ca_file else True
+        self._grants: dict[tuple, float] = {}      # (identity, target, fingerprint) -> expiry (monotonic)
+
+    def _headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token_source()}"}
+
+    def _granted(self, key: tuple) -> bool:
+        expiry = self._grants.get(key)
+        if expiry is None:
+            return False
+        if expiry < time.monotonic():
+            del self._grants[key]
+            return False
+        return True
+
+    async def request(self, ctx, statement_decision) -> Decision:
+        """For a Postgres statement whose policy decision is "approval"."""
+        statement, decision = statement_decision.statement, statement_decision.decision
+        text = statement.text
+        if ctx.masking is not None and hasattr(ctx.masking, "mask_text"):
+            text, _count = ctx.masking.mask_text(text)
+        resource = ",".join(statement.tables) or ctx.target.name
+        return await self._ask(ctx, decision, text, resource, key=(ctx.identity, ctx.target.name, statement.fingerprint))
+
+    async def request_http(self, ctx, decision: Decision, method: str, host: str, path: str) -> Decision:
+        summary = f"{method} {host}{path}"
+        return await self._ask(ctx, decision, summary, f"{host}{path}", key=(ctx.identity, ctx.target.name, summary))
+
+    async def _ask(self, ctx, decision: Decision, summary: str, resource: str, key: tuple) -> Decision:
+        if self.grant_window_s > 0 and self._granted(key):
+            return Decision("allow", decision.action, decision.policy_ids,
+                            "approved earlier for this statement (grant window)", decision.resources)
+        started = time.monotonic()
+        try:
+            async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as client:
+                resp = await client.post(f"{self.url}/v1/approvals", headers=self._headers(), json={
+                    "identity": ctx.identity, "target": ctx.target.name, "statement": summary,
+                    "session_id": ctx.session_id, "timeout_s": self.timeout_s})
+                if resp.status_code >= 300:
+                    return self._unavailable(ctx, decision, f"the collector refused the approval request "
+                                                           f"({resp.status_code}: {resp.text[:200]})")
+                approval = resp.json()
+                approval_id = approval["id"]
+                ctx.emit("approval.requested", {
+                    "approval_id": approval_id, "identity": ctx.identity, "action": decision.action,
+                    "resource": resource, "summary": summary, "timeout_s": self.timeout_s})
+                notify = ctx.extra.get("notify_client")
+                if notify is not None:
+                    notify(f"Warden: this needs an approval ({decision.action} on {resource}). "
+                           f"Approval id {approval_id}; an approver runs: "
+                           f"warden approvals approve {approval_id} --reason \"...\". Waiting up to "
+                           f"{int(self.timeout_s)} s.")
+                deadline = started + self.timeout_s
+                while approval.get("status") == "pending":
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    wait = min(POLL_SLICE_S, remaining)
+                    try:
+                        resp = await client.get(f"{self.url}/v1/approvals/{approval_id}", headers=self._headers(),
+                                                params={"wait": f"{wait:.1f}"}, timeout=wait + 10)
+                    except httpx.HTTPError as exc:
+                        log.warning("approval %s: poll failed (%s), retrying", approval_id, exc)
+                        await asyncio.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                        continue
+                    if resp.status_code == 200:
+                        approval = resp.json()
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+            return self._unavailable(ctx, decision, f"the collector could not be reached ({exc})")
+
+        status = approval.get("status")
+        latency = int((time.monotonic() - started) * 1e9)
+        if status == "approved":
+            ctx.emit("approval.decided", {"approval_id": approval_id, "decision": "approved",
+                                          "approver": approval.get("decided_by"), "reason": approval.get("reason"),
+                                          "latency_ns": latency})
+            if self.grant_window_s > 0:
+                self._grants[key] = time.monotonic() + self.grant_window_s
+            return Decision("allow", decision.action, decision.policy_ids,
+                            f"approved by {approval.get('decided_by')}: {approval.get('reason')}", decision.resources)
+        if status == "denied":
+            ctx.emit("approval.decided", {"approval_id": approval_id, "decision": "denied",
+                                          "approver": approval.get("decided_by"), "reason": approval.get("reason"),
+                                          "latency_ns": latency})
+            return Decision("deny", decision.action, decision.policy_ids,
+                            f"approval {approval_id} denied by {approval.get('decided_by')}: {approval.get('reason')}",
+                            decision.resources)
+        ctx.emit("approval.expired", {"approval_id": approval_id, "timeout_s": self.timeout_s})
+        return Decision("deny", decision.action, decision.policy_ids,
+                        f"approval {approval_id} was not decided within {int(self.timeout_s)} s", decision.resources)
+
+    def _unavailable(self, ctx, decision: Decision, why: str) -> Decision:
+        log.error("approval needed but %s", why)
+        ctx.emit("agent.alert", {"kind": "approval_unavailable", "severity": "error", "message": why})
+        return Decision("deny", decision.action, decision.policy_ids,
+                        f"approval required but {why}; the statement was denied", decision.resources)
