@@ -1,0 +1,128 @@
+"""COPY TO STDOUT rows (one CopyData per row) in text and CSV format: split, mask fields, rejoin.
+
+Only fields whose value changes are re-encoded; a row with no change is returned as is.
+`mask_field(index, value) -> str | None | UNCHANGED` decides per field (None = NULL).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from .pgrow import UNCHANGED
+
+_TEXT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
+_TEXT_NEEDS_ESCAPE = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def unescape_text_field(raw: str) -> str:
+    if "\\" not in raw:
+        return raw
+    out = []
+    i = 0
+    n = len(raw)
+    while i < n:
+        c = raw[i]
+        if c != "\\" or i + 1 >= n:
+            out.append(c)
+            i += 1
+            continue
+        nxt = raw[i + 1]
+        if nxt in _TEXT_ESCAPES:
+            out.append(_TEXT_ESCAPES[nxt])
+            i += 2
+        elif nxt in "01234567":
+            j = i + 1
+            while j < n and j < i + 4 and raw[j] in "01234567":
+                j += 1
+            out.append(chr(int(raw[i + 1:j], 8)))
+            i = j
+        elif nxt == "x" and i + 2 < n and raw[i + 2] in "0123456789abcdefABCDEF":
+            j = i + 2
+            while j < n and j < i + 4 and raw[j] in "0123456789abcdefABCDEF":
+                j += 1
+            out.append(chr(int(raw[i + 2:j], 16)))
+            i = j
+        else:
+            out.append(nxt)
+            i += 2
+    return "".join(out)
+
+
+def escape_text_field(value: str) -> str:
+    return "".join(_TEXT_NEEDS_ESCAPE.get(c, c) for c in value)
+
+
+def mask_text_row(line: str, mask_field: Callable[[int, str], object]) -> Optional[str]:
+    """A text-format row (tab separated, trailing newline); None when unchanged."""
+    body, nl = (line[:-1], "\n") if line.endswith("\n") else (line, "")
+    fields = body.split("\t")
+    changed = False
+    for i, raw in enumerate(fields):
+        if raw == "\\N":
+            continue
+        new = mask_field(i, unescape_text_field(raw))
+        if new is UNCHANGED:
+            continue
+        fields[i] = "\\N" if new is None else escape_text_field(new)
+        changed = True
+    return "\t".join(fields) + nl if changed else None
+
+
+def split_csv_row(body: str, delimiter: str = ",", quote: str = '"') -> list[tuple[str, bool]]:
+    """Fields of one CSV row as (value, was_quoted); quoted empty is '' and unquoted empty is NULL."""
+    fields = []
+    i = 0
+    n = len(body)
+    while True:
+        if i < n and body[i] == quote:
+            i += 1
+            buf = []
+            while i < n:
+                c = body[i]
+                if c == quote:
+                    if i + 1 < n and body[i + 1] == quote:
+                        buf.append(quote)
+                        i += 2
+                        continue
+                    i += 1
+                    break
+                buf.append(c)
+                i += 1
+            j = body.find(delimiter, i)
+            j = n if j < 0 else j
+            fields.append(("".join(buf) + body[i:j], True))
+        else:
+            j = body.find(delimiter, i)
+            j = n if j < 0 else j
+            fields.append((body[i:j], False))
+        if j >= n:
+            return fields
+        i = j + 1
+
+
+def quote_csv_field(value: str, quote: str = '"') -> str:
+    return quote + value.replace(quote, quote + quote) + quote
+
+
+def mask_csv_row(line: str, mask_field: Callable[[int, str], object], delimiter: str = ",",
+                 quote: str = '"') -> Optional[str]:
+    """A CSV-format row; None when unchanged. Masked fields are always quoted (never read as NULL)."""
+    if line.endswith("\r\n"):
+        body, nl = line[:-2], "\r\n"
+    elif line.endswith("\n"):
+        body, nl = line[:-1], "\n"
+    else:
+        body, nl = line, ""
+    fields = split_csv_row(body, delimiter, quote)
+    out = []
+    changed = False
+    for i, (value, quoted) in enumerate(fields):
+        if not quoted and value == "":
+            out.append("")       # NULL
+            continue
+        new = mask_field(i, value)
+        if new is UNCHANGED:
+            out.append(quote_csv_field(value, quote) if quoted else value)
+            continue
+        changed = True
+        out.append("" if new is None else quote_csv_field(new, quote))
+    return delimiter.join(out) + nl if changed else None

@@ -1,0 +1,331 @@
+"""MaskingEngine (all rules of a deployment) and SessionMasker (what applies to one connection).
+
+The enforcer asks `engine.for_session(identity, attrs, target)` once per connection and puts the
+result (None when nothing applies) in `ConnectionContext.masking`. Everything here is pure: no I/O.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Callable, Optional, Sequence
+
+from .copyrows import mask_csv_row, mask_text_row
+from .detectors import BUILTIN, Detector, Scanner
+from .jsonbody import JsonMasker
+from .pgrow import (UNCHANGED, Counter, MaskingRefused, RowPlan, detector_masker, is_text_like,
+                    mask_spans, null_masker, whole_value_masker)
+from .rules import ON_BINARY_ERROR, Rule
+from .strategies import Null, Redact, Strategy
+
+Catalog = Callable[[int, int], Optional[str]]   # (table oid, attnum) -> "schema.table.column"
+
+MAX_CACHED_PLANS = 256
+_TYPE_NAMES = {16: "boolean", 17: "bytea", 20: "bigint", 21: "smallint", 23: "integer", 700: "real",
+               701: "double precision", 1700: "numeric", 1082: "date", 1114: "timestamp",
+               1184: "timestamptz", 2950: "uuid"}
+
+
+def _merge_detectors(rules: Sequence[Rule], extra: Sequence[Detector] = ()) -> tuple[Scanner, dict, dict]:
+    """One scanner over the detectors of `rules` (first rule wins a detector) plus `extra`;
+    returns (scanner, detector name -> Strategy, detector name -> rule name)."""
+    detectors: list[Detector] = []
+    strategies: dict[str, Strategy] = {}
+    owners: dict[str, str] = {}
+    for r in rules:
+        for d in r.scanner.detectors:
+            if d.name not in strategies:
+                detectors.append(d)
+                strategies[d.name] = r.strategy
+                owners[d.name] = r.name
+    for d in extra:
+        if d.name not in strategies:
+            detectors.append(d)
+            strategies[d.name] = Redact()
+            owners[d.name] = "record_detectors"
+    return Scanner(detectors), strategies, owners
+
+
+class _RuleSet:
+    """The compiled view of the rules that apply to one (identity, target): shared by sessions."""
+
+    def __init__(self, rules: tuple[Rule, ...], record_detectors: Sequence[Detector]):
+        self.rules = rules
+        self.column_whole = [r for r in rules if r.selects_columns and r.whole_value]
+        self.column_detect = [r for r in rules if r.selects_columns and not r.whole_value]
+        self.scan_rules = [r for r in rules if r.scan_all_text]
+        self.json_rules = [r for r in rules if r.selects_json]
+        self.needs_catalog = any(r.qualified is not None for r in rules if r.selects_columns)
+        self.scan = _merge_detectors(self.scan_rules) if self.scan_rules else None
+        if self.scan is not None:
+            self.scan_name = "+".join(r.name for r in self.scan_rules)
+        # free text (statements, parameters, error details, COPY of unknown columns): every detector in
+        # use, so a value masked in a column is also masked where it is echoed
+        scanner, strategies, owners = _merge_detectors(
+            [r for r in rules if r.scanner is not None], record_detectors)
+        self.text_scanner = scanner
+        self.text_strategies = {k: (Redact() if isinstance(s, Null) else s) for k, s in strategies.items()}
+        self.text_owners = owners
+        scan_scanner, scan_strategies, scan_owners = self.scan if self.scan else (None, {}, {})
+        self.json = JsonMasker(self.json_rules, scan_scanner, scan_strategies, scan_owners)
+
+
+class MaskingEngine:
+    def __init__(self, rules: Sequence[Rule], record_detectors: Sequence[Detector] = (),
+                 exempt: Sequence = ()):
+        self.rules = tuple(rules)
+        self.record_detectors = tuple(record_detectors)
+        self.exempt = tuple(exempt)          # identity globs exempt from every rule
+        self._rulesets: dict[tuple, _RuleSet] = {}
+
+    def for_session(self, identity: str, identity_attrs: Optional[dict] = None, target: str = "",
+                    catalog: Optional[Catalog] = None) -> Optional["SessionMasker"]:
+        if any(p.match(identity) for p in self.exempt):
+            return None
+        applicable = tuple(r for r in self.rules if r.applies_to(identity, target))
+        if not applicable:
+            return None
+        key = tuple(id(r) for r in applicable)
+        ruleset = self._rulesets.get(key)
+        if ruleset is None:
+            ruleset = self._rulesets[key] = _RuleSet(applicable, self.record_detectors)
+        return SessionMasker(ruleset, identity=identity, target=target, catalog=catalog)
+
+
+class SessionMasker:
+    """Masking for one connection: row plans, COPY rows, free text, HTTP bodies, and tallies."""
+
+    def __init__(self, ruleset: _RuleSet, identity: str = "", target: str = "",
+                 catalog: Optional[Catalog] = None):
+        self.ruleset = ruleset
+        self.identity = identity
+        self.target = target
+        self.catalog = catalog
+        self._plans: OrderedDict = OrderedDict()
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._retired_rows = 0
+        self._names: dict[tuple[int, int], Optional[str]] = {}
+        self._texts_masked = 0
+        self._json_counts: dict[str, int] = {}
+        self._copy_rows = 0
+        self._taken: Optional[dict] = None
+
+    # -- Postgres rows -------------------------------------------------------------------
+    def _counter(self, rule: str, column: str) -> Counter:
+        c = self._counters.get((rule, column))
+        if c is None:
+            c = self._counters[(rule, column)] = Counter(rule, column)
+        return c
+
+    def _qualified(self, table_oid: int, attnum: int) -> Optional[str]:
+        if not table_oid or self.catalog is None:
+            return None
+        key = (table_oid, attnum)
+        if key not in self._names:
+            try:
+                self._names[key] = self.catalog(table_oid, attnum)
+            except Exception:     # a failing lookup leaves label rules and detectors in force
+                self._names[key] = None
+        return self._names[key]
+
+    def plan_for(self, fields) -> Optional[RowPlan]:
+        """A plan for the DataRows following this RowDescription, or None when no column can need
+        masking. Raises MaskingRefused when a rule with on_binary: error meets a non-text column."""
+        key = tuple((f.name, f.table_oid, f.column_attnum, f.type_oid, f.format) for f in fields)
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        plan = self._build_plan(fields)
+        self._plans[key] = plan
+        if len(self._plans) > MAX_CACHED_PLANS:
+            _, old = self._plans.popitem(last=False)
+            if old is not None:
+                self._retired_rows += old.rows
+        return plan
+
+    def _build_plan(self, fields) -> Optional[RowPlan]:
+        rs = self.ruleset
+        actions = []
+        counters = []
+        for i, f in enumerate(fields):
+            label = f.name
+            type_oid, fmt = f.type_oid, f.format
+            qualified = self._qualified(f.table_oid, f.column_attnum) if rs.needs_catalog else None
+            rule = next((r for r in rs.column_whole if r.matches_column(label, qualified)), None)
+            if rule is not None:
+                counter = self._counter(rule.name, label)
+                if is_text_like(type_oid, fmt):
+                    actions.append((i, whole_value_masker(rule.strategy, type_oid, fmt, counter)))
+                elif rule.on_binary == ON_BINARY_ERROR:
+                    tname = _TYPE_NAMES.get(type_oid, f"type oid {type_oid}")
+                    raise MaskingRefused(
+                        f'Warden refused the result: column "{label}" is masked by rule "{rule.name}" but its '
+                        f"type ({tname}, {'binary' if fmt else 'text'} format) cannot carry a masked value; "
+                        f"cast it to text in the query (e.g. {label}::text) or set on_binary: null on the rule")
+                else:
+                    actions.append((i, null_masker(counter)))
+                counters.append(counter)
+                continue
+            rule = next((r for r in rs.column_detect if r.matches_column(label, qualified)), None)
+            if rule is not None:
+                counter = self._counter(rule.name, label)
+                strategies = {d.name: rule.strategy for d in rule.scanner.detectors}
+                actions.append((i, detector_masker(rule.scanner, strategies, type_oid, fmt, counter)))
+                counters.append(counter)
+                continue
+            if rs.scan is not None and is_text_like(type_oid, fmt):
+                scanner, strategies, _owners = rs.scan
+                counter = self._counter(rs.scan_name, label)
+                actions.append((i, detector_masker(scanner, strategies, type_oid, fmt, counter)))
+                counters.append(counter)
+        if not actions:
+            return None
+        return RowPlan(actions, counters)
+
+    # -- COPY TO STDOUT ------------------------------------------------------------------
+    def mask_copy_line(self, line: bytes, format: str = "text", columns: Optional[Sequence[str]] = None,
+                       delimiter: str = ",", quote: str = '"') -> bytes:
+        """One CopyData row of COPY TO STDOUT. `format`: text | csv (from the COPY statement's
+        options) | binary (refused: it cannot be masked). `columns`: the column names when known
+        (label rules then apply); without them every detector in use runs on every field."""
+        if format == "binary":
+            raise MaskingRefused("Warden refused COPY ... (FORMAT binary) on a target with masking rules; "
+                                 "use FORMAT text or csv")
+        field_maskers: dict[int, Callable[[str], object]] = {}
+
+        def masker_for(i: int) -> Callable[[str], object]:
+            m = field_maskers.get(i)
+            if m is None:
+                m = field_maskers[i] = self._copy_field_masker(columns[i] if columns and i < len(columns) else None)
+            return m
+
+        text = line.decode("utf-8", "surrogateescape")
+        if format == "csv":
+            out = mask_csv_row(text, lambda i, v: masker_for(i)(v), delimiter, quote)
+        elif format == "text":
+            out = mask_text_row(text, lambda i, v: masker_for(i)(v))
+        else:
+            raise ValueError(f"unknown COPY format {format!r} (text, csv or binary)")
+        if out is None:
+            return line
+        self._copy_rows += 1
+        return out.encode("utf-8", "surrogateescape")
+
+    def _copy_field_masker(self, column: Optional[str]) -> Callable[[str], object]:
+        rs = self.ruleset
+        if column is not None:
+            qualified = column if column.count(".") == 2 else None
+            label = column.rsplit(".", 1)[-1]
+            rule = next((r for r in rs.column_whole if r.matches_column(label, qualified)), None)
+            if rule is not None:
+                counter = self._counter(rule.name, label)
+
+                def whole(value: str, rule=rule, counter=counter):
+                    counter.values += 1
+                    return rule.strategy.apply(value)
+                return whole
+            rule = next((r for r in rs.column_detect if r.matches_column(label, qualified)), None)
+            if rule is not None:
+                return self._detecting(rule.scanner, {d.name: rule.strategy for d in rule.scanner.detectors},
+                                       self._counter(rule.name, label))
+        return self._detecting(rs.text_scanner, rs.text_strategies, self._counter("detectors", column or "copy"))
+
+    @staticmethod
+    def _detecting(scanner: Scanner, strategies: dict, counter: Counter) -> Callable[[str], object]:
+        def mask(value: str):
+            found = scanner.find(value)
+            if not found:
+                return UNCHANGED
+            counter.values += len(found)
+            return mask_spans(value, found, lambda d: strategies[d.name])
+        return mask
+
+    # -- free text -----------------------------------------------------------------------
+    def mask_text(self, text: str) -> tuple[str, int]:
+        """Statement texts, parameters, error/notice details: every detector in use, NULL -> redact."""
+        rs = self.ruleset
+        found = rs.text_scanner.find(text)
+        if not found:
+            return text, 0
+        self._texts_masked += len(found)
+        strategies = rs.text_strategies
+        masked = mask_spans(text, found, lambda d: strategies[d.name])
+        return (masked if masked is not None else Redact().apply(text)), len(found)
+
+    def mask_error_fields(self, fields: dict) -> tuple[dict, int]:
+        """ErrorResponse/NoticeResponse fields ({'M': ..., 'D': ...}): message, detail, hint, where."""
+        out = dict(fields)
+        total = 0
+        for code in ("M", "D", "H", "W", "q"):
+            value = out.get(code)
+            if value:
+                out[code], n = self.mask_text(value)
+                total += n
+        return out, total
+
+    # -- HTTP bodies ---------------------------------------------------------------------
+    def mask_json_body(self, body: bytes, content_type: str = "application/json") -> tuple[bytes, dict]:
+        """A decoded (not gzip) response body: JSON by key/path rules and detectors, text/* by
+        detectors; other types unchanged. Returns (body, {rule: values masked})."""
+        ctype = (content_type or "").split(";", 1)[0].strip().lower()
+        is_json = ctype == "application/json" or ctype.endswith("+json") or ctype.endswith("/json")
+        if is_json:
+            try:
+                doc = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                doc = None
+                is_json = False
+            if is_json:
+                masked, counts = self.ruleset.json.mask(doc)
+                if not counts:
+                    return body, {}
+                for k, v in counts.items():
+                    self._json_counts[k] = self._json_counts.get(k, 0) + v
+                return json.dumps(masked, ensure_ascii=False, separators=(",", ":")).encode(), counts
+        textual = ctype.startswith("text/") or ctype == "application/x-ndjson" or ctype.endswith("json")
+        if not textual:
+            return body, {}
+        text = body.decode("utf-8", "surrogateescape")
+        masked_text, n = self.mask_text(text)
+        if not n:
+            return body, {}
+        return masked_text.encode("utf-8", "surrogateescape"), {"detectors": n}
+
+    # -- tallies -------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Fields of a `mask.applied` event: counts per rule and column, never values."""
+        rules: dict[str, int] = {}
+        columns: dict[str, int] = {}
+        values = nulled = 0
+        for c in self._counters.values():
+            if not c.values and not c.nulled:
+                continue
+            rules[c.rule] = rules.get(c.rule, 0) + c.values
+            columns[c.column] = columns.get(c.column, 0) + c.values
+            values += c.values
+            nulled += c.nulled
+        for k, v in self._json_counts.items():
+            rules[k] = rules.get(k, 0) + v
+            values += v
+        rows = self._retired_rows + sum(p.rows for p in self._plans.values() if p is not None)
+        return {"rules": rules, "columns": columns, "values_masked": values, "values_nulled": nulled,
+                "rows": rows, "copy_rows": self._copy_rows, "text_values_masked": self._texts_masked}
+
+    def take_stats(self) -> Optional[dict]:
+        """What was masked since the previous call (None if nothing): one `mask.applied` per result."""
+        now = self.stats()
+        before = self._taken or {}
+        self._taken = now
+        delta = {}
+        for key, value in now.items():
+            if isinstance(value, dict):
+                prev = before.get(key, {})
+                d = {k: v - prev.get(k, 0) for k, v in value.items() if v - prev.get(k, 0)}
+                delta[key] = d
+            else:
+                delta[key] = value - before.get(key, 0)
+        if not any(delta[k] for k in ("values_masked", "values_nulled", "rows", "copy_rows", "text_values_masked")):
+            return None
+        return delta
+
+
+__all__ = ["MaskingEngine", "SessionMasker", "MaskingRefused", "BUILTIN"]

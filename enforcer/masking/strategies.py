@@ -1,0 +1,149 @@
+"""Masking strategies: what a sensitive value (or a detected part of one) is replaced with.
+
+`apply(value) -> str | None`; None means SQL NULL / JSON null. Strategies whose output does
+not depend on the value expose it as `constant` so row plans can skip decoding.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from typing import Optional
+
+DEFAULT_REDACTION = "[REDACTED]"
+_UNSET = object()
+
+
+class Strategy:
+    name = "strategy"
+    constant = _UNSET          # the output for every input, when it does not depend on the value
+
+    def apply(self, value: str) -> Optional[str]:
+        raise NotImplementedError
+
+    @property
+    def is_constant(self) -> bool:
+        return self.constant is not _UNSET
+
+
+class Redact(Strategy):
+    name = "redact"
+
+    def __init__(self, replacement: str = DEFAULT_REDACTION):
+        self.constant = replacement
+
+    def apply(self, value: str) -> Optional[str]:
+        return self.constant
+
+
+class Fixed(Redact):
+    name = "fixed"
+
+
+class Null(Strategy):
+    name = "null"
+    constant = None
+
+    def apply(self, value: str) -> Optional[str]:
+        return None
+
+
+_ALNUM = re.compile(r"[^\W_]")
+
+
+class Partial(Strategy):
+    """Keep the first/last N letters or digits; mask the others one for one, keeping separators."""
+
+    name = "partial"
+
+    def __init__(self, keep_first: int = 0, keep_last: int = 4, mask_char: str = "*"):
+        self.keep_first = keep_first
+        self.keep_last = keep_last
+        self.mask_char = mask_char
+
+    def apply(self, value: str) -> Optional[str]:
+        if self.keep_first == 0 and self.keep_last:
+            # fast path (card/SSN last 4): walk back over the kept tail, mask the head in one C call
+            i = len(value)
+            kept = 0
+            while i and kept < self.keep_last:
+                i -= 1
+                if value[i].isalnum():        # same set as [^\W_]
+                    kept += 1
+            if kept == self.keep_last:
+                head = value[:i]
+                masked, n = _ALNUM.subn(self.mask_char, head)
+                if n >= kept:                 # at least as much masked as kept; else the short-value rule
+                    return masked + value[i:]
+        positions = [m.start() for m in _ALNUM.finditer(value)]
+        n = len(positions)
+        if n == 0:
+            return value
+        if self.keep_first + self.keep_last >= n:
+            # too short to keep anything without revealing it all: keep only the tail half at most
+            keep_last = min(self.keep_last, n // 2)
+            keep_first = 0
+        else:
+            keep_first, keep_last = self.keep_first, self.keep_last
+        lo = positions[keep_first] if keep_first < n else len(value)
+        hi = positions[n - keep_last] if keep_last > 0 else len(value)
+        if hi <= lo:
+            return value
+        middle = _ALNUM.sub(self.mask_char, value[lo:hi])
+        return value[:lo] + middle + value[hi:]
+
+
+class Hash(Strategy):
+    """Keyed HMAC-SHA256, deterministic per deployment key so joins and GROUP BY still work."""
+
+    name = "hash"
+
+    def __init__(self, key: bytes, prefix: str = "h:", length: int = 16):
+        self.key = key
+        self.prefix = prefix
+        self.length = length
+
+    def apply(self, value: str) -> Optional[str]:
+        digest = hmac.new(self.key, value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+        return self.prefix + digest[: self.length]
+
+
+class Email(Strategy):
+    """Keep the domain: 'jane.doe@example.com' -> '****@example.com'."""
+
+    name = "email"
+
+    def __init__(self, replacement: str = "****", fallback: Optional[Strategy] = None):
+        self.replacement = replacement
+        self.fallback = fallback or Redact()
+
+    def apply(self, value: str) -> Optional[str]:
+        at = value.rfind("@")
+        if at <= 0:
+            return self.fallback.apply(value)
+        return self.replacement + value[at:]
+
+
+STRATEGY_NAMES = ("redact", "partial", "hash", "email", "null", "fixed:<value>")
+
+
+def build_strategy(spec: str, *, replacement: str = DEFAULT_REDACTION, keep_first: int = 0,
+                   keep_last: int = 4, mask_char: str = "*", hash_key: Optional[bytes] = None,
+                   hash_prefix: str = "h:") -> Strategy:
+    """Strategy from its config spelling; raises ValueError naming the accepted spellings."""
+    if spec == "redact":
+        return Redact(replacement)
+    if spec == "partial":
+        return Partial(keep_first, keep_last, mask_char)
+    if spec == "hash":
+        if not hash_key:
+            raise ValueError("strategy hash needs a per-deployment key: set masking.hash_key_file "
+                             "(a file with at least 16 bytes) or masking.hash_key")
+        return Hash(hash_key, hash_prefix)
+    if spec == "email":
+        return Email(fallback=Redact(replacement))
+    if spec == "null":
+        return Null()
+    if spec.startswith("fixed:"):
+        return Fixed(spec[len("fixed:"):])
+    raise ValueError(f"unknown strategy {spec!r} (use one of: {', '.join(STRATEGY_NAMES)})")

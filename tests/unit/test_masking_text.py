@@ -1,0 +1,90 @@
+"""Free text (statements, parameters, error details), COPY rows and HTTP bodies."""
+import json
+
+import pytest
+
+from enforcer.masking import MaskingRefused, load_masking
+
+CONFIG = {"hash_key": "0123456789abcdef0123", "rules": [
+    {"name": "ssn", "column": "*ssn*", "strategy": "partial"},
+    {"name": "scan", "scan_all_text": True, "detectors": ["card", "ssn", "email"]},
+    {"name": "cards-in-json", "json_key": "*card*", "strategy": "partial"},
+    {"name": "owner-email", "json_path": "$.customer.contacts[*].email", "strategy": "email"},
+    {"name": "token", "json_key": "token", "strategy": "hash"},
+]}
+
+
+@pytest.fixture
+def m():
+    return load_masking(CONFIG).for_session("svc", {}, "db")
+
+
+def test_statement_text_and_parameters_lose_detected_values(m):
+    text, n = m.mask_text("UPDATE c SET card='4111-1111-1111-1111' WHERE ssn = '123-45-6789' AND id = 5")
+    assert text == "UPDATE c SET card='[REDACTED]' WHERE ssn = '[REDACTED]' AND id = 5" and n == 2
+    assert m.mask_text("SELECT 1") == ("SELECT 1", 0)
+
+
+def test_record_detectors_apply_even_without_scan_rules():
+    m = load_masking({"rules": [{"column": "ssn"}]}).for_session("svc", {}, "db")
+    assert m.mask_text("key AKIAIOSFODNN7EXAMPLE for 123-45-6789") == \
+        ("key [REDACTED] for [REDACTED]", 2)
+
+
+def test_unique_violation_detail_is_masked(m):
+    fields = {"S": "ERROR", "C": "23505", "M": 'duplicate key value violates unique constraint "c_ssn_key"',
+              "D": "Key (ssn)=(123-45-6789) already exists."}
+    masked, n = m.mask_error_fields(fields)
+    assert masked["D"] == "Key (ssn)=([REDACTED]) already exists." and n == 1
+    assert masked["M"] == fields["M"] and masked["C"] == "23505"
+
+
+def test_copy_text_rows_with_and_without_column_names(m):
+    line = b"1\tJane\t123-45-6789\tjane@x.io\n"
+    assert m.mask_copy_line(line, "text") == b"1\tJane\t[REDACTED]\t[REDACTED]\n"
+    assert m.mask_copy_line(line, "text", columns=["id", "name", "ssn", "email"]) == \
+        b"1\tJane\t***-**-6789\t[REDACTED]\n"
+    clean = b"2\tAl\t\\N\tno mail\\there\n"
+    assert m.mask_copy_line(clean, "text") is clean
+
+
+def test_copy_text_escapes_are_respected():
+    m = load_masking({"rules": [{"column": "note", "strategy": "fixed:a\tb\\c"}]}).for_session("s", {}, "db")
+    assert m.mask_copy_line(b"x\\ty\t1\n", "text", columns=["note", "n"]) == b"a\\tb\\\\c\t1\n"
+
+
+def test_copy_csv_rows_keep_nulls_quotes_and_untouched_fields(m):
+    line = b'1,"Doe, Jane",123-45-6789,,"",jane@x.io\n'
+    assert m.mask_copy_line(line, "csv") == b'1,"Doe, Jane","[REDACTED]",,"","[REDACTED]"\n'
+    quoted = b'3,"card ""4111 1111 1111 1111"" on file"\n'
+    assert m.mask_copy_line(quoted, "csv") == b'3,"card ""[REDACTED]"" on file"\n'
+
+
+def test_copy_binary_is_refused(m):
+    with pytest.raises(MaskingRefused):
+        m.mask_copy_line(b"PGCOPY\n\xff\r\n\x00", "binary")
+
+
+def test_json_body_by_key_path_and_detectors(m):
+    body = json.dumps({"customer": {"name": "Jane", "card_number": "4111 1111 1111 1111",
+                                    "contacts": [{"email": "jane@x.io"}, {"email": "j@y.io", "note": "ssn 123-45-6789"}]},
+                       "token": "s3cr3t", "count": 2}).encode()
+    out, counts = m.mask_json_body(body, "application/json; charset=utf-8")
+    doc = json.loads(out)
+    assert doc["customer"]["card_number"] == "**** **** **** 1111"
+    assert doc["customer"]["contacts"][0]["email"] == "****@x.io"
+    assert doc["customer"]["contacts"][1]["note"] == "ssn [REDACTED]"
+    assert doc["token"].startswith("h:") and doc["count"] == 2 and doc["customer"]["name"] == "Jane"
+    assert counts == {"cards-in-json": 1, "owner-email": 2, "scan": 1, "token": 1}
+
+
+def test_json_body_unchanged_is_returned_as_is_and_other_types_untouched(m):
+    body = b'{"ok": true}'
+    assert m.mask_json_body(body, "application/json")[0] is body
+    png = b"\x89PNG 123-45-6789"
+    assert m.mask_json_body(png, "image/png") == (png, {})
+
+
+def test_text_and_broken_json_bodies_use_detectors(m):
+    assert m.mask_json_body(b"ssn=123-45-6789", "text/plain")[0] == b"ssn=[REDACTED]"
+    assert m.mask_json_body(b'{"a": "123-45-6789"', "application/json")[0] == b'{"a": "[REDACTED]"'
