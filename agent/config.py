@@ -131,6 +131,7 @@ class AgentConfig:
     spool: SpoolConfig
     policy_path: Optional[str]
     masking: dict
+    masking_engine: Any
     approvals_timeout: float
     approvals_grant_window: float
     inventory_interval: float
@@ -334,6 +335,14 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         heartbeat_interval = 30.0
 
     masking = data.get("masking") or {}
+    masking_engine = None
+    if masking:
+        from enforcer.masking.config import MaskingConfigError, load_masking
+        try:
+            masking_engine = load_masking(masking, where=loc.where,
+                                          base_dir=os.path.dirname(os.path.abspath(filename)))
+        except MaskingConfigError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
     return AgentConfig(
@@ -342,6 +351,7 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         collector=CollectorConfig(url, collector.get("enrollment"), collector.get("ca")),
         spool=SpoolConfig(str(spool.get("path", os.path.join(state_dir, "spool"))), max_bytes, on_full),
         policy_path=policy_path, masking=masking if isinstance(masking, dict) else {},
+        masking_engine=masking_engine,
         approvals_timeout=approvals_timeout, approvals_grant_window=grant_window,
         inventory_interval=inventory_interval,
         heartbeat_interval=heartbeat_interval,

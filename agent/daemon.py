@@ -72,7 +72,8 @@ class Agent:
         self._schema_warned: set[str] = set()
         self._target_nets: dict[int, list] = {}
         self.policy = self._load_policy(config)
-        self.masking = None
+        self.masking = config.masking_engine
+        self.catalogs: dict[str, object] = {}     # target name -> (oid, attnum) -> schema.table.column
         self.approvals = None
         if self.records is not None and self.records.shipper is not None:
             from enforcer.approvals import ApprovalClient
@@ -130,6 +131,26 @@ class Agent:
                 pass
             if await asyncio.to_thread(self.policy.maybe_reload):
                 self.emit("agent.reloaded", {"what": "policy", "generation": self.policy.generation})
+
+    def _load_catalog(self, dsn: str):
+        import psycopg
+        from enforcer.masking.catalog import CATALOG_QUERY, catalog_from_rows
+        with psycopg.connect(dsn, connect_timeout=10) as conn:
+            return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall())
+
+    async def _catalog_loop(self, stop: asyncio.Event) -> None:
+        """Column names for `schema.table.column` masking rules, from each target's catalog DSN."""
+        sources = {t.name: t.options["catalog_dsn"] for t in self.config.targets if t.options.get("catalog_dsn")}
+        while sources and not stop.is_set():
+            for name, dsn in sources.items():
+                try:
+                    self.catalogs[name] = await asyncio.to_thread(self._load_catalog, dsn)
+                except Exception as exc:
+                    log.warning("catalog for target %s not refreshed: %s", name, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=60)
+            except asyncio.TimeoutError:
+                pass
 
     async def _watchdog_loop(self, stop: asyncio.Event) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
@@ -236,7 +257,8 @@ class Agent:
                      asyncio.create_task(self._hostname_loop(stop)),
                      asyncio.create_task(self._heartbeat_loop(stop)),
                      asyncio.create_task(self._policy_watch_loop(stop)),
-                     asyncio.create_task(self._watchdog_loop(stop))]
+                     asyncio.create_task(self._watchdog_loop(stop)),
+                     asyncio.create_task(self._catalog_loop(stop))]
             if self.records is not None and self.records.shipper is not None:
                 tasks.append(asyncio.create_task(self.records.shipper.run(stop)))
             await stop.wait()
@@ -352,7 +374,9 @@ class Agent:
         ctx = ConnectionContext(
             session_id=new_session_id(), identity=identity, identity_attrs=attrs, target=info,
             attribution=attribution, sink=self, host=self.host, agent_id=self.agent_id,
-            policy=self.policy, masking=self.masking, approvals=self.approvals)
+            policy=self.policy, approvals=self.approvals,
+            masking=self.masking.for_session(identity, attrs, target.name, catalog=self.catalogs.get(target.name))
+            if self.masking is not None else None)
         ctx.extra["session_start_fields"] = {
             "identity": identity, "target": target.name, "protocol": target.protocol,
             "orig_dst": f"{cap.orig_ip}:{cap.orig_port}", "process": procinfo.as_record(proc),
@@ -413,11 +437,11 @@ class RecordsPipeline:
 
 def protocol_handler(protocol: str):
     if protocol == "postgres":
-        try:
-            from enforcer.postgres.proxy import serve_postgres
-            return serve_postgres
-        except ImportError:
-            pass
+        from enforcer.postgres.proxy import serve_postgres
+        return serve_postgres
+    if protocol == "http":
+        from enforcer.http.proxy import serve_http
+        return serve_http
     from enforcer.relay import serve_tcp
     return serve_tcp
 

@@ -1,0 +1,68 @@
+"""HTTP through the real agent: curl in a governed cgroup, transparently redirected to the HTTP
+enforcer, decided by a Cedar policy, with a JSON field masked, and every request recorded."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.agentproc import AgentProcess
+from tests.integration.test_http_proxy import CARD, _free_port, _stop, _uvicorn
+
+POLICY = """
+@id("reporting-reads-partner-api")
+permit (principal == Service::"reporting", action == Action::"http:GET", resource in Target::"partner-api");
+"""
+
+
+@pytest.fixture
+def api():
+    port = _free_port("127.0.0.2")
+    proc = _uvicorn("127.0.0.2", port)
+    yield port
+    _stop(proc)
+
+
+def test_curl_through_agent_policy_masking_and_records(test_cgroup, api):
+    workdir = tempfile.mkdtemp(prefix="warden-agent-http-")
+    Path(workdir, "policy.cedar").write_text(POLICY)
+    agent = AgentProcess({
+        "scope": {"cgroups": [test_cgroup.rel]},
+        "targets": [{"name": "partner-api", "protocol": "http",
+                     "match": {"cidr": "127.0.0.2/32", "port": api}, "listen_port": _free_port("127.0.0.1")}],
+        "identities": [{"name": "reporting", "match": {"cgroup": test_cgroup.rel}}],
+        "policy": {"path": str(Path(workdir, "policy.cedar"))},
+        "masking": {"rules": [{"name": "cards", "json_key": "card", "strategy": "partial"}]},
+    }, workdir=workdir).start()
+    try:
+        got = test_cgroup.run(["curl", "-sS", "--max-time", "10", f"http://127.0.0.2:{api}/json"])
+        assert got.returncode == 0, got.stderr
+        body = json.loads(got.stdout)
+        assert body["name"] == "Ada" and body["id"] == 7
+        assert body["card"] != CARD and body["card"].endswith("1111")
+
+        denied = test_cgroup.run(["curl", "-sS", "--max-time", "10", "-X", "DELETE", "-w", "\n%{http_code}",
+                                  f"http://127.0.0.2:{api}/customers/7"])
+        payload, status = denied.stdout.rsplit("\n", 1)
+        assert status == "403"
+        refusal = json.loads(payload)
+        assert "reporting" in json.dumps(refusal) and "http:DELETE" in json.dumps(refusal)
+
+        seen = test_cgroup.run(["curl", "-sS", "--max-time", "10", f"http://127.0.0.2:{api}/seen"])
+        assert "DELETE /customers/7" not in seen.stdout          # the denied request never left the host
+
+        requests = agent.wait_for(lambda e: e["type"] == "http.request" and e["f"].get("method") == "DELETE",
+                                  what="http.request DELETE")
+        decision = agent.wait_for(lambda e: e["type"] == "policy.decision" and e["sid"] == requests["sid"],
+                                  what="policy.decision")
+        assert decision["f"]["decision"] == "deny"
+        start = [e for e in agent.events("session.start") if e["sid"] == requests["sid"]][0]
+        assert start["f"]["identity"] == "reporting" and start["f"]["process"]["comm"] == "curl"
+        masked = agent.wait_for(lambda e: e["type"] == "mask.applied", what="mask.applied")
+        assert CARD not in json.dumps(masked)
+        assert not any(CARD in json.dumps(e) for e in agent.events())
+    finally:
+        assert agent.stop() == 0
