@@ -1,0 +1,1 @@
+"""PostgreSQL v3 protocol enforcer: sans-IO core (protocol, session) and asyncio shell (proxy)."""
