@@ -29,7 +29,7 @@ bench: setup
 	$(PY) bench/run_all.py
 
 demo: setup
-	@if [ -f agent/demo.py ]; then $(PY) -m agent.demo; else echo "make demo: not built yet (see issue 9)"; exit 1; fi
+	$(PY) packaging/demo.py
 
 packages: setup
 	$(PY) packaging/build_packages.py
