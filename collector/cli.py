@@ -98,9 +98,46 @@ def cmd_serve(args, config: CollectorConfig) -> int:
     import uvicorn
     from collector.app import create_app
     app = create_app(config)
-    uvicorn.run(app, host=host, port=port, ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key,
-                log_level=args.log_level, proxy_headers=False, server_header=False)
+    server = _SystemdServer(uvicorn.Config(app, host=host, port=port, ssl_certfile=config.tls_cert,
+                                           ssl_keyfile=config.tls_key, log_level=args.log_level,
+                                           proxy_headers=False, server_header=False))
+    server.run()
     return EXIT_OK
+
+
+def _systemd_server_class():
+    import asyncio
+    import os
+
+    import uvicorn
+
+    from agent.sdnotify import notify
+
+    class SystemdServer(uvicorn.Server):
+        """uvicorn that tells systemd when it is ready (Type=notify) and pets the watchdog."""
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if self.started:
+                notify("READY=1\nSTATUS=serving")
+                usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+                if usec:
+                    self._watchdog = asyncio.create_task(self._pet(usec / 2e6))
+
+        async def _pet(self, interval: float) -> None:
+            while not self.should_exit:
+                notify("WATCHDOG=1")
+                await asyncio.sleep(interval)
+
+        async def shutdown(self, sockets=None):
+            notify("STOPPING=1")
+            await super().shutdown(sockets=sockets)
+
+    return SystemdServer
+
+
+def _SystemdServer(config):
+    return _systemd_server_class()(config)
 
 
 def cmd_token_create(args, config: CollectorConfig) -> int:

@@ -14,7 +14,8 @@ import yaml
 
 
 class AgentProcess:
-    def __init__(self, config: dict, cgroup=None, workdir: Optional[str] = None):
+    def __init__(self, config: dict, cgroup=None, workdir: Optional[str] = None, env: Optional[dict] = None):
+        self.env = {**os.environ, **(env or {})}
         self.workdir = workdir or tempfile.mkdtemp(prefix="warden-agent-test-")
         self.config = dict(config)
         agent = dict(self.config.get("agent") or {})
@@ -35,9 +36,9 @@ class AgentProcess:
         argv = [sys.executable, "-m", "agent.cli", "run", "--config", self.config_path]
         stderr = open(self.stderr_path, "a")
         if self.cgroup is not None:
-            self.proc = self.cgroup.popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+            self.proc = self.cgroup.popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=self.env)
         else:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=self.env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if len(self.events("agent.start")) > starts_before:
