@@ -103,5 +103,10 @@ class PolicyStore:
     def new_session_classifier(self) -> SqlClassifier:
         return self.engine.new_session_classifier()
 
+    @property
+    def version(self) -> int:
+        """Changes on every successful reload: callers keying their own caches on it never serve a stale decision."""
+        return self.generation
+
     def cache_stats(self) -> dict:
         return dict(self.engine.cache_stats(), generation=self.generation)

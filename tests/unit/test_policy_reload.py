@@ -163,3 +163,16 @@ def test_broken_schema_refused(tmp_path, policy_file):
     with pytest.raises(PolicyError) as caught:
         load_policies(str(policy_file), str(schema))
     assert caught.value.file == str(schema) and "schema" in caught.value.reason
+
+
+def test_store_version_changes_on_reload_so_external_caches_invalidate(tmp_path):
+    """Bug fix: the Postgres enforcer keys its decision cache on `policy.version`; without it, a
+    reloaded policy kept serving the old decisions."""
+    from enforcer.policy.store import PolicyStore
+    path = tmp_path / "p.cedar"
+    path.write_text('@id("a")\npermit (principal, action == Action::"pg:connect", resource);\n')
+    store = PolicyStore(str(path))
+    before = store.version
+    path.write_text('@id("b")\npermit (principal, action == Action::"pg:select", resource);\n')
+    assert store.reload()
+    assert store.version != before
