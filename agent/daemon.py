@@ -230,8 +230,29 @@ class Agent:
                                        f"{target.name!r}: {exc.strerror}; choose another listen_port") from exc
                 self.servers.append(server)
 
+    def _refuse_collector_capture(self) -> None:
+        """A target that matches the collector's address would send our own shipping through us."""
+        url = self.config.collector.url
+        if not url:
+            return
+        from urllib.parse import urlparse
+        parsed = urlparse(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            ips = sorted({info[4][0] for info in socket.getaddrinfo(parsed.hostname, port, proto=socket.IPPROTO_TCP)})
+        except OSError:
+            return          # unresolvable now: the shipper retries and says so
+        for target in self.config.targets:
+            if target.match.port != port:
+                continue
+            hits = hostfacts.networks_overlap(resolve_target_networks(target), ips)
+            if hits:
+                raise RuntimeError(f"target {target.name!r} would capture the collector's own traffic "
+                                   f"({', '.join(hits)}, port {port}); narrow its match")
+
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        self._refuse_collector_capture()
         self.bpf.load()
         self._exempt_self()
         await self._start_listeners()

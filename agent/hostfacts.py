@@ -72,3 +72,47 @@ def networks_overlap(target_nets, collector_ips) -> list[str]:
             if addr.version == net.version and addr in net:
                 hits.append(f"{ip} in {net}")
     return hits
+
+
+# ---- a second "host" for tests and demos: a network namespace joined by a veth pair ----------
+class VethNamespace:
+    """A network namespace with one end of a veth pair, addressed like a remote host.
+
+    Everything is created here and removed by `remove()`: tests use it to put a real server
+    behind a real route without any address outside what they created themselves.
+    """
+
+    def __init__(self, name: str, host_ip: str, ns_ip: str, prefixlen: int = 30):
+        from pyroute2 import NetNS, netns
+        self.name, self.host_ip, self.ns_ip, self.prefixlen = name, host_ip, ns_ip, prefixlen
+        self.host_if, self.ns_if = f"{name[:10]}-h", f"{name[:10]}-n"
+        netns.create(name)
+        try:
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=self.host_if, kind="veth", peer=self.ns_if)
+                peer = ipr.link_lookup(ifname=self.ns_if)[0]
+                ipr.link("set", index=peer, net_ns_fd=name)
+                host = ipr.link_lookup(ifname=self.host_if)[0]
+                ipr.addr("add", index=host, address=host_ip, prefixlen=prefixlen)
+                ipr.link("set", index=host, state="up")
+            with NetNS(name) as ns:
+                idx = ns.link_lookup(ifname=self.ns_if)[0]
+                ns.addr("add", index=idx, address=ns_ip, prefixlen=prefixlen)
+                ns.link("set", index=idx, state="up")
+                lo = ns.link_lookup(ifname="lo")[0]
+                ns.link("set", index=lo, state="up")
+        except Exception:
+            self.remove()
+            raise
+
+    def exec_argv(self, argv: list[str]) -> list[str]:
+        """argv run inside the namespace (iproute2's `ip netns exec`)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def remove(self) -> None:
+        from pyroute2 import netns
+        with IPRoute() as ipr:
+            for idx in ipr.link_lookup(ifname=self.host_if):
+                ipr.link("del", index=idx)     # deleting one end removes the pair
+        if self.name in netns.listnetns():
+            netns.remove(self.name)
