@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import bpf as bpf_sources
-from agent import cgroups
 from agent.bccfind import import_bcc
 
 log = logging.getLogger("warden.bpf")

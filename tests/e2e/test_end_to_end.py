@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.agentproc import AgentProcess
+from tests.collectorproc import CollectorProcess, cli
 from tests.pg_harness import PostgresServer, free_port, postgres_available
-
-BIN = Path(sys.executable).parent
 
 POLICY = """
 @id("housekeeping")
@@ -45,48 +43,14 @@ when { context.has_where };
 """
 
 
-def cli(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "COLUMNS": "250", **(env or {})})
-    if check and res.returncode != 0:
-        raise AssertionError(f"{args} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
-    return res
-
-
 @pytest.fixture
 def collector():
-    import httpx
-    work = tempfile.mkdtemp(prefix="warden-e2e-collector-")
-    config = Path(work, "collector.yaml")
-    port = free_port()
-    config.write_text(f"state_dir: {work}/state\nlisten: 127.0.0.1:{port}\n")
-    proc = subprocess.Popen([str(BIN / "warden-collector"), "serve", "--config", str(config),
-                             "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = CollectorProcess().start()
     try:
-        deadline = time.time() + 30
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "collector did not start"
-            time.sleep(0.1)
-        enroll = cli("warden-collector", "enroll", "create", "--config", str(config)).stdout.strip().split()[-1]
-        auditor = cli("warden-collector", "token", "create", "--config", str(config), "--role", "auditor",
-                      "--subject", "e2e-auditor").stdout.strip().split()[-1]
-        yield {"url": url, "enroll": enroll, "auditor": auditor, "config": str(config)}
+        yield {"url": proc.url, "enroll": proc.enrollment(), "auditor": proc.token("auditor", "e2e-auditor"),
+               "config": proc.config}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        proc.cleanup()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ enforcer, decided by a Cedar policy, with a JSON field masked, and every request
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 

@@ -6,7 +6,6 @@ import ipaddress
 import json
 import os
 import socket
-import subprocess
 import sys
 import threading
 import time
