@@ -59,6 +59,17 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
     else:
         problems.append("bpftool is missing: install it (apt-get install bpftool / dnf install bpftool)")
 
+    if cfg is not None:
+        from enforcer.postgres.broker import PostgresBroker
+        for target in cfg.targets:
+            if target.protocol == "postgres" and target.credentials:
+                broker = PostgresBroker.from_credentials(target.credentials, target.name)
+                if broker is not None:
+                    found = broker.check()
+                    problems.extend(found)
+                    if not found:
+                        notes.append(f"target {target.name}: brokered secret and token keys readable")
+
     if cfg is not None and cfg.collector.url:
         url = urlparse(cfg.collector.url)
         host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)

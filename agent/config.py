@@ -270,6 +270,12 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         if client_tls not in ("allow", "refuse"):
             err(p + ("client_tls",), f"client_tls must be allow or refuse, got {client_tls!r}")
         creds = t.get("credentials") or {}
+        if creds and protocol == "postgres":
+            from enforcer.postgres.broker import BrokerConfig, ConfigError as BrokerConfigError
+            try:
+                BrokerConfig.from_credentials(creds, name)
+            except BrokerConfigError as exc:
+                err(p + ("credentials",), str(exc))
         options = {k: v for k, v in t.items() if k not in {
             "name", "protocol", "match", "listen_port", "upstream_tls", "upstream_ca", "on_enforcer_down",
             "credentials", "client_tls"}}

@@ -72,6 +72,7 @@ class Agent:
         self._target_nets: dict[int, list] = {}
         self.policy = self._load_policy(config)
         self.masking = config.masking_engine
+        self.brokers = self._load_brokers(config)
         self.catalogs: dict[str, object] = {}     # target name -> (oid, attnum) -> schema.table.column
         self.approvals = None
         if self.records is not None and self.records.shipper is not None:
@@ -79,6 +80,18 @@ class Agent:
             self.approvals = ApprovalClient(config.collector.url, self.records.shipper.bearer_token,
                                             timeout_s=config.approvals_timeout, ca_file=config.collector.ca,
                                             grant_window_s=config.approvals_grant_window)
+
+    @staticmethod
+    def _load_brokers(config: AgentConfig) -> dict:
+        """Brokered credentials per Postgres target: the agent holds the secret, the workload a token."""
+        from enforcer.postgres.broker import PostgresBroker
+        brokers = {}
+        for target in config.targets:
+            if target.protocol == "postgres" and target.credentials:
+                broker = PostgresBroker.from_credentials(target.credentials, target.name)
+                if broker is not None:
+                    brokers[target.name] = broker
+        return brokers
 
     # ---- policy and reload ------------------------------------------------------------------
     def _policy_groups(self, config: AgentConfig) -> dict[str, list[str]]:
@@ -397,6 +410,17 @@ class Agent:
             policy=self.policy, approvals=self.approvals,
             masking=self.masking.for_session(identity, attrs, target.name, catalog=self.catalogs.get(target.name))
             if self.masking is not None else None)
+        broker = self.brokers.get(target.name)
+        if broker is not None:
+            ctx.extra["pg_broker"] = broker
+
+            def reidentify(claims: dict, proc=proc, target=target):
+                """A validated service token can name the identity (`match: {claim: {...}}`)."""
+                name, new_attrs = self.identities.resolve(proc, claims)
+                masker = (self.masking.for_session(name, new_attrs, target.name, catalog=self.catalogs.get(target.name))
+                          if self.masking is not None else None)
+                return name, new_attrs, masker
+            ctx.extra["reidentify"] = reidentify
         ctx.extra["session_start_fields"] = {
             "identity": identity, "target": target.name, "protocol": target.protocol,
             "orig_dst": f"{cap.orig_ip}:{cap.orig_port}", "process": procinfo.as_record(proc),

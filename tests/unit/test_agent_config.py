@@ -98,3 +98,11 @@ def test_packaged_default_config_is_valid():
         cfg = parse(f.read(), path)
     assert cfg.targets == () and cfg.policy_path == "/etc/warden/policy.cedar"
     assert cfg.spool.on_full == "refuse" and cfg.spool.max_bytes == 1 << 30
+
+
+def test_brokered_credentials_are_validated_with_line():
+    text = ("targets:\n  - name: db\n    protocol: postgres\n    match: {cidr: 10.0.0.1/32, port: 5432}\n"
+            "    credentials:\n      mode: brokered\n      user: app\n      password_file: relative/path\n")
+    with pytest.raises(ConfigError) as exc:
+        parse(text, "a.yaml")
+    assert any(p.startswith("a.yaml:5:") and "password_file" in p for p in exc.value.problems)
