@@ -58,20 +58,21 @@ def _verdict_from(sd, final=None) -> Verdict:
         reason=d.reason or "")
 
 
-async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
-    """Policy decision for one Query/Parse, with approvals; fails closed on policy errors."""
+async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
+    """Policy decision for one Query/Parse, with approvals; fails closed on policy errors.
+    Returns (verdicts, whether they came from the decision cache)."""
     policy = ctx.policy
     if policy is None:
-        return [Verdict(True, req.sql)]
+        return [Verdict(True, req.sql, reason="no policy configured for this target")], False
     key = (id(policy), getattr(policy, "version", None), ctx.identity, ctx.target.name, req.sql)
     cached = decision_cache.get(key)
     if cached is not None:
-        return cached
+        return cached, True
     try:
         decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, req.sql)
     except Exception as e:  # a broken policy must not let statements through
         return [Verdict(False, req.sql, action="pg:unknown", decision="deny",
-                        reason=f"policy evaluation failed: {e}")]
+                        reason=f"policy evaluation failed: {e}")], False
     verdicts = []
     needs_approval = False
     for sd in decisions:
@@ -94,13 +95,17 @@ async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
             verdicts.append(_verdict_from(sd))
     if not needs_approval:
         decision_cache.put(key, verdicts)
-    return verdicts
+    return verdicts, False
 
 
-def _upstream_ssl_context(tls) -> ssl.SSLContext:
-    if tls.mode == "verify-full":
-        sslctx = ssl.create_default_context(cafile=tls.ca_file)
-        sslctx.check_hostname = True
+def _upstream_ssl_context(tls, target_name: str) -> ssl.SSLContext:
+    if tls.mode in ("verify-full", "verify-ca"):
+        try:
+            sslctx = ssl.create_default_context(cafile=tls.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise UpstreamError("08006", f"Warden cannot load the CA bundle {tls.ca_file} for upstream {target_name}: "
+                                         f"{e.strerror or e}; fix the target's tls.ca_file") from e
+        sslctx.check_hostname = tls.mode == "verify-full"
         sslctx.verify_mode = ssl.CERT_REQUIRED
     else:
         # prefer/require: encryption without verification, as libpq's sslmode=require
@@ -108,6 +113,22 @@ def _upstream_ssl_context(tls) -> ssl.SSLContext:
         sslctx.check_hostname = False
         sslctx.verify_mode = ssl.CERT_NONE
     return sslctx
+
+
+def _start_fields(ctx) -> dict:
+    """session.start fields the agent prepared (identity, target, redacted process record, ...);
+    a minimal set when run without the agent (tests, benches)."""
+    given = (ctx.extra or {}).get("session_start_fields")
+    if given:
+        return dict(given)
+    fields = {"identity": ctx.identity, "target": ctx.target.name, "protocol": "postgres"}
+    if ctx.host:
+        fields["host"] = ctx.host
+    if ctx.agent_id:
+        fields["agent"] = ctx.agent_id
+    if ctx.attribution is not None:
+        fields["orig_dst"] = f"{ctx.attribution.orig_ip}:{ctx.attribution.orig_port}"
+    return fields
 
 
 class UpstreamError(Exception):
@@ -126,20 +147,13 @@ class _Connection:
         opts = ctx.target.options or {}
         self.startup_timeout = float(opts.get("startup_timeout", 30))
         self.idle_timeout = float(opts.get("idle_timeout", 0) or 0)
-        self.server_ssl: Optional[ssl.SSLContext] = (ctx.extra or {}).get("server_ssl_context")
-        attribution = ctx.attribution
-        process = None
-        orig_dst = None
-        if attribution is not None:
-            import dataclasses
-            process = dataclasses.asdict(attribution.process)
-            orig_dst = f"{attribution.orig_ip}:{attribution.orig_port}"
+        extra = ctx.extra or {}
+        self.server_ssl: Optional[ssl.SSLContext] = extra.get("server_ssl_context")
         self.session = PostgresSession(
             identity=ctx.identity, target=ctx.target.name,
             max_message_bytes=int(opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
             client_tls_available=self.server_ssl is not None, masking=ctx.masking,
-            start_fields={"identity": ctx.identity, "target": ctx.target.name, "process": process,
-                          "orig_dst": orig_dst})
+            start_fields=_start_fields(ctx))
         self.closing = False
         self.last_activity = time.monotonic()
         self.server_task: Optional[asyncio.Task] = None
@@ -214,8 +228,8 @@ class _Connection:
             elif kind == EVENT:
                 self.ctx.emit(payload[0], payload[1])
             elif kind == DECIDE:
-                verdicts = await decide(self.ctx, payload)
-                await self._run_actions(self.session.resume(verdicts))
+                verdicts, cached = await decide(self.ctx, payload)
+                await self._run_actions(self.session.resume(verdicts, cached))
             elif kind == CONNECT_UPSTREAM:
                 await self._connect_upstream(payload)
             elif kind == START_CLIENT_TLS:
@@ -272,18 +286,18 @@ class _Connection:
                                          f"requires tls mode {mode}")
         if answer != b"S":
             raise UpstreamError("08P01", f"upstream {self.ctx.target.name} answered SSLRequest with {answer!r}")
-        sslctx = _upstream_ssl_context(tls)
-        if mode == "verify-ca":
-            sslctx.check_hostname = False
+        sslctx = _upstream_ssl_context(tls, self.ctx.target.name)
         server_name = tls.server_name or self.ctx.target.upstream_host
         try:
             await asyncio.wait_for(self.swriter.start_tls(sslctx, server_hostname=server_name),
                                    self.startup_timeout)
         except ssl.SSLCertVerificationError as e:
+            bundle = tls.ca_file or "the system CA store"
             raise UpstreamError("08006", f"Warden could not verify the TLS certificate of upstream "
-                                         f"{self.ctx.target.name} ({server_name}): {e.verify_message}; set the "
-                                         f"target's tls.ca_file to the CA bundle that signed the server "
-                                         f"certificate") from e
+                                         f"{self.ctx.target.name} ({server_name}) against CA file {bundle}: "
+                                         f"{e.verify_message}; set the target's tls.ca_file to the CA bundle "
+                                         f"that signed the server certificate (e.g. Amazon RDS's "
+                                         f"global-bundle.pem)") from e
         except ssl.SSLError as e:
             raise UpstreamError("08006", f"TLS handshake with upstream {self.ctx.target.name} failed: {e}") from e
         self.session.tls_upstream = True

@@ -13,6 +13,8 @@ Actions are `(kind, payload)` tuples, executed in order by the asyncio shell (pr
     REGISTER_CANCEL_KEY (client_pid, client_key, server_pid, server_key)
     CLOSE      reason                     flush pending writes and close both legs
 
+Events use the field names of records/schema.py EVENT_FIELDS (extra ones only as x_*).
+
 Unchanged messages are forwarded as slices of the received bytes; consecutive forwarded
 messages are coalesced into one write.
 
@@ -36,7 +38,9 @@ import struct
 import time
 from typing import Any, Callable, Optional
 
+from ..masking.pgrow import MaskingRefused
 from . import protocol as P
+from .copyopts import copy_options
 
 TO_SERVER = 1
 TO_CLIENT = 2
@@ -65,6 +69,10 @@ _pack_i32 = _I32.pack
 
 # client message types allowed once authenticated (anything else is a protocol violation)
 _CLIENT_FORWARD_TYPES = frozenset(b"HDCdcfF")
+# server messages still delivered while a refused result's batch is withheld: ReadyForQuery ends
+# the withholding; ParameterStatus, NotificationResponse and NoticeResponse are asynchronous
+_PASS_WHILE_WITHHELD = frozenset(b"ZSAN")
+_DESCRIBE_REPLY = 84         # expectation marker for the RowDescription/NoData answering a Describe
 
 
 @dataclasses.dataclass
@@ -88,17 +96,69 @@ class Verdict:
     reason: str = ""
 
 
+class _Statement:
+    """A prepared statement as the client named it; `fields` is its RowDescription once a
+    Describe 'S' was answered ([] for NoData), `described` once the client asked."""
+    __slots__ = ("text", "verdict", "fields", "described")
+
+    def __init__(self, text: str, verdict: Optional[Verdict]):
+        self.text = text
+        self.verdict = verdict
+        self.fields: Optional[list] = None
+        self.described = False
+
+
+class _Portal:
+    """A bound portal: its statement, the Bind's result-format codes, its own RowDescription when
+    the client sent Describe 'P' (or we did), and the pg.statement index of its execution."""
+    __slots__ = ("statement", "formats", "fields", "described", "index")
+
+    def __init__(self, statement: Optional[_Statement], formats: list, index: int):
+        self.statement = statement
+        self.formats = formats
+        self.fields: Optional[list] = None
+        self.described = False
+        self.index = index
+
+    @property
+    def text(self) -> Optional[str]:
+        return self.statement.text if self.statement is not None else None
+
+    def result_fields(self) -> Optional[list]:
+        """Columns of the rows an Execute returns, with the Bind's formats applied (None: unknown)."""
+        if self.fields is not None:
+            return self.fields
+        st = self.statement
+        if st is None or st.fields is None:
+            return None
+        return [dataclasses.replace(f, format=fmt) for f, fmt in zip(st.fields, result_formats(self.formats,
+                                                                                              len(st.fields)))]
+
+
+def result_formats(codes: list, ncols: int) -> list:
+    """Bind's result-format rule: no code = all text, one code = all columns, else one per column."""
+    if not codes:
+        return [0] * ncols
+    if len(codes) == 1:
+        return codes * ncols
+    return list(codes[:ncols]) + [0] * (ncols - len(codes))
+
+
 class _Result:
     """One expected statement result (an Execute, or one statement of a simple Query)."""
-    __slots__ = ("text", "start_ns", "rows", "nbytes", "batch", "denied")
+    __slots__ = ("text", "start_ns", "rows", "nbytes", "batch", "denied", "index", "portal", "refusal")
 
-    def __init__(self, text: Optional[str], start_ns: int, batch: int, denied: bool = False):
+    def __init__(self, text: Optional[str], start_ns: int, batch: int, denied: bool = False,
+                 index: Optional[int] = None, portal: Optional[_Portal] = None):
         self.text = text
         self.start_ns = start_ns
         self.rows = 0
         self.nbytes = 0
         self.batch = batch
         self.denied = denied
+        self.index = index
+        self.portal = portal
+        self.refusal: Optional[tuple[str, str]] = None     # (sqlstate, message) sent instead of rows
 
 
 def _quote_literal(s: str) -> str:
@@ -125,8 +185,12 @@ def denial_do_block(message: str) -> str:
     return f"DO {tag}{body}{tag}"
 
 
-def render_params(bind: P.BindMessage) -> list:
-    """Bind parameters as recorded: text format decoded, binary format as hex '\\x..'."""
+def render_params(bind: P.BindMessage, mask_text: Optional[Callable[[str], tuple]] = None) -> list:
+    """Bind parameters as recorded: text format decoded, binary format as hex '\\x..'.
+
+    With `mask_text` (the session's masker), text values are masked, and a binary value that is
+    UTF-8 text (a text parameter sent in binary format, as asyncpg does) is recorded masked
+    instead of as hex when it holds something to mask, so its hex cannot carry the raw value."""
     fmts = bind.param_formats
     out = []
     for i, v in enumerate(bind.params):
@@ -135,10 +199,33 @@ def render_params(bind: P.BindMessage) -> list:
             continue
         fmt = fmts[0] if len(fmts) == 1 else (fmts[i] if i < len(fmts) else 0)
         if fmt == 0:
-            out.append(v.decode("utf-8", "replace"))
+            shown = v.decode("utf-8", "replace")
+            if mask_text is not None:
+                shown = mask_text(shown)[0]
         else:
-            out.append("\\x" + v.hex())
+            shown = "\\x" + v.hex()
+            if mask_text is not None:
+                try:
+                    masked, count = mask_text(v.decode("utf-8"))
+                except UnicodeDecodeError:
+                    count = 0
+                if count:
+                    shown = masked
+        out.append(shown)
     return out
+
+
+def mask_applied_fields(stats: dict, index: Optional[int]) -> dict:
+    """SessionMasker.take_stats() as a mask.applied event: counts per rule and column, never values."""
+    fields = {"rules": stats.get("rules", {}), "columns": stats.get("columns", {}),
+              "values_masked": stats.get("values_masked", 0),
+              "rows": stats.get("rows", 0) + stats.get("copy_rows", 0)}
+    for key in ("values_nulled", "copy_rows", "text_values_masked"):
+        if stats.get(key):
+            fields["x_" + key] = stats[key]
+    if index is not None:
+        fields["statement_index"] = index
+    return fields
 
 
 class PostgresSession:
@@ -176,12 +263,16 @@ class PostgresSession:
         # (expected type byte, injected-by-us); lets us swallow replies to our own injected messages
         self._expect: collections.deque = collections.deque()
         self._results: collections.deque = collections.deque()
-        self._statements: dict[str, tuple] = {}    # prepared statement name -> (text, Verdict)
-        self._portals: dict[str, Optional[str]] = {}
-        self._unnamed_portal: Optional[str] = None
+        self._statements: dict[str, _Statement] = {}    # prepared statement name -> statement
+        self._portals: dict[str, _Portal] = {}          # named portals
+        self._unnamed_portal: Optional[_Portal] = None
         self._client_batch = 0                     # Sync/Query messages sent
         self._server_batch = 0                     # ReadyForQuery received
         self._mask_plan = None
+        self._plan_known = False                   # _mask_plan is set for the current result
+        self._copy_out = None                      # CopyOptions while a COPY TO STDOUT is masked
+        self._withhold = False                     # a result was refused: drop replies until ReadyForQuery
+        self._plus_stripped = False                # the server offered SCRAM -PLUS and the client did not see it
         self._started_ns = clock()
         self._start_emitted = False
         self._end_emitted = False
@@ -219,8 +310,9 @@ class PostgresSession:
             return self._process_client()
         return []
 
-    def resume(self, verdicts: list[Verdict]) -> list:
-        """Continue after a DECIDE action with the final verdict per statement."""
+    def resume(self, verdicts: list[Verdict], cached: bool = False) -> list:
+        """Continue after a DECIDE action with the final verdict per statement (`cached`: the
+        verdicts came from the decision cache, recorded on policy.decision)."""
         pending = self._pending
         if pending is None:
             raise RuntimeError("resume() without a pending decision")
@@ -228,9 +320,9 @@ class PostgresSession:
         out: list = []
         kind = pending[0]
         if kind == "Q":
-            self._resume_query(pending, verdicts, out)
+            self._resume_query(pending, verdicts, out, cached)
         else:
-            self._resume_parse(pending, verdicts, out)
+            self._resume_parse(pending, verdicts, out, cached)
         if self.phase != CLOSED and self._pending is None:
             out += self._process_client()
         return out
@@ -253,7 +345,7 @@ class PostgresSession:
             self._emit_result(out, self._results.popleft(), None, "connection closed before the statement completed", None)
         out.append((EVENT, ("session.end", {
             "reason": self.end_reason,
-            "duration_us": (self.clock() - self._started_ns) // 1000,
+            "duration_ns": self.clock() - self._started_ns,
             "statements": self.statements,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -386,6 +478,19 @@ class PostgresSession:
                 if t == 112 or t == 88:   # 'p' password/SASL, 'X' Terminate
                     if t == 88:
                         self._terminated = True
+                    elif self._plus_stripped and self._sasl_gs2_flag(buf[pos + 5:end]) == b"y":
+                        # SASLInitialResponse with gs2 flag "y": the client could bind to its TLS channel
+                        # but saw no -PLUS mechanism; the server (which offered one) would reject it
+                        # as a downgrade with a confusing message, so say what to change
+                        if run < pos:
+                            out.append((TO_SERVER, buf[run:pos]))
+                        self._cbuf = b""
+                        out += self._fatal(
+                            "28000", "SCRAM channel binding cannot pass through Warden, which terminates the "
+                                     "client's TLS and re-originates it upstream; connect with "
+                                     "channel_binding=disable, or give the target brokered credentials",
+                            "auth_channel_binding")
+                        return
                     pos = end
                     continue
                 if run < pos:
@@ -403,9 +508,47 @@ class PostgresSession:
                 self._record_bind(bind, out)
             elif t == 69:        # 'E' Execute
                 nul = buf.find(b"\0", pos + 5, end)
-                portal = buf[pos + 5:nul] if nul > 0 else b""
-                text = self._portals.get(portal.decode("utf-8", "replace")) if portal else self._unnamed_portal
-                self._results.append(_Result(text, self.clock(), self._client_batch))
+                name = buf[pos + 5:nul] if nul > 0 else b""
+                portal = self._portals.get(name.decode("utf-8", "replace")) if name else self._unnamed_portal
+                if portal is None:
+                    self._results.append(_Result(None, self.clock(), self._client_batch))
+                else:
+                    if (self.masking is not None and not portal.described
+                            and not (portal.statement is not None and portal.statement.described)):
+                        # rows would arrive with no RowDescription to plan masking from: ask for one
+                        # ourselves and swallow the answer
+                        if run < pos:
+                            out.append((TO_SERVER, buf[run:pos]))
+                        out.append((TO_SERVER, P.build_describe("P", name.decode("utf-8", "replace"))))
+                        expect.append((_DESCRIBE_REPLY, True, portal))
+                        portal.described = True
+                        run = pos
+                    self._results.append(_Result(portal.text, self.clock(), self._client_batch,
+                                                 index=portal.index, portal=portal))
+            elif t == 68:        # 'D' Describe: remember which RowDescription answers it (masking plans)
+                if self.masking is not None:
+                    try:
+                        kind, name = P.parse_describe(buf[pos + 5:end])
+                    except P.ProtocolError as e:
+                        return self._client_protocol_error(out, buf, run, pos, e)
+                    if kind == "S":
+                        target = self._statements.get(name)
+                    else:
+                        target = self._portals.get(name) if name else self._unnamed_portal
+                    if target is not None:
+                        target.described = True
+                    expect.append((_DESCRIBE_REPLY, False, target))
+            elif t == 67:        # 'C' Close: forget the statement or portal
+                try:
+                    kind, name = P.parse_close(buf[pos + 5:end])
+                except P.ProtocolError as e:
+                    return self._client_protocol_error(out, buf, run, pos, e)
+                if kind == "S":
+                    self._statements.pop(name, None)
+                elif name:
+                    self._portals.pop(name, None)
+                else:
+                    self._unnamed_portal = None
             elif t == 83:        # 'S' Sync
                 expect.append((90, False))
                 self._client_batch += 1
@@ -448,26 +591,49 @@ class PostgresSession:
         out += self._fatal("08P01", f"invalid frontend message: {err}", "protocol_error")
 
     def _record_bind(self, bind: P.BindMessage, out: list) -> None:
-        text, verdict = self._statements.get(bind.statement, (None, None))
-        if bind.portal:
-            self._portals[bind.portal] = text
-        else:
-            self._unnamed_portal = text
+        statement = self._statements.get(bind.statement)
         self.statements += 1
+        portal = _Portal(statement, bind.result_formats, self.statements)
+        if bind.portal:
+            self._portals[bind.portal] = portal
+        else:
+            self._unnamed_portal = portal
+        params = render_params(bind, self.masking.mask_text if self.masking is not None else None)
         out.append((EVENT, ("pg.statement", self._statement_fields(
-            text, render_params(bind), verdict, "extended", bind.statement))))
+            portal.text, params, statement.verdict if statement is not None else None,
+            "extended", bind.statement, self.statements, bind.portal))))
 
-    def _statement_fields(self, text, params, verdict: Optional[Verdict], protocol: str, name) -> dict:
+    def _statement_fields(self, text, params, verdict: Optional[Verdict], protocol: str, name,
+                          index: int, portal: Optional[str] = None) -> dict:
+        if text is None and verdict is not None:
+            text = verdict.text
+        if text and self.masking is not None:
+            # records never hold a value the masking rules would hide from the client
+            text = self.masking.mask_text(text)[0]
+        fields = {"text": text, "params": params, "protocol": protocol, "statement_name": name,
+                  "statement_index": index}
+        if portal:
+            fields["portal"] = portal
         if verdict is None:
-            return {"text": text, "params": params, "kind": None, "action": None, "tables": [],
-                    "functions": [], "decision": "allow", "policy_ids": [], "protocol": protocol,
-                    "statement_name": name}
-        return {"text": text if text is not None else verdict.text, "params": params,
-                "kind": verdict.kind, "action": verdict.action, "tables": list(verdict.tables),
-                "functions": list(verdict.functions), "decision": verdict.decision,
-                "policy_ids": list(verdict.policy_ids), "protocol": protocol, "statement_name": name}
+            fields.update({"kind": None, "action": None, "tables": [], "functions": [], "decision": "allow",
+                           "policy_ids": []})
+        else:
+            fields.update({"kind": verdict.kind, "action": verdict.action, "tables": list(verdict.tables),
+                           "functions": list(verdict.functions), "decision": verdict.decision,
+                           "policy_ids": list(verdict.policy_ids)})
+        return fields
 
-    def _resume_query(self, pending, verdicts: list[Verdict], out: list) -> None:
+    def _decision_event(self, verdict: Verdict, cached: bool, index: Optional[int], name=None) -> tuple:
+        fields = {"decision": verdict.decision, "policy_ids": list(verdict.policy_ids),
+                  "reason": verdict.reason, "identity": self.identity, "action": verdict.action,
+                  "resource": self.target, "cached": cached}
+        if index is not None:
+            fields["statement_index"] = index
+        if name is not None:
+            fields["x_statement_name"] = name
+        return (EVENT, ("policy.decision", fields))
+
+    def _resume_query(self, pending, verdicts: list[Verdict], out: list, cached: bool) -> None:
         _, msg, sql = pending
         denied = next((v for v in verdicts if not v.allowed), None)
         batch = self._client_batch
@@ -476,41 +642,45 @@ class PostgresSession:
         now = self.clock()
         if not verdicts:
             verdicts = [Verdict(True, sql)]
-        if denied is None:
-            for v in verdicts:
-                self.statements += 1
-                out.append((EVENT, ("pg.statement", self._statement_fields(v.text, None, v, "simple", None))))
-                self._results.append(_Result(v.text, now, batch))
-            out.append((TO_SERVER, msg))
-            return
         for v in verdicts:
             self.statements += 1
-            out.append((EVENT, ("pg.statement", self._statement_fields(v.text, None, v, "simple", None))))
+            index = self.statements
+            out.append(self._decision_event(v, cached, index))
+            out.append((EVENT, ("pg.statement", self._statement_fields(v.text, None, v, "simple", None, index))))
             if v is denied:
                 break
+            if denied is None:
+                self._results.append(_Result(v.text, now, batch, index=index))
+        if denied is None:
+            out.append((TO_SERVER, msg))
+            return
         message = denial_message(self.identity, self.target, denied)
-        self._results.append(_Result(denied.text, now, batch, denied=True))
+        self._results.append(_Result(denied.text, now, batch, denied=True, index=self.statements))
         out.append((TO_SERVER, P.build_query(denial_do_block(message))))
 
-    def _resume_parse(self, pending, verdicts: list[Verdict], out: list) -> None:
+    def _resume_parse(self, pending, verdicts: list[Verdict], out: list, cached: bool) -> None:
         _, msg, parse = pending
         if not verdicts:
             verdicts = [Verdict(True, parse.query)]
         denied = next((v for v in verdicts if not v.allowed), None)
         verdict = denied or verdicts[0]
         if denied is None:
-            self._statements[parse.name] = (parse.query, verdict)
+            # the executions (Bind) are the recorded statements; the decision is made once here
+            out.append(self._decision_event(verdict, cached, None, parse.name))
+            self._statements[parse.name] = _Statement(parse.query, verdict)
             self._expect.append((49, False))
             out.append((TO_SERVER, msg))
             return
         self.statements += 1
+        out.append(self._decision_event(denied, cached, self.statements, parse.name))
         out.append((EVENT, ("pg.statement", self._statement_fields(parse.query, None, denied, "extended",
-                                                                     parse.name))))
+                                                                     parse.name, self.statements))))
         message = denial_message(self.identity, self.target, denied)
         self._statements.pop(parse.name, None)
         self._expect.append((49, True))
         self._expect.append((50, True))
-        self._results.append(_Result(parse.query, self.clock(), self._client_batch, denied=True))
+        self._results.append(_Result(parse.query, self.clock(), self._client_batch, denied=True,
+                                     index=self.statements))
         out.append((TO_SERVER, P.build_parse("", denial_do_block(message)) + P.build_bind("", "")
                     + P.build_execute("", 0)))
         self._discard_until_sync = True
@@ -524,6 +694,7 @@ class PostgresSession:
         pos = 0
         run = 0
         results = self._results
+        masking = self.masking
         plan = self._mask_plan
         while n - pos >= 5:
             t = buf[pos]
@@ -539,25 +710,52 @@ class PostgresSession:
                     r = results[0]
                     r.rows += 1
                     r.nbytes += length
-                if plan is not None:
-                    masked = plan.mask_data_row(buf[pos + 5:end])
-                    if masked is not None and masked != buf[pos + 5:end]:
-                        if run < pos:
-                            out.append((TO_CLIENT, buf[run:pos]))
-                        out.append((TO_CLIENT, b"D" + _pack_i32(len(masked) + 4) + masked))
-                        run = end
+                if masking is not None and not self._withhold:
+                    if not self._plan_known:
+                        # extended protocol: the RowDescription came from an earlier Describe
+                        self._plan_known = True
+                        try:
+                            plan = self._mask_plan = self._execute_plan()
+                        except MaskingRefused as e:
+                            plan = None
+                            run = self._refuse(out, buf, run, pos, end, e)
+                    if plan is not None:
+                        body = buf[pos + 5:end]
+                        masked = plan.mask_data_row(body)
+                        if masked is not body:
+                            if run < pos:
+                                out.append((TO_CLIENT, buf[run:pos]))
+                            out.append((TO_CLIENT, b"D" + _pack_i32(len(masked) + 4) + masked))
+                            run = end
             elif t == 100:                   # 'd' CopyData (COPY TO STDOUT)
                 if results:
-                    r = results[0]
-                    r.nbytes += length
+                    results[0].nbytes += length
+                copy = self._copy_out
+                if copy is not None and not self._withhold:
+                    body = buf[pos + 5:end]
+                    masked = masking.mask_copy_line(body, copy.format, copy.columns, copy.delimiter, copy.quote)
+                    if masked is not body:
+                        if run < pos:
+                            out.append((TO_CLIENT, buf[run:pos]))
+                        out.append((TO_CLIENT, b"d" + _pack_i32(len(masked) + 4) + masked))
+                        run = end
             elif t == 67 or t == 73 or t == 115:   # CommandComplete, EmptyQueryResponse, PortalSuspended
                 self._mask_plan = plan = None
+                self._plan_known = False
+                self._copy_out = None
                 if results:
-                    tag = (P.parse_command_complete(buf[pos + 5:end]) if t == 67
-                           else ("" if t == 73 else "PORTAL SUSPENDED"))
-                    self._emit_result(out, results.popleft(), tag, None, None)
+                    r = results.popleft()
+                    if r.refusal is not None:
+                        self._emit_result(out, r, None, r.refusal[1], r.refusal[0])
+                    else:
+                        tag = (P.parse_command_complete(buf[pos + 5:end]) if t == 67
+                               else ("" if t == 73 else "PORTAL SUSPENDED"))
+                        self._emit_result(out, r, tag, None, None)
             elif t == 90:                    # 'Z' ReadyForQuery
                 self._mask_plan = plan = None
+                self._plan_known = False
+                self._copy_out = None
+                self._withhold = False
                 self.transaction_status = chr(buf[pos + 5]) if length == 5 else "?"
                 self._server_batch += 1
                 expect = self._expect
@@ -581,25 +779,82 @@ class PostgresSession:
                         if run < pos:
                             out.append((TO_CLIENT, buf[run:pos]))
                         run = end            # reply to our injected message: swallow
-            elif t == 84:                    # 'T' RowDescription
-                if self.masking is not None:
+            elif t == 84 or t == 110:        # 'T' RowDescription, 'n' NoData
+                if masking is not None:
+                    if t == 84:
+                        try:
+                            fields = P.parse_row_description(buf[pos + 5:end])
+                        except P.ProtocolError as e:
+                            out += self._fatal("08P01", f"upstream sent a malformed RowDescription: {e}",
+                                               "upstream_protocol_error")
+                            return out
+                    else:
+                        fields = []
+                    expect = self._expect
+                    if expect and expect[0][0] == _DESCRIBE_REPLY:
+                        # answers a Describe: kept for the Executes that follow (plans are made per result)
+                        _, injected, described = expect.popleft()
+                        if described is not None:
+                            described.fields = fields
+                        if injected:
+                            if run < pos:
+                                out.append((TO_CLIENT, buf[run:pos]))
+                            run = end
+                    elif t == 84 and not self._withhold:
+                        # simple query: the rows of this statement follow
+                        self._plan_known = True
+                        try:
+                            plan = self._mask_plan = masking.plan_for(fields)
+                        except MaskingRefused as e:
+                            plan = self._mask_plan = None
+                            run = self._refuse(out, buf, run, pos, end, e)
+            elif t == 72:                    # 'H' CopyOutResponse
+                if masking is not None and not self._withhold:
                     try:
-                        fields = P.parse_row_description(buf[pos + 5:end])
+                        overall, _cols = P.parse_copy_response(buf[pos + 5:end])
                     except P.ProtocolError as e:
-                        out += self._fatal("08P01", f"upstream sent a malformed RowDescription: {e}",
+                        out += self._fatal("08P01", f"upstream sent a malformed CopyOutResponse: {e}",
                                            "upstream_protocol_error")
                         return out
-                    self._mask_plan = plan = self.masking.plan_for(fields)
-            elif t == 69:                    # 'E' ErrorResponse
-                self._mask_plan = plan = None
+                    opts = copy_options(results[0].text if results else None)
+                    if overall == 1 or opts.format == "binary":
+                        try:
+                            masking.mask_copy_line(b"", "binary")
+                            raise MaskingRefused("Warden refused COPY in binary format on a target with "
+                                                 "masking rules; use FORMAT text or csv")
+                        except MaskingRefused as e:
+                            run = self._refuse(out, buf, run, pos, end, e)
+                    else:
+                        self._copy_out = opts
+            elif t == 99:                    # 'c' CopyDone
+                self._copy_out = None
+            elif t == 69 or t == 78:         # 'E' ErrorResponse, 'N' NoticeResponse
                 try:
                     fields = P.parse_error_fields(buf[pos + 5:end])
                 except P.ProtocolError:
                     fields = {}
-                sqlstate = fields.get("C")
-                self.last_sqlstate = sqlstate
-                if results:
-                    self._emit_result(out, results.popleft(), None, fields.get("M"), sqlstate)
+                if masking is not None and fields:
+                    # messages and details can echo values (a unique violation's Key (ssn)=(...))
+                    masked_fields, count = masking.mask_error_fields(fields)
+                    if count:
+                        fields = masked_fields
+                        if run < pos:
+                            out.append((TO_CLIENT, buf[run:pos]))
+                        out.append((TO_CLIENT, P.build_error_fields(fields) if t == 69
+                                    else P.build_notice_response(fields)))
+                        run = end
+                if t == 69:
+                    self._mask_plan = plan = None
+                    self._plan_known = False
+                    self._copy_out = None
+                    sqlstate = fields.get("C")
+                    self.last_sqlstate = sqlstate
+                    if results:
+                        r = results.popleft()
+                        if r.refusal is not None:
+                            self._emit_result(out, r, None, r.refusal[1], r.refusal[0])
+                        else:
+                            self._emit_result(out, r, None, fields.get("M"), sqlstate)
             elif t == 82 and self.phase == AUTH:    # 'R' Authentication
                 replacement = self._on_authentication(buf[pos + 5:end])
                 if replacement is not None:
@@ -622,6 +877,11 @@ class PostgresSession:
                     out.append((TO_CLIENT, buf[run:pos]))
                 out.append((TO_CLIENT, P.build_backend_key_data(cpid, ckey)))
                 run = end
+            if self._withhold and t not in _PASS_WHILE_WITHHELD and run < end:
+                # the client was told this result failed: the rest of its batch must not reach it
+                if run < pos:
+                    out.append((TO_CLIENT, buf[run:pos]))
+                run = end
             pos = end
         if run < pos:
             chunk = buf if (run == 0 and pos == n) else buf[run:pos]
@@ -633,6 +893,39 @@ class PostgresSession:
                 self.bytes_out += len(payload)
         return out
 
+    def _execute_plan(self):
+        """The masking plan for an Execute's rows: its portal's columns with the Bind's formats."""
+        r = self._results[0] if self._results else None
+        fields = r.portal.result_fields() if r is not None and r.portal is not None else None
+        if fields is None:
+            raise MaskingRefused("Warden refused the result: no RowDescription was seen for it, so the "
+                                 "target's masking rules cannot be applied; describe the statement or portal "
+                                 "before executing it", "08P01")
+        return self.masking.plan_for(fields)
+
+    def _refuse(self, out: list, buf: bytes, run: int, pos: int, end: int, err: MaskingRefused) -> int:
+        """Answer the current result with an ErrorResponse instead of its rows and withhold the rest
+        of its batch until ReadyForQuery, as the server would skip after an error. Returns the new run."""
+        if run < pos:
+            out.append((TO_CLIENT, buf[run:pos]))
+        out.append((TO_CLIENT, P.build_error_response(err.sqlstate, str(err))))
+        self.last_sqlstate = err.sqlstate
+        if self._results:
+            self._results[0].refusal = (err.sqlstate, str(err))
+        self._withhold = True
+        self._mask_plan = None
+        self._copy_out = None
+        return end
+
+    def _sasl_gs2_flag(self, body: bytes) -> Optional[bytes]:
+        """The channel-binding flag (n | y | p) of a SASLInitialResponse; only the first 'p' is one."""
+        self._plus_stripped = False
+        try:
+            _mech, data = P.parse_sasl_initial_response(body)
+        except P.ProtocolError:
+            return None
+        return data[:1] if data and data[1:2] == b"," else None
+
     def _on_authentication(self, body: bytes) -> Optional[bytes]:
         """Track the auth method; strip SCRAM -PLUS mechanisms (channel binding cannot cross a re-originated TLS)."""
         try:
@@ -643,6 +936,7 @@ class PostgresSession:
             self.auth_method = P.AUTH_METHOD_NAMES.get(req.code, f"code-{req.code}")
         if req.code == P.AUTH_SASL:
             mechs = [m for m in req.mechanisms if not m.endswith("-PLUS")]
+            self._plus_stripped = mechs != req.mechanisms
             if mechs != req.mechanisms:
                 return P.build_authentication_sasl(mechs)
         return None
@@ -651,10 +945,12 @@ class PostgresSession:
         if self._start_emitted:
             return
         self._start_emitted = True
+        # the agent's fields (identity, target, process record, ...) as given; `user` there would be
+        # the OS user, so the database role is auth_user
         fields = dict(self.start_fields)
         fields.update({
             "database": self.startup_params.get("database", self.startup_params.get("user")),
-            "user": self.startup_params.get("user"),
+            "auth_user": self.startup_params.get("user"),
             "application_name": self.startup_params.get("application_name"),
             "tls_client": self.tls_client,
             "tls_upstream": self.tls_upstream,
@@ -666,11 +962,18 @@ class PostgresSession:
         rows = r.rows
         if tag and not rows:
             rows = P.rows_from_tag(tag) or 0
-        out.append((EVENT, ("pg.result", {
-            "tag": tag, "rows": rows, "bytes": r.nbytes,
-            "duration_us": (self.clock() - r.start_ns) // 1000,
-            "sqlstate": sqlstate, "error": error,
-        })))
+        masking = self.masking
+        if error and masking is not None:
+            error = masking.mask_text(error)[0]
+        fields = {"command_tag": tag, "rows": rows, "bytes": r.nbytes, "duration_ns": self.clock() - r.start_ns,
+                  "sqlstate": sqlstate, "error": error}
+        if r.index is not None:
+            fields["statement_index"] = r.index
+        out.append((EVENT, ("pg.result", fields)))
+        if masking is not None:
+            stats = masking.take_stats()
+            if stats:
+                out.append((EVENT, ("mask.applied", mask_applied_fields(stats, r.index))))
 
     # ================================================================================
     def _fatal(self, sqlstate: str, message: str, reason: str) -> list:

@@ -1,7 +1,13 @@
 """Masking through the real Postgres enforcer (serve_postgres on loopback) and a real PostgreSQL 15,
 with psycopg (text and binary) and asyncpg (binary codecs); an exempt identity sees raw values."""
 import asyncio
+import csv
+import io
 import json
+import os
+import socket
+import subprocess
+import time
 
 import pytest
 
@@ -37,7 +43,7 @@ def pg():
     with PostgresServer() as server:
         values = ", ".join(f"({i}, '{n}', '{s}', '{e}', '{t}')" for i, n, s, e, t in ROWS)
         server.psql_local("CREATE TABLE customers (id int primary key, name text, ssn text, email varchar(200), "
-                          f"notes text); INSERT INTO customers VALUES {values}; "
+                          f"notes text); INSERT INTO customers VALUES {values}; CREATE UNIQUE INDEX ON customers (ssn); "
                           "ALTER TABLE customers OWNER TO alice", dbname="app")
         yield server
 
@@ -128,10 +134,6 @@ def test_asyncpg_binary_codecs(enforcer, pg):
             await conn.close()
 
     rows, alias = asyncio.run(run())
-    if rows[0][1] == "123-45-6789":
-        pytest.skip("masking point not wired for asyncpg in enforcer/postgres yet: asyncpg sends "
-                    "Parse/Describe(statement)/Sync, then Bind/Execute without Describe(portal), so its DataRows "
-                    "arrive after ReadyForQuery has cleared the session's plan")
     assert rows == [(1, "***-**-6789", "****@example.com", "card [REDACTED] on file"),
                     (2, "***-**-1120", "****@example.org", "no notes")]
     assert alias == "***-**-1120"
@@ -147,12 +149,6 @@ def test_asyncpg_cached_statement_executions(enforcer, pg):
             await conn.close()
 
     values = asyncio.run(run())
-    assert values[0] == "***-**-6789"
-    if "123-45-6789" in values:
-        pytest.xfail("enforcer/postgres masking gap: asyncpg re-executes a cached prepared statement with "
-                     "Bind/Execute only (no Describe, so no RowDescription); the session has no plan for those "
-                     "DataRows and forwards them raw. The session must keep the statement's RowDescription "
-                     "(from Describe 'S') and ask plan_for with the Bind's result formats")
     assert values == ["***-**-6789"] * 3
 
 
@@ -166,3 +162,210 @@ def test_mask_applied_tallies_never_hold_values(enforcer, pg):
     stats = enforcer.masking.stats()
     assert stats["values_masked"] > 0 and stats["rows"] > 0 and "ssn" in stats["columns"]
     assert not any(s in json.dumps(stats) for s in RAW_SECRETS)
+
+
+# ---- COPY, errors, prepared statements, refusals, records -------------------------------------
+def run_psql(enf, pg, *args, input=None):
+    env = dict(os.environ, PGPASSWORD="alice-pw", PGCONNECT_TIMEOUT="5")
+    return subprocess.run([pg.bin("psql"), "-h", enf.host, "-p", str(enf.port), "-U", "alice", "-d", "app", "-X",
+                           "-v", "ON_ERROR_STOP=0", *args], input=input, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+def assert_no_secrets(text):
+    leaked = [s for s in RAW_SECRETS if s in text]
+    assert not leaked, f"raw values reached the client: {leaked}"
+
+
+@pytest.mark.parametrize("command", [
+    "COPY customers TO STDOUT (FORMAT csv)",
+    "COPY customers TO STDOUT",
+    r"\copy customers to stdout csv header",
+    r"\copy (SELECT name, ssn, email FROM customers) to stdout with (format text)",
+    r"\copy customers (id, ssn, email) to stdout with delimiter ';' csv",
+])
+def test_psql_copy_out_is_masked(enforcer, pg, command):
+    r = run_psql(enforcer, pg, "-c", command)
+    assert r.returncode == 0, r.stderr
+    assert_no_secrets(r.stdout)
+    assert "[REDACTED]" in r.stdout or "***-**-6789" in r.stdout
+    assert r.stdout.count("\n") >= 2
+
+
+def test_psql_copy_out_with_column_list_uses_label_rules(enforcer, pg):
+    r = run_psql(enforcer, pg, "-c", "COPY customers (id, ssn) TO STDOUT (FORMAT csv)")
+    assert r.returncode == 0, r.stderr
+    assert list(csv.reader(io.StringIO(r.stdout))) == [["1", "***-**-6789"], ["2", "***-**-1120"]]
+
+
+def test_binary_copy_is_refused_and_the_session_stays_usable(enforcer, pg):
+    with psycopg.connect(enforcer.dsn(pg), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="binary"):
+            with conn.cursor().copy("COPY customers TO STDOUT (FORMAT binary)") as copy:
+                for _ in copy:
+                    pass
+        assert conn.execute("SELECT ssn FROM customers WHERE id = 1").fetchone() == ("***-**-6789",)
+
+
+def test_unique_violation_detail_is_masked(enforcer, pg):
+    with psycopg.connect(enforcer.dsn(pg), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation) as info:
+            conn.execute("INSERT INTO customers (id, name, ssn) VALUES (%s, 'Dup', %s)", (99, "123-45-6789"))
+        detail = info.value.diag.message_detail
+        assert detail and "ssn" in detail and "123-45-6789" not in detail
+    r = run_psql(enforcer, pg, "-c", "INSERT INTO customers (id, name, ssn) VALUES (98, 'Dup', '078-05-1120')")
+    assert "duplicate key" in r.stderr and "078-05-1120" not in r.stderr
+
+
+def test_notice_is_masked(enforcer, pg):
+    r = run_psql(enforcer, pg, "-c", "DO $$BEGIN RAISE NOTICE 'customer ssn %', '123-45-6789'; END$$")
+    assert r.returncode == 0 and "NOTICE" in r.stderr and "123-45-6789" not in r.stderr
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_psycopg_server_side_prepared_statements(enforcer, pg, binary):
+    with psycopg.connect(enforcer.dsn(pg), autocommit=True, prepare_threshold=0) as conn:
+        with conn.cursor(binary=binary) as cur:
+            got = [cur.execute("SELECT ssn, email FROM customers WHERE id = %s", (i % 2 + 1,)).fetchone()
+                   for i in range(4)]
+    assert got == [("***-**-6789", "****@example.com"), ("***-**-1120", "****@example.org")] * 2
+
+
+def test_asyncpg_prepared_statement_cursor_and_executemany(enforcer, pg):
+    async def run():
+        conn = await asyncpg.connect(host=enforcer.host, port=enforcer.port, user="alice", password="alice-pw",
+                                     database="app")
+        try:
+            stmt = await conn.prepare("SELECT ssn, email FROM customers WHERE id = $1")
+            prepared = [tuple(await stmt.fetchrow(i % 2 + 1)) for i in range(4)]
+            async with conn.transaction():
+                cursor = [r["ssn"] async for r in conn.cursor("SELECT ssn FROM customers ORDER BY id", prefetch=1)]
+            return prepared, cursor
+        finally:
+            await conn.close()
+
+    prepared, cursor = asyncio.run(run())
+    assert prepared == [("***-**-6789", "****@example.com"), ("***-**-1120", "****@example.org")] * 2
+    assert cursor == ["***-**-6789", "***-**-1120"]
+
+
+def test_execute_without_any_describe_is_masked(enforcer, pg):
+    """A client that binds and executes without Describe: the enforcer describes the portal itself."""
+    from enforcer.postgres import protocol as P
+
+    with socket.create_connection((enforcer.host, enforcer.port), timeout=10) as sock:
+        sock.sendall(P.build_startup_message({"user": "carol", "database": "app"}))
+        assert b"Z" in _read_until_ready(sock)
+        sock.sendall(P.build_parse("", "SELECT id, ssn FROM customers ORDER BY id") + P.build_bind("", "")
+                     + P.build_execute("", 0) + P.build_sync())
+        msgs, _ = P.split_messages(_read_until_ready(sock))
+    types = [t for t, _ in msgs]
+    assert types == [b"1", b"2", b"D", b"D", b"C", b"Z"]      # our Describe's answer is swallowed
+    rows = [P.parse_data_row(body) for t, body in msgs if t == b"D"]
+    assert rows == [[b"1", b"***-**-6789"], [b"2", b"***-**-1120"]]
+
+
+def _read_until_ready(sock) -> bytes:
+    from enforcer.postgres import protocol as P
+
+    data = b""
+    for _ in range(1000):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        data += chunk
+        msgs, rest = P.split_messages(data)
+        if not rest and msgs and msgs[-1][0] == b"Z":
+            return data
+    raise AssertionError("no ReadyForQuery")
+
+
+# an on_binary: error rule refuses results whose masked column cannot carry a masked value
+REFUSING = {"rules": [{"name": "ids", "column": "id", "strategy": "redact", "on_binary": "error"},
+                      {"name": "ssn", "column": "ssn", "strategy": "partial"}]}
+
+
+@pytest.fixture(scope="module")
+def refusing_enforcer(pg):
+    masker = load_masking(REFUSING).for_session("test-svc", {}, "testdb")
+    with EnforcerThread((pg.host, pg.port), masking=masker, identity="test-svc") as enf:
+        yield enf
+
+
+def test_refused_result_simple_and_extended_keeps_the_session_usable(refusing_enforcer, pg):
+    enf = refusing_enforcer
+    r = run_psql(enf, pg, "-c", "SELECT id, ssn FROM customers; SELECT 'after'")
+    assert "cast it to text" in r.stderr and "123-45-6789" not in r.stdout
+    with psycopg.connect(enf.dsn(pg)) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="ids"):
+            conn.execute("SELECT id, ssn FROM customers WHERE id = %s", (1,))
+        conn.rollback()
+        assert conn.execute("SELECT id::text AS ident, ssn FROM customers WHERE id = %s", (1,)).fetchone() == \
+            ("1", "***-**-6789")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT id FROM customers")
+        conn.rollback()
+        assert conn.execute("SELECT ssn FROM customers WHERE id = 2").fetchone() == ("***-**-1120",)
+    events = enf.sink.events
+    refused = [f for t, f, _ in events if t == "pg.result" and f.get("sqlstate") == "42501"]
+    assert len(refused) >= 3 and all("ids" in f["error"] for f in refused)
+
+
+def test_records_hold_no_raw_values(pg, engine, catalog, tmp_path):
+    """Every event of sessions that touched the secrets, as recorded and as stored in the spool."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from records.batch import decode_batch
+    from records.schema import validate_fields
+    from records.spool import Spool
+    from records.writer import RecordWriter
+
+    masker = engine.for_session("test-svc", {"unit": "test.service"}, "testdb", catalog=catalog)
+    with EnforcerThread((pg.host, pg.port), masking=masker, identity="test-svc") as enf:
+        with psycopg.connect(enf.dsn(pg), autocommit=True) as conn:
+            conn.execute("SELECT * FROM customers WHERE ssn = '123-45-6789' OR email = %s",
+                         ("john@example.org",)).fetchall()
+            conn.cursor(binary=True).execute("SELECT * FROM customers WHERE notes LIKE %s",
+                                             ("%4111 1111 1111 1111%",)).fetchall()
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("INSERT INTO customers (id, ssn) VALUES (97, %s)", ("078-05-1120",))
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                conn.execute("INSERT INTO customers (id, ssn) VALUES (96, '123-45-6789')")
+
+        async def via_asyncpg():
+            conn = await asyncpg.connect(host=enf.host, port=enf.port, user="alice", password="alice-pw",
+                                         database="app")
+            try:
+                for _ in range(2):
+                    await conn.fetch("SELECT * FROM customers WHERE ssn = $1 OR email = $2",
+                                     "078-05-1120", "jane.doe@example.com")
+            finally:
+                await conn.close()
+
+        asyncio.run(via_asyncpg())
+        r = run_psql(enf, pg, "-c", "COPY customers TO STDOUT (FORMAT csv)")
+        assert r.returncode == 0
+        deadline = time.monotonic() + 5
+        while len(enf.sink.of_type("session.end")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        events = list(enf.sink.events)
+
+    assert len([1 for t, _f, _s in events if t == "session.end"]) == 3
+    assert any(t == "mask.applied" for t, _f, _s in events)
+    recorded = json.dumps([[t, f] for t, f, _s in events], default=str)
+    assert "[REDACTED]" in recorded
+    assert_no_secrets(recorded)
+    for t, f, _s in events:
+        validate_fields(t, f)
+
+    spool = Spool(str(tmp_path / "spool"), max_bytes=64 << 20)
+    writer = RecordWriter("agent-test", Ed25519PrivateKey.generate(), str(tmp_path / "state"), spool,
+                          batch_max_delay=0.05)
+    for t, f, sid in events:
+        writer.emit(t, f, session_id=sid)
+    writer.close()
+    stored = [decode_batch(frame) for _ref, frame in spool.pending()]
+    spool.close()
+    assert sum(len(b.events) for b in stored) == len(events)
+    blob = json.dumps([b.events for b in stored], default=lambda o: o.hex() if isinstance(o, bytes) else str(o))
+    assert_no_secrets(blob)
+    assert_no_secrets(str([b.events for b in stored]))

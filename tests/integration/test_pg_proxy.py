@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from records.schema import validate_fields
 from tests.pg_harness import EnforcerThread, PostgresServer, postgres_available
 
 pytestmark = [pytest.mark.postgres,
@@ -114,7 +115,7 @@ SELECT count(*) AS after_delete FROM items;
     denied = [f for f in statements if f["decision"] == "deny"]
     assert [f["text"] for f in denied] == ["DELETE FROM items WHERE id = 100"]
     results = [f for t, f in ev if t == "pg.result"]
-    assert ("COPY 2", 2) in [(f["tag"], f["rows"]) for f in results]
+    assert ("COPY 2", 2) in [(f["command_tag"], f["rows"]) for f in results]
     assert "42501" in [f["sqlstate"] for f in results]
     assert ev[0][0] == "session.start" and ev[-1][0] == "session.end"
     assert ev[0][1]["auth_method"] == "scram-sha-256"
@@ -241,16 +242,19 @@ def test_recorded_events_match_client_actions(enforcer, pg):
     wait_for_session_end(enforcer.sink, len(before) + 1)
     sid = last_session(enforcer.sink, before)
     ev = session_events(enforcer.sink, sid)
-    assert [t for t, _ in ev] == ["session.start"] + ["pg.statement", "pg.result"] * 3 + ["session.end"]
+    assert [t for t, _ in ev] == ["session.start"] + ["policy.decision", "pg.statement", "pg.result"] * 3 \
+        + ["session.end"]
+    for event_type, fields in ev:
+        validate_fields(event_type, fields)
     start = ev[0][1]
-    assert (start["user"], start["application_name"], start["identity"], start["auth_method"]) == \
+    assert (start["auth_user"], start["application_name"], start["identity"], start["auth_method"]) == \
         ("carol", "rec-test", "test-svc", "trust")
     stmts = [f for t, f in ev if t == "pg.statement"]
     assert [(f["text"], f["params"], f["protocol"]) for f in stmts] == [
         ("SELECT $1::text AS v", ["first"], "extended"), ("SELECT 1 / $1::text::int", ["0"], "extended"),
         ("SELECT generate_series(1, 7)", None, "simple")]
     results = [f for t, f in ev if t == "pg.result"]
-    assert [(r["tag"], r["rows"], r["sqlstate"]) for r in results] == [("SELECT 1", 1, None), (None, 0, "22012"),
+    assert [(r["command_tag"], r["rows"], r["sqlstate"]) for r in results] == [("SELECT 1", 1, None), (None, 0, "22012"),
                                                                       ("SELECT 7", 7, None)]
     end = ev[-1][1]
     assert end["statements"] == 3 and end["sqlstate"] == "22012" and end["reason"] == "client_terminated"

@@ -75,7 +75,7 @@ def test_startup_connects_upstream_with_original_bytes_and_emits_session_start()
     assert (S.REGISTER_CANCEL_KEY, (cpid, ckey, 4242, b"\xde\xad\xbe\xef")) in d.other
     assert d.to_client.endswith(P.build_ready_for_query("I"))
     start = [f for t, f in d.events if t == "session.start"][0]
-    assert (start["user"], start["database"], start["application_name"], start["auth_method"]) == ("alice", "app", "t", "trust")
+    assert (start["auth_user"], start["database"], start["application_name"], start["auth_method"]) == ("alice", "app", "t", "trust")
 
 
 def test_ssl_request_without_tls_answers_n_then_accepts_plain_startup():
@@ -180,6 +180,18 @@ def test_scram_plus_stripped_and_sasl_exchange_forwarded_unchanged():
     assert [f for t, f in d.events if t == "session.start"][0]["auth_method"] == "scram-sha-256"
 
 
+def test_scram_channel_binding_flag_y_after_stripping_plus_gets_a_clear_error():
+    d = Driver()
+    d.client(STARTUP)
+    d.server(P.build_authentication_sasl(["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]))
+    d.reset()
+    d.client(P.build_sasl_initial_response("SCRAM-SHA-256", b"y,,n=,r=nonce"))
+    assert d.to_server == b""
+    err = P.parse_error_fields(d.to_client[5:])
+    assert err["C"] == "28000" and "channel_binding=disable" in err["M"]
+    assert (S.CLOSE, "auth_channel_binding") in d.other
+
+
 def test_md5_and_cleartext_forwarded():
     for req, method in ((P.build_authentication_md5(b"salt"), "md5"), (P.build_authentication_cleartext(), "password")):
         d = Driver()
@@ -221,10 +233,11 @@ def test_simple_query_forwarded_as_original_bytes_and_recorded():
     assert d.to_server == q
     d.server(P.build_row_description([P.FieldDescription("?column?", 0, 0, 23, 4, -1, 0)])
              + P.build_data_row([b"1"]) + P.build_command_complete("SELECT 1") + P.build_ready_for_query("I"))
-    assert d.event_types() == ["pg.statement", "pg.result"]
-    st, res = d.events[0][1], d.events[1][1]
-    assert (st["text"], st["protocol"], st["decision"]) == ("select 1", "simple", "allow")
-    assert (res["tag"], res["rows"], res["sqlstate"]) == ("SELECT 1", 1, None)
+    assert d.event_types() == ["policy.decision", "pg.statement", "pg.result"]
+    dec, st, res = d.events[0][1], d.events[1][1], d.events[2][1]
+    assert (dec["decision"], dec["statement_index"], dec["cached"]) == ("allow", 1, False)
+    assert (st["text"], st["protocol"], st["decision"], st["statement_index"]) == ("select 1", "simple", "allow", 1)
+    assert (res["command_tag"], res["rows"], res["sqlstate"], res["statement_index"]) == ("SELECT 1", 1, None, 1)
 
 
 def deny_deletes(req):
@@ -364,7 +377,7 @@ def test_copy_in_and_out_forwarded():
            + P.build_command_complete("COPY 1") + P.build_ready_for_query("I"))
     d.server(out)
     assert d.to_client.endswith(out)
-    assert [(f["tag"], f["rows"]) for t, f in d.events if t == "pg.result"] == [("COPY 2", 2), ("COPY 1", 1)]
+    assert [(f["command_tag"], f["rows"]) for t, f in d.events if t == "pg.result"] == [("COPY 2", 2), ("COPY 1", 1)]
 
 
 def test_async_messages_pass_through():
