@@ -23,7 +23,10 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
                       "orig_dst", "client_addr", "tls", "tls_version", "auth_user",
                       "database", "application_name",
                       # the process as one record, and TLS/auth detail from the enforcers
-                      "process", "client", "tls_client", "tls_upstream", "auth_method"),
+                      "process", "client", "tls_client", "tls_upstream", "auth_method",
+                      # brokered credentials: who logged in as whom, with which token (never the secret)
+                      "credentials", "brokered_user", "client_user", "presented", "upstream_auth",
+                      "token"),
     "session.end": ("reason", "duration_ns", "statements", "requests", "bytes_in",
                     "bytes_out", "error", "sqlstate"),
     "pg.statement": ("text", "params", "kind", "tables", "functions", "fingerprint",

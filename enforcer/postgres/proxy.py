@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from . import protocol as P
+from .broker import BrokerFailure, authenticate_client, authenticate_upstream, is_loopback_peer
 from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSAGE_BYTES, EVENT,
                       READY, REGISTER_CANCEL_KEY, START_CLIENT_TLS, TO_CLIENT, TO_SERVER,
                       DecisionRequest, PostgresSession, Verdict)
@@ -253,6 +254,18 @@ class _Connection:
     # -- legs ------------------------------------------------------------------------
     async def _connect_upstream(self, startup: bytes) -> None:
         target = self.ctx.target
+        login = None
+        broker = (self.ctx.extra or {}).get("pg_broker")
+        if broker is not None:
+            # brokered credentials: check the client's token before any upstream connection exists
+            secure = self.session.tls_client or is_loopback_peer(self.cwriter.get_extra_info("peername"))
+            login = broker.login(self.session.startup_params, client_secure=secure)
+            try:
+                await authenticate_client(login, self.creader, self.cwriter, timeout=self.startup_timeout)
+            except BrokerFailure as e:
+                await self._run_actions(self.session.fatal(e.sqlstate, e.message, e.reason))
+                return
+            self._apply_token_identity(login.claims)
         try:
             self.sreader, self.swriter = await asyncio.wait_for(
                 asyncio.open_connection(target.upstream_host, target.upstream_port), self.startup_timeout)
@@ -266,8 +279,34 @@ class _Connection:
                          f"{target.upstream_host}:{target.upstream_port}: {e or e.__class__.__name__}",
                 "upstream_connect_failed"))
             return
+        if login is not None:
+            try:
+                server_bytes = await authenticate_upstream(login, self.sreader, self.swriter,
+                                                           timeout=self.startup_timeout)
+            except BrokerFailure as e:
+                await self._run_actions(self.session.fatal(e.sqlstate, e.message, e.reason))
+                return
+            self.session.auth_method = f"brokered:{login.upstream_method}"
+            self.session.start_fields.update(login.record_fields())
+            # from AuthenticationOk on, the session carries on as if authentication had passed through
+            actions = self.session.feed_server(server_bytes)
+            self.server_task = asyncio.create_task(self._server_pump())
+            await self._run_actions(actions)
+            return
         self.swriter.write(startup)
         self.server_task = asyncio.create_task(self._server_pump())
+
+    def _apply_token_identity(self, claims) -> None:
+        """A validated service token may name a different identity than the process did."""
+        reidentify = (self.ctx.extra or {}).get("reidentify")
+        if not claims or reidentify is None:
+            return
+        identity, attrs, masking = reidentify(claims)
+        self.ctx.identity, self.ctx.identity_attrs = identity, attrs
+        self.session.identity = identity
+        self.session.start_fields["identity"] = identity
+        if masking is not None:
+            self.ctx.masking = self.session.masking = masking
 
     async def _negotiate_upstream_tls(self) -> None:
         tls = self.ctx.target.tls
