@@ -70,6 +70,24 @@ def _cmd_policy_test(args) -> int:
                     identity_attrs=attrs, as_json=args.json)
 
 
+def _cmd_ca(args) -> int:
+    """The agent's local CA: what workloads using sslmode=verify-full must trust."""
+    import os
+    from agent import config as config_mod
+    from enforcer.tls import LocalCA
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    ca = LocalCA.load_or_create(os.path.join(cfg.state_dir, "ca"))
+    if args.path:
+        print(ca.cert_path)
+    else:
+        sys.stdout.write(ca.cert_pem().decode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden-agent", description="Warden host agent")
     parser.add_argument("--log-level", default=os.environ.get("WARDEN_LOG_LEVEL", "INFO"))
@@ -83,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", default=DEFAULT_CONFIG)
     check.add_argument("--json", action="store_true")
     check.set_defaults(func=_cmd_check)
+
+    ca = sub.add_parser("ca", help="print the agent's local CA certificate (clients with verify-full trust it)")
+    ca.add_argument("--config", default=DEFAULT_CONFIG)
+    ca.add_argument("--path", action="store_true", help="print the certificate's file path instead")
+    ca.set_defaults(func=_cmd_ca)
 
     policy = sub.add_parser("policy", help="validate policies and dry-run decisions")
     psub = policy.add_subparsers(dest="policy_command", required=True)

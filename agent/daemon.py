@@ -73,6 +73,11 @@ class Agent:
         self.policy = self._load_policy(config)
         self.masking = config.masking_engine
         self.brokers = self._load_brokers(config)
+        self.local_ca = None
+        if any(t.protocol == "postgres" and t.client_tls == "allow" for t in config.targets):
+            from enforcer.tls import LocalCA
+            self.local_ca = LocalCA.load_or_create(os.path.join(config.state_dir, "ca"))
+        self._tls_contexts: dict[tuple, object] = {}
         self.catalogs: dict[str, object] = {}     # target name -> (oid, attnum) -> schema.table.column
         self.approvals = None
         if self.records is not None and self.records.shipper is not None:
@@ -410,6 +415,13 @@ class Agent:
             policy=self.policy, approvals=self.approvals,
             masking=self.masking.for_session(identity, attrs, target.name, catalog=self.catalogs.get(target.name))
             if self.masking is not None else None)
+        if self.local_ca is not None and target.protocol == "postgres" and target.client_tls == "allow":
+            # workloads that ask for TLS get a leaf for the name or address they connected to
+            key = (target.name, cap.orig_ip)
+            if key not in self._tls_contexts:
+                self._tls_contexts[key] = await asyncio.to_thread(
+                    self.local_ca.server_context_for, list(target.match.hostnames), [cap.orig_ip])
+            ctx.extra["server_ssl_context"] = self._tls_contexts[key]
         broker = self.brokers.get(target.name)
         if broker is not None:
             ctx.extra["pg_broker"] = broker
