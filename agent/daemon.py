@@ -288,6 +288,8 @@ class Agent:
                                                    "port": t.match.port, "cidrs": list(t.match.cidrs),
                                                    "hostnames": list(t.match.hostnames)}
                                                   for t in self.config.targets]})
+            for alert in await asyncio.to_thread(self._preexisting_connections):
+                self.emit("agent.alert", alert)
             sdnotify.notify("READY=1\nSTATUS=governing " + ", ".join(t.name for t in self.config.targets))
             log.info("warden agent %s ready: %d target(s), scope %s", self.agent_id, len(self.targets_by_id),
                      ", ".join(self.scope_paths))
@@ -329,6 +331,51 @@ class Agent:
             except asyncio.TimeoutError:
                 pass
             self._flush_inventory()
+
+    def _in_scope(self, cgroup_path: str) -> bool:
+        for scope in self.config.scope_cgroups:
+            root = "/" + scope.strip("/")
+            if root == "/" or cgroup_path == root or cgroup_path.startswith(root + "/"):
+                return True
+        return False
+
+    def _preexisting_connections(self) -> list[dict]:
+        """Connections to governed targets that were established before our programs were attached.
+
+        They cannot be governed any more (the handshake is over), so each is recorded at start
+        with its process: a workload that connected early is visible, not silently exempt.
+        """
+        import psutil
+        found = []
+        try:
+            conns = psutil.net_connections(kind="tcp")
+        except (psutil.Error, OSError) as exc:
+            log.warning("could not read the kernel's socket table: %s", exc)
+            return found
+        for conn in conns:
+            if conn.status != psutil.CONN_ESTABLISHED or not conn.raddr or conn.pid is None:
+                continue
+            ip, port = conn.raddr.ip, conn.raddr.port
+            if ip.startswith("::ffff:"):
+                ip = ip[7:]
+            for target_id, nets in self._target_nets.items():
+                target = self.targets_by_id[target_id]
+                if port != target.match.port or not hostfacts.networks_overlap(nets, [ip]):
+                    continue
+                if conn.pid == os.getpid() or not self._in_scope(cgroups.cgroup_of_pid(conn.pid)):
+                    continue
+                try:
+                    owner = psutil.Process(conn.pid)
+                    uid, gid, comm = owner.uids().real, owner.gids().real, owner.name()
+                except psutil.Error:
+                    uid, gid, comm = -1, -1, ""
+                record = procinfo.as_record(procinfo.describe(conn.pid, conn.pid, uid, gid, comm, 0))
+                found.append({"kind": "preexisting_connection", "severity": "warning",
+                              "message": f"a connection to governed target {target.name!r} existed before the "
+                                         f"agent attached its programs; it is not governed",
+                              "detail": {"target": target.name, "dst": f"{ip}:{port}",
+                                         "src": f"{conn.laddr.ip}:{conn.laddr.port}", "process": record}})
+        return found
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
