@@ -1,14 +1,19 @@
 """HTTP enforcer throughput: wrk against a small server directly, through a bare uvloop byte
-relay (the Python ceiling) and through Warden's serve_http with policy and recording on.
+relay (the Python ceiling), through Warden's serve_http with policy and recording on, and
+through mitmproxy in reverse-proxy mode when mitmdump is available; plus the time to mask a
+1 MB JSON response with the real masking engine.
 
-Loopback only: the server listens on 127.0.0.2, the relay and Warden on 127.0.0.1. Each
-component runs in its own process (this script with --role). Small JSON responses,
+Loopback only: the server listens on 127.0.0.2, the relay, Warden and mitmproxy on 127.0.0.1.
+Each component runs in its own process (this script with --role). Small JSON responses,
 keep-alive, 32 connections by default; a few seconds per run.
 
-    .venv/bin/python bench/http.py [--duration 3] [--connections 32]
+    .venv/bin/python bench/http.py [--duration 3] [--connections 32] [--mitmdump PATH]
 
-Needs wrk (Debian package `wrk`). Prints requests/s per path, the ratios, and a final
-`BENCH {json}` line. Target: Warden >= 0.5x the bare relay.
+Needs wrk (Debian package `wrk`). mitmproxy is not a Warden dependency: install it into a
+separate venv (`python3 -m venv /tmp/mitm && /tmp/mitm/bin/pip install mitmproxy`) and pass
+`--mitmdump /tmp/mitm/bin/mitmdump` (default: mitmdump on PATH, else not measured).
+Prints requests/s per path, the ratios, and a final `BENCH {json}` line. Targets: Warden
+>= 0.5x the bare relay and >= 30x mitmproxy; masking 1 MB of JSON <= 20 ms.
 """
 from __future__ import annotations
 
@@ -19,8 +24,11 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -154,6 +162,44 @@ def _start(role: str, listen_port: int, server_port: int = 0) -> subprocess.Pope
     return proc
 
 
+def _start_mitmdump(mitmdump: str, listen_port: int, server_port: int, confdir: str) -> subprocess.Popen:
+    """mitmproxy as a reverse proxy in front of the same server (its state kept in confdir)."""
+    proc = subprocess.Popen([mitmdump, "--mode", f"reverse:http://{SERVER_HOST}:{server_port}",
+                             "--listen-host", PROXY_HOST, "--listen-port", str(listen_port),
+                             "--set", f"confdir={confdir}", "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mitmdump exited with {proc.returncode}")
+        try:
+            with socket.create_connection((PROXY_HOST, listen_port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("mitmdump did not listen within 30 s")
+
+
+def _masking_ms(size: int = 1024 * 1024, rounds: int = 7) -> tuple[float, int]:
+    """Median time to mask a ~1 MB JSON response (the real engine, one json_key rule)."""
+    from enforcer.masking.config import load_masking
+    masker = load_masking({"rules": [{"json_key": "card", "strategy": "partial"}]}).for_session("bench", {}, "api")
+    record = {"id": 0, "name": "customer", "card": "4111 1111 1111 1111", "email": "a@example.com",
+              "tags": ["x", "y"], "address": {"city": "Springfield", "zip": "12345"}, "balance": 12.5}
+    one = len(json.dumps(record)) + 2
+    body = json.dumps([dict(record, id=i) for i in range(size // one)]).encode()
+    times, masked_values = [], 0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        masked, counts = masker.mask_json_body(body, "application/json")
+        times.append((time.perf_counter() - started) * 1000)
+        masked_values = sum(v for v in counts.values() if isinstance(v, int))
+    if b"4111 1111 1111 1111" in masked:
+        raise RuntimeError("the masking benchmark's cards came back unmasked")
+    return statistics.median(times), masked_values
+
+
 def _wrk(host: str, port: int, duration: float, connections: int) -> float:
     out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
                           f"http://{host}:{port}/item"],
@@ -169,6 +215,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--mitmdump", default=shutil.which("mitmdump"),
+                        help="mitmdump to compare with (default: on PATH; not measured without one)")
     parser.add_argument("--role", choices=("server", "relay", "warden"), help=argparse.SUPPRESS)
     parser.add_argument("--listen-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--server-port", type=int, default=0, help=argparse.SUPPRESS)
@@ -186,20 +234,27 @@ def main() -> int:
         print("BENCH " + json.dumps({"name": "http", "skipped": "wrk not installed"}))
         return 0
     server_port = _free_port(SERVER_HOST)
-    relay_port = _free_port(PROXY_HOST)
-    warden_port = _free_port(PROXY_HOST)
+    paths = [("direct", SERVER_HOST, server_port), ("relay", PROXY_HOST, _free_port(PROXY_HOST)),
+             ("warden", PROXY_HOST, _free_port(PROXY_HOST))]
     procs = []
+    confdir = tempfile.mkdtemp(prefix="warden-bench-mitm-")
     try:
         procs.append(_start("server", server_port))
-        procs.append(_start("relay", relay_port, server_port))
-        procs.append(_start("warden", warden_port, server_port))
+        procs.append(_start("relay", paths[1][2], server_port))
+        procs.append(_start("warden", paths[2][2], server_port))
+        if args.mitmdump:
+            mitm_port = _free_port(PROXY_HOST)
+            try:
+                procs.append(_start_mitmdump(args.mitmdump, mitm_port, server_port, confdir))
+                paths.append(("mitmproxy", PROXY_HOST, mitm_port))
+            except (OSError, RuntimeError) as exc:
+                print(f"mitmproxy: not measured ({exc})", file=sys.stderr)
         # warm up each path (connections, policy caches), then measure
         results = {}
-        for name, host, port in (("direct", SERVER_HOST, server_port), ("relay", PROXY_HOST, relay_port),
-                                 ("warden", PROXY_HOST, warden_port)):
+        for name, host, port in paths:
             _wrk(host, port, 1, args.connections)
             results[name] = _wrk(host, port, args.duration, args.connections)
-            print(f"{name:>8}: {results[name]:>10.0f} requests/s", flush=True)
+            print(f"{name:>9}: {results[name]:>10.0f} requests/s", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
@@ -208,17 +263,29 @@ def main() -> int:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        shutil.rmtree(confdir, ignore_errors=True)
+    mask_ms, masked_values = _masking_ms()
     ratio_relay = results["warden"] / results["relay"]
     ratio_direct = results["warden"] / results["direct"]
-    print(f"warden / relay  = {ratio_relay:.2f}x (target >= 0.5x)")
-    print(f"warden / direct = {ratio_direct:.2f}x")
-    print("mitmproxy: not measured (not installed here)")
-    print("BENCH " + json.dumps({
+    print(f"warden / relay     = {ratio_relay:.2f}x (target >= 0.5x)")
+    print(f"warden / direct    = {ratio_direct:.2f}x")
+    summary = {
         "name": "http", "connections": args.connections, "duration_s": args.duration,
         "direct_rps": round(results["direct"]), "relay_rps": round(results["relay"]),
         "warden_rps": round(results["warden"]), "warden_vs_relay": round(ratio_relay, 3),
         "warden_vs_direct": round(ratio_direct, 3), "target_vs_relay": 0.5,
-        "policy": True, "recording": "memory"}))
+        "policy": True, "recording": "memory"}
+    if "mitmproxy" in results:
+        ratio_mitm = results["warden"] / results["mitmproxy"]
+        print(f"warden / mitmproxy = {ratio_mitm:.1f}x (target >= 30x)")
+        summary.update(mitmproxy_rps=round(results["mitmproxy"]), warden_vs_mitmproxy=round(ratio_mitm, 1),
+                       target_vs_mitmproxy=30)
+    else:
+        print("mitmproxy: not measured (no mitmdump; see --mitmdump)")
+        summary["mitmproxy_rps"] = None
+    print(f"masking 1 MB JSON  = {mask_ms:.1f} ms, {masked_values} values (target <= 20 ms)")
+    summary.update(mask_1mb_json_ms=round(mask_ms, 2), mask_values=masked_values, target_mask_ms=20)
+    print("BENCH " + json.dumps(summary))
     return 0
 
 

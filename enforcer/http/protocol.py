@@ -54,6 +54,7 @@ class Request:
     upgrade: Optional[str] = None
     expect_continue: bool = False
     connection_tokens: frozenset = frozenset()
+    head_key: Optional[bytes] = None   # the raw head if small: equal keys mean equal parses (for caches)
 
     @property
     def path(self) -> str:
@@ -74,6 +75,7 @@ class Response:
     content_length: int = 0
     keep_alive: bool = True
     connection_tokens: frozenset = frozenset()
+    head_key: Optional[bytes] = None
 
 
 @dataclass(slots=True)
@@ -111,6 +113,14 @@ _STATUS_LINE = re.compile(r"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x8
 # every header line at once: name, colon, value of visible chars/obs-text/SP/HT, CRLF
 _HEADER_BLOCK = re.compile(rf"(?:{_TOKEN}:[\t\x20-\x7e\x80-\xff]*\r\n)*")
 _HEADER_LINE = re.compile(rf"({_TOKEN}):([\t\x20-\x7e\x80-\xff]*)")
+# a whole head in one pass (start line + header block); anything it rejects is diagnosed by
+# the line-by-line checks, which only run on that error path
+_FIELDS = rf"((?:{_TOKEN}:[\t\x20-\x7e\x80-\xff]*\r\n)*)"
+_REQUEST_HEAD = re.compile(rf"({_TOKEN}) ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n" + _FIELDS)
+_STATUS_HEAD = re.compile(r"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n" + _FIELDS)
+# one field of a validated block: name, value without surrounding SP/HT (values may hold inner HT)
+_FIELD = re.compile(rf"({_TOKEN}):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)"
+                    r"[ \t]*\r\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:;[!#$%&'*+.^_`|~0-9A-Za-z-]+"
                          rb"(?:=(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+|\"[\t\x20\x21\x23-\x5b\x5d-\x7e]*\"))?)*)")
@@ -126,6 +136,11 @@ _FORBIDDEN_TRAILERS = frozenset({"content-length", "transfer-encoding", "host", 
 
 DEFAULT_MAX_HEAD = 64 * 1024
 DEFAULT_MAX_LINE = 8 * 1024
+# Clients and servers on a keep-alive connection repeat the same heads byte for byte; a
+# reader remembers the grammar-checked parse of recent small heads (the parse is a pure
+# function of the bytes, so strictness is unchanged; only heads that passed are kept).
+MEMO_HEAD_BYTES = 2048
+MEMO_ENTRIES = 32
 
 
 def _diagnose_header_line(line: str) -> str:
@@ -161,11 +176,7 @@ def _parse_fields(block: str, what: str) -> list[tuple[str, str]]:
             if line and _HEADER_LINE.fullmatch(line) is None:
                 raise ProtocolError(f"{what}: {_diagnose_header_line(line)}")
         raise ProtocolError(f"{what}: malformed header block")
-    fields = []
-    for line in block.split("\r\n")[:-1]:
-        name, _, value = line.partition(":")
-        fields.append((name, value.strip(" \t")))
-    return fields
+    return _FIELD.findall(block)
 
 
 def _comma_tokens(values: list[str]) -> list[str]:
@@ -178,45 +189,58 @@ def _comma_tokens(values: list[str]) -> list[str]:
     return tokens
 
 
-class _Framing:
-    """The framing-relevant headers of one head, checked for every known ambiguity."""
+_NO_TOKENS: frozenset = frozenset()
 
-    __slots__ = ("content_length", "chunked", "host", "connection", "upgrade", "expect")
 
-    def __init__(self, headers: list[tuple[str, str]], http10: bool, side: str):
-        found: dict[str, list[str]] = {}
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _FRAMING_NAMES:
-                found.setdefault(lname, []).append(value)
-        self.content_length: Optional[int] = None
-        self.chunked = False
-        lengths = found.get("content-length")
-        codings = found.get("transfer-encoding")
+def _framing(headers: list[tuple[str, str]], http10: bool, side: str):
+    """The framing-relevant headers of one head, checked for every known ambiguity.
+
+    Returns (content_length or None, chunked, host or None, connection tokens, upgrade or None,
+    expect values or None).
+    """
+    found: Optional[dict[str, list[str]]] = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _FRAMING_NAMES:
+            if found is None:
+                found = {lname: [value]}
+            elif lname in found:
+                found[lname].append(value)
+            else:
+                found[lname] = [value]
+    if found is None:
+        return None, False, None, _NO_TOKENS, None, None
+    content_length: Optional[int] = None
+    chunked = False
+    lengths = found.get("content-length")
+    codings = found.get("transfer-encoding")
+    if lengths is not None:
+        if len(lengths) > 1:
+            raise ProtocolError(f"{side}: Content-Length appears {len(lengths)} times")
+        value = lengths[0]
+        if _DIGITS.fullmatch(value) is None:
+            raise ProtocolError(f"{side}: invalid Content-Length {value[:40]!r}; only decimal digits are accepted")
+        content_length = int(value)
+    if codings is not None:
         if lengths is not None:
-            if len(lengths) > 1:
-                raise ProtocolError(f"{side}: Content-Length appears {len(lengths)} times")
-            value = lengths[0]
-            if _DIGITS.fullmatch(value) is None:
-                raise ProtocolError(f"{side}: invalid Content-Length {value[:40]!r}; only decimal digits are accepted")
-            self.content_length = int(value)
-        if codings is not None:
-            if lengths is not None:
-                raise ProtocolError(f"{side}: both Content-Length and Transfer-Encoding are present")
-            if len(codings) > 1 or codings[0].lower() != "chunked":
-                raise ProtocolError(f"{side}: Transfer-Encoding {', '.join(codings)[:60]!r} is not accepted; "
-                                    f"only exactly 'chunked'")
-            if http10:
-                raise ProtocolError(f"{side}: Transfer-Encoding in an HTTP/1.0 message")
-            self.chunked = True
-        hosts = found.get("host", ())
+            raise ProtocolError(f"{side}: both Content-Length and Transfer-Encoding are present")
+        if len(codings) > 1 or codings[0].lower() != "chunked":
+            raise ProtocolError(f"{side}: Transfer-Encoding {', '.join(codings)[:60]!r} is not accepted; "
+                                f"only exactly 'chunked'")
+        if http10:
+            raise ProtocolError(f"{side}: Transfer-Encoding in an HTTP/1.0 message")
+        chunked = True
+    hosts = found.get("host")
+    host = None
+    if hosts is not None:
         if len(hosts) > 1:
             raise ProtocolError(f"{side}: Host appears {len(hosts)} times")
-        self.host = hosts[0] if hosts else None
-        self.connection = frozenset(_comma_tokens(found.get("connection", ())))
-        upgrades = found.get("upgrade")
-        self.upgrade = ", ".join(upgrades) if upgrades else None
-        self.expect = found.get("expect")
+        host = hosts[0]
+    connection = found.get("connection")
+    tokens = frozenset(_comma_tokens(connection)) if connection is not None else _NO_TOKENS
+    upgrades = found.get("upgrade")
+    return (content_length, chunked, host, tokens, ", ".join(upgrades) if upgrades else None,
+            found.get("expect"))
 
 
 # -- reader --------------------------------------------------------------------------------
@@ -238,6 +262,7 @@ class HttpReader:
         if role not in ("request", "response"):
             raise ValueError("role must be 'request' or 'response'")
         self.role = role
+        self._requests = role == "request"
         self.max_head = max_head
         self.max_line = max_line
         self._buf = bytearray()
@@ -247,6 +272,7 @@ class HttpReader:
         self._methods: deque[str] = deque()
         self._upgrade_requested: deque[bool] = deque()
         self.tunnel = False
+        self._memo: dict[bytes, tuple] = {}
 
     # -- input ---------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -272,11 +298,13 @@ class HttpReader:
     def next_event(self) -> Event:
         state = self._state
         if state == _HEAD:
+            if not self._buf and not self._eof:
+                return NEED_DATA            # the common idle probe, without the head machinery
             return self._head()
         if state == _DONE:
             # the body is complete: report it once, then parse the next head
             self._state = _HEAD
-            return EndOfMessage()
+            return EndOfMessage([])
         if state == _BODY_LENGTH:
             return self._length_body()
         if state == _CHUNK_DATA or state == _CHUNK_SIZE or state == _CHUNK_CRLF or state == _TRAILERS:
@@ -296,9 +324,9 @@ class HttpReader:
 
     def _head(self) -> Event:
         buf = self._buf
-        if self.role == "request":
+        if self._requests:
             # RFC 9112 2.2: ignore empty lines before a request line
-            while buf[:2] == b"\r\n":
+            while buf.startswith(b"\r\n"):
                 del buf[:2]
         end = buf.find(b"\r\n\r\n")
         if end < 0:
@@ -315,11 +343,22 @@ class HttpReader:
         if end + 4 > self.max_head:
             raise ProtocolError(f"message head of {end + 4} bytes exceeds the limit of {self.max_head}",
                                 431 if self.role == "request" else 502)
-        text = buf[:end + 2].decode("latin-1")
-        del buf[:end + 4]
-        if self.role == "request":
-            return self._request(text)
-        return self._response(text)
+        if end + 4 == len(buf):
+            key = bytes(buf)
+            buf.clear()
+        else:
+            key = bytes(buf[:end + 4])
+            del buf[:end + 4]
+        if self._requests:
+            return self._request(key)
+        return self._response(key)
+
+    def _remember(self, key: bytes, parsed: tuple) -> None:
+        if len(key) <= MEMO_HEAD_BYTES:
+            memo = self._memo
+            if len(memo) >= MEMO_ENTRIES:
+                memo.clear()
+            memo[key] = parsed
 
     def _check_incomplete_head(self, buf: bytearray) -> None:
         """Fail early, before the head is complete, on what can never become valid."""
@@ -335,35 +374,54 @@ class HttpReader:
             raise ProtocolError("bare LF line ending in the message head; lines must end with CRLF",
                                 400 if self.role == "request" else 502)
 
-    def _request(self, text: str) -> Request:
+    def _request(self, key: bytes) -> Request:
         try:
-            _check_line_endings(text, "request head")
-            line, _, block = text.partition("\r\n")
-            if len(line) > self.max_line:
-                raise ProtocolError(f"request line exceeds {self.max_line} bytes", 414)
-            match = _REQUEST_LINE.fullmatch(line)
-            if match is None:
-                raise ProtocolError(f"malformed request line {line[:80]!r}")
-            method, target, major, minor = match.groups()
-            if major != "1" or minor not in ("0", "1"):
-                raise ProtocolError(f"HTTP version {major}.{minor} is not supported", 505)
-            version = "1." + minor
-            headers = _parse_fields(block, "request header")
-            framing = _Framing(headers, version == "1.0", "request")
-        except ProtocolError as exc:
-            self._state = _CLOSED
-            raise exc
-        request = Request(method, target, headers, version)
-        try:
+            parsed = self._memo.get(key)
+            if parsed is None:
+                parsed = self._parse_request_head(key[:-2].decode("latin-1"))
+                self._remember(key, parsed)
+            method, target, headers, version, framing = parsed
+            request = Request(method, target, list(headers), version,
+                              head_key=key if len(key) <= MEMO_HEAD_BYTES else None)
             self._route_request(request, framing)
         except ProtocolError:
             self._state = _CLOSED
             raise
         return request
 
-    def _route_request(self, request: Request, framing: _Framing) -> None:
+    def _parse_request_head(self, text: str) -> tuple:
+        match = _REQUEST_HEAD.fullmatch(text)
+        if match is None:
+            raise self._request_head_error(text)
+        method, target, major, minor, block = match.groups()
+        if match.end(4) > self.max_line:
+            raise ProtocolError(f"request line exceeds {self.max_line} bytes", 414)
+        if major != "1" or (minor != "1" and minor != "0"):
+            raise ProtocolError(f"HTTP version {major}.{minor} is not supported", 505)
+        headers = tuple(_FIELD.findall(block)) if block else ()
+        return method, target, headers, "1." + minor, _framing(headers, minor == "0", "request")
+
+    def _request_head_error(self, text: str) -> ProtocolError:
+        """Why a request head failed the one-pass grammar, checked in the order a reader would."""
+        try:
+            _check_line_endings(text, "request head")
+            line, _, block = text.partition("\r\n")
+            if len(line) > self.max_line:
+                return ProtocolError(f"request line exceeds {self.max_line} bytes", 414)
+            match = _REQUEST_LINE.fullmatch(line)
+            if match is None:
+                return ProtocolError(f"malformed request line {line[:80]!r}")
+            method, target, major, minor = match.groups()
+            if major != "1" or minor not in ("0", "1"):
+                return ProtocolError(f"HTTP version {major}.{minor} is not supported", 505)
+            _parse_fields(block, "request header")
+        except ProtocolError as exc:
+            return exc
+        return ProtocolError("malformed request head")
+
+    def _route_request(self, request: Request, framing: tuple) -> None:
+        content_length, chunked, host, connection, upgrade, expect = framing
         target = request.target
-        host = framing.host
         if request.version == "1.1" and host is None:
             raise ProtocolError("HTTP/1.1 request without a Host header")
         if request.method == "CONNECT":
@@ -394,42 +452,40 @@ class HttpReader:
             raise ProtocolError(f"request target {target[:80]!r} is not origin-form, absolute-form or '*'")
         if "#" in request.target:
             raise ProtocolError("a fragment ('#') is not allowed in a request target")
-        request.connection_tokens = framing.connection
-        if request.version == "1.1":
-            request.keep_alive = "close" not in framing.connection
-        else:
-            request.keep_alive = "keep-alive" in framing.connection and "close" not in framing.connection
-        if framing.upgrade is not None and "upgrade" in framing.connection:
-            request.upgrade = framing.upgrade
-        if framing.expect is not None:
-            if len(framing.expect) != 1 or framing.expect[0].lower() != "100-continue":
-                raise ProtocolError(f"unsupported Expect {', '.join(framing.expect)[:60]!r}", 417)
+        if connection:
+            request.connection_tokens = connection
+            if request.version == "1.1":
+                request.keep_alive = "close" not in connection
+            else:
+                request.keep_alive = "keep-alive" in connection and "close" not in connection
+            if upgrade is not None and "upgrade" in connection:
+                request.upgrade = upgrade
+        elif request.version == "1.0":
+            request.keep_alive = False
+        if expect is not None:
+            if len(expect) != 1 or expect[0].lower() != "100-continue":
+                raise ProtocolError(f"unsupported Expect {', '.join(expect)[:60]!r}", 417)
             request.expect_continue = True
-        if framing.chunked:
+        if chunked:
             request.framing = CHUNKED
             self._state = _CHUNK_SIZE
-        elif framing.content_length:
+        elif content_length:
             request.framing = LENGTH
-            request.content_length = self._remaining = framing.content_length
+            request.content_length = self._remaining = content_length
             self._state = _BODY_LENGTH
         else:
             request.framing = NO_BODY
             self._state = _DONE
 
-    def _response(self, text: str) -> Response:
+    def _response(self, key: bytes) -> Response:
         try:
-            _check_line_endings(text, "response head")
-            line, _, block = text.partition("\r\n")
-            match = _STATUS_LINE.fullmatch(line)
-            if match is None:
-                raise ProtocolError(f"malformed status line {line[:80]!r}", 502)
-            major, minor, status, reason = match.groups()
-            if major != "1" or minor not in ("0", "1"):
-                raise ProtocolError(f"upstream HTTP version {major}.{minor} is not supported", 502)
-            version = "1." + minor
-            headers = _parse_fields(block, "response header")
-            framing = _Framing(headers, version == "1.0", "response")
-            response = Response(int(status), headers, reason or "", version)
+            parsed = self._memo.get(key)
+            if parsed is None:
+                parsed = self._parse_response_head(key[:-2].decode("latin-1"))
+                self._remember(key, parsed)
+            status, headers, reason, version, framing = parsed
+            response = Response(status, list(headers), reason, version,
+                                head_key=key if len(key) <= MEMO_HEAD_BYTES else None)
             self._route_response(response, framing)
         except ProtocolError as exc:
             self._state = _CLOSED
@@ -437,18 +493,47 @@ class HttpReader:
             raise ProtocolError(exc.reason, 502) from None
         return response
 
-    def _route_response(self, response: Response, framing: _Framing) -> None:
+    def _parse_response_head(self, text: str) -> tuple:
+        match = _STATUS_HEAD.fullmatch(text)
+        if match is None:
+            raise self._response_head_error(text)
+        major, minor, status, reason, block = match.groups()
+        if major != "1" or (minor != "1" and minor != "0"):
+            raise ProtocolError(f"upstream HTTP version {major}.{minor} is not supported", 502)
+        headers = tuple(_FIELD.findall(block)) if block else ()
+        return int(status), headers, reason or "", "1." + minor, _framing(headers, minor == "0", "response")
+
+    def _response_head_error(self, text: str) -> ProtocolError:
+        try:
+            _check_line_endings(text, "response head")
+            line, _, block = text.partition("\r\n")
+            match = _STATUS_LINE.fullmatch(line)
+            if match is None:
+                return ProtocolError(f"malformed status line {line[:80]!r}", 502)
+            major, minor = match.group(1), match.group(2)
+            if major != "1" or minor not in ("0", "1"):
+                return ProtocolError(f"upstream HTTP version {major}.{minor} is not supported", 502)
+            _parse_fields(block, "response header")
+        except ProtocolError as exc:
+            return exc
+        return ProtocolError("malformed response head", 502)
+
+    def _route_response(self, response: Response, framing: tuple) -> None:
+        content_length, chunked, _host, connection, _upgrade, _expect = framing
         status = response.status
         if status < 100:
             raise ProtocolError(f"invalid status code {status}", 502)
         if not self._methods:
             raise ProtocolError(f"upstream sent a response ({status}) to no request", 502)
         method = self._methods[0]
-        response.connection_tokens = framing.connection
-        if response.version == "1.1":
-            response.keep_alive = "close" not in framing.connection
-        else:
-            response.keep_alive = "keep-alive" in framing.connection and "close" not in framing.connection
+        if connection:
+            response.connection_tokens = connection
+            if response.version == "1.1":
+                response.keep_alive = "close" not in connection
+            else:
+                response.keep_alive = "keep-alive" in connection and "close" not in connection
+        elif response.version == "1.0":
+            response.keep_alive = False
         if status < 200:
             if status == 101:
                 if not self._upgrade_requested[0]:
@@ -456,7 +541,7 @@ class HttpReader:
                 self._enter_tunnel(response)
                 return
             # an informational response: the final one for the same request follows
-            if framing.content_length or framing.chunked:
+            if content_length or chunked:
                 raise ProtocolError(f"a {status} response must not have a body", 502)
             response.framing = NO_BODY
             self._state = _HEAD
@@ -466,17 +551,17 @@ class HttpReader:
         if method == "CONNECT" and status < 300:
             self._enter_tunnel(response)
             return
-        if method == "HEAD" or status in (204, 304):
+        if method == "HEAD" or status == 204 or status == 304:
             response.framing = NO_BODY
-            response.content_length = framing.content_length or 0
+            response.content_length = content_length or 0
             self._state = _DONE
-        elif framing.chunked:
+        elif chunked:
             response.framing = CHUNKED
             self._state = _CHUNK_SIZE
-        elif framing.content_length is not None:
-            response.framing = LENGTH if framing.content_length else NO_BODY
-            response.content_length = self._remaining = framing.content_length
-            self._state = _BODY_LENGTH if framing.content_length else _DONE
+        elif content_length is not None:
+            response.framing = LENGTH if content_length else NO_BODY
+            response.content_length = self._remaining = content_length
+            self._state = _BODY_LENGTH if content_length else _DONE
         else:
             response.framing = UNTIL_CLOSE
             response.keep_alive = False
@@ -610,10 +695,10 @@ class HttpWriter:
     `Transfer-Encoding: chunked` header means chunks, otherwise bytes go out as given
     (the caller set Content-Length or will close the connection)."""
 
-    __slots__ = ("_chunked",)
+    __slots__ = ("chunked",)
 
     def __init__(self) -> None:
-        self._chunked = False
+        self.chunked = False            # the current message's body goes out in chunks
 
     def send(self, event) -> bytes:
         kind = type(event)
@@ -621,13 +706,13 @@ class HttpWriter:
             data = event.data
             if not data:
                 return b""
-            if self._chunked:
+            if self.chunked:
                 return b"%x\r\n%b\r\n" % (len(data), data)
             return data
         if kind is EndOfMessage:
-            if not self._chunked:
+            if not self.chunked:
                 return b""
-            self._chunked = False
+            self.chunked = False
             if event.trailers:
                 return ("0\r\n" + "".join(f"{n}: {v}\r\n" for n, v in event.trailers) + "\r\n").encode("latin-1")
             return b"0\r\n\r\n"
@@ -641,11 +726,14 @@ class HttpWriter:
         else:
             raise TypeError(f"cannot send {event!r}")
         chunked = False
+        lines = [start]
         for name, value in event.headers:
             if len(name) == 17 and name.lower() == "transfer-encoding":
                 chunked = True
-        self._chunked = chunked
-        return (start + "".join(f"{n}: {v}\r\n" for n, v in event.headers) + "\r\n").encode("latin-1")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        self.chunked = chunked
+        return "".join(lines).encode("latin-1")
 
 
 def forwardable_headers(headers: list[tuple[str, str]], connection_tokens: frozenset) -> list[tuple[str, str]]:

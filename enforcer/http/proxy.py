@@ -1,9 +1,16 @@
 """asyncio shell around the sans-IO HTTP core: moves bytes, asks policy, records, injects secrets.
 
-`serve_http(reader, writer, ctx)` serves one accepted client connection to its end. Requests
-are handled in arrival order (pipelined requests wait in the parser, so responses keep their
-order); each one is parsed strictly, recorded, decided, re-serialised with normalised framing
-and sent over one upstream connection kept alive between requests.
+`serve_http(reader, writer, ctx)` serves one accepted client connection to its end. It takes
+over the stream's transport and drives the session from protocol callbacks: each read is fed
+straight to the sans-IO parser and every event it yields is handled in the same call, so a
+request costs no coroutine switch (the stream-based version spent most of its time in them).
+Only slow, rare steps run as tasks: connecting upstream, waiting for an approval.
+
+Requests are handled in arrival order (pipelined requests wait in the parser, so responses
+keep their order); each one is parsed strictly, recorded, decided, re-serialised with
+normalised framing and sent over one upstream connection kept alive between requests.
+Backpressure goes both ways: a full upstream send buffer pauses reading from the client, a
+full client send buffer pauses reading from the upstream.
 
 Target options (ctx.target.options, from agent.yaml):
   credentials: {header, value_file, scheme}   brokered credential (enforcer/http/credentials.py)
@@ -34,12 +41,21 @@ from .protocol import (CHUNKED, LENGTH, NEED_DATA, NO_BODY, TUNNEL, UNTIL_CLOSE,
                        simple_response)
 from .recording import Redactor
 
-READ_SIZE = 64 * 1024
-FLUSH_BYTES = 64 * 1024
-DRAIN_ABOVE = 64 * 1024
 DEFAULT_MASK_MAX = 8 * 1024 * 1024
+# bytes a client may have pipelined behind the request in progress before reading pauses
+PIPELINE_BUFFER = 256 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# per-session caches of what a repeated head turns into (see HttpReader's memo)
+_MEMO_ENTRIES = 64
 _MASKABLE_TYPES = ("application/json", "text/")
+
+# session phases
+_IDLE = 0        # waiting for the next request head
+_WAITING = 1     # a task is connecting upstream or waiting for an approval
+_ACTIVE = 2      # the request is upstream; its body (if any) and the response are relayed
+_DISCARD = 3     # a refused request's body is read and dropped before answering
+_TUNNEL = 4      # after 101 or CONNECT: opaque bytes both ways
+_ENDED = 5
 
 _ssl_contexts: dict[tuple, ssl.SSLContext] = {}
 
@@ -73,29 +89,18 @@ def _split_host(host: str, default_port: int) -> tuple[str, int]:
     return host, default_port
 
 
+def _memo_put(memo: dict, key, value) -> None:
+    if len(memo) >= _MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
+
+
 def _masker_of(masking: Any):
     """The masking layer's body hook, `mask_json_body(body, content_type) -> (body, counts)`."""
     if masking is None:
         return None
     hook = getattr(masking, "mask_json_body", None)
     return hook if callable(hook) else None
-
-
-class _Upstream:
-    __slots__ = ("reader", "writer", "parser", "out", "exchanges")
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_head: int):
-        self.reader = reader
-        self.writer = writer
-        self.parser = HttpReader("response", max_head=max_head)
-        self.out = HttpWriter()
-        self.exchanges = 0
-
-    def close(self) -> None:
-        try:
-            self.writer.close()
-        except (OSError, RuntimeError):
-            pass
 
 
 class _Refusal(Exception):
@@ -108,11 +113,97 @@ class _Refusal(Exception):
         self.close = close
 
 
-class HttpSession:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: ConnectionContext):
+class _UpstreamGone(Exception):
+    def __init__(self, reason: str, before_response: bool, malformed: bool = False, status: int = 502,
+                 code: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.before_response = before_response
+        self.status = status
+        self.code = code or ("bad_upstream_response" if malformed else "upstream_failed")
+
+
+class _Upstream(asyncio.Protocol):
+    """One upstream connection: its parser and writer; its callbacks go to the owning session."""
+
+    def __init__(self, session: "HttpSession", max_head: int):
+        self.session = session
+        self.transport: Optional[asyncio.Transport] = None
+        self.parser = HttpReader("response", max_head=max_head)
+        self.out = HttpWriter()
+        self.exchanges = 0
+        self.closed = False
+        self.eof = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.session._upstream_data(self, data)
+
+    def eof_received(self) -> bool:
+        self.session._upstream_data(self, b"")
+        # a tunnel may still carry bytes the other way; otherwise let the transport close
+        return self.session.phase == _TUNNEL and not self.closed
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.session._upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        self.session._pause_client("upstream")
+
+    def resume_writing(self) -> None:
+        self.session._resume_client("upstream")
+
+    def usable(self) -> bool:
+        return not self.closed and not self.eof and not self.transport.is_closing() \
+            and self.parser.at_message_start and not self.parser.buffered
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+
+class _Exchange:
+    """One request and its response, while in flight."""
+
+    __slots__ = ("request", "index", "started", "host", "path", "head", "upstream", "body_done",
+                 "response", "client_keep", "mask", "parts", "size", "head_sent", "body_bytes",
+                 "deadline", "retry_allowed", "retried", "refusal", "discarded")
+
+    def __init__(self, request: Request, index: int, started: int, host: str, path: str):
+        self.request = request
+        self.index = index
+        self.started = started
+        self.host = host
+        self.path = path
+        self.head = b""                  # the normalised head sent upstream
+        self.upstream: Optional[_Upstream] = None
+        self.body_done = False           # the client's request (body included) is fully read
+        self.response: Optional[Response] = None
+        self.client_keep = False
+        self.mask: Optional[str] = None  # content encoding to undo when the body is masked
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.head_sent = False           # the response head went to the client: no error answer now
+        self.body_bytes = 0
+        self.deadline = 0.0              # loop time by which the response head must have come
+        self.retry_allowed = False
+        self.retried = False
+        self.refusal: Optional[_Refusal] = None
+        self.discarded = 0
+
+
+class HttpSession(asyncio.Protocol):
+    """One client connection, as the protocol of its transport."""
+
+    def __init__(self, transport: asyncio.Transport, ctx: ConnectionContext, loop: asyncio.AbstractEventLoop):
         self.ctx = ctx
-        self.creader = reader
-        self.cwriter = writer
+        self.loop = loop
+        self.transport = transport
         opts = ctx.target.options or {}
         self.max_head = int(opts.get("max_header_bytes", DEFAULT_MAX_HEAD))
         self.parser = HttpReader("request", max_head=self.max_head,
@@ -125,6 +216,7 @@ class HttpSession:
         self.mask_max = int(opts.get("mask_max_body_bytes", DEFAULT_MASK_MAX))
         self.discard_max = int(opts.get("discard_denied_body_bytes", 1024 * 1024))
         self.masker = _masker_of(ctx.masking)
+        self.policy = ctx.policy
         self.credential_error: Optional[str] = None
         try:
             self.credential: Optional[BrokeredCredential] = credential_for(opts)
@@ -135,40 +227,45 @@ class HttpSession:
         tls = ctx.target.tls
         self.tls = tls if tls is not None and tls.mode in ("require", "verify-full") else None
         self.scheme = "https" if self.tls is not None else "http"
+        self.default_host = f"{ctx.target.upstream_host}:{ctx.target.upstream_port}"
+        # a repeated head (same bytes) gives the same record fields and the same normalised
+        # bytes; these per-session caches skip rebuilding them (keyed by Request/Response.head_key)
+        self._request_records: dict = {}
+        self._upstream_heads: dict = {}
+        self._client_heads: dict = {}
+        self._response_records: dict = {}
+        self.phase = _IDLE
+        self.exchange: Optional[_Exchange] = None
         self.upstream: Optional[_Upstream] = None
+        self.tunnel: Optional[_Upstream] = None
+        self.tunnel_open = [False, False]          # client->upstream, upstream->client still open
+        self.paused_for: set[str] = set()
+        self.client_blocked = False                # the client's send buffer is full
+        self.paused_upstream: Optional[_Upstream] = None   # not read while the client is blocked
+        self.tasks: set[asyncio.Task] = set()
+        # one lazily re-armed timer per session watches response deadlines (a timer per request
+        # would cost more than parsing it)
+        self.deadline_timer: Optional[asyncio.TimerHandle] = None
+        self.done: asyncio.Future = loop.create_future()
+        self.started = time.monotonic_ns()
         self.requests = 0
         self.bytes_in = 0
         self.bytes_out = 0
         self.tunnel_bytes = [0, 0]
 
     # -- connection lifecycle ------------------------------------------------------------
-    async def run(self) -> None:
-        ctx = self.ctx
-        started = time.monotonic_ns()
-        ctx.emit("session.start", self._start_fields())
-        reason, error = "closed", None
-        try:
-            reason, error = await self._serve()
-        except (ConnectionError, OSError, ssl.SSLError) as exc:
-            reason, error = "client_error", f"{type(exc).__name__}: {exc}"
-        except asyncio.CancelledError:
-            reason, error = "cancelled", None
-            raise
-        except Exception as exc:  # one bad connection must not take the listener down
-            reason, error = "internal_error", f"{type(exc).__name__}: {exc}"
-        finally:
-            if self.upstream is not None:
-                self.upstream.close()
+    def start(self, buffered: bytes, eof: bool) -> None:
+        self.ctx.emit("session.start", self._start_fields())
+        if buffered:
+            self.data_received(buffered)
+        if eof and self.phase != _ENDED:
+            self.eof_received()
+        if self.phase != _ENDED and not self.paused_for:
             try:
-                self.cwriter.close()
-            except (OSError, RuntimeError):
+                if not self.transport.is_reading():
+                    self.transport.resume_reading()
+            except (AttributeError, RuntimeError):
                 pass
-            end = {"reason": reason, "duration_ns": time.monotonic_ns() - started,
-                   "requests": self.requests, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-                   "error": error}
-            if self.tunnel_bytes != [0, 0]:
-                end["x_tunnel_bytes_up"], end["x_tunnel_bytes_down"] = self.tunnel_bytes
-            ctx.emit("session.end", end)
 
     def _start_fields(self) -> dict:
         ctx = self.ctx
@@ -181,43 +278,178 @@ class HttpSession:
             fields["orig_dst"] = f"{attribution.orig_ip}:{attribution.orig_port}"
             fields["process"] = dataclasses.asdict(attribution.process)
         else:
-            fields["orig_dst"] = f"{ctx.target.upstream_host}:{ctx.target.upstream_port}"
+            fields["orig_dst"] = self.default_host
         return fields
 
-    async def _serve(self) -> tuple[str, Optional[str]]:
-        while True:
-            try:
-                event = await self._next_client_event()
-            except ProtocolError as exc:
-                await self._refuse_malformed(exc)
-                return "client_protocol_error", exc.reason
-            if type(event) is not Request:
-                return "client_closed", None
-            keep = await self._exchange(event)
-            if not keep:
-                return "closed", None
+    def _end(self, reason: str, error: Optional[str] = None) -> None:
+        """Close both sides (queued bytes still go out) and record how the session ended."""
+        if self.phase == _ENDED:
+            return
+        self.phase = _ENDED
+        exchange = self.exchange
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        for upstream in (self.upstream, self.tunnel, exchange.upstream if exchange else None):
+            if upstream is not None:
+                upstream.close()
+        try:
+            self.transport.close()
+        except (OSError, RuntimeError):
+            pass
+        end = {"reason": reason, "duration_ns": time.monotonic_ns() - self.started,
+               "requests": self.requests, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+               "error": error}
+        if self.tunnel_bytes != [0, 0]:
+            end["x_tunnel_bytes_up"], end["x_tunnel_bytes_down"] = self.tunnel_bytes
+        self.ctx.emit("session.end", end)
+        if not self.done.done():
+            self.done.set_result(None)
 
-    async def _next_client_event(self):
-        parser = self.parser
-        while True:
-            event = parser.next_event()
-            if event is not NEED_DATA:
-                return event
-            data = await self.creader.read(READ_SIZE)
-            self.bytes_in += len(data)
-            parser.receive_data(data)
+    def _fail_internally(self, exc: BaseException) -> None:
+        # one bad connection must not take the listener down; it is closed and recorded
+        self._end("internal_error", f"{type(exc).__name__}: {exc}")
+
+    # -- client transport callbacks --------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.parser.receive_data(data)
+        try:
+            self._pump_client()
+        except Exception as exc:
+            self._fail_internally(exc)
+
+    def eof_received(self) -> bool:
+        self.parser.receive_data(b"")
+        try:
+            self._pump_client()
+        except Exception as exc:
+            self._fail_internally(exc)
+        return True                  # keep our side open: a response may still be going out
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self.phase == _TUNNEL:
+            self._end("closed")
+        elif exc is not None:
+            self._end("client_error", f"{type(exc).__name__}: {exc}")
+        else:
+            self._end("client_closed")
+
+    def pause_writing(self) -> None:
+        # the client is not reading: stop reading what would be sent to it, and its input
+        self.client_blocked = True
+        self._pause_upstream(self._relaying_upstream())
+        self._pause_client("client_backlog")
+
+    def resume_writing(self) -> None:
+        self.client_blocked = False
+        upstream, self.paused_upstream = self.paused_upstream, None
+        if upstream is not None and not upstream.closed:
+            upstream.transport.resume_reading()
+        self._resume_client("client_backlog")
+
+    def _pause_upstream(self, upstream: Optional[_Upstream]) -> None:
+        if upstream is not None and upstream is not self.paused_upstream and not upstream.closed:
+            upstream.transport.pause_reading()
+            self.paused_upstream = upstream
+
+    def _relaying_upstream(self) -> Optional[_Upstream]:
+        if self.phase == _TUNNEL:
+            return self.tunnel
+        exchange = self.exchange
+        return exchange.upstream if exchange is not None else None
+
+    def _pause_client(self, reason: str) -> None:
+        if self.phase == _ENDED:
+            return
+        if not self.paused_for:
+            self.transport.pause_reading()
+        self.paused_for.add(reason)
+
+    def _resume_client(self, reason: str) -> None:
+        paused = self.paused_for
+        if reason in paused:
+            paused.discard(reason)
+            if not paused and self.phase != _ENDED:
+                self.transport.resume_reading()
 
     def _to_client(self, data: bytes) -> None:
-        if data:
+        if data and self.phase != _ENDED:
             self.bytes_out += len(data)
-            self.cwriter.write(data)
+            self.transport.write(data)
 
-    async def _drain(self, writer: asyncio.StreamWriter) -> None:
-        """Backpressure: wait only when the transport holds a backlog (an await per write is costly)."""
-        if writer.transport.get_write_buffer_size() > DRAIN_ABOVE or writer.transport.is_closing():
-            await writer.drain()
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
 
-    async def _refuse_malformed(self, exc: ProtocolError) -> None:
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail_internally(task.exception())
+
+    # -- client input ----------------------------------------------------------------------
+    def _pump_client(self) -> None:
+        """Handle every client event the current phase can take; the rest waits in the parser."""
+        parser = self.parser
+        while True:
+            phase = self.phase
+            if phase == _IDLE:
+                try:
+                    event = parser.next_event()
+                except ProtocolError as exc:
+                    self._refuse_malformed(exc)
+                    return
+                if event is NEED_DATA:
+                    if self.paused_for:
+                        self._resume_client("pipeline")     # what was pipelined is consumed
+                    return
+                if type(event) is Request:
+                    self._begin(event)
+                    continue
+                self._end("client_closed")
+                return
+            if phase == _ACTIVE:
+                exchange = self.exchange
+                if exchange.body_done:
+                    break
+                try:
+                    event = parser.next_event()
+                except ProtocolError as exc:
+                    self._client_body_failed(exchange, exc)
+                    return
+                if event is NEED_DATA:
+                    if self.paused_for:
+                        self._resume_client("pipeline")
+                    return
+                kind = type(event)
+                upstream = exchange.upstream
+                if kind is Data or kind is EndOfMessage:
+                    if not upstream.closed:
+                        upstream.transport.write(upstream.out.send(event))
+                    if kind is EndOfMessage:
+                        exchange.body_done = True
+                else:
+                    self._client_body_failed(exchange, ProtocolError(
+                        "client closed the connection inside a request body"))
+                    return
+                continue
+            if phase == _DISCARD:
+                if not self._discard_step():
+                    if self.phase == _DISCARD and self.paused_for:
+                        self._resume_client("pipeline")
+                    return
+                continue
+            if phase == _TUNNEL:
+                self._pump_tunnel_up()
+                return
+            break
+        # _WAITING, or _ACTIVE with the request complete: pipelined bytes wait; bound them
+        if phase != _ENDED and parser.buffered > PIPELINE_BUFFER:
+            self._pause_client("pipeline")
+
+    def _refuse_malformed(self, exc: ProtocolError) -> None:
         """A request Warden cannot interpret unambiguously: answer it and close."""
         self.requests += 1
         body = json.dumps({"error": "bad_request", "reason": exc.reason,
@@ -226,86 +458,179 @@ class HttpSession:
         self.ctx.emit("http.response", {"status": exc.status, "headers": {}, "body_bytes": len(body),
                                         "duration_ns": 0, "request_index": self.requests,
                                         "x_refused": "malformed_request", "x_error": exc.reason})
-        await self._drain_client()
+        self._end("client_protocol_error", exc.reason)
 
-    async def _drain_client(self) -> None:
-        try:
-            await self._drain(self.cwriter)
-        except (ConnectionError, OSError):
-            pass
-
-    # -- one request ---------------------------------------------------------------------
-    async def _exchange(self, request: Request) -> bool:
-        """Handle one request to its end; False when the client connection must close."""
+    # -- one request -----------------------------------------------------------------------
+    def _begin(self, request: Request) -> None:
         self.requests += 1
         index = self.requests
-        started = time.monotonic_ns()
         ctx = self.ctx
-        host = request.host or f"{ctx.target.upstream_host}:{ctx.target.upstream_port}"
-        host_name, port = _split_host(host, ctx.target.upstream_port)
-        ctx.emit("http.request", {
-            "method": request.method, "scheme": self.scheme, "host": host_name, "port": port,
-            "path": request.path if request.method != "CONNECT" else "",
-            "query": self.redactor.query_for_record(request.query) if request.method != "CONNECT" else "",
-            "headers": self.redactor.headers_for_record(request.headers),
-            "body_bytes": request.content_length if request.framing != CHUNKED else None,
-            "request_index": index})
-        try:
-            await self._decide(request, host, index)
-            headers = self._upstream_headers(request)
-            upstream = await self._upstream_for(request)
-        except _Refusal as refusal:
-            return await self._answer(request, refusal, index, started)
-        return await self._forward(request, headers, upstream, index, started)
-
-    async def _decide(self, request: Request, host: str, index: int) -> None:
-        ctx = self.ctx
-        request_id = f"{ctx.session_id}-{index}"
-        if request.method == "CONNECT" and not self.allow_connect:
-            raise _Refusal(405, {"error": "connect_not_allowed", "identity": ctx.identity,
-                                 "action": "http:CONNECT", "request_id": request_id,
-                                 "reason": f"CONNECT is not allowed for target {ctx.target.name!r}; "
-                                           f"set allow_connect: true on the target to permit tunnels"})
-        policy = ctx.policy
-        if policy is None:
+        host = request.host or self.default_host
+        connect = request.method == "CONNECT"
+        path = "/" if connect else request.path
+        exchange = self.exchange = _Exchange(request, index, time.monotonic_ns(), host, path)
+        key = request.head_key
+        template = self._request_records.get(key) if key is not None else None
+        if template is None:
+            host_name, port = _split_host(host, ctx.target.upstream_port)
+            template = {
+                "method": request.method, "scheme": self.scheme, "host": host_name, "port": port,
+                "path": "" if connect else path,
+                "query": "" if connect else self.redactor.query_for_record(request.query),
+                "headers": self.redactor.headers_for_record(request.headers),
+                "body_bytes": request.content_length if request.framing != CHUNKED else None}
+            if key is not None:
+                _memo_put(self._request_records, key, template)
+        fields = template.copy()
+        fields["headers"] = template["headers"].copy()
+        fields["request_index"] = index
+        ctx.emit("http.request", fields)
+        if connect and not self.allow_connect:
+            self._refuse(exchange, _Refusal(405, {
+                "error": "connect_not_allowed", "identity": ctx.identity, "action": "http:CONNECT",
+                "request_id": f"{ctx.session_id}-{index}",
+                "reason": f"CONNECT is not allowed for target {ctx.target.name!r}; "
+                          f"set allow_connect: true on the target to permit tunnels"}))
             return
-        path = request.path if request.method != "CONNECT" else "/"
+        policy = self.policy
+        if policy is None:
+            self._decided(exchange, "allow", f"http:{request.method}", (), "", ())
+            return
         try:
-            decision = policy.decide_http(ctx.identity, ctx.identity_attrs, ctx.target.name,
-                                          request.method, host, path,
-                                          {n.lower(): v for n, v in request.headers}, approved=False)
-            kind, action, policy_ids, reason = decision.kind, decision.action, decision.policy_ids, decision.reason
-            resources = getattr(decision, "resources", ())
-            if kind == "approval":
-                if ctx.approvals is None:
-                    kind, reason = "deny", "approval required but no approval service is configured"
-                else:
-                    final = await ctx.approvals.request_http(ctx, decision, request.method, host, path)
-                    kind, policy_ids, reason = final.kind, final.policy_ids or policy_ids, final.reason
+            decision = policy.decide_http(
+                ctx.identity, ctx.identity_attrs, ctx.target.name, request.method, host, path,
+                # the header context only when the engine uses it (building it costs per request)
+                {n.lower(): v for n, v in request.headers} if getattr(policy, "context_headers", True) else None,
+                approved=False)
+            kind = decision.kind
+        except Exception as exc:  # a broken policy must not let requests through
+            self._decided(exchange, "deny", f"http:{request.method}", (), 
+                          f"policy evaluation failed: {type(exc).__name__}: {exc}", ())
+            return
+        resources = getattr(decision, "resources", ())
+        if kind == "approval":
+            if ctx.approvals is None:
+                self._decided(exchange, "deny", decision.action, decision.policy_ids,
+                              "approval required but no approval service is configured", resources)
+                return
+            self._wait()
+            self._spawn(self._await_approval(exchange, decision, resources))
+            return
+        self._decided(exchange, kind, decision.action, decision.policy_ids, decision.reason, resources)
+
+    def _wait(self) -> None:
+        self.phase = _WAITING
+        self._pause_client("wait")
+
+    def _unwait(self) -> None:
+        """After a task's step: take client input again."""
+        self._resume_client("wait")
+        if self.phase != _ENDED:
+            self._pump_client()
+
+    async def _await_approval(self, exchange: _Exchange, decision, resources) -> None:
+        request = exchange.request
+        try:
+            final = await self.ctx.approvals.request_http(self.ctx, decision, request.method, exchange.host,
+                                                          exchange.path)
+            kind, policy_ids, reason = final.kind, final.policy_ids or decision.policy_ids, final.reason
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a broken policy or approval service must not let requests through
-            kind, action, policy_ids, resources = "deny", f"http:{request.method}", (), ()
-            reason = f"policy evaluation failed: {type(exc).__name__}: {exc}"
-        resource = resources[0] if resources else f"{host}{path}"
+        except Exception as exc:  # a broken approval service must not let requests through
+            kind, policy_ids = "deny", decision.policy_ids
+            reason = f"approval failed: {type(exc).__name__}: {exc}"
+        if self.phase == _ENDED:
+            return
+        self._decided(exchange, kind, decision.action, policy_ids, reason, resources)
+        self._unwait()
+
+    def _decided(self, exchange: _Exchange, kind: str, action: str, policy_ids, reason: str, resources) -> None:
+        ctx = self.ctx
+        resource = resources[0] if resources else f"{exchange.host}{exchange.path}"
         ctx.emit("policy.decision", {"decision": kind, "policy_ids": list(policy_ids), "reason": reason,
                                      "identity": ctx.identity, "action": action, "resource": resource,
-                                     "request_index": index})
+                                     "request_index": exchange.index})
         if kind != "allow":
-            raise _Refusal(403, {"error": "forbidden", "identity": ctx.identity, "action": action,
-                                 "resource": resource, "policy": list(policy_ids), "reason": reason,
-                                 "request_id": request_id})
+            self._refuse(exchange, _Refusal(403, {
+                "error": "forbidden", "identity": ctx.identity, "action": action, "resource": resource,
+                "policy": list(policy_ids), "reason": reason, "request_id": f"{ctx.session_id}-{exchange.index}"}))
+            return
+        try:
+            exchange.head = self._upstream_head(exchange.request)
+        except _Refusal as refusal:
+            self._refuse(exchange, refusal)
+            return
+        upstream = self.upstream
+        if upstream is not None and upstream.usable():
+            self._send(exchange, upstream)
+            return
+        if upstream is not None:
+            upstream.close()
+            self.upstream = None
+        self._wait()
+        self._spawn(self._connect_and_send(exchange))
 
-    def _upstream_headers(self, request: Request) -> list[tuple[str, str]]:
-        headers = forwardable_headers(request.headers, request.connection_tokens)
+    async def _connect_and_send(self, exchange: _Exchange) -> None:
+        try:
+            upstream = await self._connect(exchange.request)
+        except _Refusal as refusal:
+            if self.phase == _ENDED:
+                return
+            if exchange.retried:
+                self._answer_late(exchange, refusal)
+            else:
+                self._refuse(exchange, refusal)
+            self._unwait()
+            return
+        if self.phase == _ENDED:
+            upstream.close()
+            return
+        self.upstream = upstream
+        self._send(exchange, upstream)
+        self._unwait()
+
+    async def _connect(self, request: Request) -> _Upstream:
+        target = self.ctx.target
+        ssl_context = server_name = None
+        if self.tls is not None:
+            ssl_context = _upstream_ssl_context(self.tls)
+            server_name = self.tls.server_name or _split_host(request.host, 0)[0] or target.upstream_host
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, upstream = await self.loop.create_connection(
+                    lambda: _Upstream(self, self.max_head), target.upstream_host, target.upstream_port,
+                    ssl=ssl_context, server_hostname=server_name)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            raise _Refusal(502, {"error": "upstream_unreachable", "target": target.name,
+                                 "reason": f"cannot reach {target.upstream_host}:{target.upstream_port}: "
+                                           f"{type(exc).__name__}: {exc}"}) from None
+        return upstream
+
+    def _upstream_head(self, request: Request) -> bytes:
+        """The normalised request head sent upstream (hop-by-hop fields dropped, secrets injected)."""
+        secret = None
         credential = self.credential
         if credential is not None or self.credential_error is not None:
             if credential is None:
                 raise self._credential_refusal(self.credential_error)
             try:
-                value = credential.value()
+                secret = credential.value()
             except CredentialError as exc:
                 raise self._credential_refusal(str(exc)) from None
+        key = (request.head_key, secret)
+        head = self._upstream_heads.get(key) if key[0] is not None else None
+        if head is None:
+            head = HttpWriter().send(Request(request.method, request.target,
+                                             self._upstream_headers(request, secret), "1.1"))
+            if key[0] is not None:
+                _memo_put(self._upstream_heads, key, head)
+        return head
+
+    def _upstream_headers(self, request: Request, secret: Optional[str]) -> list[tuple[str, str]]:
+        headers = forwardable_headers(request.headers, request.connection_tokens)
+        credential = self.credential
+        if credential is not None:
+            value = secret
             lname = credential.header_lower
             headers = [(n, v) for n, v in headers if n.lower() != lname]
             headers.append((credential.header, value))
@@ -314,7 +639,7 @@ class HttpSession:
             headers = [(n, v) for n, v in headers if n.lower() != "accept-encoding"]
             headers.append(("Accept-Encoding", "identity"))
         if not request.host:
-            headers.insert(0, ("Host", f"{self.ctx.target.upstream_host}:{self.ctx.target.upstream_port}"))
+            headers.insert(0, ("Host", self.default_host))
         if request.framing == LENGTH:
             headers.append(("Content-Length", str(request.content_length)))
         elif request.framing == CHUNKED:
@@ -330,173 +655,233 @@ class HttpSession:
         return _Refusal(502, {"error": "credential_unavailable", "target": self.ctx.target.name,
                               "reason": f"brokered credential unavailable: {reason}"})
 
-    async def _upstream_for(self, request: Request) -> _Upstream:
-        upstream = self.upstream
-        if upstream is not None and not upstream.writer.is_closing() and upstream.parser.at_message_start:
-            return upstream
-        if upstream is not None:
-            upstream.close()
-            self.upstream = None
-        return await self._connect(request)
+    def _send(self, exchange: _Exchange, upstream: _Upstream) -> None:
+        """Put the request head upstream; its body follows as the client sends it."""
+        request = exchange.request
+        exchange.upstream = upstream
+        exchange.retry_allowed = upstream.exchanges > 0 and request.framing == NO_BODY
+        upstream.exchanges += 1
+        upstream.parser.expect_response(request.method, upgrade=request.upgrade is not None)
+        upstream.transport.write(exchange.head)
+        upstream.out.chunked = request.framing == CHUNKED     # the head said so
+        if self.client_blocked:
+            self._pause_upstream(upstream)
+        self.phase = _ACTIVE
+        exchange.deadline = self.loop.time() + self.response_timeout
+        if self.deadline_timer is None:
+            self.deadline_timer = self.loop.call_at(exchange.deadline, self._check_deadline)
+        if request.framing == NO_BODY and not exchange.body_done:
+            self.parser.next_event()        # its EndOfMessage (the head had no body framing to close)
+            exchange.body_done = True
 
-    async def _connect(self, request: Request) -> _Upstream:
-        target = self.ctx.target
-        ssl_context = server_name = None
-        if self.tls is not None:
-            ssl_context = _upstream_ssl_context(self.tls)
-            server_name = self.tls.server_name or _split_host(request.host, 0)[0] or target.upstream_host
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    target.upstream_host, target.upstream_port, ssl=ssl_context,
-                    server_hostname=server_name, limit=READ_SIZE)
-        except (OSError, ssl.SSLError, TimeoutError) as exc:
-            raise _Refusal(502, {"error": "upstream_unreachable", "target": target.name,
-                                 "reason": f"cannot reach {target.upstream_host}:{target.upstream_port}: "
-                                           f"{type(exc).__name__}: {exc}"}) from None
-        self.upstream = _Upstream(reader, writer, self.max_head)
-        return self.upstream
-
-    async def _answer(self, request: Request, refusal: _Refusal, index: int, started: int) -> bool:
+    # -- refusals --------------------------------------------------------------------------
+    def _refuse(self, exchange: _Exchange, refusal: _Refusal) -> None:
         """Warden answers instead of the upstream; the request's body (if any) is dropped."""
+        request = exchange.request
         keep = request.keep_alive and not refusal.close
         if request.framing == NO_BODY:
             self.parser.next_event()        # its EndOfMessage
         elif request.expect_continue:
             keep = False                    # the client has not sent the body; do not wait for it
         elif keep:
-            keep = await self._discard_body()
+            exchange.refusal = refusal
+            self.phase = _DISCARD
+            return
+        self._answer(exchange, refusal, keep)
+
+    def _discard_step(self) -> bool:
+        """Drop one event of a refused request's body; False when nothing more can be done now."""
+        exchange = self.exchange
+        try:
+            event = self.parser.next_event()
+        except ProtocolError:
+            self._answer(exchange, exchange.refusal, False)
+            return False
+        if event is NEED_DATA:
+            return False
+        kind = type(event)
+        if kind is EndOfMessage:
+            self._answer(exchange, exchange.refusal, True)
+            return True
+        if kind is Data:
+            exchange.discarded += len(event.data)
+            if exchange.discarded <= self.discard_max:
+                return True
+        self._answer(exchange, exchange.refusal, False)
+        return False
+
+    def _answer(self, exchange: _Exchange, refusal: _Refusal, keep: bool) -> None:
         body = json.dumps(refusal.body).encode()
         self._to_client(simple_response(refusal.status, body, keep_alive=keep))
-        await self._drain(self.cwriter)
         self.ctx.emit("http.response", {"status": refusal.status, "headers": {}, "body_bytes": len(body),
-                                        "duration_ns": time.monotonic_ns() - started, "request_index": index,
-                                        "x_refused": refusal.body.get("error")})
-        return keep
+                                        "duration_ns": time.monotonic_ns() - exchange.started,
+                                        "request_index": exchange.index, "x_refused": refusal.body.get("error")})
+        self.exchange = None
+        if keep:
+            self.phase = _IDLE
+        else:
+            self._end("closed")
 
-    async def _discard_body(self) -> bool:
-        dropped = 0
+    def _answer_late(self, exchange: _Exchange, refusal: _Refusal) -> None:
+        """An error after the request was (partly) forwarded: answer it and close."""
+        body = json.dumps(refusal.body).encode()
+        self._to_client(simple_response(refusal.status, body, keep_alive=False))
+        self.ctx.emit("http.response", {"status": refusal.status, "headers": {}, "body_bytes": len(body),
+                                        "duration_ns": time.monotonic_ns() - exchange.started,
+                                        "request_index": exchange.index, "x_refused": refusal.body.get("error"),
+                                        "x_error": refusal.body.get("reason")})
+        self._end("closed")
+
+    def _client_body_failed(self, exchange: _Exchange, exc: ProtocolError) -> None:
+        """The client's body was malformed or cut: the upstream must never see it complete."""
+        self._drop_upstream(exchange)
+        if exchange.head_sent:
+            self._end("client_error", f"ProtocolError: {exc.reason}")
+            return
+        self._answer_late(exchange, _Refusal(exc.status, {
+            "error": "bad_request", "target": self.ctx.target.name, "reason": exc.reason,
+            "request_id": f"{self.ctx.session_id}-{exchange.index}"}, close=True))
+
+    def _drop_upstream(self, exchange: _Exchange) -> None:
+        upstream = exchange.upstream
+        self._resume_client("upstream")     # a closed connection never says resume_writing
+        if upstream is not None:
+            upstream.close()
+            if self.upstream is upstream:
+                self.upstream = None
+
+    # -- upstream input ----------------------------------------------------------------------
+    def _upstream_data(self, upstream: _Upstream, data: bytes) -> None:
+        if not data:
+            if upstream.eof:
+                return
+            upstream.eof = True
+        upstream.parser.receive_data(data)
+        try:
+            if self.phase == _TUNNEL:
+                if upstream is self.tunnel:
+                    self._pump_tunnel_down()
+                return
+            exchange = self.exchange
+            if exchange is None or exchange.upstream is not upstream or self.phase != _ACTIVE:
+                # bytes (or a close) from a connection with no request outstanding: never pair
+                # them with a later request
+                upstream.close()
+                if self.upstream is upstream:
+                    self.upstream = None
+                return
+            self._pump_upstream(exchange)
+        except Exception as exc:
+            self._fail_internally(exc)
+
+    def _upstream_lost(self, upstream: _Upstream, exc: Optional[Exception]) -> None:
+        if self.upstream is upstream:
+            self.upstream = None
+        if self.phase == _ENDED:
+            return
+        if not upstream.eof:
+            # a reset without FIN: the parser decides what the missing bytes mean
+            self._upstream_data(upstream, b"")
+        elif self.phase == _TUNNEL and upstream is self.tunnel:
+            self.tunnel_open = [False, False]
+            self._end("closed")
+
+    def _check_deadline(self) -> None:
+        self.deadline_timer = None
+        exchange = self.exchange
+        if exchange is None or exchange.response is not None or self.phase != _ACTIVE:
+            return
+        if exchange.deadline > self.loop.time():
+            self.deadline_timer = self.loop.call_at(exchange.deadline, self._check_deadline)
+            return
+        try:
+            self._upstream_failed(exchange, _UpstreamGone(
+                f"no response head within {self.response_timeout:g} s", False))
+        except Exception as exc:
+            self._fail_internally(exc)
+
+    def _pump_upstream(self, exchange: _Exchange) -> None:
+        upstream = exchange.upstream
+        parser = upstream.parser
+        out = self.client_out
+        pending: list[bytes] = []
+        head_pending = False
         try:
             while True:
-                event = await self._next_client_event()
-                if type(event) is EndOfMessage:
-                    return True
-                if type(event) is not Data:
-                    return False
-                dropped += len(event.data)
-                if dropped > self.discard_max:
-                    return False
-        except ProtocolError:
-            return False
-
-    # -- forwarding ----------------------------------------------------------------------
-    async def _forward(self, request: Request, headers: list, upstream: _Upstream, index: int,
-                       started: int) -> bool:
-        head = Request(request.method, request.target, headers, "1.1")
-        retry_allowed = upstream.exchanges > 0 and request.framing == NO_BODY
-        upstream.exchanges += 1
-        upstream.parser.expect_response(request.method, upgrade=request.upgrade is not None)
-        upstream.writer.write(upstream.out.send(head))
-        body_task = None
-        if request.framing == NO_BODY:
-            self.parser.next_event()        # its EndOfMessage
-            upstream.out.send(EndOfMessage())
-        else:
-            body_task = asyncio.ensure_future(self._forward_body(upstream))
-            body_task.add_done_callback(lambda task: task.cancelled() or task.exception() is None
-                                        or upstream.close())
-        try:
-            return await self._relay_response(request, upstream, index, started, body_task)
-        except _UpstreamGone as gone:
-            if gone.before_response and retry_allowed:
-                # an idle keep-alive connection the upstream had closed: retry once on a new one
-                upstream.close()
-                self.upstream = None
-                try:
-                    upstream = await self._connect(request)
-                except _Refusal as refusal:
-                    return await self._answer_late(request, refusal, index, started)
-                upstream.exchanges += 1
-                upstream.parser.expect_response(request.method, upgrade=request.upgrade is not None)
-                upstream.writer.write(upstream.out.send(head))
-                try:
-                    return await self._relay_response(request, upstream, index, started, None)
-                except _UpstreamGone as again:
-                    gone = again
-            return await self._upstream_failed(request, gone, index, started, body_task)
-
-    async def _forward_body(self, upstream: _Upstream) -> int:
-        sent = 0
-        out = upstream.out
-        writer = upstream.writer
-        while True:
-            event = await self._next_client_event()
-            if type(event) is Data:
-                sent += len(event.data)
-                writer.write(out.send(event))
-                await self._drain(writer)
-            elif type(event) is EndOfMessage:
-                writer.write(out.send(event))
-                return sent
-            else:
-                raise ProtocolError("client closed the connection inside a request body")
-
-    async def _next_upstream_event(self, upstream: _Upstream):
-        parser = upstream.parser
-        while True:
-            event = parser.next_event()
-            if event is not NEED_DATA:
-                return event
-            data = await upstream.reader.read(READ_SIZE)
-            parser.receive_data(data)
-
-    async def _relay_response(self, request: Request, upstream: _Upstream, index: int, started: int,
-                              body_task: Optional[asyncio.Future]) -> bool:
-        client_http10 = request.version == "1.0"
-        try:
-            async with asyncio.timeout(self.response_timeout):
-                while True:
-                    event = await self._next_upstream_event(upstream)
-                    if type(event) is not Response:
+                event = parser.next_event()
+                if event is NEED_DATA:
+                    break
+                kind = type(event)
+                if exchange.response is None:
+                    if kind is not Response:
                         raise _UpstreamGone("the upstream closed the connection before responding", True)
-                    if event.status >= 200 or event.status == 101:
-                        break
-                    if not client_http10:      # interim (100 Continue, 103): pass it on
-                        self._to_client(self.client_out.send(
-                            Response(event.status, forwardable_headers(event.headers, event.connection_tokens),
-                                     event.reason)))
-                        await self._drain(self.cwriter)
+                    if event.status < 200 and event.status != 101:
+                        if exchange.request.version != "1.0":    # interim (100 Continue, 103): pass it on
+                            pending.append(out.send(Response(
+                                event.status, forwardable_headers(event.headers, event.connection_tokens),
+                                event.reason)))
+                        continue
+                    exchange.response = event
+                    if event.framing == TUNNEL:
+                        self._start_tunnel(exchange, event, pending)
+                        return
+                    if self.masker is not None:
+                        exchange.mask = self._mask_plan(exchange.request, event)
+                        if exchange.mask is not None:
+                            continue
+                    pending.append(self._client_head_bytes(exchange, event))
+                    head_pending = True
+                    continue
+                if kind is Data:
+                    if exchange.mask is not None:
+                        exchange.size += len(event.data)
+                        if exchange.size > self.mask_max:
+                            raise _UpstreamGone(f"the response exceeds mask_max_body_bytes ({self.mask_max}) "
+                                                f"and is not sent unmasked", False, status=502,
+                                                code="response_too_large_to_mask")
+                        exchange.parts.append(event.data)
+                    else:
+                        data = event.data
+                        exchange.body_bytes += len(data)
+                        pending.append(out.send(event) if out.chunked else data)
+                elif kind is EndOfMessage:
+                    if exchange.mask is not None:
+                        pending.append(self._masked_message(exchange))
+                        head_pending = True
+                    elif out.chunked:
+                        pending.append(out.send(event))
+                    self._to_client(b"".join(pending))
+                    self._finish(exchange)
+                    return
+                else:
+                    raise ProtocolError("the upstream closed the connection inside a response", 502)
         except ProtocolError as exc:
-            raise _UpstreamGone(exc.reason, False, malformed=True) from None
-        except (ConnectionError, OSError) as exc:
-            raise _UpstreamGone(f"{type(exc).__name__}: {exc}", True) from None
-        except TimeoutError:
-            raise _UpstreamGone(f"no response head within {self.response_timeout:g} s", False) from None
-        response = event
+            self._upstream_failed(exchange, _UpstreamGone(exc.reason, False, malformed=True))
+            return
+        except _UpstreamGone as gone:
+            self._upstream_failed(exchange, gone)
+            return
+        if pending:
+            self._to_client(b"".join(pending) if len(pending) > 1 else pending[0])
+            if head_pending:
+                exchange.head_sent = True
 
-        if response.framing == TUNNEL:
-            return await self._start_tunnel(request, response, upstream, index, started)
-        mask = self._mask_plan(request, response)
-        if mask is not None:
-            keep, body_bytes = await self._relay_masked(request, response, upstream, index, mask)
-        else:
-            keep, body_bytes = await self._relay_streaming(request, response, upstream, client_http10)
-        self.ctx.emit("http.response", {
-            "status": response.status, "headers": self.redactor.headers_for_record(response.headers),
-            "body_bytes": body_bytes, "duration_ns": time.monotonic_ns() - started, "request_index": index})
-        if body_task is not None:
-            if not body_task.done():
-                # the upstream answered before taking the whole body: the rest cannot be reused
-                body_task.cancel()
-                keep = False
-                upstream.close()
-                self.upstream = None
-            elif body_task.exception() is not None:
-                keep = False
-        if not response.keep_alive and self.upstream is upstream:
-            upstream.close()
-            self.upstream = None
-        return keep
+    def _client_head_bytes(self, exchange: _Exchange, response: Response) -> bytes:
+        """The normalised response head for the client; sets the body framing and keep-alive."""
+        request = exchange.request
+        key = (response.head_key, request.keep_alive, request.version, request.method == "HEAD")
+        found = self._client_heads.get(key) if key[0] is not None else None
+        if found is None:
+            framing = response.framing
+            head, keep = self._client_head(request, response,
+                                           framing if framing == LENGTH or framing == NO_BODY else CHUNKED,
+                                           response.content_length)
+            out = HttpWriter()
+            found = (out.send(head), out.chunked, keep)
+            if key[0] is not None:
+                _memo_put(self._client_heads, key, found)
+        head, self.client_out.chunked, exchange.client_keep = found
+        return head
 
     def _client_head(self, request: Request, response: Response, framing: str,
                      length: Optional[int]) -> tuple[Response, bool]:
@@ -522,64 +907,54 @@ class HttpSession:
             headers.append(("Connection", "keep-alive"))
         return Response(response.status, headers, response.reason), keep
 
-    async def _relay_streaming(self, request: Request, response: Response, upstream: _Upstream,
-                               client_http10: bool) -> tuple[bool, int]:
-        framing = response.framing
-        if framing == LENGTH:
-            out_framing = LENGTH
-        elif framing == NO_BODY:
-            out_framing = NO_BODY
-        else:
-            out_framing = CHUNKED
-        head, keep = self._client_head(request, response, out_framing, response.content_length)
-        out = self.client_out
-        pending = [out.send(head)]
-        pending_size = 0
-        body_bytes = 0
-        parser = upstream.parser
-        reader = upstream.reader
-        cwriter = self.cwriter
-        head_sent = False
-        try:
-            while True:
-                event = parser.next_event()
-                if event is NEED_DATA:
-                    if pending:
-                        self._to_client(b"".join(pending))
-                        pending.clear()
-                        pending_size = 0
-                        head_sent = True
-                        await self._drain(cwriter)
-                    parser.receive_data(await reader.read(READ_SIZE))
-                    continue
-                kind = type(event)
-                if kind is Data:
-                    body_bytes += len(event.data)
-                    chunk = out.send(event)
-                    pending.append(chunk)
-                    pending_size += len(chunk)
-                    if pending_size >= FLUSH_BYTES:
-                        self._to_client(b"".join(pending))
-                        pending.clear()
-                        pending_size = 0
-                        head_sent = True
-                        await self._drain(cwriter)
-                elif kind is EndOfMessage:
-                    pending.append(out.send(event))
-                    break
-                else:
-                    raise ProtocolError("the upstream closed the connection inside a response", 502)
-        except (ProtocolError, ConnectionError, OSError) as exc:
-            if not head_sent:
-                raise _UpstreamGone(getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}",
-                                    False, malformed=isinstance(exc, ProtocolError)) from None
-            # the head is out: the only honest signal left is an abrupt close
+    def _finish(self, exchange: _Exchange) -> None:
+        """The response is complete: record it, then take the next request or close."""
+        response = exchange.response
+        key = response.head_key
+        headers = self._response_records.get(key) if key is not None else None
+        if headers is None:
+            headers = self.redactor.headers_for_record(response.headers)
+            if key is not None:
+                _memo_put(self._response_records, key, headers)
+        self.ctx.emit("http.response", {
+            "status": response.status, "headers": headers.copy(), "body_bytes": exchange.body_bytes,
+            "duration_ns": time.monotonic_ns() - exchange.started, "request_index": exchange.index})
+        keep = exchange.client_keep
+        upstream = exchange.upstream
+        if not exchange.body_done:
+            # the upstream answered before taking the whole body: the rest cannot be reused
+            keep = False
             upstream.close()
+        elif not response.keep_alive or upstream.parser.buffered:
+            # closing, or bytes beyond the response: this connection cannot carry another request
+            upstream.close()
+        if upstream.closed and self.upstream is upstream:
             self.upstream = None
-            raise ConnectionAbortedError(f"upstream failed mid-response: {exc}") from None
-        self._to_client(b"".join(pending))
-        await self._drain(cwriter)
-        return keep, body_bytes
+        self.exchange = None
+        if not keep:
+            self._end("closed")
+            return
+        self.phase = _IDLE
+        if self.paused_for:
+            self._resume_client("pipeline")
+        self._pump_client()         # a pipelined request, or the client's close, may be waiting
+
+    def _upstream_failed(self, exchange: _Exchange, gone: _UpstreamGone) -> None:
+        self._drop_upstream(exchange)
+        if gone.before_response and exchange.retry_allowed and not exchange.retried:
+            # an idle keep-alive connection the upstream had closed: retry once on a new one
+            exchange.retried = True
+            exchange.upstream = None
+            self._wait()
+            self._spawn(self._connect_and_send(exchange))
+            return
+        if exchange.head_sent:
+            # the head is out: the only honest signal left is an abrupt close
+            self._end("client_error", f"ConnectionAbortedError: upstream failed mid-response: {gone.reason}")
+            return
+        self._answer_late(exchange, _Refusal(gone.status, {
+            "error": gone.code, "target": self.ctx.target.name, "reason": gone.reason,
+            "request_id": f"{self.ctx.session_id}-{exchange.index}"}, close=True))
 
     # -- masking -------------------------------------------------------------------------
     def _mask_plan(self, request: Request, response: Response) -> Optional[str]:
@@ -600,34 +975,17 @@ class HttpSession:
                                 status=502, code="response_too_large_to_mask")
         return encoding
 
-    async def _relay_masked(self, request: Request, response: Response, upstream: _Upstream, index: int,
-                            encoding: str) -> tuple[bool, int]:
-        parts, size = [], 0
-        try:
-            while True:
-                event = await self._next_upstream_event(upstream)
-                if type(event) is Data:
-                    size += len(event.data)
-                    if size > self.mask_max:
-                        raise _UpstreamGone(f"the response exceeds mask_max_body_bytes ({self.mask_max}) "
-                                            f"and is not sent unmasked", False, status=502,
-                                            code="response_too_large_to_mask")
-                    parts.append(event.data)
-                elif type(event) is EndOfMessage:
-                    break
-                else:
-                    raise ProtocolError("the upstream closed the connection inside a response", 502)
-        except ProtocolError as exc:
-            raise _UpstreamGone(exc.reason, False, malformed=True) from None
-        except (ConnectionError, OSError) as exc:
-            raise _UpstreamGone(f"{type(exc).__name__}: {exc}", False) from None
-        body = b"".join(parts)
+    def _masked_message(self, exchange: _Exchange) -> bytes:
+        """The whole masked response (head and body) once the upstream's body is complete."""
+        response = exchange.response
+        body = b"".join(exchange.parts)
+        exchange.parts = []
         headers = response.headers
-        if encoding != "identity":
+        if exchange.mask != "identity":
             try:
-                body = _decode(body, encoding, self.mask_max)
+                body = _decode(body, exchange.mask, self.mask_max)
             except (zlib.error, ValueError) as exc:
-                raise _UpstreamGone(f"cannot decode the {encoding} response to mask it: {exc}", False,
+                raise _UpstreamGone(f"cannot decode the {exchange.mask} response to mask it: {exc}", False,
                                     status=502, code="unmaskable_response") from None
             headers = [(n, v) for n, v in headers if n.lower() != "content-encoding"]
         content_type = find_header(headers, "content-type") or ""
@@ -635,94 +993,76 @@ class HttpSession:
         total = _count(counts)
         if total:
             self.ctx.emit("mask.applied", {"method": "http.response_body", "fields": counts,
-                                           "values_masked": total, "request_index": index})
+                                           "values_masked": total, "request_index": exchange.index})
         plain = Response(response.status, headers, response.reason, response.version,
                          connection_tokens=response.connection_tokens)
-        head, keep = self._client_head(request, plain, LENGTH, len(masked))
-        self._to_client(self.client_out.send(head) + masked)
-        await self._drain(self.cwriter)
-        return keep, len(masked)
+        head, exchange.client_keep = self._client_head(exchange.request, plain, LENGTH, len(masked))
+        exchange.body_bytes = len(masked)
+        return self.client_out.send(head) + masked
 
     # -- tunnels (Upgrade, CONNECT) --------------------------------------------------------
-    async def _start_tunnel(self, request: Request, response: Response, upstream: _Upstream,
-                            index: int, started: int) -> bool:
+    def _start_tunnel(self, exchange: _Exchange, response: Response, pending: list) -> None:
         headers = forwardable_headers(response.headers, response.connection_tokens)
         if response.status == 101:
             headers += [("Connection", "upgrade"), ("Upgrade", find_header(response.headers, "upgrade") or "")]
-        self._to_client(self.client_out.send(Response(response.status, headers, response.reason)))
-        await self._drain(self.cwriter)
+        pending.append(self.client_out.send(Response(response.status, headers, response.reason)))
+        self._to_client(b"".join(pending))
         self.ctx.emit("http.response", {
             "status": response.status, "headers": self.redactor.headers_for_record(response.headers),
-            "body_bytes": 0, "duration_ns": time.monotonic_ns() - started, "request_index": index,
-            "x_tunnel": request.upgrade or "connect"})
+            "body_bytes": 0, "duration_ns": time.monotonic_ns() - exchange.started,
+            "request_index": exchange.index, "x_tunnel": exchange.request.upgrade or "connect"})
         self.parser.start_tunnel()
-        self.upstream = None                # the connection now belongs to the tunnel
-        try:
-            await asyncio.gather(self._tunnel_pump(self._next_client_event, upstream.writer, 0),
-                                 self._tunnel_pump(lambda: self._next_upstream_event(upstream), self.cwriter, 1))
-        finally:
-            upstream.close()
-        return False
-
-    async def _tunnel_pump(self, next_event, writer: asyncio.StreamWriter, direction: int) -> None:
-        try:
-            while True:
-                event = await next_event()
-                if type(event) is not Data:
-                    break
-                self.tunnel_bytes[direction] += len(event.data)
-                if direction:
-                    self._to_client(event.data)
-                else:
-                    writer.write(event.data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            try:
-                if writer.can_write_eof():
-                    writer.write_eof()
-            except (OSError, RuntimeError):
-                pass
-
-    # -- failures --------------------------------------------------------------------------
-    async def _upstream_failed(self, request: Request, gone: "_UpstreamGone", index: int, started: int,
-                               body_task: Optional[asyncio.Future]) -> bool:
-        if self.upstream is not None:
-            self.upstream.close()
+        self.tunnel = exchange.upstream     # the connection now belongs to the tunnel
+        if self.upstream is exchange.upstream:
             self.upstream = None
-        status, code, reason = gone.status, gone.code, gone.reason
-        if body_task is not None:
-            if not body_task.done():
-                body_task.cancel()
-            elif not body_task.cancelled() and isinstance(body_task.exception(), ProtocolError):
-                # the client's body was malformed: that, not the upstream, is the cause
-                exc = body_task.exception()
-                status, code, reason = exc.status, "bad_request", exc.reason
-        refusal = _Refusal(status, {"error": code, "target": self.ctx.target.name, "reason": reason,
-                                    "request_id": f"{self.ctx.session_id}-{index}"}, close=True)
-        return await self._answer_late(request, refusal, index, started)
+        self.exchange = None
+        self.phase = _TUNNEL
+        self.tunnel_open = [True, True]
+        self._resume_client("pipeline")
+        self._pump_tunnel_up()
+        if self.phase == _TUNNEL:
+            self._pump_tunnel_down()
 
-    async def _answer_late(self, request: Request, refusal: _Refusal, index: int, started: int) -> bool:
-        """An error after the request was (partly) forwarded: answer it and close."""
-        body = json.dumps(refusal.body).encode()
-        self._to_client(simple_response(refusal.status, body, keep_alive=False))
-        await self._drain_client()
-        self.ctx.emit("http.response", {"status": refusal.status, "headers": {}, "body_bytes": len(body),
-                                        "duration_ns": time.monotonic_ns() - started, "request_index": index,
-                                        "x_refused": refusal.body.get("error"),
-                                        "x_error": refusal.body.get("reason")})
-        return False
+    def _pump_tunnel_up(self) -> None:
+        parser, upstream = self.parser, self.tunnel
+        while self.tunnel_open[0]:
+            event = parser.next_event()
+            if event is NEED_DATA:
+                return
+            if type(event) is Data:
+                self.tunnel_bytes[0] += len(event.data)
+                if not upstream.closed:
+                    upstream.transport.write(event.data)
+                continue
+            self.tunnel_open[0] = False
+            self._half_close(upstream.transport if not upstream.closed else None)
 
+    def _pump_tunnel_down(self) -> None:
+        parser = self.tunnel.parser
+        while self.tunnel_open[1]:
+            try:
+                event = parser.next_event()
+            except ProtocolError:
+                event = None
+            if event is NEED_DATA:
+                return
+            if type(event) is Data:
+                self.tunnel_bytes[1] += len(event.data)
+                self._to_client(event.data)
+                continue
+            self.tunnel_open[1] = False
+            self._half_close(self.transport)
 
-class _UpstreamGone(Exception):
-    def __init__(self, reason: str, before_response: bool, malformed: bool = False, status: int = 502,
-                 code: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.before_response = before_response
-        self.status = status
-        self.code = code or ("bad_upstream_response" if malformed else "upstream_failed")
+    def _half_close(self, transport: Optional[asyncio.Transport]) -> None:
+        """One direction of a tunnel ended: pass the FIN on; when both have, the session ends."""
+        if not any(self.tunnel_open):
+            self._end("closed")
+            return
+        try:
+            if transport is not None and transport.can_write_eof():
+                transport.write_eof()
+        except (OSError, RuntimeError):
+            pass
 
 
 def _decode(body: bytes, encoding: str, limit: int) -> bytes:
@@ -744,5 +1084,23 @@ def _count(counts: Any) -> int:
 
 async def serve_http(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
                      ctx: ConnectionContext) -> None:
-    """Serve one client connection (keep-alive, pipelined requests) through policy to its end."""
-    await HttpSession(client_reader, client_writer, ctx).run()
+    """Serve one client connection (keep-alive, pipelined requests) through policy to its end.
+
+    The stream's transport is taken over by an HttpSession protocol; bytes the stream had
+    already read are fed to it first. Returns when the session has ended.
+    """
+    loop = asyncio.get_running_loop()
+    transport = client_writer.transport
+    # what the stream read before the hand-over (StreamReader keeps it in _buffer/_eof)
+    buffered = bytes(getattr(client_reader, "_buffer", b""))
+    eof = bool(getattr(client_reader, "_eof", False))
+    session = HttpSession(transport, ctx, loop)
+    transport.set_protocol(session)
+    try:
+        session.start(buffered, eof)
+        await session.done
+    except asyncio.CancelledError:
+        session._end("cancelled")
+        raise
+    except Exception as exc:
+        session._fail_internally(exc)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import sys
 
 import pytest
@@ -76,7 +75,7 @@ def test_prebound_source_address_is_still_governed(test_cgroup, servers):
 def test_every_address_of_a_target_is_governed(test_cgroup, servers):
     port = free_port("::1")
     servers("::1", port)
-    v4 = servers("127.0.0.1", port)
+    servers("127.0.0.1", port)
     # one database reachable on an IPv4 and an IPv6 address (as a hostname with A and AAAA records is);
     # the workload tries each form, including the IPv4-mapped IPv6 spelling
     agent = agent_for(test_cgroup, [{"name": "local", "protocol": "tcp", "listen_port": free_port(),

@@ -201,7 +201,8 @@ class Enforcer:
         target = TargetInfo("api", "http", s["host"], s["port"], tls=s.get("tls", UpstreamTLS()),
                             options=s.get("options", {}))
         ctx = ConnectionContext(f"sess{self.sessions}", s.get("identity", "billing"), {}, target, None,
-                                self.sink, policy=s.get("policy"), masking=s.get("masking"))
+                                self.sink, policy=s.get("policy"), masking=s.get("masking"),
+                                approvals=s.get("approvals"))
         await serve_http(reader, writer, ctx)
 
     @property

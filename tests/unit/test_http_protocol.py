@@ -183,3 +183,28 @@ def test_brokered_credential_rereads_on_change(tmp_path):
     now[0] = 6.0
     with pytest.raises(CredentialError, match="control characters"):
         credential.value()
+
+
+def test_repeated_heads_parse_the_same_from_the_memo():
+    head = b"GET /a?x=1 HTTP/1.1\r\nHost: api\r\nAccept:  */* \r\n\r\n"
+    reader = HttpReader("request")
+    first, second = events_of(reader, head + head)[0::2]
+    fresh = events_of(HttpReader("request"), head)[0]
+    assert first == second == fresh and first.headers == [("Host", "api"), ("Accept", "*/*")]
+    assert first.headers is not second.headers          # each event owns its header list
+    second.headers.append(("X-Mutated", "1"))
+    assert events_of(reader, head)[0].headers == [("Host", "api"), ("Accept", "*/*")]
+
+
+def test_a_refused_head_is_refused_again_not_remembered():
+    head = b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n"                   # no Host: refused when routed
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="without a Host"):
+            events_of(HttpReader("request"), head)
+    reader = HttpReader("response")
+    reader.expect_response("GET")
+    reader.expect_response("HEAD")
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    # the same response head frames differently after HEAD: routing is redone on every hit
+    events = events_of(reader, ok + b"ok" + ok)
+    assert [e.framing for e in events if type(e) is Response] == [LENGTH, NO_BODY]

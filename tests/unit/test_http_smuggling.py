@@ -238,3 +238,83 @@ def test_proxy_refuses_upstream_response(case_id, raw):
     assert upstream_saw == b"GET / HTTP/1.1\r\nHost: api\r\n\r\n"
     responses = [f for t, f in events if t == "http.response"]
     assert responses and responses[-1]["status"] == 502
+
+
+# -- the shell's own desync guards -----------------------------------------------------------
+
+async def _stray_response_run() -> tuple[bytes, int]:
+    """The upstream answers the first request twice; the second client request must get its own answer."""
+    connections = []
+
+    async def upstream(reader, writer):
+        connections.append(writer)
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                served += 1
+                body = b"%d-%d" % (len(connections), served)
+                reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                writer.write(reply + (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSTRAY" if served == 1 else b""))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def handle(reader, writer):
+        ctx = ConnectionContext("sess", "svc", {}, TargetInfo("api", "http", "127.0.0.2", port), None, _Sink())
+        await serve_http(reader, writer, ctx)
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    writer.write(b"GET /1 HTTP/1.1\r\nHost: api\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"1-1"), 5)
+    await asyncio.sleep(0.05)                    # the stray bytes arrive while the session is idle
+    writer.write(b"GET /2 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    proxy.close()
+    server.close()
+    return first + rest, len(connections)
+
+
+def test_bytes_from_an_idle_upstream_are_never_paired_with_the_next_request():
+    answer, upstream_connections = asyncio.run(_stray_response_run())
+    assert b"STRAY" not in answer
+    assert answer.endswith(b"2-1")               # a new upstream connection answered request 2
+    assert upstream_connections == 2
+
+
+async def _late_handover_run() -> bytes:
+    """The agent's stream may already hold the request when serve_http takes the transport."""
+    async def upstream(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def handle(reader, writer):
+        await asyncio.sleep(0.1)                 # the request lands in the StreamReader's buffer
+        ctx = ConnectionContext("sess", "svc", {}, TargetInfo("api", "http", "127.0.0.2", port), None, _Sink())
+        await serve_http(reader, writer, ctx)
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+    writer.write(b"GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    writer.close()
+    proxy.close()
+    server.close()
+    return answer
+
+
+def test_bytes_buffered_before_the_handover_are_served():
+    answer = asyncio.run(_late_handover_run())
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\n\r\nok")
