@@ -251,7 +251,7 @@ async def _stray_response_run() -> tuple[bytes, int]:
         served = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readuntil(b"\r\n\r\n")
                 served += 1
                 body = b"%d-%d" % (len(connections), served)
                 reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)

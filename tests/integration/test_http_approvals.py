@@ -1,0 +1,167 @@
+"""An HTTP request held for a human: policy says approval, the real collector holds it, the
+`warden approvals` CLI decides it, and serve_http then forwards it or answers 403 with the reason.
+
+Real parts: `warden-collector serve` on 127.0.0.1 (SQLite), an agent enrolled with it (the
+shipper's enrollment and bearer tokens), enforcer.approvals.ApprovalClient, the uvicorn upstream
+of test_http_proxy on 127.0.0.2, httpx as the workload and the `warden` CLI as the approver.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from enforcer.approvals import ApprovalClient
+from enforcer.policy.engine import PolicyEngine
+from tests.integration.test_http_proxy import Enforcer, _free_port, upstream  # noqa: F401 (fixture)
+
+BIN = Path(sys.executable).parent
+
+POLICY = """
+@id("billing-read")
+permit(principal == Service::"billing", action in Action::"http:read", resource in Target::"api");
+
+@id("billing-refunds")
+permit(principal == Service::"billing", action == Action::"http:POST", resource in Endpoint::"api/api/refunds");
+
+@id("refunds-need-approval")
+@approval("required")
+forbid(principal, action == Action::"http:POST", resource in Endpoint::"api/api/refunds")
+unless { context.approved };
+"""
+
+
+def _cli(*args: str, env: dict | None = None) -> str:
+    done = subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "COLUMNS": "250", **(env or {})})
+    assert done.returncode == 0, f"{args} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def collector():
+    work = tempfile.mkdtemp(prefix="warden-http-approvals-")
+    port = _free_port("127.0.0.1")
+    config = Path(work, "collector.yaml")
+    config.write_text(f"state_dir: {work}/state\nlisten: 127.0.0.1:{port}\n")
+    proc = subprocess.Popen([str(BIN / "warden-collector"), "serve", "--config", str(config),
+                             "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the collector did not start"
+            time.sleep(0.1)
+        enrollment = _cli("warden-collector", "enroll", "create", "--config", str(config)).strip().split()[-1]
+        approver = _cli("warden-collector", "token", "create", "--config", str(config), "--role", "approver",
+                        "--subject", "alice.approver").strip().split()[-1]
+        yield {"url": url, "enrollment": enrollment, "approver": approver, "work": work}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def agent_token(collector):
+    """Enroll an agent the way the daemon does; its shipper mints the bearer tokens."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.shipper import Shipper
+    from records.spool import Spool
+    spool = Spool(os.path.join(collector["work"], "spool"))
+    shipper = Shipper(spool, collector["url"], Ed25519PrivateKey.generate(), "http-approvals-agent",
+                      enrollment_token=collector["enrollment"], state_dir=os.path.join(collector["work"], "shipper"))
+    asyncio.run(shipper.enroll())
+    yield shipper.bearer_token
+    spool.close()
+
+
+@pytest.fixture(scope="module")
+def enforcer():
+    e = Enforcer()
+    yield e
+    e.close()
+
+
+def _pending(env: dict, seen: set, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        items = json.loads(_cli("warden", "approvals", "list", "--json", env=env))
+        items = items.get("items", items) if isinstance(items, dict) else items
+        pending = [a for a in items if a["status"] == "pending" and a["id"] not in seen]
+        if pending:
+            return pending[0]
+        time.sleep(0.2)
+    raise AssertionError("no pending approval appeared at the collector")
+
+
+def _post_in_background(url: str, body: bytes) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def run():
+        with httpx.Client(base_url=url, headers={"Host": "api"}, timeout=40) as client:
+            result["response"] = client.post("/refunds", content=body)
+            result["after"] = client.get("/seen").json()     # the same connection goes on
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_held_request_runs_when_approved_and_gets_403_when_denied(upstream, enforcer, collector,  # noqa: F811
+                                                                  agent_token):
+    approvals = ApprovalClient(collector["url"], agent_token, timeout_s=30)
+    enforcer.configure(upstream, policy=PolicyEngine.from_text(POLICY), approvals=approvals)
+    env = {"WARDEN_COLLECTOR": collector["url"], "WARDEN_TOKEN": collector["approver"]}
+
+    # approved: the request waits for the approver, then reaches the upstream with its body
+    thread, result = _post_in_background(enforcer.url, b'{"order": 1, "amount": 5}')
+    first = _pending(env, set())
+    assert first["identity"] == "billing" and first["statement"] == "POST api/refunds"
+    assert "response" not in result                      # still held
+    _cli("warden", "approvals", "approve", first["id"], "--reason", "ticket CHG-77", env=env)
+    thread.join(30)
+    approved = result["response"]
+    assert approved.status_code == 200, approved.text
+    assert approved.json()["method"] == "POST" and approved.json()["body_len"] == 25
+    assert "POST /refunds" in result["after"]
+
+    # denied: 403 naming the policy and the approver's reason; the upstream never sees it
+    enforcer.sink.events.clear()
+    thread, result = _post_in_background(enforcer.url, b'{"order": 2, "amount": 5000}')
+    second = _pending(env, {first["id"]})
+    _cli("warden", "approvals", "deny", second["id"], "--reason", "not during the freeze", env=env)
+    thread.join(30)
+    denied = result["response"]
+    assert denied.status_code == 403
+    body = denied.json()
+    assert body["identity"] == "billing" and body["action"] == "http:POST"
+    assert body["policy"] == ["refunds-need-approval"]
+    assert "not during the freeze" in body["reason"] and "alice.approver" in body["reason"]
+    assert result["after"].count("POST /refunds") == 1   # only the approved one got through
+
+    decisions = enforcer.sink.of("policy.decision")
+    assert decisions[0]["decision"] == "deny" and "not during the freeze" in decisions[0]["reason"]
+    decided = enforcer.sink.of("approval.decided")
+    assert decided and decided[0]["decision"] == "denied" and decided[0]["approver"] == "alice.approver"
