@@ -268,7 +268,7 @@ def _parse_rule(item: dict, index: int, p: tuple, err, detector_list, hash_key, 
         return None
     selector = selectors[0]
 
-    column = qualified = json_key = json_path = None
+    column = qualified = json_key = json_key_glob = json_path = None
     value = item[selector]
     if selector == "scan_all_text":
         if value is not True:
@@ -286,6 +286,7 @@ def _parse_rule(item: dict, index: int, p: tuple, err, detector_list, hash_key, 
                                  "schema.table.column (e.g. public.customers.ssn)"); ok = False
     elif selector == "json_key":
         json_key = glob_regex(value)
+        json_key_glob = value
     else:
         try:
             json_path = JsonPath.parse(value)
@@ -358,4 +359,4 @@ def _parse_rule(item: dict, index: int, p: tuple, err, detector_list, hash_key, 
         return None
     return Rule(name=str(name), strategy=strategy, targets=targets, exempt=exempt, column=column,
                 qualified=qualified, scanner=scanner, scan_all_text=selector == "scan_all_text",
-                json_key=json_key, json_path=json_path, on_binary=on_binary)
+                json_key=json_key, json_key_glob=json_key_glob, json_path=json_path, on_binary=on_binary)

@@ -5,7 +5,6 @@ result (None when nothing applies) in `ConnectionContext.masking`. Everything he
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
@@ -269,18 +268,14 @@ class SessionMasker:
         ctype = (content_type or "").split(";", 1)[0].strip().lower()
         is_json = ctype == "application/json" or ctype.endswith("+json") or ctype.endswith("/json")
         if is_json:
-            try:
-                doc = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                doc = None
-                is_json = False
-            if is_json:
-                masked, counts = self.ruleset.json.mask(doc)
-                if not counts:
-                    return body, {}
+            # a body that turns out not to be JSON goes to the text detectors below; with none in
+            # use it would come back unchanged, so the JSON masker may skip parsing it
+            result = self.ruleset.json.mask_body(body, may_skip_parse=not self.ruleset.text_scanner.detectors)
+            if result is not None:
+                masked, counts = result
                 for k, v in counts.items():
                     self._json_counts[k] = self._json_counts.get(k, 0) + v
-                return json.dumps(masked, ensure_ascii=False, separators=(",", ":")).encode(), counts
+                return masked, counts
         textual = ctype.startswith("text/") or ctype == "application/x-ndjson" or ctype.endswith("json")
         if not textual:
             return body, {}

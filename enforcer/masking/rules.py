@@ -71,6 +71,7 @@ class Rule:
     scanner: Optional[Scanner] = None              # detectors; with a column: only there, else scan_all_text
     scan_all_text: bool = False
     json_key: Optional[re.Pattern] = None
+    json_key_glob: Optional[str] = None            # the glob json_key was built from (body pre-filter)
     json_path: Optional[JsonPath] = None
     on_binary: str = ON_BINARY_NULL
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import string
 from typing import Optional
 
 DEFAULT_REDACTION = "[REDACTED]"
@@ -60,6 +61,7 @@ class Partial(Strategy):
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.mask_char = mask_char
+        self._ascii_mask = str.maketrans({c: mask_char for c in string.ascii_letters + string.digits})
 
     def apply(self, value: str) -> Optional[str]:
         if self.keep_first == 0 and self.keep_last:
@@ -72,7 +74,11 @@ class Partial(Strategy):
                     kept += 1
             if kept == self.keep_last:
                 head = value[:i]
-                masked, n = _ALNUM.subn(self.mask_char, head)
+                if head.isascii():            # str.translate beats a regex substitution per character
+                    masked = head.translate(self._ascii_mask)
+                    n = masked.count(self.mask_char) - (0 if self.mask_char.isalnum() else head.count(self.mask_char))
+                else:
+                    masked, n = _ALNUM.subn(self.mask_char, head)
                 if n >= kept:                 # at least as much masked as kept; else the short-value rule
                     return masked + value[i:]
         positions = [m.start() for m in _ALNUM.finditer(value)]
