@@ -18,7 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# bench/ holds http.py, which would shadow the standard library's http package.
+_BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(_BENCH_DIR.parent))
 
 from collector.ingest import ingest_batch  # noqa: E402
 from collector.queries import list_events, list_sessions  # noqa: E402
@@ -57,7 +60,7 @@ def load(store: Store, total: int, tables: list[str], batch_size: int, rng: rand
                                                             "params": ["42"], "kind": "select", "tables": [table]},
                                           sid, ts))
                 ts += step
-                events.append(agent.event("pg.result", {"tag": "SELECT 1", "rows": 1}, sid, ts))
+                events.append(agent.event("pg.result", {"command_tag": "SELECT 1", "rows": 1}, sid, ts))
             ts += step
             events.append(agent.event("session.end", {}, sid, ts))
             ts += step

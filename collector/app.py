@@ -2,6 +2,7 @@
 call the module that owns the work, shape the answer."""
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -14,9 +15,9 @@ from pydantic import BaseModel, Field
 from sqlalchemy import insert, select
 
 from collector import approvals as approvals_mod
-from collector import queries
-from collector.auth import (ROLE_RANK, AuthError, CollectorKeys, Principal, looks_like_agent_token,
-                            verify_agent_token, verify_api_token)
+from collector import queries, retention
+from collector.auth import (ROLE_RANK, AuthError, CollectorKeys, ForbiddenError, OIDCVerifier, Principal,
+                            looks_like_agent_token, verify_agent_token, verify_api_token)
 from collector.config import CollectorConfig
 from collector.ingest import IngestRejected, enroll_agent, ingest_batch
 from collector.integrity import verify_store
@@ -73,12 +74,36 @@ def _window(at: str | None, window: str | None, since: str | None, until: str | 
     return since_ns, until_ns
 
 
+async def _retention_loop(store: Store, keys: CollectorKeys, config: CollectorConfig) -> None:
+    """Purge on start and then every retention.interval; replicas may all run it (each agent's
+    purge locks that agent's row, so a second replica finds nothing left to purge)."""
+    while True:
+        try:
+            result = await run_in_threadpool(retention.purge, store, keys.private_key, days=config.retention_days,
+                                             actor="retention (scheduled)")
+            if result["agents"]:
+                log.info("retention purged %d batch(es), %d event(s), %d session(s) before %s",
+                         result["batches"], result["events"], result["sessions"], result["before"])
+        except Exception:
+            log.exception("retention run failed; retrying at the next interval")
+        await asyncio.sleep(config.retention_interval_s)
+
+
 def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
     store = store or Store(config.database_url)
     store.migrate()
     keys = CollectorKeys(config.state_dir)
     counters = Counters()
-    app = FastAPI(title="Warden collector", version="0.1.0",
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        task = None
+        if config.retention_days:
+            task = asyncio.create_task(_retention_loop(store, keys, config))
+        yield
+        if task is not None:
+            task.cancel()
+
+    app = FastAPI(title="Warden collector", version="0.1.0", lifespan=lifespan,
                   description="Verified ingest of Warden session records, query, approvals and export.")
     app.state.store, app.state.keys, app.state.counters, app.state.config = store, keys, counters, config
 
@@ -90,9 +115,14 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
         return token.strip()
 
+    oidc = OIDCVerifier(config.tokens.oidc) if config.tokens.oidc else None
+
     def authenticate(request: Request, allow_agent: bool) -> Principal:
         token = bearer(request)
         try:
+            if oidc is not None and config.tokens.oidc.issuer != config.tokens.issuer \
+                    and oidc.claims_issuer_matches(token):
+                return oidc.principal(token)
             with store.read() as connection:
                 if allow_agent and looks_like_agent_token(token) is not None:
                     return verify_agent_token(connection, token)
@@ -101,6 +131,8 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
         except AuthError as exc:
             counters.inc("warden_collector_verify_failures_total", reason="token")
             raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+        except ForbiddenError as exc:
+            raise HTTPException(403, str(exc)) from None
 
     def _log_access(principal: Principal, request: Request) -> None:
         if principal.kind != "person":
@@ -264,7 +296,7 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
         started = time.monotonic()
         with store.read() as connection:
             report = verify_store(connection, agent_id=agent, since_ns=_time(since, "since"),
-                                  until_ns=_time(until, "until"))
+                                  until_ns=_time(until, "until"), checkpoint_key=keys.public_key)
         if not report["ok"]:
             counters.inc("warden_collector_verify_failures_total", len(report["problems"]), reason="evidence")
         report["elapsed_s"] = round(time.monotonic() - started, 3)
@@ -353,6 +385,14 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
             raise HTTPException(exc.status, exc.detail) from None
 
     # --- administration -------------------------------------------------------
+
+    @app.post("/v1/retention/run", tags=["admin"])
+    def run_retention(principal: Admin, days: int | None = Query(None, ge=0,
+                                                                 description="default: retention.days")):
+        days = days if days is not None else config.retention_days
+        if days is None:
+            raise HTTPException(400, "no retention period: set retention.days in collector.yaml or pass ?days=N")
+        return retention.purge(store, keys.private_key, days=days, actor=principal.subject)
 
     @app.get("/v1/access-log", tags=["admin"])
     def read_access_log(_: Admin, since: str | None = None, limit: int = Query(200, ge=1, le=1000)):

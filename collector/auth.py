@@ -182,3 +182,54 @@ def mint_agent_token(private_key: Ed25519PrivateKey, agent_id: str, lifetime_s: 
     now = int(time.time())
     return jwt.encode({"iss": agent_id, "sub": agent_id, "aud": AGENT_AUDIENCE, "iat": now,
                        "exp": now + lifetime_s, "jti": uuid.uuid4().hex}, private_key, algorithm="EdDSA")
+
+
+class OIDCVerifier:
+    """People's tokens from an external OIDC provider: verified strictly by the shared
+    enforcer.tokens.TokenVerifier (asymmetric algorithm allow-list, never none/HS*,
+    issuer, audience, expiry, kid lookup with a rate-limited JWKS refresh), then mapped
+    to a role through one claim (e.g. groups) and the configured role_map."""
+
+    def __init__(self, settings):
+        from enforcer.tokens import TokenVerifier
+        self.settings = settings
+        self.verifier = TokenVerifier(settings.issuer, settings.audience, settings.jwks,
+                                      algorithms=settings.algorithms, required_claims=("exp", "iat", "iss", "aud"))
+
+    def claims_issuer_matches(self, token: str) -> bool:
+        """Whether the (unverified) token names this provider: it only selects the verifier."""
+        try:
+            return jwt.decode(token, options={"verify_signature": False}).get("iss") == self.settings.issuer
+        except jwt.InvalidTokenError:
+            return False
+
+    def principal(self, token: str) -> Principal:
+        from enforcer.tokens import TokenError
+        try:
+            claims = self.verifier.verify(token)
+        except TokenError as exc:
+            hint = ": sign in again with your identity provider" if exc.code == "expired" else ""
+            raise AuthError(f"OIDC token refused: {exc.reason}{hint}") from None
+        subject = _claim(claims, self.settings.subject_claim)
+        if not isinstance(subject, str) or not subject:
+            raise AuthError(f"OIDC token refused: no {self.settings.subject_claim!r} claim to name the person")
+        values = _claim(claims, self.settings.role_claim)
+        if isinstance(values, str):
+            values = [values]
+        roles = [self.settings.role_map[v] for v in values or [] if isinstance(v, str) and v in self.settings.role_map]
+        if not roles:
+            raise ForbiddenError(f"{subject} has no Warden role: none of the token's {self.settings.role_claim!r} "
+                                 f"values is in tokens.oidc.role_map")
+        return Principal(kind="person", subject=subject, role=max(roles, key=ROLE_RANK.__getitem__))
+
+
+def _claim(claims: dict, path: str):
+    """A claim by name, or a dotted path into nested claims (e.g. realm_access.roles)."""
+    if path in claims:
+        return claims[path]
+    value = claims
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value

@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     enroll_create.add_argument("--ttl", default="1h", help="lifetime (default 1h)")
     enroll_create.add_argument("--json", action="store_true", help="print JSON")
 
+    retention = commands.add_parser("retention", help="purge old evidence").add_subparsers(
+        dest="retention_command", required=True, metavar="ACTION")
+    retention_run = retention.add_parser(
+        "run", parents=[common], help="purge batches, events and sessions older than N days",
+        description="Purge evidence older than retention.days (or --days). A signed checkpoint per agent keeps "
+                    "what remains verifiable; each purge is written to the access log.")
+    retention_run.add_argument("--days", type=int, help="override retention.days from the config")
+    retention_run.add_argument("--actor", default=os.environ.get("USER") or "cli",
+                               help="who runs the purge (recorded in the access log; default $USER)")
+    retention_run.add_argument("--json", action="store_true", help="print JSON")
+
     commands.add_parser("migrate", parents=[common], help="apply database migrations and exit")
     return parser
 
@@ -183,6 +194,32 @@ def cmd_enroll_create(args, config: CollectorConfig) -> int:
     return EXIT_OK
 
 
+def cmd_retention_run(args, config: CollectorConfig) -> int:
+    from collector.auth import CollectorKeys
+    from collector.retention import purge
+    days = args.days if args.days is not None else config.retention_days
+    if days is None:
+        print("error: no retention period: set retention.days in collector.yaml or pass --days N", file=sys.stderr)
+        return EXIT_USAGE
+    if days < 0:
+        print("error: --days must be 0 or more", file=sys.stderr)
+        return EXIT_USAGE
+    store = _open_store(config)
+    try:
+        result = purge(store, CollectorKeys(config.state_dir).private_key, days=days, actor=f"cli:{args.actor}")
+    finally:
+        store.dispose()
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return EXIT_OK
+    print(f"purged evidence older than {result['before']}: {result['batches']} batch(es), {result['events']} "
+          f"event(s), {result['sessions']} session(s)")
+    for agent in result["agents"]:
+        note = f", {agent['problems']} verification problem(s) in the purged range" if agent["problems"] else ""
+        print(f"  {agent['agent_id']}: seq {agent['first_seq']}..{agent['last_seq']} (checkpoint signed){note}")
+    return EXIT_OK
+
+
 def cmd_migrate(_args, config: CollectorConfig) -> int:
     from collector.storage.engine import Store
     store = Store(config.database_url)
@@ -202,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_token_create(args, config) if args.token_command == "create" else cmd_token_revoke(args, config)
         if args.command == "enroll":
             return cmd_enroll_create(args, config)
+        if args.command == "retention":
+            return cmd_retention_run(args, config)
         if args.command == "migrate":
             return cmd_migrate(args, config)
     except (ConfigError, TimeFormatError, ValueError) as exc:

@@ -99,44 +99,102 @@ def cmd_events(client: CollectorClient, args) -> int:
     return EXIT_OK
 
 
-def _replay_line(event: dict) -> tuple[str, str, str]:
-    """(what happened, result/decision, detail)"""
-    f, kind = event["fields"], event["type"]
-    if kind == "pg.statement":
-        params = f.get("params")
-        return "SQL", f.get("text") or "", f"params={json.dumps(params)}" if params else ""
-    if kind == "http.request":
-        return "HTTP", f"{f.get('method', '')} {f.get('host', '')}{f.get('path', '')}", ""
-    if kind in ("pg.result", "http.response"):
-        return "result", event["summary"] or "", ""
-    if kind == "policy.decision":
-        return "decision", event["summary"] or "", f.get("reason") or ""
-    if kind == "mask.applied":
-        return "masked", event["summary"] or "", ""
-    if kind.startswith("approval."):
-        return kind, event["summary"] or "", ""
-    return kind, event["summary"] or "", ""
+def _index_of(f: dict):
+    for key in ("statement_index", "request_index"):
+        if f.get(key) is not None:
+            return f[key]
+    return None
+
+
+def replay_steps(items: list[dict]) -> list[dict]:
+    """The timeline as steps: one per statement or request, carrying its decision, result
+    and masking (matched by statement/request index, else by order); other events stand alone."""
+    steps: list[dict] = []
+    by_index: dict = {}
+    current = None
+    for e in items:
+        kind, f = e["type"], e.get("fields") or {}
+        if kind in ("pg.statement", "http.request"):
+            if kind == "pg.statement":
+                params = f.get("params")
+                text = f.get("text") or ""
+                detail = f"params={json.dumps(params)}" if params else ""
+            else:
+                query = f"?{f['query']}" if f.get("query") else ""
+                text = f"{f.get('method', '')} {f.get('host', '')}{f.get('path', '')}{query}"
+                detail = ""
+            current = {"ts": e["ts"], "step": "SQL" if kind == "pg.statement" else "HTTP", "text": text,
+                       "detail": detail, "decision": f.get("decision") or e.get("decision"), "policies": [],
+                       "result": None, "masking": [], "seq": e["seq"]}
+            steps.append(current)
+            if _index_of(f) is not None:
+                by_index[_index_of(f)] = current
+            continue
+        owner = by_index.get(_index_of(f), current) if _index_of(f) is not None else current
+        if kind == "policy.decision" and owner is not None:
+            owner["decision"] = f.get("decision") or owner["decision"]
+            owner["policies"] = list(f.get("policy_ids") or [])
+            if f.get("reason"):
+                owner["detail"] = (owner["detail"] + " " if owner["detail"] else "") + f"reason: {f['reason']}"
+        elif kind in ("pg.result", "http.response") and owner is not None:
+            owner["result"] = e.get("summary") or ""
+        elif kind == "mask.applied" and owner is not None:
+            owner["masking"].append(e.get("summary") or "masked")
+        else:
+            steps.append({"ts": e["ts"], "step": kind, "text": e.get("summary") or "", "detail": "",
+                          "decision": e.get("decision") if kind.startswith("approval.") else None, "policies": [],
+                          "result": None, "masking": [], "seq": e["seq"]})
+    return steps
 
 
 def cmd_replay(client: CollectorClient, args) -> int:
     session = client.get(f"/v1/sessions/{args.id}")
     items = list(client.paginate(f"/v1/sessions/{args.id}/events", limit=1000))
     items.sort(key=lambda e: (e["ts"], e["agent_id"], e["seq"]))
+    steps = replay_steps(items)
     if args.json:
-        _print_json({"session": session, "events": items})
+        _print_json({"session": session, "events": items, "steps": steps})
         return EXIT_OK
     start = session.get("start_ns") or (items[0]["ts"] if items else 0)
     out.print(f"[bold]session {session['id']}[/bold]  {session.get('identity') or '?'} → "
               f"{session.get('target') or '?'}  on {session.get('host') or session['agent_id']}  "
               f"{_process_text(session.get('process'))}  started {session.get('start')}")
     table = Table()
-    for column in ("+time", "step", "statement / request / result", "detail"):
+    for column in ("+time", "step", "statement / request", "decision", "result", "masking", "detail"):
         table.add_column(column, overflow="fold")
-    for e in items:
-        offset = (e["ts"] - start) / 1e9
-        step, text, detail = _replay_line(e)
-        table.add_row(f"{offset:+.3f}s", step, text, detail)
+    for step in steps:
+        decision = step["decision"] or ""
+        if decision in ("deny", "denied"):
+            decision = f"[red]{decision}[/red]"
+        elif decision.startswith("approv") or decision == "pending":
+            decision = f"[yellow]{decision}[/yellow]"
+        if step["policies"]:
+            decision += f" ({', '.join(map(str, step['policies']))})"
+        table.add_row(f"{(step['ts'] - start) / 1e9:+.3f}s", step["step"], step["text"], decision,
+                      step["result"] or "", "; ".join(step["masking"]), step["detail"])
     out.print(table)
+    masked = sum(1 for step in steps if step["masking"])
+    denied = sum(1 for step in steps if step["decision"] in ("deny", "denied"))
+    out.print(f"{sum(1 for s in steps if s['step'] in ('SQL', 'HTTP'))} statement(s)/request(s), "
+              f"{denied} denied, {masked} with masking")
+    return EXIT_OK
+
+
+def cmd_pcap(client: CollectorClient, args) -> int:
+    from collector.pcap import write_session_pcap
+    session = client.get(f"/v1/sessions/{args.id}")
+    items = list(client.paginate(f"/v1/sessions/{args.id}/events", limit=1000))
+    summary = write_session_pcap(args.output, session, items)
+    summary["file"] = args.output
+    if args.json:
+        _print_json(summary)
+        return EXIT_OK
+    out.print(f"wrote {summary['packets']} packet(s) ({summary['messages']} message(s), {summary['statements']} "
+              f"statement(s)/request(s)) {summary['client']} → {summary['server']} to {args.output}")
+    if summary.get("decode_as"):
+        out.print(f"port {summary['server'].rsplit(':', 1)[1]} is not a default {summary['dissector']} port: "
+                  f"open with `tshark -r {args.output} -d {summary['decode_as']}` (Wireshark: Decode As…)")
+    out.print("synthetic capture: messages rebuilt from the record; row values and bodies are not recorded")
     return EXIT_OK
 
 
@@ -193,8 +251,13 @@ def cmd_verify(client: CollectorClient, args) -> int:
         report = client.get("/v1/verify", **params)
     for agent in report["agents"]:
         mark = "[green]intact[/green]" if agent["ok"] else "[red]PROBLEMS[/red]"
+        checkpoint = agent.get("checkpoint")
+        since = ""
+        if checkpoint:
+            state = "signed checkpoint" if checkpoint["signature_ok"] else "[red]INVALID checkpoint[/red]"
+            since = f" from {state} at seq {checkpoint['seq']} (retention purged before {checkpoint['purged_before']})"
         out.print(f"agent {agent['agent_id']}: {mark} — {agent['batches_checked']} batch(es), "
-                  f"{agent['events_checked']} event(s) checked")
+                  f"{agent['events_checked']} event(s) checked{since}")
     if report["problems"]:
         table = Table(title=f"{len(report['problems'])} problem(s)")
         for column in ("agent", "kind", "seq", "batch id", "batch seqs", "detail"):
@@ -276,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay = json_flag(commands.add_parser("replay", help="a session as a timeline"))
     replay.add_argument("id")
     replay.set_defaults(func=cmd_replay)
+
+    pcap = json_flag(commands.add_parser("pcap", help="a session as a synthetic TCP capture for Wireshark",
+                                         description="Write the session's recorded messages as a synthetic TCP "
+                                                     "capture (PostgreSQL or HTTP) that Wireshark/tshark dissect."))
+    pcap.add_argument("id")
+    pcap.add_argument("-o", "--output", required=True, metavar="FILE", help="pcap file to write")
+    pcap.set_defaults(func=cmd_pcap)
 
     approvals = commands.add_parser("approvals", help="pending and decided approvals").add_subparsers(
         dest="approvals_command", required=True, metavar="ACTION")

@@ -17,11 +17,28 @@ class ConfigError(Exception):
     """A configuration mistake; the message names the file, line and fix."""
 
 
+PERSON_ROLES = ("auditor", "approver", "admin")
+OIDC_DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA", "PS256")
+
+
+@dataclass
+class OIDCSettings:
+    """People's tokens from an external identity provider, mapped to roles by a claim."""
+    issuer: str
+    audience: str
+    jwks: str                       # file path or https URL (http only on loopback)
+    role_claim: str = "groups"
+    role_map: dict[str, str] = field(default_factory=dict)  # claim value -> auditor | approver | admin
+    subject_claim: str = "sub"      # what the access log records, e.g. email
+    algorithms: tuple[str, ...] = OIDC_DEFAULT_ALGORITHMS
+
+
 @dataclass
 class TokenSettings:
     issuer: str = "warden-collector"
     audience: str = "warden-api"
     default_ttl: str = "8h"
+    oidc: OIDCSettings | None = None
 
 
 @dataclass
@@ -39,6 +56,7 @@ class CollectorConfig:
     state_dir: str = DEFAULT_STATE_DIR
     tokens: TokenSettings = field(default_factory=TokenSettings)
     retention_days: int | None = None
+    retention_interval: str = "1h"
     approval_timeout: str = "15m"
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     source: str = "<defaults>"
@@ -48,6 +66,10 @@ class CollectorConfig:
         if self.db:
             return self.db
         return "sqlite:///" + str(Path(self.state_dir) / "collector.db")
+
+    @property
+    def retention_interval_s(self) -> float:
+        return parse_duration_ns(self.retention_interval) / 1e9
 
     @property
     def approval_timeout_ns(self) -> int:
@@ -74,8 +96,8 @@ _SCHEMA: dict[str, tuple[type, dict | None]] = {
     "db": (str, None),
     "state_dir": (str, None),
     "tls": (dict, {"cert": str, "key": str}),
-    "tokens": (dict, {"issuer": str, "audience": str, "default_ttl": str}),
-    "retention": (dict, {"days": int}),
+    "tokens": (dict, {"issuer": str, "audience": str, "default_ttl": str, "oidc": dict}),
+    "retention": (dict, {"days": int, "interval": str}),
     "approvals": (dict, {"timeout": str}),
     "webhook": (dict, {"url": str, "secret": str}),
 }
@@ -113,8 +135,10 @@ def load_config(path: str | os.PathLike | None) -> CollectorConfig:
         issuer=tokens.get("issuer", "warden-collector"),
         audience=tokens.get("audience", "warden-api"),
         default_ttl=tokens.get("default_ttl", "8h"),
+        oidc=tokens.get("oidc"),
     )
     config.retention_days = values.get("retention", {}).get("days")
+    config.retention_interval = values.get("retention", {}).get("interval", "1h")
     config.approval_timeout = values.get("approvals", {}).get("timeout", "15m")
     hook = values.get("webhook", {})
     config.webhook = WebhookSettings(url=hook.get("url"), secret=hook.get("secret"))
@@ -140,10 +164,62 @@ def _validate(file: Path, root: yaml.MappingNode) -> dict:
             if sub_key not in sub:
                 raise ConfigError(f"{file}:{sub_key_node.start_mark.line + 1}: unknown key "
                                   f"{key}.{sub_key}; known: {', '.join(sub)}")
+            if (key, sub_key) == ("tokens", "oidc"):
+                section[sub_key] = _oidc(file, sub_key_node, sub_value_node)
+                continue
             section[sub_key] = _scalar(file, f"{key}.{sub_key}", sub_value_node, sub[sub_key])
         values[key] = section
     _check_semantics(file, root, values)
     return values
+
+
+_OIDC_KEYS = ("issuer", "audience", "jwks", "role_claim", "role_map", "subject_claim", "algorithms")
+
+
+def _oidc(file: Path, key_node: yaml.Node, node: yaml.Node) -> OIDCSettings:
+    where = f"{file}:{node.start_mark.line + 1}"
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: tokens.oidc must be a mapping with "
+                          f"issuer, audience, jwks, role_claim, role_map")
+    values: dict = {}
+    for sub_key_node, value_node in node.value:
+        name, line = sub_key_node.value, sub_key_node.start_mark.line + 1
+        if name not in _OIDC_KEYS:
+            raise ConfigError(f"{file}:{line}: unknown key tokens.oidc.{name}; known: {', '.join(_OIDC_KEYS)}")
+        if name == "role_map":
+            if not isinstance(value_node, yaml.MappingNode):
+                raise ConfigError(f"{file}:{line}: tokens.oidc.role_map must map claim values to roles, "
+                                  f'e.g. "sec-auditors: auditor"')
+            role_map = {}
+            for group_node, role_node in value_node.value:
+                role = _scalar(file, f"tokens.oidc.role_map.{group_node.value}", role_node, str)
+                if role not in PERSON_ROLES:
+                    raise ConfigError(f"{file}:{role_node.start_mark.line + 1}: tokens.oidc.role_map."
+                                      f"{group_node.value}: unknown role {role!r}; use {', '.join(PERSON_ROLES)}")
+                role_map[str(group_node.value)] = role
+            values[name] = role_map
+        elif name == "algorithms":
+            items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            algorithms = tuple(_scalar(file, "tokens.oidc.algorithms", item, str) for item in items)
+            from enforcer.tokens import SUPPORTED_ALGORITHMS
+            bad = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
+            if bad or not algorithms:
+                raise ConfigError(f"{file}:{line}: tokens.oidc.algorithms: {', '.join(bad) or 'empty list'} not "
+                                  f"allowed; choose from {', '.join(sorted(SUPPORTED_ALGORITHMS))} "
+                                  f"(none and HMAC are never accepted)")
+            values[name] = algorithms
+        else:
+            values[name] = _scalar(file, f"tokens.oidc.{name}", value_node, str)
+    missing = [k for k in ("issuer", "audience", "jwks") if k not in values]
+    if missing:
+        raise ConfigError(f"{where}: tokens.oidc needs {', '.join(missing)}")
+    if not values.get("role_map"):
+        raise ConfigError(f"{where}: tokens.oidc.role_map is empty: map at least one "
+                          f"{values.get('role_claim', 'groups')} value to a role")
+    jwks = values["jwks"]
+    if jwks.startswith("http://") and not jwks.startswith(("http://127.", "http://localhost", "http://[::1]")):
+        raise ConfigError(f"{where}: tokens.oidc.jwks must be a file or an https URL (plain http only on loopback)")
+    return OIDCSettings(**values)
 
 
 def _scalar(file: Path, name: str, node: yaml.Node, kind: type):
@@ -169,10 +245,14 @@ def _check_semantics(file: Path, root: yaml.MappingNode, values: dict) -> None:
             raise ConfigError(f"{file}:{lines['listen']}: {exc}") from None
     if "db" in values and not values["db"].startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
         raise ConfigError(f"{file}:{lines['db']}: db must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+    oidc = values.get("tokens", {}).get("oidc")
+    if oidc is not None and oidc.issuer == values.get("tokens", {}).get("issuer", "warden-collector"):
+        raise ConfigError(f"{file}:{lines['tokens']}: tokens.oidc.issuer must differ from tokens.issuer "
+                          f"(the collector's own tokens)")
     tls = values.get("tls", {})
     if bool(tls.get("cert")) != bool(tls.get("key")):
         raise ConfigError(f"{file}:{lines['tls']}: tls needs both cert and key")
-    for key, sub in (("tokens", "default_ttl"), ("approvals", "timeout")):
+    for key, sub in (("tokens", "default_ttl"), ("approvals", "timeout"), ("retention", "interval")):
         if sub in values.get(key, {}):
             try:
                 parse_duration_ns(values[key][sub])

@@ -8,12 +8,16 @@ import time
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Connection, and_, insert, select, update
+from sqlalchemy import BigInteger, Connection, and_, bindparam, func, insert, select, update
 
 from collector.auth import consume_enrollment_token
-from collector.indexer import build_index
+from collector.indexer import EVENT_COLUMNS, TABLE_COLUMNS, build_index
 from collector.storage.engine import Store
-from collector.storage.schema import agent_problems, agents, batches, event_tables, events, sessions
+from collector.storage.schema import agent_problems, agents, batches, events, sessions
+
+
+SESSION_COLUMNS = ("sid", "agent_id", "host", "identity", "target", "protocol", "process", "start_ns", "end_ns",
+                   "event_count", "statement_count", "request_count", "denied_count")
 
 
 class IngestRejected(Exception):
@@ -93,6 +97,17 @@ def ingest_batch(store: Store, agent_id: str, raw: bytes) -> IngestResult:
                              f"batch is from agent {batch.agent_id!r} but the token is for {agent_id!r}")
     if not batch.events:
         raise IngestRejected(400, "empty_batch", "batch has no events")
+    # Decoding, the signature check and building the index rows are most of the work and
+    # need no lock: do them before the write transaction so concurrent agents overlap.
+    with store.read() as connection:
+        known_agent = connection.execute(select(agents.c.public_key, agents.c.hostname)
+                                         .where(agents.c.agent_id == agent_id)).first()
+    if known_agent is None:
+        raise IngestRejected(401, "not_enrolled", f"agent {agent_id!r} is not enrolled")
+    checked_key = bytes(known_agent.public_key)
+    signed = _authentic(records_batch, batch, Ed25519PublicKey.from_public_bytes(checked_key))
+    prepared = build_index(agent_id, known_agent.hostname, 0, batch.events, {}) if signed else None
+
     now = time.time_ns()
     with store.write() as connection:
         agent_query = select(agents).where(agents.c.agent_id == agent_id)
@@ -102,24 +117,34 @@ def ingest_batch(store: Store, agent_id: str, raw: bytes) -> IngestResult:
         if agent is None:
             raise IngestRejected(401, "not_enrolled", f"agent {agent_id!r} is not enrolled")
         public_key = Ed25519PublicKey.from_public_bytes(bytes(agent.public_key))
+        if bytes(agent.public_key) != checked_key or agent.hostname != known_agent.hostname:
+            # Re-enrolled meanwhile: check against the key that is current now.
+            signed = _authentic(records_batch, batch, public_key)
+            prepared = build_index(agent_id, agent.hostname, 0, batch.events, {}) if signed else None
 
         same_range = connection.execute(select(batches.c.id, batches.c.last_hash).where(
             batches.c.agent_id == agent_id, batches.c.first_seq == batch.first_seq,
             batches.c.last_seq == batch.last_seq)).first()
         if same_range is not None:
-            return _duplicate(connection, records_batch, verifier, agent, batch, public_key, same_range, now)
+            return _duplicate(connection, verifier, agent, batch, public_key, same_range, now, signed)
 
-        if not _authentic(records_batch, batch, public_key):
+        if not signed:
             raise IngestRejected(422, "bad_signature", "batch refused, it is not what the agent signed: "
                                  + _forgery_detail(verifier, batch, public_key))
         prev_seq, prev_hash = _predecessor(connection, codec, agent, batch)
-        problems = list(verifier.verify_continuation(prev_seq, prev_hash, batch, public_key))
+        if batch.first_seq == prev_seq + 1 and bytes(batch.prev_hash) == prev_hash:
+            # The signature already covers every event hash (checked above), so a batch
+            # that links to its predecessor is a clean continuation; the shared verifier
+            # (which re-encodes every event) is only needed to describe a problem.
+            problems = []
+        else:
+            problems = list(verifier.verify_continuation(prev_seq, prev_hash, batch, public_key))
 
         # Seqs already indexed (overlapping ranges) keep their first copy in the index.
         already = set(connection.execute(select(events.c.seq).where(
             events.c.agent_id == agent_id, events.c.seq >= batch.first_seq,
             events.c.seq <= batch.last_seq)).scalars())
-        timestamps = [int(ev["ts"]) for ev in batch.events]
+        timestamps = [ev["ts"] for ev in batch.events]
         batch_id = connection.execute(insert(batches).values(
             agent_id=agent_id, first_seq=batch.first_seq, last_seq=batch.last_seq,
             prev_hash=bytes(batch.prev_hash), last_hash=bytes(batch.last_hash), event_count=len(batch.events),
@@ -128,8 +153,11 @@ def ingest_batch(store: Store, agent_id: str, raw: bytes) -> IngestResult:
         ).returning(batches.c.id)).scalar_one()
         if already and not any(p.kind == "inserted" for p in problems):
             problems.append(_overlap_problem(verifier, agent_id, batch, already))
-        fresh_events = [ev for ev in batch.events if int(ev["seq"]) not in already]
-        _store_index(connection, agent, batch_id, fresh_events)
+        fresh_events = batch.events
+        if already:
+            fresh_events = [ev for ev in batch.events if ev["seq"] not in already]
+            prepared = build_index(agent_id, agent.hostname, 0, fresh_events, {})
+        _store_index(store, connection, agent, batch_id, prepared)
         stored_problems = [_problem_dict(p) for p in problems]
         for problem in stored_problems:
             connection.execute(insert(agent_problems).values(
@@ -149,13 +177,13 @@ def ingest_batch(store: Store, agent_id: str, raw: bytes) -> IngestResult:
                             events=len(fresh_events), problems=stored_problems)
 
 
-def _duplicate(connection: Connection, records_batch, verifier, agent, batch, public_key, same_range,
-               now) -> IngestResult:
+def _duplicate(connection: Connection, verifier, agent, batch, public_key, same_range,
+               now, signed: bool) -> IngestResult:
     # A retry must carry the same signed content; anything else is a fork, refused.
     if bytes(same_range.last_hash) != bytes(batch.last_hash):
         raise IngestRejected(409, "conflicting_batch",
                              f"seq {batch.first_seq}..{batch.last_seq} is already stored with a different hash")
-    if not _authentic(records_batch, batch, public_key):
+    if not signed:
         raise IngestRejected(422, "bad_signature", "retry refused, it is not what the agent signed: "
                              + _forgery_detail(verifier, batch, public_key))
     connection.execute(update(agents).where(agents.c.agent_id == agent.agent_id).values(last_seen_ns=now))
@@ -181,39 +209,47 @@ def _overlap_problem(verifier, agent_id, batch, already):
                             detail=f"{len(already)} event(s) in seq {min(already)}..{max(already)} were already stored")
 
 
-def _store_index(connection: Connection, agent, batch_id: int, new_events: list[dict]) -> None:
-    sids = {ev.get("sid") for ev in new_events if ev.get("sid") is not None}
+def _store_index(store: Store, connection: Connection, agent, batch_id: int, index) -> None:
     known: dict[str, tuple] = {}
     existing_sessions: set[str] = set()
-    if sids:
+    sid_list = list(index.sessions)
+    for chunk_start in range(0, len(sid_list), 500):
+        chunk = sid_list[chunk_start:chunk_start + 500]
         for row in connection.execute(select(sessions.c.sid, sessions.c.identity, sessions.c.target)
-                                      .where(sessions.c.sid.in_(sids))):
+                                      .where(sessions.c.sid.in_(chunk))):
             known[row.sid] = (row.identity, row.target)
             existing_sessions.add(row.sid)
-    index = build_index(agent.agent_id, agent.hostname, batch_id, new_events, known)
-    if index.event_rows:
-        connection.execute(insert(events), index.event_rows)
-    if index.table_rows:
-        connection.execute(insert(event_tables), index.table_rows)
-    for sid, delta in index.sessions.items():
-        counts = {"event_count": delta.events, "statement_count": delta.statements,
-                  "request_count": delta.requests, "denied_count": delta.denied}
-        if sid not in existing_sessions:
-            row = {"sid": sid, "agent_id": agent.agent_id, "host": agent.hostname,
-                   "start_ns": delta.first_ts, "end_ns": delta.end_ns, **counts}
-            row.update(delta.start or {})
-            connection.execute(insert(sessions).values(**row))
-            continue
-        values = {key: getattr(sessions.c, key) + amount for key, amount in counts.items()}
-        if delta.end_ns is not None:
-            values["end_ns"] = delta.end_ns
-        if delta.start:
-            values.update(delta.start)
-        connection.execute(update(sessions).where(sessions.c.sid == sid).values(**values))
-    # Events stored before their session.start inherit identity/target now.
-    for sid, delta in index.sessions.items():
-        if delta.start and sid in existing_sessions:
-            connection.execute(update(events).where(
-                and_(events.c.sid == sid, events.c.identity.is_(None))).values(
-                identity=delta.start["identity"], target=delta.start["target"]))
+    index.resolve(known)
+    index.set_batch_id(batch_id)
+    store.bulk_insert(connection, "events", EVENT_COLUMNS, index.event_rows)
+    store.bulk_insert(connection, "event_tables", TABLE_COLUMNS, index.table_rows)
 
+    new_rows, increments, late_starts = [], [], []
+    for sid, delta in index.sessions.items():
+        if sid not in existing_sessions:
+            start = delta.start or {}
+            new_rows.append((sid, agent.agent_id, start.get("host", agent.hostname), start.get("identity"),
+                             start.get("target"), start.get("protocol"), start.get("process"),
+                             start.get("start_ns", delta.first_ts), delta.end_ns, delta.events, delta.statements,
+                             delta.requests, delta.denied))
+            continue
+        increments.append({"b_sid": sid, "b_events": delta.events, "b_statements": delta.statements,
+                           "b_requests": delta.requests, "b_denied": delta.denied, "b_end": delta.end_ns})
+        if delta.start:
+            late_starts.append((sid, delta.start))
+    store.bulk_insert(connection, "sessions", SESSION_COLUMNS, new_rows)
+    if increments:
+        c = sessions.c
+        connection.execute(update(sessions).where(c.sid == bindparam("b_sid")).values(
+            event_count=c.event_count + bindparam("b_events"),
+            statement_count=c.statement_count + bindparam("b_statements"),
+            request_count=c.request_count + bindparam("b_requests"),
+            denied_count=c.denied_count + bindparam("b_denied"),
+            end_ns=func.coalesce(bindparam("b_end", type_=BigInteger), c.end_ns)), increments)
+    # A session.start that arrives after some of its events (rare): fill the session row
+    # and let the earlier events inherit identity/target.
+    for sid, start in late_starts:
+        connection.execute(update(sessions).where(sessions.c.sid == sid).values(**start))
+        connection.execute(update(events).where(
+            and_(events.c.sid == sid, events.c.identity.is_(None))).values(
+            identity=start["identity"], target=start["target"]))

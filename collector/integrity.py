@@ -7,6 +7,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection, and_, func, not_, select, exists
 
 from collector.indexer import index_fingerprint
+from collector.retention import checkpoint_signature_ok, key_id, latest_checkpoint
+from collector.timeparse import format_ns
 from collector.storage.schema import agents, batches, events
 
 
@@ -17,11 +19,13 @@ def _records():
 
 
 def verify_store(connection: Connection, *, agent_id: str | None = None, since_ns: int | None = None,
-                 until_ns: int | None = None, check_index: bool = True) -> dict:
+                 until_ns: int | None = None, check_index: bool = True,
+                 checkpoint_key: Ed25519PublicKey | None = None) -> dict:
+    """checkpoint_key: the collector's public key, which signs retention checkpoints."""
     query = select(agents)
     if agent_id:
         query = query.where(agents.c.agent_id == agent_id)
-    reports = [_verify_agent(connection, row, since_ns, until_ns, check_index)
+    reports = [_verify_agent(connection, row, since_ns, until_ns, check_index, checkpoint_key)
                for row in connection.execute(query.order_by(agents.c.agent_id)).fetchall()]
     return {
         "ok": all(r["ok"] for r in reports),
@@ -39,7 +43,30 @@ def _problem(kind, agent_id, seq=None, batch=None, detail=""):
             "detail": detail}
 
 
-def _verify_agent(connection: Connection, agent, since_ns, until_ns, check_index) -> dict:
+def _checkpoint_start(connection: Connection, agent_id: str, checkpoint_key, problems: list) -> tuple:
+    """Where the full chain must start: (seq, hash) after the latest retention checkpoint,
+    genesis without one, None when the checkpoint cannot be trusted; plus its description."""
+    _, codec, _ = _records()
+    checkpoint = latest_checkpoint(connection, agent_id)
+    if checkpoint is None:
+        return (1, codec.GENESIS_HASH), None
+    info = {"seq": checkpoint.seq, "chain_hash": bytes(checkpoint.chain_hash).hex(),
+            "purged_before": format_ns(checkpoint.before_ns), "created": format_ns(checkpoint.created_ns),
+            "actor": checkpoint.actor, "problems_in_purged_range": checkpoint.problems, "signature_ok": False}
+    if checkpoint_key is None:
+        problems.append(_problem("checkpoint_unverifiable", agent_id, checkpoint.seq, None,
+                                 "a retention checkpoint exists but no collector key was given to check it"))
+        return None, info
+    if checkpoint.key_id != key_id(checkpoint_key) or not checkpoint_signature_ok(checkpoint, checkpoint_key):
+        problems.append(_problem("checkpoint_invalid", agent_id, checkpoint.seq, None,
+                                 f"retention checkpoint {checkpoint.id} (seq {checkpoint.seq}) does not verify with "
+                                 f"the collector's key: it was edited, or signed by another key"))
+        return None, info
+    info["signature_ok"] = True
+    return (checkpoint.seq + 1, bytes(checkpoint.chain_hash)), info
+
+
+def _verify_agent(connection: Connection, agent, since_ns, until_ns, check_index, checkpoint_key) -> dict:
     records_batch, codec, verifier = _records()
     public_key = Ed25519PublicKey.from_public_bytes(bytes(agent.public_key))
     query = select(batches).where(batches.c.agent_id == agent.agent_id)
@@ -50,6 +77,7 @@ def _verify_agent(connection: Connection, agent, since_ns, until_ns, check_index
         query = query.where(batches.c.first_ts <= until_ns)
     rows = connection.execute(query.order_by(batches.c.first_seq, batches.c.id)).fetchall()
     problems: list[dict] = []
+    chain_start, checkpoint = _checkpoint_start(connection, agent.agent_id, checkpoint_key, problems)
     events_checked = 0
     segment: list = []       # consecutive decodable batches: (row, Batch)
     segment_start = None     # (seq, hash) the segment must continue from
@@ -79,10 +107,11 @@ def _verify_agent(connection: Connection, agent, since_ns, until_ns, check_index
             problems.append(_problem("index_mismatch", agent.agent_id, row.first_seq, row,
                                      f"stored batch says {batch.agent_id} {batch.first_seq}..{batch.last_seq}"))
         if not segment:
-            # Full history starts at genesis; a range (or after an unreadable batch)
-            # continues from the batch's own signed prev_hash.
-            if position == 0 and not ranged:
-                segment_start = (1, codec.GENESIS_HASH)
+            # Full history starts at genesis or at the retention checkpoint; a range (or after
+            # an unreadable batch, or an untrusted checkpoint) continues from the batch's own
+            # signed prev_hash.
+            if position == 0 and not ranged and chain_start is not None:
+                segment_start = chain_start
             else:
                 segment_start = (batch.first_seq, bytes(batch.prev_hash))
         segment.append((row, batch))
@@ -90,13 +119,13 @@ def _verify_agent(connection: Connection, agent, since_ns, until_ns, check_index
             problems.extend(_cross_check(connection, agent.agent_id, row, batch))
     flush()
     if not ranged:
-        stored_max = max((r.last_seq for r in rows), default=0)
+        stored_max = max([r.last_seq for r in rows] + [checkpoint["seq"] if checkpoint else 0])
         if stored_max < agent.last_seq:
             problems.append(_problem("missing_tail", agent.agent_id, stored_max + 1, None,
                                      f"agent reached seq {agent.last_seq} but stored evidence ends at {stored_max}"))
         if check_index:
             problems.extend(_orphans(connection, agent.agent_id))
-    return {"agent_id": agent.agent_id, "ok": not problems, "problems": problems,
+    return {"agent_id": agent.agent_id, "ok": not problems, "problems": problems, "checkpoint": checkpoint,
             "batches_checked": len(rows), "events_checked": events_checked}
 
 

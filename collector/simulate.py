@@ -63,7 +63,8 @@ class SimulatedAgent:
             ts += step_ns
             out.append(self.event("policy.decision", {"decision": decision, "policy_ids": ["p1"]}, sid, ts))
             ts += step_ns
-            out.append(self.event("pg.result", {"tag": f"{kind.upper()} 1", "rows": 1, "bytes": 64}, sid, ts))
+            out.append(self.event("pg.result", {"command_tag": f"{kind.upper()} 1", "rows": 1, "bytes": 64},
+                                  sid, ts))
         ts += step_ns
         out.append(self.event("session.end", {"reason": "client closed"}, sid, ts))
         return sid, out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +37,9 @@ class Store:
     def __init__(self, url: str):
         self.url = normalize_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
+        # SQLite allows one writer; its busy handler sleeps up to 100 ms between retries, so
+        # writer threads of this process queue on a lock instead and start the moment it frees.
+        self._sqlite_writer = threading.RLock() if self.is_sqlite else None
         self.engine = self._make_engine()
 
     def _make_engine(self) -> Engine:
@@ -54,6 +58,8 @@ class Store:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # 32 MiB page cache: index inserts into a large store stay off the disk.
+            cursor.execute("PRAGMA cache_size=-32768")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -75,10 +81,29 @@ class Store:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
-        with self.engine.connect() as connection:
-            connection = connection.execution_options(warden_write=True)
-            with connection.begin():
-                yield connection
+        with self._sqlite_writer or contextlib.nullcontext():
+            with self.engine.connect() as connection:
+                connection = connection.execution_options(warden_write=True)
+                with connection.begin():
+                    yield connection
+
+    def bulk_insert(self, connection: Connection, table_name: str, columns: tuple[str, ...], rows: list) -> None:
+        """Insert positional rows in one round trip, inside the caller's transaction:
+        COPY on PostgreSQL, one prepared executemany on SQLite (no per-row SQLAlchemy work)."""
+        if not rows:
+            return
+        names = ", ".join(columns)
+        cursor = connection.connection.dbapi_connection.cursor()
+        try:
+            if self.is_sqlite:
+                marks = ", ".join("?" * len(columns))
+                cursor.executemany(f"INSERT INTO {table_name} ({names}) VALUES ({marks})", rows)
+            else:
+                with cursor.copy(f"COPY {table_name} ({names}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
+        finally:
+            cursor.close()
 
     def migrate(self) -> list[int]:
         """Apply pending migrations; safe when several collectors start at once."""

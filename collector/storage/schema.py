@@ -86,7 +86,7 @@ events = Table(
     Index("ix_events_sid", "sid", "ts"),
     Index("ix_events_identity_ts", "identity", "ts"),
     Index("ix_events_type_ts", "type", "ts"),
-    Index("ix_events_batch", "batch_id"),
+    # (ix_events_batch was dropped in migration 3: no query used it and it cost every insert)
 )
 
 # One row per table an event touched; ts and sid are copied so "who touched
@@ -168,6 +168,26 @@ access_log = Table(
 )
 
 
+# Signed by the collector's own key before retention deletes the start of an agent's
+# chain: verification of what remains restarts from (seq + 1, chain_hash).
+checkpoints = Table(
+    "checkpoints", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("agent_id", String(200), nullable=False),
+    Column("seq", BigInteger, nullable=False),          # last purged sequence number
+    Column("chain_hash", LargeBinary, nullable=False),  # the agent-signed hash of that event
+    Column("before_ns", BigInteger, nullable=False),    # retention cutoff the purge applied
+    Column("created_ns", BigInteger, nullable=False),
+    Column("batches", Integer, nullable=False),
+    Column("events", BigInteger, nullable=False),
+    Column("problems", Integer, nullable=False),        # found when verifying the purged range
+    Column("actor", String(255), nullable=False),
+    Column("key_id", String(64), nullable=False),       # sha256 of the collector public key
+    Column("signature", LargeBinary, nullable=False),
+    Index("ix_checkpoints_agent_seq", "agent_id", "seq"),
+)
+
+
 def _create(*tables_):
     def step(connection):
         for table in tables_:
@@ -175,8 +195,16 @@ def _create(*tables_):
     return step
 
 
+def _drop_index(name: str):
+    def step(connection):
+        connection.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+    return step
+
+
 # Append new steps; never edit an applied one.
 MIGRATIONS = [
     (1, "initial schema", _create(agents, agent_problems, batches, events, event_tables,
                                    sessions, approvals, tokens, access_log)),
+    (2, "retention checkpoints", _create(checkpoints)),
+    (3, "drop unused index ix_events_batch", _drop_index("ix_events_batch")),
 ]

@@ -63,7 +63,7 @@ def collector(tmp_path):
     db = tmp_path / "collector.db"
     config = tmp_path / "collector.yaml"
     config.write_text(f"listen: 127.0.0.1:1\ndb: sqlite:///{db}\nstate_dir: {tmp_path / 'state'}\n"
-                      "tokens:\n  issuer: warden-test\n  audience: warden-test-api\nretention:\n  days: 30\n")
+                      "tokens:\n  issuer: warden-test\n  audience: warden-test-api\nretention:\n  days: 10000\n")
     port = free_port()
     process = start_server(config, port)
     yield {"config": config, "db": db, "url": f"http://127.0.0.1:{port}"}
@@ -105,6 +105,9 @@ def test_serve_and_warden_cli_end_to_end(collector):
     replay = run("warden", "replay", sid, env=cli_env).stdout
     assert replay.index("SELECT name FROM public.customers") < replay.index("SELECT 1") < replay.index("session.end")
     assert "billing" in run("warden", "sessions", "show", sid, env=cli_env).stdout
+    capture = collector["db"].parent / "session.pcap"
+    wrote = run("warden", "pcap", sid, "-o", str(capture), env=cli_env).stdout
+    assert "wrote" in wrote and capture.stat().st_size > 200
 
     # Approvals: an agent asks, an approver decides through the CLI.
     approval = httpx.post(f"{url}/v1/approvals", json={"identity": "billing", "target": "customers-db",

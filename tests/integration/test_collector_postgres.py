@@ -143,3 +143,17 @@ def test_two_replicas_over_one_postgres(replicas, postgres):
         assert failed.returncode == 1
         problem = json.loads(failed.stdout)["problems"][0]
         assert problem["batch_id"] == batch_id and problem["batch_seq"] == f"{first_seq}..{last_seq}"
+
+
+def test_retention_on_postgres(postgres, tmp_path):
+    from collector.config import CollectorConfig
+    from tests.unit.test_collector_retention import Env, exercise_retention
+    # Its own database, so the replica test's agents and checkpoints stay apart.
+    admin_url = postgres.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE warden_retention")
+    env = Env(CollectorConfig(state_dir=str(tmp_path / "state"), db=postgres.rsplit("/", 1)[0] + "/warden_retention"))
+    try:
+        exercise_retention(env, "pg-ret-agent")
+    finally:
+        env.close()
