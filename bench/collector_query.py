@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# bench/ holds http.py, which would shadow the standard library's http package.
+# run as a script, bench/ would come first on sys.path: import the project from the repo root instead
 _BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))

@@ -7,7 +7,7 @@ Loopback only: the server listens on 127.0.0.2, the relay, Warden and mitmproxy 
 Each component runs in its own process (this script with --role). Small JSON responses,
 keep-alive, 32 connections by default; a few seconds per run.
 
-    .venv/bin/python bench/http.py [--duration 3] [--connections 32] [--mitmdump PATH]
+    .venv/bin/python bench/http_proxy.py [--duration 3] [--connections 32] [--mitmdump PATH]
 
 Needs wrk (Debian package `wrk`). mitmproxy is not a Warden dependency: install it into a
 separate venv (`python3 -m venv /tmp/mitm && /tmp/mitm/bin/pip install mitmproxy`) and pass
