@@ -75,22 +75,50 @@ def _canon(value):
     return value
 
 
-def canonical_encode(event: dict) -> bytes:
-    # The top-level keys are fixed, so their sorted order is written out by hand:
-    # agent, f, seq, sid, ts, type, v.
+def encode_fields(fields: dict) -> bytes:
+    """The canonical encoding of a field map: the "f" entry of canonical_encode."""
     try:
-        return _packb({
-            "agent": event["agent"],
-            "f": _canon_map(event["f"]),
-            "seq": event["seq"],
-            "sid": event["sid"],
-            "ts": event["ts"],
-            "type": event["type"],
-            "v": event["v"],
-        })
+        return _packb(_canon_map(fields))
     except (TypeError, OverflowError, ValueError) as exc:
+        raise EncodingError(f"cannot encode fields: {exc}") from exc
+
+
+_heads: dict[str, bytes] = {}
+
+
+def event_head(agent: str) -> bytes:
+    """Bytes of the canonical encoding before the field map. The top-level keys are
+    fixed and sort as: agent, f, seq, sid, ts, type, v; a 7-entry map is one byte."""
+    head = _heads.get(agent)
+    if head is None:
+        try:
+            head = b"\x87\xa5agent" + _packb(agent) + b"\xa1f"
+        except (TypeError, OverflowError, ValueError) as exc:
+            raise EncodingError(f"agent id {agent!r} cannot be encoded: {exc}") from exc
+        if len(_heads) < 64:
+            _heads[agent] = head
+    return head
+
+
+def event_tail(seq: int, sid, ts: int, type: str, version: int) -> bytes:
+    """Bytes of the canonical encoding after the field map: a 5-entry map packed in
+    key order, minus its one-byte map header."""
+    try:
+        return _packb({"seq": seq, "sid": sid, "ts": ts, "type": type, "v": version})[1:]
+    except (TypeError, OverflowError, ValueError) as exc:
+        raise EncodingError(f"event seq={seq} type={type}: cannot encode: {exc}") from exc
+
+
+def canonical_encode(event: dict) -> bytes:
+    # Assembled from the same three parts the writer hashes (records.batch.BatchBuilder),
+    # so the writer, decoder and verifier cannot drift apart.
+    try:
+        fields = encode_fields(event["f"])
+    except EncodingError as exc:
         raise EncodingError(f"event seq={event.get('seq')} type={event.get('type')}: "
-                            f"cannot encode: {exc}") from exc
+                            f"{exc}") from exc
+    return (event_head(event["agent"]) + fields
+            + event_tail(event["seq"], event["sid"], event["ts"], event["type"], event["v"]))
 
 
 def event_hash(prev_hash: bytes, encoded: bytes) -> bytes:

@@ -17,8 +17,8 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from records.batch import BatchFormatError, build_batch, decode_batch, encode_batch
-from records.codec import GENESIS_HASH, seal_event_encoded
+from records.batch import CURRENT_DICTIONARY, BatchBuilder, BatchFormatError, decode_batch
+from records.codec import GENESIS_HASH
 from records.schema import validate_fields
 from records.spool import Spool, SpoolFull
 
@@ -44,8 +44,9 @@ class _Flush:
 class RecordWriter:
     def __init__(self, agent_id: str, key: Ed25519PrivateKey, state_dir: str, spool: Spool,
                  batch_max_events: int = 512, batch_max_delay: float = 0.5,
-                 backlog_cap: int = DEFAULT_BACKLOG_CAP):
+                 backlog_cap: int = DEFAULT_BACKLOG_CAP, dictionary=CURRENT_DICTIONARY):
         self.agent_id = agent_id
+        self.dictionary = dictionary     # zstd dictionary for new batches (None: none)
         self.key = key
         self.state_dir = state_dir
         self.spool = spool
@@ -128,7 +129,7 @@ class RecordWriter:
 
     # -- background thread ---------------------------------------------------------------
     def _run(self) -> None:
-        pending: list[dict] = []
+        pending: BatchBuilder | None = None
         flushes: list[_Flush] = []
         deadline = None
         while True:
@@ -139,17 +140,19 @@ class RecordWriter:
                 item = False
             stop = item is None
             if isinstance(item, tuple):
-                pending.append(self._seal(*item))
+                if pending is None:
+                    pending = self._new_batch()
+                self._seal(pending, item)
                 if deadline is None:
                     deadline = time.monotonic() + self.batch_max_delay
                 # Drain what is already queued without waiting.
-                while len(pending) < self.batch_max_events:
+                while pending.count < self.batch_max_events:
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         break
                     if isinstance(item, tuple):
-                        pending.append(self._seal(*item))
+                        self._seal(pending, item)
                     elif item is None:
                         stop = True
                         break
@@ -158,23 +161,25 @@ class RecordWriter:
                         break
             elif isinstance(item, _Flush):
                 flushes.append(item)
-            cut = (stop or flushes or len(pending) >= self.batch_max_events
+            cut = (stop or flushes or (pending is not None
+                                       and pending.count >= self.batch_max_events)
                    or (deadline is not None and time.monotonic() >= deadline))
             if cut:
-                if pending:
+                if pending is not None and pending.count:
                     full_since = self._store(pending)
                     if full_since:
                         # The full spool delayed these events; say so in the chain itself,
                         # before any waiting flush() returns.
-                        self._store([
-                            self._seal(full_since[0], None, "agent.alert", {
-                                "kind": "spool_full", "severity": "critical",
-                                "message": full_since[1]}),
-                            self._seal(time.time_ns(), None, "agent.alert", {
-                                "kind": "spool_space_restored", "severity": "warning",
-                                "message": "the record spool has space again; events "
-                                           "were held in memory meanwhile, none dropped"})])
-                    pending = []
+                        alerts = self._new_batch()
+                        self._seal(alerts, (full_since[0], None, "agent.alert", {
+                            "kind": "spool_full", "severity": "critical",
+                            "message": full_since[1]}))
+                        self._seal(alerts, (time.time_ns(), None, "agent.alert", {
+                            "kind": "spool_space_restored", "severity": "warning",
+                            "message": "the record spool has space again; events "
+                                       "were held in memory meanwhile, none dropped"}))
+                        self._store(alerts)
+                pending = None
                 deadline = None
                 for marker in flushes:
                     marker.done.set()
@@ -182,19 +187,19 @@ class RecordWriter:
             if stop:
                 return
 
-    def _seal(self, ts: int, sid: str | None, event_type: str,
-              fields: dict) -> tuple[dict, bytes]:
-        self.last_seq += 1
-        event, encoded = seal_event_encoded(self.agent_id, self.last_seq, ts, sid,
-                                            event_type, fields, self.last_hash)
-        self.last_hash = event["hash"]
-        return event, encoded
+    def _new_batch(self) -> BatchBuilder:
+        return BatchBuilder(self.agent_id, self.last_hash, self.last_seq + 1)
 
-    def _store(self, events: list[tuple[dict, bytes]]) -> tuple[int, str] | None:
+    def _seal(self, batch: BatchBuilder, item: tuple) -> None:
+        ts, sid, event_type, fields = item
+        self.last_hash = batch.add(ts, sid, event_type, fields)
+        self.last_seq = batch.last_seq
+
+    def _store(self, batch: BatchBuilder) -> tuple[int, str] | None:
         """Append one batch, waiting while the spool is full; if it was full, return
         when that started and why."""
-        data = encode_batch(build_batch(self.agent_id, [e for e, _ in events], self.key,
-                                        encodings=[encoded for _, encoded in events]))
+        data = batch.finish(self.key, dictionary=self.dictionary)
+        events = batch.count
         while True:
             try:
                 self.spool.append(data)
@@ -205,7 +210,7 @@ class RecordWriter:
                     log.error("%s", exc)
                 if self._closing:
                     log.error("closing with %d events not in the spool (it is full)",
-                              len(events))
+                              events)
                     return None
                 time.sleep(_RETRY_FULL_S)
                 continue
