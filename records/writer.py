@@ -192,7 +192,20 @@ class RecordWriter:
 
     def _seal(self, batch: BatchBuilder, item: tuple) -> None:
         ts, sid, event_type, fields = item
-        self.last_hash = batch.add(ts, sid, event_type, fields)
+        try:
+            self.last_hash = batch.add(ts, sid, event_type, fields)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A producer handed us a value msgpack cannot encode. Losing the event (or, worse,
+            # this thread and every event after it) is not an option: record it with such
+            # values in their text form, and say so in the chain.
+            safe = _encodable(fields)
+            safe["x_encoding_repaired"] = True
+            self.last_hash = batch.add(ts, sid, event_type, safe)
+            self.last_seq = batch.last_seq
+            self.last_hash = batch.add(time.time_ns(), sid, "agent.alert", {
+                "kind": "unencodable_event", "severity": "error",
+                "message": f"{event_type} carried a value that could not be encoded ({exc}); "
+                           f"it was recorded in text form"})
         self.last_seq = batch.last_seq
 
     def _store(self, batch: BatchBuilder) -> tuple[int, str] | None:
@@ -220,3 +233,18 @@ class RecordWriter:
         self._held = None
         log.warning("spool %s has space again", self.spool.path)
         return full_since
+
+
+def _encodable(value):
+    """The same data with anything msgpack cannot carry turned into plain types or text."""
+    if isinstance(value, dict):
+        return {str(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_encodable(v) for v in value), key=repr)
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, float)):
+        return value
+    if isinstance(value, int):
+        return value if -(1 << 63) <= value < (1 << 64) else str(value)
+    return str(value)

@@ -86,3 +86,33 @@ def test_full_spool_holds_events_and_records_alerts(tmp_path):
              if e["type"] == "agent.alert"]
     assert kinds == ["spool_full", "spool_space_restored"]
     writer.close()
+
+
+def test_unencodable_value_is_recorded_as_text_and_the_writer_keeps_going(tmp_path):
+    """Bug fix: a value msgpack cannot encode used to kill the writer thread, losing every later event."""
+    from records.batch import decode_batch
+    from records.signing import load_or_create_key
+    from records.spool import Spool
+    from records.verifier import verify_batches
+    from records.writer import RecordWriter
+    key = load_or_create_key(str(tmp_path / "k"))
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("a1", key, str(tmp_path / "state"), spool, batch_max_delay=0.05)
+
+    class Opaque:
+        def __str__(self):
+            return "opaque-thing"
+
+    writer.emit("agent.alert", {"kind": "probe", "detail": {"obj": Opaque(), "tags": {"b", "a"}, "big": 1 << 70}})
+    writer.emit("agent.alert", {"kind": "after"})
+    writer.flush()
+    writer.close()
+    frames = [data for _ref, data in spool.pending()]
+    events = [e for f in frames for e in decode_batch(f).events]
+    kinds = [(e["type"], e["f"].get("kind")) for e in events]
+    assert kinds == [("agent.alert", "probe"), ("agent.alert", "unencodable_event"), ("agent.alert", "after")]
+    repaired = events[0]["f"]
+    assert repaired["detail"] == {"obj": "opaque-thing", "tags": ["a", "b"], "big": str(1 << 70)}
+    assert repaired["x_encoding_repaired"] is True
+    assert verify_batches(frames, key.public_key()).ok
+    spool.close()
