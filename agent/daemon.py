@@ -492,9 +492,29 @@ SPOOL_FULL_MESSAGE = ("Warden refused this connection: the agent's record spool 
                       "cannot be recorded are not allowed. Free space under spool.path or raise spool.max_bytes.")
 
 
+async def _read_postgres_startup(reader, writer, timeout: float = 5.0) -> None:
+    """Consume the client's startup packet, declining TLS/GSS like a server would, so that the
+    ErrorResponse that follows is what libpq shows (with sslmode=prefer it sends SSLRequest first)."""
+    ssl_request, gss_request = 80877103, 80877104
+    try:
+        for _ in range(3):
+            head = await asyncio.wait_for(reader.readexactly(8), timeout)
+            length, code = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
+            if length == 8 and code in (ssl_request, gss_request):
+                writer.write(b"N")
+                await writer.drain()
+                continue
+            if 8 < length <= 10000:
+                await asyncio.wait_for(reader.readexactly(length - 8), timeout)
+            return
+    except (asyncio.TimeoutError, asyncio.IncompleteReadError, OSError):
+        return
+
+
 async def refuse_unrecordable(protocol: str, reader, writer) -> None:
     """Tell the client why, in its own protocol, then close."""
     if protocol == "postgres":
+        await _read_postgres_startup(reader, writer)
         body = b"SFATAL\0VFATAL\0C53100\0M" + SPOOL_FULL_MESSAGE.encode() + b"\0\0"
         writer.write(b"E" + (len(body) + 4).to_bytes(4, "big") + body)
     elif protocol == "http":

@@ -1,0 +1,73 @@
+"""A shortened `make fuzz`: every fuzz target with a few hundred to a few thousand inputs,
+plus regression tests for what the fuzzers found."""
+from __future__ import annotations
+
+import pytest
+
+from enforcer.postgres import protocol as P
+from enforcer.postgres import session as S
+from tests.fuzz import run as fuzz_run
+from tests.fuzz.pg import Driver
+
+SERVER_CRASH = ("a malformed CommandComplete from the upstream (no NUL terminator) raises ProtocolError out of "
+                "PostgresSession.feed_server instead of ending the session with 08P01; see "
+                "test_malformed_command_complete_from_server_ends_session_with_08P01")
+KNOWN_BUGS = {"pg_server_mutated": SERVER_CRASH, "pg_server_generated": SERVER_CRASH}
+
+
+def _param(name, core, kind, full):
+    marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name])] if name in KNOWN_BUGS else []
+    return pytest.param(name, kind, full, id=name, marks=marks)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name,kind,full", [_param(*p) for p in fuzz_run.PLAN])
+def test_fuzz_target_quick(name, kind, full):
+    count = max(30, int(full * fuzz_run.QUICK_SCALE))
+    stats = fuzz_run.run_target(name, kind, count, seed=20240601)
+    assert stats.inputs >= count if kind != "stateful" else stats.inputs > count
+    assert stats.ok, stats.examples
+
+
+def test_quick_plan_feeds_thousands_per_core():
+    per_core: dict[str, int] = {}
+    for _name, core, kind, full in fuzz_run.PLAN:
+        if kind != "stateful":
+            per_core[core] = per_core.get(core, 0) + int(full * fuzz_run.QUICK_SCALE)
+    assert all(n >= 3000 for n in per_core.values()), per_core
+    full_per_core: dict[str, int] = {}
+    for _name, core, kind, full in fuzz_run.PLAN:
+        if kind != "stateful":
+            full_per_core[core] = full_per_core.get(core, 0) + full
+    assert all(n >= fuzz_run.MIN_PER_CORE_FULL for n in full_per_core.values()), full_per_core
+
+
+def test_driver_flags_a_close_without_error_response():
+    """The harness itself: a CLOSE not preceded by a FATAL ErrorResponse is a violation."""
+    from tests.fuzz.common import PropertyViolation
+    d = Driver()
+    with pytest.raises(PropertyViolation):
+        d.run([(S.CLOSE, "protocol_error")])
+
+
+def test_client_garbage_after_handshake_ends_with_08P01():
+    d = Driver()
+    d.handshake()
+    d.run(d.session.feed_client(b"\x00\x00\x00\x00\x03garbage"))
+    assert d.closed
+    msgs, rest = P.split_messages(bytes(d.to_client))
+    assert not rest and msgs[-1][0] == b"E"
+    assert P.parse_error_fields(msgs[-1][1])["C"] == "08P01"
+
+
+@pytest.mark.xfail(strict=True, reason=SERVER_CRASH)
+def test_malformed_command_complete_from_server_ends_session_with_08P01():
+    d = Driver()
+    d.handshake()
+    d.run(d.session.feed_client(P.build_query("UPDATE t SET a = 1")))
+    # CommandComplete whose tag lacks its NUL terminator, then ReadyForQuery
+    bad = b"C" + (4 + 8).to_bytes(4, "big") + b"UPDATE 3" + P.build_ready_for_query("I")
+    d.run(d.session.feed_server(bad))        # raises ProtocolError today
+    assert d.closed
+    msgs, _ = P.split_messages(bytes(d.to_client))
+    assert P.parse_error_fields(msgs[-1][1])["C"] == "08P01"
