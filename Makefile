@@ -35,10 +35,10 @@ packages: setup
 	$(PY) packaging/build_packages.py
 
 reliability: setup
-	@echo "make reliability: not built yet (see issue 10)"; exit 1
+	$(PY) -m tests.reliability.run
 
 fuzz: setup
-	@echo "make fuzz: not built yet (see issue 10)"; exit 1
+	$(PY) -m tests.fuzz.run
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

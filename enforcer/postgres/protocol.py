@@ -259,9 +259,10 @@ class BindMessage:
 
 
 def parse_bind(body: bytes) -> BindMessage:
+    body = bytes(body)
     try:
-        return _parse_bind_fast(body)
-    except (ValueError, struct.error, IndexError):
+        return BindMessage(*parse_bind_at(body, 0, len(body)))
+    except ProtocolError:
         pass
     # slow path only to produce a precise error for malformed input
     r = _Reader(body)
@@ -286,39 +287,52 @@ def parse_bind(body: bytes) -> BindMessage:
     return BindMessage(portal, stmt, fmts, params, rfmts)
 
 
-def _parse_bind_fast(body: bytes) -> BindMessage:
-    # hot path (one Bind per execution): slicing + struct instead of the bounds-checked cursor;
-    # any inconsistency raises and falls back to the checked parser
-    i = body.index(0)
-    j = body.index(0, i + 1)
-    pos = j + 1
-    nf = _I16.unpack_from(body, pos)[0]
-    pos += 2
-    fmts = list(struct.unpack_from(f"!{nf}h", body, pos)) if nf > 0 else []
-    pos += 2 * nf
-    np_ = _I16.unpack_from(body, pos)[0]
-    pos += 2
-    if nf < 0 or np_ < 0:
-        raise ValueError
-    params: list[Optional[bytes]] = []
-    unpack = _I32.unpack_from
-    for _ in range(np_):
-        ln = unpack(body, pos)[0]
-        pos += 4
-        if ln == -1:
-            params.append(None)
+_H = _I16.unpack_from
+_L = _I32.unpack_from
+
+
+def parse_bind_at(buf: bytes, start: int, end: int) -> tuple:
+    """Bind body at buf[start:end] -> (portal, statement, param_formats, params, result_formats),
+    read in place (hot path: one Bind per execution, no body copy, no cursor object).
+    Raises ProtocolError (without detail; parse_bind says what is wrong) on malformed input."""
+    try:
+        i = buf.index(0, start, end)
+        j = buf.index(0, i + 1, end)
+        pos = j + 1
+        nf = _H(buf, pos)[0]
+        pos += 2
+        if nf == 0:
+            fmts = []
+        elif nf > 0:
+            fmts = list(struct.unpack_from(f"!{nf}h", buf, pos))
+            pos += 2 * nf
         else:
-            if ln < 0 or pos + ln > len(body):
-                raise ValueError
-            params.append(bytes(body[pos:pos + ln]))
-            pos += ln
-    nr = _I16.unpack_from(body, pos)[0]
-    pos += 2
-    if nr < 0 or pos + 2 * nr != len(body):
-        raise ValueError
-    rfmts = list(struct.unpack_from(f"!{nr}h", body, pos)) if nr else []
-    return BindMessage(body[:i].decode("utf-8", "replace"), body[i + 1:j].decode("utf-8", "replace"),
-                       fmts, params, rfmts)
+            raise ProtocolError("negative format count")
+        np_ = _H(buf, pos)[0]
+        pos += 2
+        if np_ < 0:
+            raise ProtocolError("negative parameter count")
+        params: list[Optional[bytes]] = []
+        append = params.append
+        for _ in range(np_):
+            ln = _L(buf, pos)[0]
+            pos += 4
+            if ln == -1:
+                append(None)
+            elif ln < 0 or pos + ln > end:
+                raise ProtocolError("message truncated (bytes)")
+            else:
+                append(buf[pos:pos + ln])
+                pos += ln
+        nr = _H(buf, pos)[0]
+        pos += 2
+        if nr < 0 or pos + 2 * nr != end:
+            raise ProtocolError("malformed Bind")
+        rfmts = list(struct.unpack_from(f"!{nr}h", buf, pos)) if nr else []
+        return (buf[start:i].decode("utf-8", "replace"), buf[i + 1:j].decode("utf-8", "replace"),
+                fmts, params, rfmts)
+    except (ValueError, struct.error, IndexError):
+        raise ProtocolError("malformed Bind") from None
 
 
 def build_bind(portal: str, statement: str, params: Sequence[Optional[bytes]] = (),

@@ -1,6 +1,11 @@
 """asyncio shell around PostgresSession: moves bytes, runs TLS, asks policy, emits events.
 
 `serve_postgres(reader, writer, ctx)` runs one accepted client connection to its end.
+Startup (TLS, authentication, brokered login) runs on the asyncio streams. Once the session is
+ready for queries, both legs are handed to small asyncio Protocols (`transport.set_protocol`):
+received bytes go straight into the session and its output is written at once, with no
+coroutine or stream buffer per read — the per-transaction cost that matters for throughput.
+Backpressure: a leg whose write buffer is full pauses reading on the other leg.
 Target options (ctx.target.options): max_message_bytes (default 64 MiB), startup_timeout
 (seconds, default 30), idle_timeout (seconds, default 0 = none).
 """
@@ -59,13 +64,20 @@ def _verdict_from(sd, final=None) -> Verdict:
         reason=d.reason or "")
 
 
-async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
-    """Policy decision for one Query/Parse, with approvals; fails closed on policy errors.
-    Returns (verdicts, whether they came from the decision cache)."""
+def _cache_key(ctx, policy, sql: str) -> tuple:
+    # the hour is part of the key because policies may depend on the time of day (the policy
+    # engine's own caches are per hour too)
+    return (id(policy), getattr(policy, "version", None), ctx.identity, ctx.target.name,
+            int(time.time() // 3600), sql)
+
+
+def decide_now(ctx, req: DecisionRequest):
+    """The synchronous part of `decide`: (verdicts, cached) when no approval is needed, else
+    (None, decisions) for `decide` to ask the approval service."""
     policy = ctx.policy
     if policy is None:
         return [Verdict(True, req.sql, reason="no policy configured for this target")], False
-    key = (id(policy), getattr(policy, "version", None), ctx.identity, ctx.target.name, req.sql)
+    key = _cache_key(ctx, policy, req.sql)
     cached = decision_cache.get(key)
     if cached is not None:
         return cached, True
@@ -74,6 +86,20 @@ async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
     except Exception as e:  # a broken policy must not let statements through
         return [Verdict(False, req.sql, action="pg:unknown", decision="deny",
                         reason=f"policy evaluation failed: {e}")], False
+    if any(sd.decision.kind == "approval" for sd in decisions):
+        return None, decisions
+    verdicts = [_verdict_from(sd) for sd in decisions]
+    decision_cache.put(key, verdicts)
+    return verdicts, False
+
+
+async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
+    """Policy decision for one Query/Parse, with approvals; fails closed on policy errors.
+    Returns (verdicts, whether they came from the decision cache)."""
+    verdicts, extra = decide_now(ctx, req)
+    if verdicts is not None:
+        return verdicts, extra
+    decisions = extra
     verdicts = []
     needs_approval = False
     for sd in decisions:
@@ -132,6 +158,46 @@ def _start_fields(ctx) -> dict:
     return fields
 
 
+class _Leg(asyncio.Protocol):
+    """One leg (client or server side) after the hand-over: callbacks go to the connection."""
+
+    def __init__(self, conn: "_Connection", client: bool):
+        self.conn = conn
+        self.client = client
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.client:
+            self.conn._on_client_data(data)
+        else:
+            self.conn._on_server_data(data)
+
+    def eof_received(self):
+        self.conn._on_eof(self.client, None)
+        return False
+
+    def connection_lost(self, exc) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.conn._on_eof(self.client, exc)
+
+    def pause_writing(self) -> None:
+        # this leg cannot take more: stop reading what would be written to it
+        self.conn._pause_reading(not self.client, "backpressure")
+
+    def resume_writing(self) -> None:
+        self.conn._resume_reading(not self.client, "backpressure")
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """What a StreamReader holds that nobody read yet, and whether it saw EOF."""
+    buf = getattr(reader, "_buffer", None)
+    data = bytes(buf) if buf else b""
+    if buf:
+        buf.clear()
+    return data, reader.at_eof() or bool(getattr(reader, "_eof", False))
+
+
 class UpstreamError(Exception):
     def __init__(self, sqlstate: str, message: str):
         super().__init__(message)
@@ -157,8 +223,20 @@ class _Connection:
             start_fields=_start_fields(ctx))
         self.closing = False
         self.last_activity = time.monotonic()
+        self.client_reads = 0                      # the watchdog turns changes into last_activity
         self.server_task: Optional[asyncio.Task] = None
         self.registered_key: Optional[tuple[int, bytes]] = None
+        # hand-over to protocols: the server pump stops reading once the session is ready
+        self._handoff: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.fast = False
+        self._done: Optional[asyncio.Future] = None
+        self._cleg: Optional[_Leg] = None
+        self._sleg: Optional[_Leg] = None
+        self._paused = ({}, {})                    # (server leg, client leg): reasons reading is paused
+        # per-connection decision cache in front of the shared one: sql -> verdicts, valid for
+        # one (policy, version, identity, hour)
+        self._verdicts: dict = {}
+        self._verdicts_key = None
 
     # -- main ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -170,7 +248,9 @@ class _Connection:
             reason = f"client_error: {e.__class__.__name__}"
         finally:
             watchdog.cancel()
-            if self.server_task is not None:
+            if self.fast:
+                pass            # the server pump ended at the hand-over
+            elif self.server_task is not None:
                 if not self.server_task.done():
                     # let the server finish sending what the client is owed (e.g. after Terminate, nothing)
                     self.server_task.cancel()
@@ -183,27 +263,54 @@ class _Connection:
             self._emit(self.session.finish(reason))
             if self.registered_key is not None:
                 _cancel_keys.pop(self.registered_key, None)
-            await self._close_writer(self.swriter)
-            await self._close_writer(self.cwriter)
+            if self.fast:
+                await self._close_fast()
+            else:
+                await self._close_writer(self.swriter)
+                await self._close_writer(self.cwriter)
 
     async def _client_pump(self) -> str:
         session = self.session
         reader = self.creader
         while not self.closing:
-            data = await reader.read(READ_SIZE)
+            if self._handoff.done():
+                return await self._fast_phase()
+            data = await self._read_client(reader)
+            if data is None:
+                continue         # woken for the hand-over
             if not data:
                 return "client_terminated" if session.terminated else "client_closed"
-            self.last_activity = time.monotonic()
+            self.client_reads += 1
             await self._run_actions(session.feed_client(data))
             if session.terminated:
                 return "client_terminated"
         return session.end_reason or "closed"
 
-    async def _server_pump(self) -> str:
+    async def _read_client(self, reader) -> Optional[bytes]:
+        """A stream read during startup that also wakes up (None) when the server pump hands over."""
+        if self.server_task is None:
+            return await reader.read(READ_SIZE)
+        read = asyncio.ensure_future(reader.read(READ_SIZE))
+        await asyncio.wait((read, self._handoff), return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            return read.result()
+        read.cancel()            # nothing is lost: unread bytes stay in the reader's buffer
+        try:
+            return await read
+        except asyncio.CancelledError:
+            if read.cancelled():
+                return None
+            raise
+
+    async def _server_pump(self) -> Optional[str]:
         session = self.session
         reader = self.sreader
         try:
             while not self.closing:
+                if session.phase == READY:
+                    # the client pump takes both legs over; unread bytes stay in the reader
+                    self._handoff.set_result(True)
+                    return None
                 data = await reader.read(READ_SIZE)
                 if not data:
                     break
@@ -353,6 +460,10 @@ class _Connection:
             await self._run_actions(self.session.fatal(
                 "08P01", "received unencrypted data after SSL request", "tls_injection"))
             return
+        # the client sends its ClientHello as soon as it reads 'S': stop reading now, or a loop turn
+        # before start_tls takes the transport over could put it in the stream's buffer, where the
+        # handshake never sees it (it then stalls until the startup timeout)
+        self.cwriter.transport.pause_reading()
         await self.cwriter.drain()
         await asyncio.wait_for(self.cwriter.start_tls(self.server_ssl), self.startup_timeout)
         await self._run_actions(self.session.client_tls_established())
@@ -377,9 +488,13 @@ class _Connection:
         period = min(1.0, max(0.05, self.startup_timeout / 4))
         if self.idle_timeout:
             period = min(period, max(0.05, self.idle_timeout / 4))
+        seen_reads = self.client_reads
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
+            if self.client_reads != seen_reads:
+                seen_reads = self.client_reads
+                self.last_activity = now
             session = self.session
             if session.phase != READY and session.phase != "closed" and now - started > self.startup_timeout:
                 await self._abort("08P01", f"startup did not complete within {self.startup_timeout:g} s "
@@ -392,11 +507,209 @@ class _Connection:
                 return
 
     async def _abort(self, sqlstate: str, message: str, reason: str) -> None:
+        if self.fast:
+            self._apply(self.session.fatal(sqlstate, message, reason))
+            self._finish(reason)
+            return
         await self._run_actions(self.session.fatal(sqlstate, message, reason))
         self.closing = True
         self.cwriter.close()
         if self.swriter is not None:
             self.swriter.close()
+
+    # -- after the hand-over: protocol callbacks --------------------------------------
+    async def _fast_phase(self) -> str:
+        """Move both legs from the streams to protocols and run until the connection ends."""
+        loop = asyncio.get_running_loop()
+        self.fast = True
+        self._done = loop.create_future()
+        ct, st = self.cwriter.transport, self.swriter.transport
+        cdata, ceof = _take_buffered(self.creader)
+        sdata, seof = _take_buffered(self.sreader)
+        # a leg that already failed or closed under the stream gets no more callbacks
+        ceof = ceof or ct.is_closing() or self.creader.exception() is not None
+        seof = seof or st.is_closing() or self.sreader.exception() is not None
+        self._cleg, self._sleg = _Leg(self, True), _Leg(self, False)
+        for transport, leg, reader, writer in ((ct, self._cleg, self.creader, self.cwriter),
+                                                (st, self._sleg, self.sreader, self.swriter)):
+            write_paused = bool(getattr(writer._protocol, "_paused", False))
+            transport.set_protocol(leg)
+            transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            if getattr(reader, "_paused", False):
+                reader._paused = False
+                transport.resume_reading()
+            if write_paused:
+                self._pause_reading(not leg.client, "backpressure")
+        if sdata:
+            self._on_server_data(sdata)
+        if cdata:
+            self._on_client_data(cdata)
+        if seof:
+            self._on_eof(False, None)
+        if ceof:
+            self._on_eof(True, None)
+        return await self._done
+
+    def _on_client_data(self, data: bytes) -> None:
+        if self._done.done():
+            return
+        self.client_reads += 1
+        session = self.session
+        try:
+            actions = session.feed_client(data)
+            if actions:
+                self._apply(actions)
+            if session.terminated:
+                self._finish("client_terminated")
+        except Exception as e:  # surfaced by run() as with the stream pumps
+            self._fail(e)
+
+    def _on_server_data(self, data: bytes) -> None:
+        if self._done.done():
+            return
+        try:
+            actions = self.session.feed_server(data)
+            if actions:
+                self._apply(actions)
+        except Exception as e:
+            self._fail(e)
+
+    def _on_eof(self, client: bool, exc) -> None:
+        if self._done is None or self._done.done():
+            return
+        session = self.session
+        if client:
+            if exc is not None:
+                reason = f"client_error: {exc.__class__.__name__}"
+            else:
+                reason = "client_terminated" if session.terminated else "client_closed"
+        else:
+            reason = "client_terminated" if session.terminated else "server_closed"
+            session.end_reason = session.end_reason or reason
+        self._finish(reason)
+
+    def _apply(self, actions: list) -> None:
+        """Run a session's actions synchronously; writes are collected and issued once per leg."""
+        to_server: list = []
+        to_client: list = []
+        emit = self.ctx.emit
+        close = False
+        i = 0
+        while i < len(actions):
+            kind, payload = actions[i]
+            i += 1
+            if kind == TO_CLIENT:
+                to_client.append(payload)
+            elif kind == TO_SERVER:
+                to_server.append(payload)
+            elif kind == EVENT:
+                emit(payload[0], payload[1])
+            elif kind == DECIDE:
+                verdicts, cached = self._decide_fast(payload)
+                if verdicts is None:
+                    # an approval is needed: hold the client until it is answered
+                    self._write(to_server, to_client)
+                    self._pause_reading(True, "decision")
+                    asyncio.get_running_loop().create_task(self._decide_slow(payload, actions[i:]))
+                    return
+                actions = self.session.resume(verdicts, cached) + actions[i:]
+                i = 0
+            elif kind == CLOSE:
+                close = True
+            elif kind == REGISTER_CANCEL_KEY:
+                cpid, ckey, spid, skey = payload
+                self.registered_key = (cpid, ckey)
+                _cancel_keys[(cpid, ckey)] = (self.ctx.target.upstream_host, self.ctx.target.upstream_port,
+                                              spid, skey)
+            else:
+                raise RuntimeError(f"session action {kind} after the hand-over")
+        self._write(to_server, to_client)
+        if close:
+            self.closing = True
+            self._finish(self.session.end_reason or "closed")
+
+    def _write(self, to_server: list, to_client: list) -> None:
+        if to_server:
+            t = self.swriter.transport
+            if not t.is_closing():
+                t.write(to_server[0]) if len(to_server) == 1 else t.writelines(to_server)
+        if to_client:
+            t = self.cwriter.transport
+            if not t.is_closing():
+                t.write(to_client[0]) if len(to_client) == 1 else t.writelines(to_client)
+
+    def _decide_fast(self, req: DecisionRequest):
+        """Verdicts without awaiting: a dict lookup for a statement this connection saw before,
+        else the shared cache or the policy itself; (None, None) when an approval is needed."""
+        ctx = self.ctx
+        policy = ctx.policy
+        if policy is not None:
+            vkey = (id(policy), getattr(policy, "version", None), ctx.identity, int(time.time() // 3600))
+            if vkey != self._verdicts_key:
+                self._verdicts_key = vkey
+                self._verdicts = {}
+            hit = self._verdicts.get(req.sql)
+            if hit is not None:
+                return hit, True
+        verdicts, extra = decide_now(ctx, req)
+        if verdicts is None:
+            return None, None
+        if extra and policy is not None:
+            # seen twice (the shared cache had it): worth keeping for this connection
+            if len(self._verdicts) >= 1000:
+                self._verdicts = {}
+            self._verdicts[req.sql] = verdicts
+        return verdicts, extra
+
+    async def _decide_slow(self, req: DecisionRequest, rest: list) -> None:
+        try:
+            verdicts, cached = await decide(self.ctx, req)
+            if self._done.done():
+                return
+            self._apply(self.session.resume(verdicts, cached) + rest)
+            if not self.session.waiting_for_decision:
+                self._resume_reading(True, "decision")
+        except Exception as e:
+            self._fail(e)
+
+    def _pause_reading(self, client: bool, reason: str) -> None:
+        reasons = self._paused[client]
+        if not reasons:
+            leg = self.cwriter if client else self.swriter
+            if not leg.transport.is_closing():
+                leg.transport.pause_reading()
+        reasons[reason] = True
+
+    def _resume_reading(self, client: bool, reason: str) -> None:
+        reasons = self._paused[client]
+        if reasons.pop(reason, None) and not reasons:
+            leg = self.cwriter if client else self.swriter
+            if not leg.transport.is_closing():
+                leg.transport.resume_reading()
+
+    def _finish(self, reason: str) -> None:
+        if self._done is not None and not self._done.done():
+            self.closing = True
+            self._done.set_result(reason)
+
+    def _fail(self, exc: Exception) -> None:
+        if self._done is not None and not self._done.done():
+            self.closing = True
+            self._done.set_exception(exc)
+
+    async def _close_fast(self) -> None:
+        """Close both legs (buffered writes are flushed first) and wait, bounded, until they are gone."""
+        waits = []
+        for writer, leg in ((self.swriter, self._sleg), (self.cwriter, self._cleg)):
+            if writer is not None:
+                writer.transport.close()
+                if leg is not None:
+                    waits.append(leg.lost)
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), 2)
+            except (asyncio.TimeoutError, ConnectionError, OSError):
+                pass
 
     def _emit(self, actions: list) -> None:
         for kind, payload in actions:

@@ -72,6 +72,7 @@ _CLIENT_FORWARD_TYPES = frozenset(b"HDCdcfF")
 # server messages still delivered while a refused result's batch is withheld: ReadyForQuery ends
 # the withholding; ParameterStatus, NotificationResponse and NoticeResponse are asynchronous
 _PASS_WHILE_WITHHELD = frozenset(b"ZSAN")
+_BIND_EXPECT = (50, False)    # BindComplete expected, not injected by us
 _DESCRIBE_REPLY = 84         # expectation marker for the RowDescription/NoData answering a Describe
 
 
@@ -99,13 +100,16 @@ class Verdict:
 class _Statement:
     """A prepared statement as the client named it; `fields` is its RowDescription once a
     Describe 'S' was answered ([] for NoData), `described` once the client asked."""
-    __slots__ = ("text", "verdict", "fields", "described")
+    __slots__ = ("text", "verdict", "fields", "described", "record")
 
     def __init__(self, text: str, verdict: Optional[Verdict]):
         self.text = text
         self.verdict = verdict
         self.fields: Optional[list] = None
         self.described = False
+        # pg.statement fields shared by every execution (built once, without masking only):
+        # a Bind then copies it and adds its parameters and index
+        self.record: Optional[dict] = None
 
 
 class _Portal:
@@ -161,6 +165,17 @@ class _Result:
         self.refusal: Optional[tuple[str, str]] = None     # (sqlstate, message) sent instead of rows
 
 
+_BIG_MESSAGE = 256 * 1024
+
+
+def _big_message_need(rest: bytes) -> int:
+    """Total size of the incomplete message starting `rest` when much of it is still to come (else 0)."""
+    if len(rest) < 5:
+        return 0
+    need = _unpack_i32(rest, 1)[0] + 1
+    return need if need - len(rest) > _BIG_MESSAGE else 0
+
+
 def _quote_literal(s: str) -> str:
     # E'' works whatever standard_conforming_strings says
     return "E'" + s.replace("\\", "\\\\").replace("'", "''") + "'"
@@ -191,9 +206,15 @@ def render_params(bind: P.BindMessage, mask_text: Optional[Callable[[str], tuple
     With `mask_text` (the session's masker), text values are masked, and a binary value that is
     UTF-8 text (a text parameter sent in binary format, as asyncpg does) is recorded masked
     instead of as hex when it holds something to mask, so its hex cannot carry the raw value."""
-    fmts = bind.param_formats
+    return _render(bind.params, bind.param_formats, mask_text)
+
+
+def _render(values: list, fmts: list, mask_text: Optional[Callable[[str], tuple]]) -> list:
+    if mask_text is None and not fmts:
+        # all text format, nothing to mask: the common case, one decode per value
+        return [None if v is None else v.decode("utf-8", "replace") for v in values]
     out = []
-    for i, v in enumerate(bind.params):
+    for i, v in enumerate(values):
         if v is None:
             out.append(None)
             continue
@@ -256,6 +277,10 @@ class PostgresSession:
 
         self._cbuf = b""
         self._sbuf = b""
+        # a large message arriving in many reads is collected as parts and joined once (instead of
+        # re-concatenating the growing buffer on every read): [parts, bytes held, bytes needed]
+        self._cbig: Optional[list] = None
+        self._sbig: Optional[list] = None
         self._pending: Optional[tuple] = None      # held client message awaiting resume()
         self._discard_until_sync = False
         self._terminated = False
@@ -288,6 +313,14 @@ class PostgresSession:
         self.bytes_in += len(data)
         if self.phase == CLOSED:
             return []
+        big = self._cbig
+        if big is not None:
+            big[0].append(data)
+            big[1] += len(data)
+            if big[1] < big[2]:
+                return []
+            self._cbig = None
+            data = b"".join(big[0])
         self._cbuf = self._cbuf + data if self._cbuf else bytes(data)
         if self._pending is not None:
             return []          # held until resume()
@@ -299,7 +332,16 @@ class PostgresSession:
     def feed_server(self, data: bytes) -> list:
         if self.phase == CLOSED:
             return []
-        buf = self._sbuf + data if self._sbuf else data
+        big = self._sbig
+        if big is not None:
+            big[0].append(data)
+            big[1] += len(data)
+            if big[1] < big[2]:
+                return []
+            self._sbig = None
+            buf = b"".join(big[0])
+        else:
+            buf = self._sbuf + data if self._sbuf else bytes(data)
         self._sbuf = b""
         return self._process_server(buf)
 
@@ -501,10 +543,15 @@ class PostgresSession:
                 return
             if t == 66:          # 'B' Bind
                 try:
-                    bind = P.parse_bind(buf[pos + 5:end])
-                except P.ProtocolError as e:
+                    bind = P.parse_bind_at(buf, pos + 5, end)
+                except P.ProtocolError:
+                    try:
+                        P.parse_bind(buf[pos + 5:end])      # for the precise message
+                        e = P.ProtocolError("malformed Bind")
+                    except P.ProtocolError as err:
+                        e = err
                     return self._client_protocol_error(out, buf, run, pos, e)
-                expect.append((50, False))
+                expect.append(_BIND_EXPECT)
                 self._record_bind(bind, out)
             elif t == 69:        # 'E' Execute
                 nul = buf.find(b"\0", pos + 5, end)
@@ -582,7 +629,14 @@ class PostgresSession:
             pos = end
         if run < pos:
             out.append((TO_SERVER, buf if (run == 0 and pos == n) else buf[run:pos]))
-        self._cbuf = buf[pos:] if pos < n else b""
+        if pos < n:
+            rest = self._cbuf = buf[pos:]
+            need = _big_message_need(rest)
+            if need:
+                self._cbig = [[rest], len(rest), need]
+                self._cbuf = b""
+        else:
+            self._cbuf = b""
 
     def _client_protocol_error(self, out, buf, run, pos, err) -> None:
         if run < pos:
@@ -590,18 +644,35 @@ class PostgresSession:
         self._cbuf = b""
         out += self._fatal("08P01", f"invalid frontend message: {err}", "protocol_error")
 
-    def _record_bind(self, bind: P.BindMessage, out: list) -> None:
-        statement = self._statements.get(bind.statement)
-        self.statements += 1
-        portal = _Portal(statement, bind.result_formats, self.statements)
-        if bind.portal:
-            self._portals[bind.portal] = portal
+    def _record_bind(self, bind: tuple, out: list) -> None:
+        """A Bind is one execution of its statement: a new portal and a pg.statement record.
+        `bind` is protocol.parse_bind_at's (portal, statement, param formats, params, result formats)."""
+        portal_name, name, fmts, values, rfmts = bind
+        statement = self._statements.get(name)
+        index = self.statements = self.statements + 1
+        portal = _Portal(statement, rfmts, index)
+        if portal_name:
+            self._portals[portal_name] = portal
         else:
             self._unnamed_portal = portal
-        params = render_params(bind, self.masking.mask_text if self.masking is not None else None)
+        masking = self.masking
+        if masking is None and statement is not None:
+            # the statement's constant fields were built once; only parameters and index differ
+            template = statement.record
+            if template is None:
+                template = statement.record = self._statement_fields(
+                    statement.text, None, statement.verdict, "extended", name, 0)
+            fields = template.copy()
+            fields["params"] = _render(values, fmts, None)
+            fields["statement_index"] = index
+            if portal_name:
+                fields["portal"] = portal_name
+            out.append((EVENT, ("pg.statement", fields)))
+            return
+        params = _render(values, fmts, masking.mask_text if masking is not None else None)
         out.append((EVENT, ("pg.statement", self._statement_fields(
             portal.text, params, statement.verdict if statement is not None else None,
-            "extended", bind.statement, self.statements, bind.portal))))
+            "extended", name, index, portal_name))))
 
     def _statement_fields(self, text, params, verdict: Optional[Verdict], protocol: str, name,
                           index: int, portal: Optional[str] = None) -> dict:
@@ -706,6 +777,25 @@ class PostgresSession:
             if end > n:
                 break
             if t == 68:                      # 'D' DataRow
+                if plan is None and (masking is None or self._plan_known) and not self._withhold:
+                    # nothing to mask: count the whole run of DataRows in one tight loop; they stay
+                    # in the forwarded slice untouched
+                    rows = 1
+                    nbytes = length
+                    pos = end
+                    while n - pos >= 5 and buf[pos] == 68:
+                        length = _unpack_i32(buf, pos + 1)[0]
+                        end = pos + 1 + length
+                        if length < 4 or end > n:
+                            break            # invalid or incomplete: the outer loop deals with it
+                        rows += 1
+                        nbytes += length
+                        pos = end
+                    if results:
+                        r = results[0]
+                        r.rows += rows
+                        r.nbytes += nbytes
+                    continue
                 if results:
                     r = results[0]
                     r.rows += 1
@@ -728,9 +818,23 @@ class PostgresSession:
                             out.append((TO_CLIENT, b"D" + _pack_i32(len(masked) + 4) + masked))
                             run = end
             elif t == 100:                   # 'd' CopyData (COPY TO STDOUT)
+                copy = self._copy_out
+                if copy is None and not self._withhold:
+                    # nothing to mask: count the whole run of CopyData in one tight loop
+                    nbytes = length
+                    pos = end
+                    while n - pos >= 5 and buf[pos] == 100:
+                        length = _unpack_i32(buf, pos + 1)[0]
+                        end = pos + 1 + length
+                        if length < 4 or end > n:
+                            break
+                        nbytes += length
+                        pos = end
+                    if results:
+                        results[0].nbytes += nbytes
+                    continue
                 if results:
                     results[0].nbytes += length
-                copy = self._copy_out
                 if copy is not None and not self._withhold:
                     body = buf[pos + 5:end]
                     masked = masking.mask_copy_line(body, copy.format, copy.columns, copy.delimiter, copy.quote)
@@ -757,7 +861,9 @@ class PostgresSession:
                 self._copy_out = None
                 self._withhold = False
                 self.transaction_status = chr(buf[pos + 5]) if length == 5 else "?"
-                self._server_batch += 1
+                if self.phase != AUTH:
+                    # the ReadyForQuery that ends startup answers no client batch
+                    self._server_batch += 1
                 expect = self._expect
                 while expect:
                     if expect.popleft()[0] == 90:
@@ -887,7 +993,11 @@ class PostgresSession:
             chunk = buf if (run == 0 and pos == n) else buf[run:pos]
             out.append((TO_CLIENT, chunk))
         if pos < n:
-            self._sbuf = buf[pos:]
+            rest = self._sbuf = buf[pos:]
+            need = _big_message_need(rest)
+            if need:
+                self._sbig = [[rest], len(rest), need]
+                self._sbuf = b""
         for kind, payload in out:
             if kind == TO_CLIENT:
                 self.bytes_out += len(payload)
