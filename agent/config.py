@@ -110,6 +110,7 @@ class SpoolConfig:
     path: str
     max_bytes: int = 1 << 30
     on_full: str = "refuse"
+    flush_interval: float = 0.1     # an event is durable (fsynced) at most this long after it happened
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +316,13 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
     except ValueError:
         err(("spool", "max_bytes"), f"spool.max_bytes must be a size such as 512MiB, got {spool.get('max_bytes')!r}")
         max_bytes = 1 << 30
+    try:
+        flush_interval = _parse_duration(spool.get("flush_interval", 0.1))
+        if not 0.001 <= flush_interval <= 10:
+            raise ValueError
+    except ValueError:
+        err(("spool", "flush_interval"), "spool.flush_interval must be a duration between 1ms and 10s, e.g. 100ms")
+        flush_interval = 0.1
     on_full = spool.get("on_full", "refuse")
     if on_full not in ON_FULL:
         err(("spool", "on_full"), f"spool.on_full must be refuse or block, got {on_full!r}")
@@ -355,7 +363,8 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         source=filename, agent_id=agent_id, state_dir=state_dir,
         scope_cgroups=tuple(cgroups_list), targets=tuple(targets), identities=tuple(identities),
         collector=CollectorConfig(url, collector.get("enrollment"), collector.get("ca")),
-        spool=SpoolConfig(str(spool.get("path", os.path.join(state_dir, "spool"))), max_bytes, on_full),
+        spool=SpoolConfig(str(spool.get("path", os.path.join(state_dir, "spool"))), max_bytes, on_full,
+                          flush_interval),
         policy_path=policy_path, masking=masking if isinstance(masking, dict) else {},
         masking_engine=masking_engine,
         approvals_timeout=approvals_timeout, approvals_grant_window=grant_window,

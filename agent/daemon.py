@@ -537,7 +537,8 @@ class RecordsPipeline:
         from records.writer import RecordWriter
         self.key = load_or_create_key(os.path.join(config.state_dir, "agent.key"))
         self.spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes, on_full=config.spool.on_full)
-        self.writer = RecordWriter(agent_id, self.key, os.path.join(config.state_dir, "records"), self.spool)
+        self.writer = RecordWriter(agent_id, self.key, os.path.join(config.state_dir, "records"), self.spool,
+                                   batch_max_delay=config.spool.flush_interval)
         self.shipper = None
         if config.collector.url:
             from agent.shipper import Shipper
