@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-# the script's own directory holds bench/http.py, which would shadow the stdlib http package
+# keep bench/ off the front of sys.path so no bench module can shadow a stdlib one
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))

@@ -99,12 +99,10 @@ async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
     verdicts, extra = decide_now(ctx, req)
     if verdicts is not None:
         return verdicts, extra
-    decisions = extra
+    # an approval is needed: never cached, each statement asks again
     verdicts = []
-    needs_approval = False
-    for sd in decisions:
+    for sd in extra:
         if sd.decision.kind == "approval":
-            needs_approval = True
             if ctx.approvals is None:
                 v = _verdict_from(sd)
                 v.allowed, v.decision = False, "deny"
@@ -120,8 +118,6 @@ async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
                     verdicts.append(v)
         else:
             verdicts.append(_verdict_from(sd))
-    if not needs_approval:
-        decision_cache.put(key, verdicts)
     return verdicts, False
 
 
