@@ -343,7 +343,12 @@ class PostgresSession:
         else:
             buf = self._sbuf + data if self._sbuf else bytes(data)
         self._sbuf = b""
-        return self._process_server(buf)
+        try:
+            return self._process_server(buf)
+        except (P.ProtocolError, ValueError, IndexError, struct.error) as exc:
+            # a malformed message from the server ends this one connection, never the enforcer
+            return self._fatal("08P01", f"Warden closed the connection: the server sent a malformed "
+                                        f"message ({exc})", "server_protocol_error")
 
     def client_tls_established(self) -> list:
         self.tls_client = True
