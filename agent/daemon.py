@@ -552,7 +552,8 @@ class RecordsPipeline:
 
     def status(self) -> dict:
         return {"spool_backlog_bytes": self.spool.used_bytes, "spool_backlog_batches": self.spool.pending_count,
-                "spool_full": self.full, "chain_seq": self.writer.last_seq}
+                "spool_full": self.full, "chain_seq": self.writer.last_seq,
+                "chain_hash": bytes(self.writer.last_hash).hex()}
 
     def close(self) -> None:
         self.writer.close()

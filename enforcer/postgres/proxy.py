@@ -226,6 +226,9 @@ class _Connection:
         self._handoff: asyncio.Future = asyncio.get_running_loop().create_future()
         self.fast = False
         self._done: Optional[asyncio.Future] = None
+        if ctx.extra is not None:
+            # the approvals client tells a waiting user where the approval is, right away
+            ctx.extra["notify_client"] = self._notify_client
         self._cleg: Optional[_Leg] = None
         self._sleg: Optional[_Leg] = None
         self._paused = ({}, {})                    # (server leg, client leg): reasons reading is paused
@@ -633,6 +636,12 @@ class _Connection:
             t = self.cwriter.transport
             if not t.is_closing():
                 t.write(to_client[0]) if len(to_client) == 1 else t.writelines(to_client)
+
+    def _notify_client(self, message: str) -> None:
+        """An asynchronous NoticeResponse: allowed at any point of the protocol, shown by psql at once."""
+        transport = self.cwriter.transport
+        if not transport.is_closing():
+            transport.write(P.build_notice_response({"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": message}))
 
     def _decide_fast(self, req: DecisionRequest):
         """Verdicts without awaiting: a dict lookup for a statement this connection saw before,

@@ -172,6 +172,8 @@ def test_approval_granted_and_denied_through_the_cli(test_cgroup, collector, dat
         cli("warden", "approvals", "approve", first["id"], "--reason", "ticket CHG-1234", env=env)
         out, err = waiting.communicate(timeout=30)
         assert waiting.returncode == 0, err
+        # psql showed the approval id and the command to approve it while it waited
+        assert f"warden approvals approve {first['id']}" in err and "NOTICE" in err, err
         assert database.psql_local("SELECT name FROM customers WHERE id = 7", dbname="app").strip() == "renamed"
 
         # denied: 42501 with the approver's reason, and the row is untouched
