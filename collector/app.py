@@ -224,9 +224,17 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
         principal = await run_in_threadpool(authenticate, request, True)
         if principal.kind != "agent":
             raise HTTPException(403, "only an enrolled agent may ingest")
-        raw = await request.body()
-        if len(raw) > MAX_BATCH_BYTES:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BATCH_BYTES:
             raise HTTPException(413, f"batch larger than {MAX_BATCH_BYTES} bytes")
+        # read at most the limit: an oversize or lying body never sits in memory whole
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BATCH_BYTES:
+                raise HTTPException(413, f"batch larger than {MAX_BATCH_BYTES} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             result = await run_in_threadpool(ingest_batch, store, principal.subject, raw)
         except IngestRejected as exc:

@@ -63,12 +63,20 @@ def parse_time_ns(text: str | int, *, now: int | None = None) -> int:
     return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
 
 
+_MAX_NS = 2**63 - 1        # what a signed 64-bit column holds (year 2262)
+
+
 def _epoch_number_to_ns(number: int) -> int:
     if abs(number) <= 10**11:
-        return number * 1_000_000_000
-    if abs(number) <= 10**14:
-        return number * 1_000_000
-    return number
+        ns = number * 1_000_000_000
+    elif abs(number) <= 10**14:
+        ns = number * 1_000_000
+    else:
+        ns = number
+    if abs(ns) > _MAX_NS:
+        raise TimeFormatError(f"time {number} is out of range: use epoch seconds, milliseconds or "
+                              f"nanoseconds before the year 2262")
+    return ns
 
 
 def format_ns(ts_ns: int | None) -> str | None:
