@@ -92,7 +92,7 @@ class TargetConfig:
     listen_port: int
     upstream_tls: str = "disable"
     upstream_ca: Optional[str] = None
-    client_tls: str = "allow"        # allow (terminate with the local CA) | refuse
+    client_tls: str = "allow"        # postgres: allow | refuse; http: intercept | sni | refuse
     on_enforcer_down: str = "refuse"
     credentials: dict = dataclasses.field(default_factory=dict)
     options: dict = dataclasses.field(default_factory=dict)
@@ -267,9 +267,14 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         on_down = t.get("on_enforcer_down", "refuse")
         if on_down not in ON_DOWN:
             err(p + ("on_enforcer_down",), f"on_enforcer_down must be refuse or bypass, got {on_down!r}")
-        client_tls = t.get("client_tls", "allow")
-        if client_tls not in ("allow", "refuse"):
-            err(p + ("client_tls",), f"client_tls must be allow or refuse, got {client_tls!r}")
+        # what a workload that starts TLS towards the enforcer gets: postgres terminates it with the
+        # agent CA (allow) or answers 'N'; http intercepts with the agent CA, decides by SNI only, or refuses
+        client_tls_modes = {"postgres": ("allow", "refuse"), "http": ("intercept", "sni", "refuse"),
+                            "tcp": ("refuse",)}[protocol if protocol in PROTOCOLS else "tcp"]
+        client_tls = t.get("client_tls", client_tls_modes[0])
+        if client_tls not in client_tls_modes:
+            err(p + ("client_tls",), f"client_tls for a {protocol} target must be one of "
+                                     f"{', '.join(client_tls_modes)}, got {client_tls!r}")
         creds = t.get("credentials") or {}
         if creds and protocol == "postgres":
             from enforcer.postgres.broker import BrokerConfig, ConfigError as BrokerConfigError

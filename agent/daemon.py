@@ -74,7 +74,7 @@ class Agent:
         self.masking = config.masking_engine
         self.brokers = self._load_brokers(config)
         self.local_ca = None
-        if any(t.protocol == "postgres" and t.client_tls == "allow" for t in config.targets):
+        if any((t.protocol, t.client_tls) in (("postgres", "allow"), ("http", "intercept")) for t in config.targets):
             from enforcer.tls import LocalCA
             self.local_ca = LocalCA.load_or_create(os.path.join(config.state_dir, "ca"))
         self._tls_contexts: dict[tuple, object] = {}
@@ -469,6 +469,13 @@ class Agent:
                 self._tls_contexts[key] = await asyncio.to_thread(
                     self.local_ca.server_context_for, list(target.match.hostnames), [cap.orig_ip])
             ctx.extra["server_ssl_context"] = self._tls_contexts[key]
+        if target.protocol == "http":
+            info.options["client_tls"] = target.client_tls
+            if target.match.hostnames:
+                # certificates are only ever issued for the names this target is about
+                info.options.setdefault("client_tls_names", list(target.match.hostnames))
+            if self.local_ca is not None:
+                ctx.extra["local_ca"] = self.local_ca
         broker = self.brokers.get(target.name)
         if broker is not None:
             ctx.extra["pg_broker"] = broker

@@ -21,6 +21,9 @@ Target options (ctx.target.options, from agent.yaml):
   mask_max_body_bytes: 8 MiB    larger maskable responses are refused (never sent unmasked)
   discard_denied_body_bytes: 1 MiB   a denied request's body up to this is read and dropped to
                                 keep the connection; larger ones close it
+  client_tls: refuse | intercept | sni   what to do with a workload that speaks TLS (HTTPS) to
+                                the target; with client_tls_hostname, client_tls_names and
+                                client_hello_timeout (see "workload TLS" below serve_http)
 """
 from __future__ import annotations
 
@@ -32,14 +35,16 @@ import time
 import zlib
 from typing import Any, Optional
 
-from enforcer.context import ConnectionContext
+from enforcer.context import ConnectionContext, UpstreamTLS
 
+from .clienttls import TlsServerTransport, leaf_context, name_allowed, relay_opaque
 from .credentials import BrokeredCredential, CredentialError, credential_for
 from .protocol import (CHUNKED, LENGTH, NEED_DATA, NO_BODY, TUNNEL, UNTIL_CLOSE, DEFAULT_MAX_HEAD,
                        DEFAULT_MAX_LINE, Data, EndOfMessage, HttpReader, HttpWriter,
                        ProtocolError, Request, Response, find_header, forwardable_headers,
                        simple_response)
 from .recording import Redactor
+from .tlshello import ClientHello, ClientHelloReader, TlsHelloError, looks_like_tls
 
 DEFAULT_MASK_MAX = 8 * 1024 * 1024
 # bytes a client may have pipelined behind the request in progress before reading pauses
@@ -200,7 +205,8 @@ class _Exchange:
 class HttpSession(asyncio.Protocol):
     """One client connection, as the protocol of its transport."""
 
-    def __init__(self, transport: asyncio.Transport, ctx: ConnectionContext, loop: asyncio.AbstractEventLoop):
+    def __init__(self, transport: asyncio.Transport, ctx: ConnectionContext, loop: asyncio.AbstractEventLoop,
+                 client_tls: Optional[dict] = None):
         self.ctx = ctx
         self.loop = loop
         self.transport = transport
@@ -226,8 +232,20 @@ class HttpSession(asyncio.Protocol):
             self.redactor.headers = self.redactor.headers | {self.credential.header_lower}
         tls = ctx.target.tls
         self.tls = tls if tls is not None and tls.mode in ("require", "verify-full") else None
-        self.scheme = "https" if self.tls is not None else "http"
         self.default_host = f"{ctx.target.upstream_host}:{ctx.target.upstream_port}"
+        # intercepted workload TLS (see _serve_client_tls): {"sni", "name", "version", "alpn"}
+        self.client_tls = client_tls
+        self.client_sni: Optional[str] = None
+        if client_tls is not None:
+            self.client_sni = client_tls.get("sni")
+            name = client_tls["name"]
+            # the workload asked for HTTPS, so the upstream is spoken to over TLS, verified
+            # unless the target explicitly says `require`; its name is the one the client asked for
+            self.tls = UpstreamTLS("require" if tls is not None and tls.mode == "require" else "verify-full",
+                                   tls.ca_file if tls is not None else None, name)
+            port = ctx.target.upstream_port
+            self.default_host = name if port == 443 else f"{name}:{port}"
+        self.scheme = "https" if self.tls is not None else "http"
         # a repeated head (same bytes) gives the same record fields and the same normalised
         # bytes; these per-session caches skip rebuilding them (keyed by Request/Response.head_key)
         self._request_records: dict = {}
@@ -255,7 +273,10 @@ class HttpSession(asyncio.Protocol):
 
     # -- connection lifecycle ------------------------------------------------------------
     def start(self, buffered: bytes, eof: bool) -> None:
-        self.ctx.emit("session.start", self._start_fields())
+        fields = self._start_fields()
+        if self.client_tls is not None:
+            fields = dict(fields, **_client_tls_fields("intercept", self.client_tls))
+        self.ctx.emit("session.start", fields)
         if buffered:
             self.data_received(buffered)
         if eof and self.phase != _ENDED:
@@ -268,18 +289,7 @@ class HttpSession(asyncio.Protocol):
                 pass
 
     def _start_fields(self) -> dict:
-        ctx = self.ctx
-        given = (ctx.extra or {}).get("session_start_fields")
-        if given is not None:
-            return given
-        fields: dict = {"identity": ctx.identity, "target": ctx.target.name, "protocol": "http"}
-        attribution = ctx.attribution
-        if attribution is not None:
-            fields["orig_dst"] = f"{attribution.orig_ip}:{attribution.orig_port}"
-            fields["process"] = dataclasses.asdict(attribution.process)
-        else:
-            fields["orig_dst"] = self.default_host
-        return fields
+        return _start_fields_of(self.ctx)
 
     def _end(self, reason: str, error: Optional[str] = None) -> None:
         """Close both sides (queued bytes still go out) and record how the session ended."""
@@ -485,6 +495,14 @@ class HttpSession(asyncio.Protocol):
         fields["headers"] = template["headers"].copy()
         fields["request_index"] = index
         ctx.emit("http.request", fields)
+        if self.client_sni is not None and not connect and _host_name(host) != self.client_sni:
+            # the leaf and the upstream's certificate were for the SNI: another Host would be
+            # served under a name nobody verified (domain fronting)
+            self._refuse(exchange, _Refusal(421, {
+                "error": "misdirected_request", "identity": ctx.identity,
+                "request_id": f"{ctx.session_id}-{index}",
+                "reason": f"Host {host!r} does not match the TLS server name {self.client_sni!r}"}))
+            return
         if connect and not self.allow_connect:
             self._refuse(exchange, _Refusal(405, {
                 "error": "connect_not_allowed", "identity": ctx.identity, "action": "http:CONNECT",
@@ -1087,15 +1105,38 @@ async def serve_http(client_reader: asyncio.StreamReader, client_writer: asyncio
     """Serve one client connection (keep-alive, pipelined requests) through policy to its end.
 
     The stream's transport is taken over by an HttpSession protocol; bytes the stream had
-    already read are fed to it first. Returns when the session has ended.
+    already read are fed to it first. Returns when the session has ended. A connection that
+    starts with a TLS record is served per the target's `client_tls` option instead (see
+    _serve_client_tls).
     """
     loop = asyncio.get_running_loop()
     transport = client_writer.transport
-    # what the stream read before the hand-over (StreamReader keeps it in _buffer/_eof)
-    buffered = bytes(getattr(client_reader, "_buffer", b""))
-    eof = bool(getattr(client_reader, "_eof", False))
+    buffered, eof = _stream_leftover(client_reader)
+    if not buffered and not eof:
+        # HTTP and TLS clients speak first: their first byte says which one this is
+        try:
+            first = await client_reader.read(_FIRST_READ)
+        except (ConnectionError, OSError) as exc:
+            ctx.emit("session.start", _start_fields_of(ctx))
+            ctx.emit("session.end", {"reason": "client_error", "duration_ns": 0, "requests": 0, "bytes_in": 0,
+                                     "bytes_out": 0, "error": f"{type(exc).__name__}: {exc}"})
+            client_writer.close()
+            return
+        if looks_like_tls(first):
+            await _serve_client_tls(client_reader, client_writer, ctx, first)
+            return
+        rest, eof = _stream_leftover(client_reader)
+        buffered, eof = first + rest, eof or not first
+    elif looks_like_tls(buffered):
+        # the StreamReader still holds these bytes: the TLS path reads them through it
+        await _serve_client_tls(client_reader, client_writer, ctx, b"")
+        return
     session = HttpSession(transport, ctx, loop)
     transport.set_protocol(session)
+    await _run_session(session, buffered, eof)
+
+
+async def _run_session(session: HttpSession, buffered: bytes, eof: bool) -> None:
     try:
         session.start(buffered, eof)
         await session.done
@@ -1104,3 +1145,266 @@ async def serve_http(client_reader: asyncio.StreamReader, client_writer: asyncio
         raise
     except Exception as exc:
         session._fail_internally(exc)
+
+
+def _stream_leftover(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """What the stream read but nobody consumed yet (StreamReader keeps it in _buffer/_eof)."""
+    return bytes(getattr(reader, "_buffer", b"")), bool(getattr(reader, "_eof", False))
+
+
+# -- workload TLS (target option client_tls) -------------------------------------------------
+#
+#   client_tls: refuse (default)   a connection starting with a TLS record is closed unanswered
+#               intercept          TLS is terminated with a leaf for the SNI issued by the agent's
+#                                  local CA (ctx.extra["local_ca"]; workloads must trust its
+#                                  ca.crt), then served as HTTP like any other connection; the
+#                                  upstream is spoken to over TLS (verified with tls.ca_file or
+#                                  the system store unless tls mode is `require`)
+#               sni                the ClientHello's SNI is judged by policy (action http:CONNECT,
+#                                  Endpoint <target>/<sni>/), then the TLS bytes are relayed as
+#                                  they are, counted but not decrypted
+#   client_tls_hostname: name      the name used when the client sends no SNI (default: tls.server_name,
+#                                  then the upstream address)
+#   client_tls_names: [names]      intercept only: SNI names (exact or *.suffix) leaves may be issued
+#                                  for; others are refused
+#   client_hello_timeout: 10       seconds for the ClientHello and for the TLS handshake
+
+CLIENT_TLS_MODES = ("intercept", "sni", "refuse")
+_FIRST_READ = 64 * 1024
+
+
+def _start_fields_of(ctx: ConnectionContext) -> dict:
+    given = (ctx.extra or {}).get("session_start_fields")
+    if given is not None:
+        return dict(given)
+    fields: dict = {"identity": ctx.identity, "target": ctx.target.name, "protocol": "http"}
+    attribution = ctx.attribution
+    if attribution is not None:
+        fields["orig_dst"] = f"{attribution.orig_ip}:{attribution.orig_port}"
+        fields["process"] = dataclasses.asdict(attribution.process)
+    else:
+        fields["orig_dst"] = f"{ctx.target.upstream_host}:{ctx.target.upstream_port}"
+    return fields
+
+
+def _client_tls_fields(mode: str, info: dict) -> dict:
+    fields = {"tls_client": mode != "refuse", "x_client_tls": mode, "x_sni": info.get("sni")}
+    for key in ("version", "alpn"):
+        if info.get(key):
+            fields[f"x_tls_{key}"] = info[key]
+    if info.get("offered_alpn"):
+        fields["x_tls_alpn_offered"] = list(info["offered_alpn"])
+    return fields
+
+
+def _host_name(host: str) -> str:
+    return _split_host(host, 0)[0].lower().rstrip(".")
+
+
+class _TlsFront:
+    """Records one connection served at the TLS level (refused, relayed, or failed before HTTP)."""
+
+    def __init__(self, ctx: ConnectionContext, mode: str):
+        self.ctx = ctx
+        self.mode = mode
+        self.started = time.monotonic_ns()
+        self.info: dict = {}
+        self.start_sent = False
+        self.requests = 0
+
+    def start(self) -> None:
+        if not self.start_sent:
+            self.start_sent = True
+            self.ctx.emit("session.start", dict(_start_fields_of(self.ctx), **_client_tls_fields(self.mode, self.info)))
+
+    def request(self, hello: ClientHello, name: str) -> None:
+        """The TLS connection as one request: method TLS, host the server name."""
+        self.requests = 1
+        self.ctx.emit("http.request", {
+            "method": "TLS", "scheme": "https", "host": name, "port": self.ctx.target.upstream_port,
+            "path": "", "query": "", "headers": {}, "body_bytes": None, "request_index": 1,
+            "x_sni": hello.server_name, "x_alpn": list(hello.alpn_protocols)})
+
+    def end(self, reason: str, error: Optional[str], bytes_in: int, bytes_out: int = 0,
+            tunnel: Optional[list] = None) -> None:
+        self.start()
+        fields = {"reason": reason, "duration_ns": time.monotonic_ns() - self.started,
+                  "requests": self.requests, "bytes_in": bytes_in, "bytes_out": bytes_out, "error": error}
+        if tunnel is not None:
+            fields["x_tunnel_bytes_up"], fields["x_tunnel_bytes_down"] = tunnel
+        self.ctx.emit("session.end", fields)
+
+
+async def _serve_client_tls(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                            ctx: ConnectionContext, consumed: bytes) -> None:
+    """A connection whose first byte is a TLS record: read its ClientHello, then serve it per
+    the target's client_tls mode. `consumed`: bytes already taken from the stream."""
+    opts = ctx.target.options or {}
+    mode = str(opts.get("client_tls", "refuse")).lower()
+    front = _TlsFront(ctx, mode if mode in CLIENT_TLS_MODES else "refuse")
+    hello_reader = ClientHelloReader()
+    timeout = float(opts.get("client_hello_timeout", 10))
+    try:
+        async with asyncio.timeout(timeout):
+            hello = hello_reader.feed(consumed)
+            while hello is None:
+                chunk = await client_reader.read(_FIRST_READ)
+                if not chunk:
+                    raise TlsHelloError("the client closed the connection inside its ClientHello")
+                consumed += chunk
+                hello = hello_reader.feed(chunk)
+    except TlsHelloError as exc:
+        client_writer.close()
+        front.end("client_tls_malformed", f"not a valid TLS ClientHello: {exc}", len(consumed))
+        return
+    except TimeoutError:
+        client_writer.close()
+        front.end("client_timeout", f"no complete TLS ClientHello within {timeout:g} s", len(consumed))
+        return
+    except (ConnectionError, OSError) as exc:
+        client_writer.close()
+        front.end("client_error", f"{type(exc).__name__}: {exc}", len(consumed))
+        return
+    tls = ctx.target.tls
+    name = hello.server_name or str(opts.get("client_tls_hostname") or
+                                    (tls.server_name if tls is not None else None) or
+                                    ctx.target.upstream_host).lower().rstrip(".")
+    front.info = {"sni": hello.server_name, "offered_alpn": hello.alpn_protocols}
+    if mode not in CLIENT_TLS_MODES or mode == "refuse":
+        client_writer.close()
+        front.start()
+        front.request(hello, name)
+        why = (f"unknown client_tls value {opts.get('client_tls')!r} (use intercept, sni or refuse)"
+               if mode not in CLIENT_TLS_MODES else
+               f"the workload started TLS (server name {hello.server_name!r}) and target "
+               f"{ctx.target.name!r} has client_tls: refuse; set client_tls: intercept or sni to serve HTTPS")
+        front.end("client_tls_refused", why, len(consumed))
+        return
+    if mode == "sni":
+        await _relay_by_sni(client_reader, client_writer, ctx, front, hello, name, consumed)
+        return
+    await _intercept(client_reader, client_writer, ctx, front, hello, name, consumed, timeout)
+
+
+async def _relay_by_sni(client_reader, client_writer, ctx: ConnectionContext, front: _TlsFront,
+                        hello: ClientHello, name: str, consumed: bytes) -> None:
+    front.start()
+    front.request(hello, name)
+    try:
+        kind, action, policy_ids, reason, resource = await _decide_tls(ctx, name)
+    except asyncio.CancelledError:
+        client_writer.close()
+        front.end("cancelled", None, len(consumed))
+        raise
+    ctx.emit("policy.decision", {"decision": kind, "policy_ids": list(policy_ids), "reason": reason,
+                                 "identity": ctx.identity, "action": action, "resource": resource,
+                                 "request_index": 1})
+    if kind != "allow":
+        client_writer.close()         # nothing to answer in: the client's TLS expects the server's
+        front.end("denied", f"{action} to {name!r} denied: {reason}", len(consumed))
+        return
+    target = ctx.target
+    opts = target.options or {}
+    try:
+        upstream_reader, upstream_writer = await asyncio.wait_for(
+            asyncio.open_connection(target.upstream_host, target.upstream_port),
+            float(opts.get("connect_timeout", 10)))
+    except (OSError, TimeoutError) as exc:
+        client_writer.close()
+        front.end("upstream_unreachable", f"cannot reach {target.upstream_host}:{target.upstream_port}: "
+                                          f"{type(exc).__name__}: {exc}", len(consumed))
+        return
+    counts = [0, 0]
+    try:
+        reason, error = await relay_opaque(client_reader, client_writer, upstream_reader, upstream_writer,
+                                           consumed, counts)
+    except asyncio.CancelledError:
+        front.end("cancelled", None, counts[0], counts[1], counts)
+        raise
+    front.end(reason, error, counts[0], counts[1], counts)
+
+
+async def _decide_tls(ctx: ConnectionContext, name: str) -> tuple[str, str, list, str, str]:
+    """(decision, action, policy ids, reason, resource) for opening a TLS stream to `name`."""
+    action, resource = "http:CONNECT", f"{name}/"
+    policy = ctx.policy
+    if policy is None:
+        return "allow", action, [], "", resource
+    try:
+        decision = policy.decide_http(ctx.identity, ctx.identity_attrs, ctx.target.name, "CONNECT", name, "/", {})
+    except Exception as exc:  # a broken policy must not let connections through
+        return "deny", action, [], f"policy evaluation failed: {type(exc).__name__}: {exc}", resource
+    resources = getattr(decision, "resources", ())
+    resource = resources[0] if resources else resource
+    kind, policy_ids, reason = decision.kind, list(decision.policy_ids), decision.reason
+    if kind == "approval":
+        if ctx.approvals is None:
+            return "deny", decision.action, policy_ids, \
+                "approval required but no approval service is configured", resource
+        try:
+            final = await ctx.approvals.request_http(ctx, decision, "CONNECT", name, "/")
+            kind, policy_ids, reason = final.kind, list(final.policy_ids or policy_ids), final.reason
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken approval service must not let connections through
+            kind, reason = "deny", f"approval failed: {type(exc).__name__}: {exc}"
+    return kind, decision.action, policy_ids, reason, resource
+
+
+async def _intercept(client_reader, client_writer, ctx: ConnectionContext, front: _TlsFront,
+                     hello: ClientHello, name: str, consumed: bytes, timeout: float) -> None:
+    opts = ctx.target.options or {}
+    local_ca = (ctx.extra or {}).get("local_ca")
+    refusal = None
+    if local_ca is None:
+        refusal = "client_tls: intercept needs the agent's local CA, which is not available"
+    elif opts.get("client_tls_names") and not name_allowed(name, opts["client_tls_names"]):
+        refusal = f"TLS server name {name!r} is not in client_tls_names of target {ctx.target.name!r}"
+    if refusal is not None:
+        client_writer.close()
+        front.start()
+        front.request(hello, name)
+        front.end("client_tls_refused", refusal, len(consumed))
+        return
+    try:
+        server_context = await leaf_context(local_ca, name)
+    except asyncio.CancelledError:
+        client_writer.close()
+        front.end("cancelled", None, len(consumed))
+        raise
+    except Exception as exc:  # noqa: BLE001 - the CA's failure closes this connection, not the listener
+        client_writer.close()
+        front.end("internal_error", f"cannot issue a leaf for {name!r}: {type(exc).__name__}: {exc}",
+                  len(consumed))
+        return
+    loop = asyncio.get_running_loop()
+    transport = client_writer.transport
+    leftover, eof = _stream_leftover(client_reader)
+    tls = TlsServerTransport(transport, server_context, loop)
+    transport.set_protocol(tls.raw_protocol)
+    try:
+        if not transport.is_reading():
+            transport.resume_reading()     # the stream may have paused it while buffering
+    except (AttributeError, RuntimeError):
+        pass
+    tls.feed(consumed + leftover)
+    if eof:
+        tls.raw_protocol.eof_received()
+    try:
+        async with asyncio.timeout(timeout):
+            await tls.handshake
+    except asyncio.CancelledError:
+        tls.abort()
+        front.end("cancelled", None, len(consumed) + len(leftover))
+        raise
+    except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError) as exc:
+        tls.abort()
+        reason = f"no TLS handshake within {timeout:g} s" if isinstance(exc, TimeoutError) else \
+            f"{type(exc).__name__}: {exc}"
+        front.end("tls_handshake_failed", reason, len(consumed) + len(leftover))
+        return
+    info = {"sni": hello.server_name, "name": name, "version": tls.version, "alpn": tls.alpn,
+            "offered_alpn": hello.alpn_protocols}
+    session = HttpSession(tls, ctx, loop, client_tls=info)
+    tls.set_protocol(session)
+    await _run_session(session, b"", False)

@@ -65,3 +65,44 @@ def test_curl_through_agent_policy_masking_and_records(test_cgroup, api):
         assert not any(CARD in json.dumps(e) for e in agent.events())
     finally:
         assert agent.stop() == 0
+
+
+from tests.integration.test_http_proxy import tls_upstream  # noqa: E402,F401  (uvicorn with TLS on 127.0.0.3)
+
+
+def test_https_workload_intercepted_with_the_agent_ca(test_cgroup, tls_upstream, tmp_path):  # noqa: F811
+    """curl speaks HTTPS to a governed API; the agent terminates it with its own CA (which curl trusts),
+    decides, masks and records the request, and re-originates TLS verified against the API's CA."""
+    import subprocess as sp
+    import sys
+    port, upstream_ca = tls_upstream
+    Path(tmp_path, "policy.cedar").write_text(POLICY)
+    agent = AgentProcess({
+        "scope": {"cgroups": [test_cgroup.rel]},
+        "targets": [{"name": "partner-api", "protocol": "http", "listen_port": _free_port("127.0.0.1"),
+                     "match": {"cidr": "127.0.0.3/32", "hostname": [], "port": port},
+                     "client_tls": "intercept", "client_tls_names": ["api.test"],
+                     "upstream_tls": {"mode": "verify-full", "ca": upstream_ca}}],
+        "identities": [{"name": "reporting", "match": {"cgroup": test_cgroup.rel}}],
+        "policy": {"path": str(Path(tmp_path, "policy.cedar"))},
+        "masking": {"rules": [{"name": "cards", "json_key": "card", "strategy": "partial"}]},
+    })
+    agent_ca = tmp_path / "agent-ca.crt"
+    agent_ca.write_text(sp.run([str(Path(sys.executable).parent / "warden-agent"), "ca", "--config",
+                                agent.config_path], capture_output=True, text=True, check=True).stdout)
+    agent.start()
+    try:
+        got = test_cgroup.run(["curl", "-sS", "--max-time", "10", "--cacert", str(agent_ca),
+                               "--resolve", f"api.test:{port}:127.0.0.3", f"https://api.test:{port}/json"])
+        assert got.returncode == 0, got.stderr
+        body = json.loads(got.stdout)
+        assert body["name"] == "Ada" and body["card"] != CARD and body["card"].endswith("1111")
+        request = agent.wait_for(lambda e: e["type"] == "http.request" and e["f"].get("path") == "/json",
+                                 what="http.request")
+        assert request["f"]["host"].startswith("api.test")
+        # a name this target does not cover gets no certificate
+        other = test_cgroup.run(["curl", "-sS", "--max-time", "10", "--cacert", str(agent_ca),
+                                 "--resolve", f"evil.test:{port}:127.0.0.3", f"https://evil.test:{port}/json"])
+        assert other.returncode != 0
+    finally:
+        assert agent.stop() == 0

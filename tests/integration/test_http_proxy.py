@@ -202,7 +202,7 @@ class Enforcer:
                             options=s.get("options", {}))
         ctx = ConnectionContext(f"sess{self.sessions}", s.get("identity", "billing"), {}, target, None,
                                 self.sink, policy=s.get("policy"), masking=s.get("masking"),
-                                approvals=s.get("approvals"))
+                                approvals=s.get("approvals"), extra=dict(s.get("extra", {})))
         await serve_http(reader, writer, ctx)
 
     @property
