@@ -27,6 +27,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from records.durable import fsync_dir
+
 _HEADER = struct.Struct("<IIQ")
 _CRC_PREFIX = struct.Struct("<IQ")
 MAX_FRAME_BYTES = 128 << 20
@@ -51,14 +53,6 @@ class SpoolRef:
 
 def _frame_crc(length: int, frame_no: int, payload) -> int:
     return zlib.crc32(payload, zlib.crc32(_CRC_PREFIX.pack(length, frame_no)))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -224,7 +218,7 @@ class Spool:
             self._retired.append(self._fd)
         self._fd = os.open(self._segment_path(frame_no),
                            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         self._current = frame_no
         self._segments[frame_no] = 0
 
@@ -305,7 +299,7 @@ class Spool:
         finally:
             os.close(fd)
         os.replace(temp, os.path.join(self.path, _ACK_FILE))
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def _delete_shipped_segments(self) -> None:
         with self._lock:

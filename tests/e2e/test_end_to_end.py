@@ -67,18 +67,7 @@ def database():
 
 def test_agent_to_collector_to_query(test_cgroup, collector, database):
     workdir = tempfile.mkdtemp(prefix="warden-e2e-agent-")
-    policy = Path(workdir, "policy.cedar")
-    policy.write_text(POLICY)
-    agent = AgentProcess({
-        "agent": {"id": "e2e-agent", "heartbeat_interval": "2s"},
-        "collector": {"url": collector["url"], "enrollment": collector["enroll"]},
-        "scope": {"cgroups": [test_cgroup.rel]},
-        "targets": [{"name": "customers-db", "protocol": "postgres",
-                     "match": {"cidr": f"{database.host}/32", "port": database.port},
-                     "listen_port": free_port()}],
-        "identities": [{"name": "billing", "match": {"cgroup": test_cgroup.rel}}],
-        "policy": {"path": str(policy)},
-    }, workdir=workdir).start()
+    agent = _agent_for(test_cgroup, collector, database, workdir, agent_id="e2e-agent")
     try:
         psql = database.bin("psql")
         env = {**os.environ, "PGPASSWORD": "alice-pw"}
@@ -125,11 +114,11 @@ def test_agent_to_collector_to_query(test_cgroup, collector, database):
             print("agent workdir kept:", workdir)
 
 
-def _agent_for(test_cgroup, collector, database, workdir, approvals_timeout="20s"):
+def _agent_for(test_cgroup, collector, database, workdir, approvals_timeout="20s", agent_id="e2e-approvals"):
     policy = Path(workdir, "policy.cedar")
     policy.write_text(POLICY)
     return AgentProcess({
-        "agent": {"id": "e2e-approvals"},
+        "agent": {"id": agent_id, "heartbeat_interval": "2s"},
         "collector": {"url": collector["url"], "enrollment": collector["enroll"]},
         "scope": {"cgroups": [test_cgroup.rel]},
         "targets": [{"name": "customers-db", "protocol": "postgres",

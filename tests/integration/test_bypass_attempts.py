@@ -4,23 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 
 from tests.agentproc import AgentProcess
-from tests.integration.test_agent_redirect import CLIENT, WhoServer, free_port
-
-
-@pytest.fixture
-def servers():
-    made = []
-
-    def make(host, port=0):
-        s = WhoServer(host, port)
-        made.append(s)
-        return s
-    yield make
-    for s in made:
-        s.close()
+from tests.integration.test_agent_redirect import CLIENT, free_port, servers  # noqa: F401  (fixture)
 
 
 def agent_for(cg, targets):

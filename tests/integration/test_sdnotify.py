@@ -18,6 +18,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def collect_notifications(listener: socket.socket, watchdogs: int = 2, timeout: float = 30) -> list[str]:
+    """Datagrams from the daemon until READY=1 and `watchdogs` watchdog pings arrived (or time ran out)."""
+    messages: list[str] = []
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (any("READY=1" in m for m in messages)
+                                           and sum("WATCHDOG=1" in m for m in messages) >= watchdogs):
+        messages.append(listener.recv(4096).decode())
+    return messages
+
+
 def test_collector_notifies_ready_and_pets_the_watchdog():
     work = tempfile.mkdtemp(prefix="warden-notify-")
     sock_path = os.path.join(work, "notify.sock")
@@ -30,11 +40,7 @@ def test_collector_notifies_ready_and_pets_the_watchdog():
                              "--log-level", "warning"],
                             env={**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"})
     try:
-        messages = []
-        deadline = time.time() + 30
-        while time.time() < deadline and not (any("READY=1" in m for m in messages)
-                                               and sum("WATCHDOG=1" in m for m in messages) >= 2):
-            messages.append(listener.recv(4096).decode())
+        messages = collect_notifications(listener)
         assert any("READY=1" in m for m in messages), messages
         assert sum("WATCHDOG=1" in m for m in messages) >= 2, messages
     finally:
@@ -53,11 +59,7 @@ def test_agent_notifies_ready_and_pets_the_watchdog(test_cgroup):
     agent = AgentProcess({"scope": {"cgroups": [test_cgroup.rel]}, "targets": []}, workdir=work,
                          env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "400000"}).start()
     try:
-        messages = []
-        deadline = time.time() + 30
-        while time.time() < deadline and not (any("READY=1" in m for m in messages)
-                                               and sum("WATCHDOG=1" in m for m in messages) >= 2):
-            messages.append(listener.recv(4096).decode())
+        messages = collect_notifications(listener)
         assert any(m.startswith("READY=1") for m in messages), messages
         assert sum("WATCHDOG=1" in m for m in messages) >= 2, messages
         assert agent.stop() == 0
