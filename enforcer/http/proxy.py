@@ -37,7 +37,8 @@ from typing import Any, Optional
 
 from enforcer.context import ConnectionContext, UpstreamTLS
 
-from .clienttls import TlsServerTransport, leaf_context, name_allowed, relay_opaque
+from ..tlslayer import TlsServerTransport
+from .clienttls import HTTP_ALPNS, leaf_context, name_allowed, relay_opaque
 from .credentials import BrokeredCredential, CredentialError, credential_for
 from .protocol import (CHUNKED, LENGTH, NEED_DATA, NO_BODY, TUNNEL, UNTIL_CLOSE, DEFAULT_MAX_HEAD,
                        DEFAULT_MAX_LINE, Data, EndOfMessage, HttpReader, HttpWriter,
@@ -1380,7 +1381,7 @@ async def _intercept(client_reader, client_writer, ctx: ConnectionContext, front
     loop = asyncio.get_running_loop()
     transport = client_writer.transport
     leftover, eof = _stream_leftover(client_reader)
-    tls = TlsServerTransport(transport, server_context, loop)
+    tls = TlsServerTransport(transport, server_context, loop, accepted_alpn=HTTP_ALPNS)
     transport.set_protocol(tls.raw_protocol)
     try:
         if not transport.is_reading():

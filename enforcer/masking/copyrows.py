@@ -7,7 +7,44 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from .pgrow import UNCHANGED
+from . import pgrow
+from .pgrow import UNCHANGED, Counter
+
+
+class CachedFieldMasker:
+    """One COPY field's masker, `fn(value) -> (str | None | UNCHANGED, values masked)`, with a
+    bounded cache of results per distinct value (the same policy as row plans: emptied when
+    full, switched off when fewer than one lookup in four hits). Counts go to `counter`."""
+
+    __slots__ = ("fn", "counter", "cache", "lookups")
+
+    def __init__(self, fn: Callable[[str], tuple], counter: Counter):
+        self.fn = fn
+        self.counter = counter
+        self.cache: Optional[dict] = {}
+        self.lookups = 0
+
+    def __call__(self, value: str):
+        cache = self.cache
+        if cache is None or len(value) > pgrow.CACHE_VALUE_BYTES:
+            result, n = self.fn(value)
+        else:
+            self.lookups += 1
+            hit = cache.get(value)
+            if hit is None:
+                hit = self.fn(value)
+                if len(cache) >= pgrow.CACHE_ENTRIES:
+                    if (self.lookups - len(cache)) * 4 < self.lookups:
+                        self.cache = None
+                    else:
+                        cache.clear()
+                        self.lookups = 0
+                if self.cache is not None:
+                    cache[value] = hit
+            result, n = hit
+        if n:
+            self.counter.values += n
+        return result
 
 _TEXT_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
 _TEXT_NEEDS_ESCAPE = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
-from .copyrows import mask_csv_row, mask_text_row
+from .copyrows import CachedFieldMasker, mask_csv_row, mask_text_row
 from .detectors import BUILTIN, Detector, Scanner
 from .jsonbody import JsonMasker
 from .pgrow import (UNCHANGED, Counter, MaskingRefused, RowPlan, detector_masker, is_text_like,
@@ -90,6 +90,25 @@ class MaskingEngine:
         return SessionMasker(ruleset, identity=identity, target=target, catalog=catalog)
 
 
+class _CopyFields:
+    """The field maskers of COPY rows with one column list, built on first use of each field."""
+
+    def __init__(self, masker: "SessionMasker", columns: Optional[Sequence[str]]):
+        self.masker = masker
+        self.columns = columns
+        self.fields: list = []
+
+    def mask_field(self, i: int, value: str):
+        fields = self.fields
+        if i >= len(fields):
+            fields.extend([None] * (i + 1 - len(fields)))
+        f = fields[i]
+        if f is None:
+            columns = self.columns
+            f = fields[i] = self.masker._copy_field_masker(columns[i] if columns and i < len(columns) else None)
+        return f(value)
+
+
 class SessionMasker:
     """Masking for one connection: row plans, COPY rows, free text, HTTP bodies, and tallies."""
 
@@ -106,6 +125,7 @@ class SessionMasker:
         self._texts_masked = 0
         self._json_counts: dict[str, int] = {}
         self._copy_rows = 0
+        self._copy_fields: dict = {}          # COPY column names (or None) -> _CopyFields
         self._taken: Optional[dict] = None
 
     # -- Postgres rows -------------------------------------------------------------------
@@ -153,7 +173,7 @@ class SessionMasker:
             if rule is not None:
                 counter = self._counter(rule.name, label)
                 if is_text_like(type_oid, fmt):
-                    actions.append((i, whole_value_masker(rule.strategy, type_oid, fmt, counter)))
+                    actions.append(whole_value_masker(i, rule.strategy, type_oid, fmt, counter))
                 elif rule.on_binary == ON_BINARY_ERROR:
                     tname = _TYPE_NAMES.get(type_oid, f"type oid {type_oid}")
                     raise MaskingRefused(
@@ -161,20 +181,20 @@ class SessionMasker:
                         f"type ({tname}, {'binary' if fmt else 'text'} format) cannot carry a masked value; "
                         f"cast it to text in the query (e.g. {label}::text) or set on_binary: null on the rule")
                 else:
-                    actions.append((i, null_masker(counter)))
+                    actions.append(null_masker(i, counter))
                 counters.append(counter)
                 continue
             rule = next((r for r in rs.column_detect if r.matches_column(label, qualified)), None)
             if rule is not None:
                 counter = self._counter(rule.name, label)
                 strategies = {d.name: rule.strategy for d in rule.scanner.detectors}
-                actions.append((i, detector_masker(rule.scanner, strategies, type_oid, fmt, counter)))
+                actions.append(detector_masker(i, rule.scanner, strategies, type_oid, fmt, counter))
                 counters.append(counter)
                 continue
             if rs.scan is not None and is_text_like(type_oid, fmt):
                 scanner, strategies, _owners = rs.scan
                 counter = self._counter(rs.scan_name, label)
-                actions.append((i, detector_masker(scanner, strategies, type_oid, fmt, counter)))
+                actions.append(detector_masker(i, scanner, strategies, type_oid, fmt, counter))
                 counters.append(counter)
         if not actions:
             return None
@@ -189,19 +209,17 @@ class SessionMasker:
         if format == "binary":
             raise MaskingRefused("Warden refused COPY ... (FORMAT binary) on a target with masking rules; "
                                  "use FORMAT text or csv")
-        field_maskers: dict[int, Callable[[str], object]] = {}
-
-        def masker_for(i: int) -> Callable[[str], object]:
-            m = field_maskers.get(i)
-            if m is None:
-                m = field_maskers[i] = self._copy_field_masker(columns[i] if columns and i < len(columns) else None)
-            return m
-
+        key = tuple(columns) if columns is not None else None
+        fields = self._copy_fields.get(key)
+        if fields is None:
+            if len(self._copy_fields) >= MAX_CACHED_PLANS:
+                self._copy_fields.clear()
+            fields = self._copy_fields[key] = _CopyFields(self, key)
         text = line.decode("utf-8", "surrogateescape")
         if format == "csv":
-            out = mask_csv_row(text, lambda i, v: masker_for(i)(v), delimiter, quote)
+            out = mask_csv_row(text, fields.mask_field, delimiter, quote)
         elif format == "text":
-            out = mask_text_row(text, lambda i, v: masker_for(i)(v))
+            out = mask_text_row(text, fields.mask_field)
         else:
             raise ValueError(f"unknown COPY format {format!r} (text, csv or binary)")
         if out is None:
@@ -209,33 +227,36 @@ class SessionMasker:
         self._copy_rows += 1
         return out.encode("utf-8", "surrogateescape")
 
-    def _copy_field_masker(self, column: Optional[str]) -> Callable[[str], object]:
+    def _copy_field_masker(self, column: Optional[str]) -> CachedFieldMasker:
         rs = self.ruleset
         if column is not None:
             qualified = column if column.count(".") == 2 else None
             label = column.rsplit(".", 1)[-1]
             rule = next((r for r in rs.column_whole if r.matches_column(label, qualified)), None)
             if rule is not None:
-                counter = self._counter(rule.name, label)
+                apply = rule.strategy.apply
 
-                def whole(value: str, rule=rule, counter=counter):
-                    counter.values += 1
-                    return rule.strategy.apply(value)
-                return whole
+                def whole(value: str):
+                    return apply(value), 1
+                return CachedFieldMasker(whole, self._counter(rule.name, label))
             rule = next((r for r in rs.column_detect if r.matches_column(label, qualified)), None)
             if rule is not None:
-                return self._detecting(rule.scanner, {d.name: rule.strategy for d in rule.scanner.detectors},
-                                       self._counter(rule.name, label))
-        return self._detecting(rs.text_scanner, rs.text_strategies, self._counter("detectors", column or "copy"))
+                return CachedFieldMasker(
+                    self._detecting(rule.scanner, {d.name: rule.strategy for d in rule.scanner.detectors}),
+                    self._counter(rule.name, label))
+        return CachedFieldMasker(self._detecting(rs.text_scanner, rs.text_strategies),
+                                 self._counter("detectors", column or "copy"))
 
     @staticmethod
-    def _detecting(scanner: Scanner, strategies: dict, counter: Counter) -> Callable[[str], object]:
+    def _detecting(scanner: Scanner, strategies: dict) -> Callable[[str], tuple]:
+        def pick(d):
+            return strategies[d.name]
+
         def mask(value: str):
             found = scanner.find(value)
             if not found:
-                return UNCHANGED
-            counter.values += len(found)
-            return mask_spans(value, found, lambda d: strategies[d.name])
+                return UNCHANGED, 0
+            return mask_spans(value, found, pick), len(found)
         return mask
 
     # -- free text -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _unpack_i16 = _I16.unpack_from
 _unpack_i32 = _I32.unpack_from
+_unpack_head = struct.Struct("!ih").unpack_from     # a DataRow's message length and column count
 _pack_i32 = _I32.pack
 _NULL = _pack_i32(-1)
 
@@ -113,17 +114,73 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def null_masker(counter: Counter):
-    """For masked columns whose type cannot carry a masked string: the value becomes NULL."""
-    def mask(raw: bytes):
+# how a plan treats one column (ColumnStep.kind)
+WHOLE = 0        # every non-NULL value replaced by fn(value bytes) -> bytes | None
+CONSTANT = 1     # every non-NULL value replaced by the same bytes (or NULL): nothing to read
+DETECT = 2       # fn(value bytes) -> (bytes | None | UNCHANGED, values masked, values nulled)
+
+CACHE_ENTRIES = 4096        # masked outputs remembered per column of a plan
+CACHE_VALUE_BYTES = 256     # longer values are not worth keeping (memory, rarely repeated)
+_MISS = object()
+
+
+class ColumnStep:
+    """How one column of a plan is masked, with a bounded cache of outputs per distinct input.
+
+    Many columns repeat values (status, city, a customer's e-mail on each order); the cache
+    turns those into one dict lookup. It is emptied when full and switched off for good when
+    fewer than one lookup in four hits (all-distinct values such as ids or digests), so such
+    columns pay nothing after the first few thousand rows."""
+
+    __slots__ = ("index", "kind", "fn", "constant", "counter", "nulling", "cache", "cache_since", "skipped")
+
+    def __init__(self, index: int, kind: int, counter: Counter, fn: Optional[Callable] = None,
+                 constant: Optional[bytes] = None, nulling: bool = False, cached: bool = True):
+        self.index = index
+        self.kind = kind
+        self.fn = fn
+        self.constant = constant
+        self.counter = counter
+        self.nulling = nulling          # also counted as nulled (a type that cannot carry the mask)
+        self.cache: Optional[dict] = {} if cached and kind != CONSTANT else None
+        self.cache_since = 0            # plan rows seen when the cache was last emptied
+        self.skipped = 0                # NULLs met in the current run (not masked, not counted)
+
+    def fill(self, raw: bytes, seen: int):
+        """fn(raw), remembered; `seen` = rows the plan has seen, to judge the hit rate."""
+        result = self.fn(raw)
+        cache = self.cache
+        if len(cache) >= CACHE_ENTRIES:
+            looked = seen - self.cache_since
+            if (looked - len(cache)) * 4 < looked:
+                self.cache = None
+                return result
+            cache.clear()
+            self.cache_since = seen
+        cache[raw] = result
+        return result
+
+    def mask_value(self, raw: bytes):
+        """One non-NULL value -> new bytes, None (NULL) or UNCHANGED, counted (the per-row path)."""
+        counter = self.counter
+        if self.kind == DETECT:
+            new, values, nulled = self.fn(raw)
+            counter.values += values
+            counter.nulled += nulled
+            return new
         counter.values += 1
-        counter.nulled += 1
-        return None
-    return mask
+        if self.nulling:
+            counter.nulled += 1
+        return self.constant if self.kind == CONSTANT else self.fn(raw)
 
 
-def whole_value_masker(strategy: Strategy, type_oid: int, fmt: int, counter: Counter):
-    """value bytes -> new bytes, or None for NULL."""
+def null_masker(index: int, counter: Counter) -> ColumnStep:
+    """For masked columns whose type cannot carry a masked string: the value becomes NULL."""
+    return ColumnStep(index, CONSTANT, counter, constant=None, nulling=True)
+
+
+def whole_value_masker(index: int, strategy: Strategy, type_oid: int, fmt: int, counter: Counter) -> ColumnStep:
+    """Every non-NULL value of the column is replaced by the strategy's output."""
     is_json = type_oid in JSON_TYPES
     jsonb_binary = type_oid == JSONB_OID and fmt == 1
     if strategy.is_constant:
@@ -134,30 +191,27 @@ def whole_value_masker(strategy: Strategy, type_oid: int, fmt: int, counter: Cou
             encoded = _encode(json.dumps(const, ensure_ascii=False) if is_json else const)
             if jsonb_binary:
                 encoded = b"\x01" + encoded
-
-        def mask(raw: bytes):
-            counter.values += 1
-            return encoded
-        return mask
+        return ColumnStep(index, CONSTANT, counter, constant=encoded)
+    if not is_json:
+        return ColumnStep(index, WHOLE, counter, fn=strategy.bytes_masker())
 
     apply = strategy.apply
 
-    def mask(raw: bytes):
-        counter.values += 1
+    def mask_json(raw: bytes):
         if jsonb_binary:
             raw = raw[1:]
         out = apply(_decode(raw))
         if out is None:
             return None
-        if is_json:
-            out = json.dumps(out, ensure_ascii=False)
-        data = _encode(out)
+        data = _encode(json.dumps(out, ensure_ascii=False))
         return b"\x01" + data if jsonb_binary else data
-    return mask
+    return ColumnStep(index, WHOLE, counter, fn=mask_json)
 
 
-def detector_masker(scanner: Scanner, strategies: dict, type_oid: int, fmt: int, counter: Counter):
-    """value bytes -> new bytes, None for NULL, or UNCHANGED. `strategies`: detector name -> Strategy."""
+def detector_masker(index: int, scanner: Scanner, strategies: dict, type_oid: int, fmt: int,
+                    counter: Counter) -> ColumnStep:
+    """Values are scanned; detected parts are masked. `strategies`: detector name -> Strategy.
+    The step's fn returns (bytes | None | UNCHANGED, values masked, values nulled)."""
     find = scanner.find
 
     def pick(d):
@@ -168,30 +222,27 @@ def detector_masker(scanner: Scanner, strategies: dict, type_oid: int, fmt: int,
         def mask_json(raw: bytes):
             text = _decode(raw[1:] if jsonb_binary else raw)
             if not find(text):
-                return UNCHANGED
+                return UNCHANGED, 0, 0
             try:
                 doc = json.loads(text)
             except ValueError:
-                counter.nulled += 1
-                return None
+                return None, 0, 1
             masked, n = mask_json_value(doc, scanner, strategies)
             if n == 0:
-                return UNCHANGED
-            counter.values += n
+                return UNCHANGED, 0, 0
             data = _encode(json.dumps(masked, ensure_ascii=False))
-            return b"\x01" + data if jsonb_binary else data
-        return mask_json
+            return (b"\x01" + data if jsonb_binary else data), n, 0
+        return ColumnStep(index, DETECT, counter, fn=mask_json)
 
     if is_text_like(type_oid, fmt):
         def mask_text(raw: bytes):
             text = _decode(raw)
             found = find(text)
             if not found:
-                return UNCHANGED
-            counter.values += len(found)
+                return UNCHANGED, 0, 0
             out = mask_spans(text, found, pick)
-            return None if out is None else _encode(out)
-        return mask_text
+            return (None if out is None else _encode(out)), len(found), 0
+        return ColumnStep(index, DETECT, counter, fn=mask_text)
 
     # other types: their text (or decoded integer) is inspected; a hit cannot be rewritten in that
     # type, so the value becomes NULL
@@ -205,38 +256,70 @@ def detector_masker(scanner: Scanner, strategies: dict, type_oid: int, fmt: int,
             return str(unpack(raw)[0])
     else:
         def mask_opaque(raw: bytes):
-            counter.nulled += 1
-            return None
-        return mask_opaque
+            return None, 0, 1
+        return ColumnStep(index, DETECT, counter, fn=mask_opaque, cached=False)
 
     def mask_other(raw: bytes):
         if not find(render(raw)):
-            return UNCHANGED
-        counter.values += 1
-        counter.nulled += 1
-        return None
-    return mask_other
+            return UNCHANGED, 0, 0
+        return None, 1, 1
+    return ColumnStep(index, DETECT, counter, fn=mask_other)
 
 
 class RowPlan:
-    """Masks the planned columns of DataRow payloads for one RowDescription."""
+    """Masks the planned columns of DataRows for one RowDescription.
 
-    def __init__(self, actions: list[tuple[int, Callable]], counters: list[Counter]):
-        self.actions = sorted(actions, key=lambda a: a[0])
+    The hot path is `mask_rows`, over a whole run of DataRow messages in a read buffer: each row
+    is parsed only up to its last masked column (other columns skipped by their length, never
+    sliced), and masked values are spliced between untouched slices of the original bytes; a
+    value of unchanged length keeps its length word, and the message length is rewritten only
+    when the row's size changed. Rows between masked ones are copied in one slice."""
+
+    def __init__(self, steps: list[ColumnStep], counters: list[Counter]):
+        self.steps = sorted(steps, key=lambda s: s.index)
         self.counters = counters
-        self.rows = 0
+        self.rows = 0                   # rows in which something was masked
+        self.seen = 0                   # rows looked at
         self.columns = tuple(c.column for c in counters)
+        self.width = self.steps[-1].index + 1 if self.steps else 0
+        self._compile()
+
+    def _compile(self) -> None:
+        """The steps as tuples for the row loop: (columns to skip first, kind, fn, constant, step, cache)."""
+        prev = -1
+        plan = []
+        for s in self.steps:
+            plan.append((s.index - prev - 1, s.kind, s.fn, s.constant, s, s.cache))
+            prev = s.index
+        self._plan = tuple(plan)
+
+    def _fill(self, step: ColumnStep, raw: bytes, rows: int):
+        """A cache miss in the current run (`rows` rows into it)."""
+        had_cache = step.cache is not None
+        result = step.fill(raw, self.seen + rows)
+        if had_cache and step.cache is None:
+            self._compile()             # that column's cache was switched off
+        return result
 
     def mask_data_row(self, payload: bytes) -> bytes:
+        """One DataRow payload -> masked payload (the same object when nothing changed)."""
+        msg = b"D" + _pack_i32(len(payload) + 4) + payload
+        data, last, _end, _rows, _nbytes = self.mask_rows(msg, 0, len(msg))
+        if data is None:
+            return payload
+        return data[5:] + msg[last:]
+
+    def _mask_row_generic(self, payload: bytes) -> bytes:
+        """A row with fewer columns than the plan covers: the columns it has, one at a time."""
         ncols = _unpack_i16(payload, 0)[0]
         pos = 2
         col = 0
         last = 0
         parts = None
-        for index, mask in self.actions:
-            if index >= ncols:
+        for step in self.steps:
+            if step.index >= ncols:
                 break
-            while col < index:
+            while col < step.index:
                 ln = _unpack_i32(payload, pos)[0]
                 pos += 4 + ln if ln > 0 else 4
                 col += 1
@@ -247,7 +330,9 @@ class RowPlan:
                 continue
             start = pos + 4
             end = start + ln
-            new = mask(payload[start:end])
+            if end > len(payload):
+                raise ValueError("a DataRow column runs past the end of its message")
+            new = step.mask_value(payload[start:end])
             if new is not UNCHANGED:
                 if parts is None:
                     parts = []
@@ -258,6 +343,126 @@ class RowPlan:
             col += 1
         if parts is None:
             return payload
-        self.rows += 1
         parts.append(payload[last:])
         return b"".join(parts)
+
+    def mask_rows(self, buf: bytes, pos: int, n: int) -> tuple:
+        """Mask the run of complete DataRow messages in buf[pos:n] (it stops at the first other or
+        incomplete message, or an invalid length). Returns (data, last, end, rows, nbytes): `data`
+        replaces buf[pos:last] (None when no row changed; buf[last:end] is forwarded unchanged),
+        `end` is where the run stopped, `rows`/`nbytes` count the run's messages and their lengths."""
+        start = last = pos
+        out: list = []
+        append = out.append
+        rows = changed = irregular = 0
+        plan = self._plan
+        width = self.width
+        unpack_i32 = _unpack_i32
+        pack_i32 = _pack_i32
+        try:
+            while n - pos >= 5 and buf[pos] == 68:
+                if n - pos >= 7:
+                    length, ncols = _unpack_head(buf, pos + 1)
+                else:
+                    length, ncols = unpack_i32(buf, pos + 1)[0], -1
+                end = pos + 1 + length
+                if length < 4 or end > n:
+                    break
+                rows += 1
+                if ncols < width or length < 6:
+                    # fewer columns than the plan covers (or no column count): column by column
+                    irregular += 1
+                    payload = buf[pos + 5:end]
+                    new = self._mask_row_generic(payload)
+                    if new is not payload:
+                        changed += 1
+                        append(buf[last:pos])
+                        append(b"D" + pack_i32(len(new) + 4) + new)
+                        last = end
+                    pos = end
+                    continue
+                append(buf[last:pos + 1])
+                head = len(out)
+                append(None)            # the message length, known once the row is done
+                seg = body = pos + 5    # start of the row's bytes not yet copied
+                p = pos + 7
+                delta = 0               # change of the row's length
+                for gap, kind, fn, constant, step, cache in plan:
+                    while gap:
+                        ln = unpack_i32(buf, p)[0]
+                        p += 4 + ln if ln > 0 else 4
+                        gap -= 1
+                    ln = unpack_i32(buf, p)[0]
+                    if ln < 0:
+                        p += 4
+                        step.skipped += 1
+                        continue
+                    vs = p + 4
+                    ve = vs + ln
+                    if ve > end:
+                        raise ValueError("a DataRow column runs past the end of its message")
+                    if kind == WHOLE:
+                        if cache is None:
+                            new = fn(buf[vs:ve])
+                        elif ln <= CACHE_VALUE_BYTES:
+                            raw = buf[vs:ve]
+                            new = cache.get(raw, _MISS)
+                            if new is _MISS:
+                                new = self._fill(step, raw, rows)
+                                plan = self._plan
+                        else:
+                            new = fn(buf[vs:ve])
+                    elif kind == CONSTANT:
+                        new = constant
+                    else:
+                        raw = buf[vs:ve]
+                        if cache is not None and ln <= CACHE_VALUE_BYTES:
+                            new = cache.get(raw, _MISS)
+                            if new is _MISS:
+                                new = self._fill(step, raw, rows)
+                                plan = self._plan
+                        else:
+                            new = fn(raw)
+                        new, masked, nulled = new
+                        if masked or nulled:
+                            step.counter.values += masked
+                            step.counter.nulled += nulled
+                        if new is UNCHANGED:
+                            p = ve
+                            continue
+                    if new is None:
+                        append(buf[seg:p])
+                        append(_NULL)
+                        delta -= ln
+                    elif len(new) == ln:        # same length: keep the length word
+                        append(buf[seg:vs])
+                        append(new)
+                    else:
+                        append(buf[seg:p])
+                        append(pack_i32(len(new)) + new)
+                        delta += len(new) - ln
+                    seg = p = ve
+                if seg == body:                 # nothing masked in this row: take its pieces back
+                    del out[head - 1:]
+                else:
+                    changed += 1
+                    out[head] = pack_i32(length + delta)
+                    last = seg
+                pos = end
+        finally:
+            self._tally(rows, rows - irregular, changed)
+        if not out:
+            return None, last, pos, rows, pos - start - rows
+        return b"".join(out), last, pos, rows, pos - start - rows
+
+    def _tally(self, rows: int, regular: int, changed: int) -> None:
+        """Counts for a run: whole-value columns masked every non-NULL value of its regular rows."""
+        self.seen += rows
+        self.rows += changed
+        for step in self.steps:
+            if step.kind != DETECT:
+                masked = regular - step.skipped
+                step.counter.values += masked
+                if step.nulling:
+                    step.counter.nulled += masked
+            step.skipped = 0

@@ -9,10 +9,21 @@ import hashlib
 import hmac
 import re
 import string
-from typing import Optional
+from typing import Callable, Optional
 
 DEFAULT_REDACTION = "[REDACTED]"
 _UNSET = object()
+_ASCII_ALNUM = (string.ascii_letters + string.digits).encode()
+
+BytesMasker = Callable[[bytes], Optional[bytes]]
+
+
+def _via_text(apply: Callable[[str], Optional[str]]) -> BytesMasker:
+    """bytes -> bytes by decoding: the reference every bytes fast path must agree with."""
+    def run(raw: bytes) -> Optional[bytes]:
+        out = apply(raw.decode("utf-8", "surrogateescape"))
+        return None if out is None else out.encode("utf-8", "surrogateescape")
+    return run
 
 
 class Strategy:
@@ -25,6 +36,12 @@ class Strategy:
     @property
     def is_constant(self) -> bool:
         return self.constant is not _UNSET
+
+    def bytes_masker(self) -> BytesMasker:
+        """`apply` on raw UTF-8 value bytes (invalid bytes kept via surrogateescape), returning
+        bytes or None. Subclasses override it with paths that skip the decode/encode round trip;
+        the result is always byte-for-byte what the decoding reference gives."""
+        return _via_text(self.apply)
 
 
 class Redact(Strategy):
@@ -98,6 +115,29 @@ class Partial(Strategy):
         middle = _ALNUM.sub(self.mask_char, value[lo:hi])
         return value[:lo] + middle + value[hi:]
 
+    def bytes_masker(self) -> BytesMasker:
+        slow = _via_text(self.apply)
+        mask_byte = self.mask_char.encode("utf-8", "surrogateescape")
+        k = self.keep_last
+        if self.keep_first != 0 or k <= 0 or len(mask_byte) != 1:
+            return slow
+        table = bytes.maketrans(_ASCII_ALNUM, mask_byte * len(_ASCII_ALNUM))
+
+        def run(raw: bytes) -> Optional[bytes]:
+            # ASCII only: bytes.isalnum/translate then mean exactly what the text path's
+            # isalnum and [^\W_] mean, so the result is the same without decoding
+            if raw.isalnum():                     # e.g. hex digests, account numbers
+                head = len(raw) - k
+                if head >= k:
+                    return mask_byte * head + raw[head:]
+            elif raw.isascii() and raw[-k:].isalnum():     # e.g. 123-45-6789, 4111 1111 1111 1111
+                head = raw[:-k]
+                # as many masked as kept, else the text path's short-value rule decides
+                if len(head) - len(head.translate(None, _ASCII_ALNUM)) >= k:
+                    return head.translate(table) + raw[-k:]
+            return slow(raw)
+        return run
+
 
 class Hash(Strategy):
     """Keyed HMAC-SHA256, deterministic per deployment key so joins and GROUP BY still work."""
@@ -112,6 +152,18 @@ class Hash(Strategy):
     def apply(self, value: str) -> Optional[str]:
         digest = hmac.new(self.key, value.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
         return self.prefix + digest[: self.length]
+
+    def bytes_masker(self) -> BytesMasker:
+        # the value's bytes are what apply() hashes (surrogateescape round-trips any bytes)
+        keyed = hmac.new(self.key, digestmod=hashlib.sha256)
+        prefix = self.prefix.encode("utf-8", "surrogateescape")
+        length = self.length
+
+        def run(raw: bytes) -> Optional[bytes]:
+            h = keyed.copy()
+            h.update(raw)
+            return prefix + h.hexdigest()[:length].encode()
+        return run
 
 
 class Email(Strategy):
@@ -128,6 +180,19 @@ class Email(Strategy):
         if at <= 0:
             return self.fallback.apply(value)
         return self.replacement + value[at:]
+
+    def bytes_masker(self) -> BytesMasker:
+        # "@" is one byte in UTF-8 and never part of a multi-byte sequence: rfind on bytes
+        # finds the same split as on the text
+        replacement = self.replacement.encode("utf-8", "surrogateescape")
+        fallback = self.fallback.bytes_masker()
+
+        def run(raw: bytes) -> Optional[bytes]:
+            at = raw.rfind(b"@")
+            if at <= 0:
+                return fallback(raw)
+            return replacement + raw[at:]
+        return run
 
 
 STRATEGY_NAMES = ("redact", "partial", "hash", "email", "null", "fixed:<value>")

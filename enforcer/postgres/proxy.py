@@ -8,15 +8,21 @@ coroutine or stream buffer per read — the per-transaction cost that matters fo
 Backpressure: a leg whose write buffer is full pauses reading on the other leg.
 Target options (ctx.target.options): max_message_bytes (default 64 MiB), startup_timeout
 (seconds, default 30), idle_timeout (seconds, default 0 = none).
+Client TLS: after an SSLRequest, asyncio's start_tls; with PostgreSQL 17 direct SSL (the
+ClientHello comes first, already read by the time it is recognised) the shared memory-BIO layer
+(enforcer/tlslayer.py), which is fed the bytes already read. Both then carry on with the same
+session, whose startup continues inside TLS.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import OrderedDict
 from typing import Optional
 
+from ..tlslayer import TlsServerTransport
 from . import protocol as P
 from .broker import BrokerFailure, authenticate_client, authenticate_upstream, is_loopback_peer
 from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSAGE_BYTES, EVENT,
@@ -25,6 +31,10 @@ from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSA
 
 READ_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
+# PostgreSQL 17 requires this ALPN on direct SSL connections (and libpq sends it)
+POSTGRES_ALPN = "postgresql"
+
+log = logging.getLogger("warden.postgres")
 
 # client-facing cancel key -> (upstream host, port, upstream pid, upstream key); entries live as long
 # as their session. Keys are random per session so one client cannot guess another's.
@@ -236,6 +246,7 @@ class _Connection:
         # one (policy, version, identity, hour)
         self._verdicts: dict = {}
         self._verdicts_key = None
+        self._client_detached = False              # a failed direct-SSL handshake left no client stream
 
     # -- main ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -266,20 +277,25 @@ class _Connection:
                 await self._close_fast()
             else:
                 await self._close_writer(self.swriter)
-                await self._close_writer(self.cwriter)
+                if not self._client_detached:
+                    await self._close_writer(self.cwriter)
 
     async def _client_pump(self) -> str:
         session = self.session
-        reader = self.creader
         while not self.closing:
             if self._handoff.done():
                 return await self._fast_phase()
-            data = await self._read_client(reader)
+            # self.creader, not a local: direct SSL replaces it with the decrypted stream
+            data = await self._read_client(self.creader)
             if data is None:
                 continue         # woken for the hand-over
             if not data:
                 return "client_terminated" if session.terminated else "client_closed"
             self.client_reads += 1
+            if (self.server_ssl is None and self.client_reads == 1
+                    and data[0] == P.TLS_HANDSHAKE_BYTE):
+                self._refuse_direct_tls()
+                break
             await self._run_actions(session.feed_client(data))
             if session.terminated:
                 return "client_terminated"
@@ -449,10 +465,7 @@ class _Connection:
 
     async def _start_client_tls(self, how: str) -> None:
         if how == "direct":
-            # the ClientHello bytes are already consumed from the stream; asyncio cannot replay them
-            await self._run_actions(self.session.fatal(
-                "08P01", "direct TLS negotiation is not supported by Warden yet; use sslnegotiation=postgres",
-                "protocol_error"))
+            await self._start_direct_tls()
             return
         buffered = getattr(self.creader, "_buffer", b"")
         if buffered:
@@ -466,6 +479,80 @@ class _Connection:
         await self.cwriter.drain()
         await asyncio.wait_for(self.cwriter.start_tls(self.server_ssl), self.startup_timeout)
         await self._run_actions(self.session.client_tls_established())
+
+    def _refuse_direct_tls(self) -> None:
+        """client_tls: refuse and a direct SSL ClientHello: close, as PostgreSQL does when SSL is
+        off (a plaintext ErrorResponse would only confuse the client's TLS stack)."""
+        message = ("direct SSL (sslnegotiation=direct) refused: client TLS is not enabled on Warden target "
+                   f"{self.ctx.target.name}")
+        log.warning("%s", message)
+        self._close_silently("08P01", message, "client_tls_refused")
+
+    def _close_silently(self, sqlstate: str, message: str, reason: str) -> None:
+        """End the session with a record of why, writing nothing to a client that could not read it."""
+        self.closing = True
+        session = self.session
+        session.start_fields["x_client_tls_error"] = message
+        session.last_sqlstate = sqlstate
+        session.end_reason = reason
+        self._emit(session.finish(reason))
+        self.cwriter.transport.abort()
+
+    async def _start_direct_tls(self) -> None:
+        """PostgreSQL 17 direct SSL: terminate TLS over the ClientHello the session already holds,
+        require ALPN "postgresql", then go on with the startup inside TLS."""
+        session = self.session
+        # the session keeps what it could not parse as a startup packet: the ClientHello and
+        # whatever arrived with it; from here on it only sees decrypted bytes
+        first = session._cbuf
+        session._cbuf = b""
+        session.bytes_in -= len(first)
+        leftover, eof = _take_buffered(self.creader)
+        raw = self.cwriter.transport
+        loop = asyncio.get_running_loop()
+        # any ALPN outcome completes the handshake: a client without "postgresql" is answered
+        # below with an ErrorResponse it can read, inside TLS
+        tls = TlsServerTransport(raw, self.server_ssl, loop)
+        raw.set_protocol(tls.raw_protocol)
+        if not raw.is_reading():
+            raw.resume_reading()           # the stream may have paused it while buffering
+        tls.feed(first + leftover)
+        if eof:
+            tls.raw_protocol.eof_received()
+        try:
+            async with asyncio.timeout(self.startup_timeout):
+                await tls.handshake
+        except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError) as e:
+            detail = (f"no TLS handshake within {self.startup_timeout:g} s" if isinstance(e, TimeoutError)
+                      else f"{e.__class__.__name__}: {e}")
+            message = f"direct SSL handshake with the client failed: {detail}"
+            log.warning("target %s: %s", self.ctx.target.name, message)
+            tls.abort()
+            # the raw stream's protocol was replaced: its close would never be reported
+            self._client_detached = True
+            self._close_silently("08P01", message, "tls_handshake_failed")
+            return
+        # the decrypted side as streams, so startup (and the broker) runs as after an SSLRequest
+        reader = asyncio.StreamReader(limit=READ_SIZE, loop=loop)
+        stream_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        stream_protocol.connection_made(tls)
+        tls.set_protocol(stream_protocol)
+        self.creader = reader
+        self.cwriter = asyncio.StreamWriter(tls, stream_protocol, reader, loop)
+        tls.resume_reading()               # delivers what was decrypted with the handshake
+        if tls.is_closing():
+            reader.feed_eof()              # the client left before the stream was attached
+        session.start_fields["x_tls_negotiation"] = "direct"
+        session.start_fields["x_tls_alpn"] = tls.alpn
+        if tls.alpn != POSTGRES_ALPN:
+            offered = "no ALPN" if tls.alpn is None else f"ALPN {tls.alpn!r}"
+            message = (f"direct SSL connection without ALPN protocol {POSTGRES_ALPN!r} refused "
+                       f"(the client negotiated {offered}); PostgreSQL 17 requires it")
+            log.warning("target %s: %s", self.ctx.target.name, message)
+            session.start_fields["x_client_tls_error"] = message
+            await self._run_actions(session.fatal("08P01", message, "direct_tls_without_alpn"))
+            return
+        await self._run_actions(session.client_tls_established())
 
     async def _forward_cancel(self, pid: int, key: bytes) -> None:
         entry = _cancel_keys.get((pid, key))

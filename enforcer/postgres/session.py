@@ -801,6 +801,22 @@ class PostgresSession:
                         r.rows += rows
                         r.nbytes += nbytes
                     continue
+                if (plan is not None and self._plan_known and not self._withhold
+                        and hasattr(plan, "mask_rows")):
+                    # masked result: the plan takes the whole run of DataRows in one loop and
+                    # hands back one buffer for the rows up to the last one it changed
+                    data, last, stop, rows, nbytes = plan.mask_rows(buf, pos, n)
+                    if data is not None:
+                        if run < pos:
+                            out.append((TO_CLIENT, buf[run:pos]))
+                        out.append((TO_CLIENT, data))
+                        run = last
+                    pos = stop
+                    if results:
+                        r = results[0]
+                        r.rows += rows
+                        r.nbytes += nbytes
+                    continue
                 if results:
                     r = results[0]
                     r.rows += 1

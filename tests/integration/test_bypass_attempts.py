@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 
-
 from tests.agentproc import AgentProcess
 from tests.integration.test_agent_redirect import CLIENT, free_port, servers  # noqa: F401  (fixture)
 
