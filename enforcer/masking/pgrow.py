@@ -160,18 +160,18 @@ class ColumnStep:
         cache[raw] = result
         return result
 
-    def mask_value(self, raw: bytes):
-        """One non-NULL value -> new bytes, None (NULL) or UNCHANGED, counted (the per-row path)."""
+    def mask_value(self, result):
+        """Count one non-NULL value given fn's `result` for it; -> new bytes, None or UNCHANGED."""
         counter = self.counter
         if self.kind == DETECT:
-            new, values, nulled = self.fn(raw)
+            new, values, nulled = result
             counter.values += values
             counter.nulled += nulled
             return new
         counter.values += 1
         if self.nulling:
             counter.nulled += 1
-        return self.constant if self.kind == CONSTANT else self.fn(raw)
+        return result
 
 
 def null_masker(index: int, counter: Counter) -> ColumnStep:
@@ -302,15 +302,9 @@ class RowPlan:
         return result
 
     def mask_data_row(self, payload: bytes) -> bytes:
-        """One DataRow payload -> masked payload (the same object when nothing changed)."""
-        msg = b"D" + _pack_i32(len(payload) + 4) + payload
-        data, last, _end, _rows, _nbytes = self.mask_rows(msg, 0, len(msg))
-        if data is None:
-            return payload
-        return data[5:] + msg[last:]
-
-    def _mask_row_generic(self, payload: bytes) -> bytes:
-        """A row with fewer columns than the plan covers: the columns it has, one at a time."""
+        """One DataRow payload -> masked payload (the same object when nothing changed). The
+        enforcer uses mask_rows on whole runs; this is the same masking one row at a time."""
+        self.seen += 1
         ncols = _unpack_i16(payload, 0)[0]
         pos = 2
         col = 0
@@ -332,7 +326,18 @@ class RowPlan:
             end = start + ln
             if end > len(payload):
                 raise ValueError("a DataRow column runs past the end of its message")
-            new = step.mask_value(payload[start:end])
+            if step.kind == CONSTANT:
+                result = step.constant
+            else:
+                raw = payload[start:end]
+                cache = step.cache
+                if cache is not None and ln <= CACHE_VALUE_BYTES:
+                    result = cache.get(raw, _MISS)
+                    if result is _MISS:
+                        result = self._fill(step, raw, 0)
+                else:
+                    result = step.fn(raw)
+            new = step.mask_value(result)
             if new is not UNCHANGED:
                 if parts is None:
                     parts = []
@@ -343,6 +348,7 @@ class RowPlan:
             col += 1
         if parts is None:
             return payload
+        self.rows += 1
         parts.append(payload[last:])
         return b"".join(parts)
 
@@ -373,9 +379,8 @@ class RowPlan:
                     # fewer columns than the plan covers (or no column count): column by column
                     irregular += 1
                     payload = buf[pos + 5:end]
-                    new = self._mask_row_generic(payload)
+                    new = self.mask_data_row(payload)
                     if new is not payload:
-                        changed += 1
                         append(buf[last:pos])
                         append(b"D" + pack_i32(len(new) + 4) + new)
                         last = end
@@ -450,7 +455,7 @@ class RowPlan:
                     last = seg
                 pos = end
         finally:
-            self._tally(rows, rows - irregular, changed)
+            self._tally(rows - irregular, rows - irregular, changed)
         if not out:
             return None, last, pos, rows, pos - start - rows
         return b"".join(out), last, pos, rows, pos - start - rows
