@@ -128,6 +128,11 @@ class SessionMasker:
         self._copy_fields: dict = {}          # COPY column names (or None) -> _CopyFields
         self._taken: Optional[dict] = None
 
+    @property
+    def needs_column_names(self) -> bool:
+        """Column rules are in force: output whose columns cannot be named cannot be masked by them."""
+        return bool(self.ruleset.column_whole or self.ruleset.column_detect)
+
     # -- Postgres rows -------------------------------------------------------------------
     def _counter(self, rule: str, column: str) -> Counter:
         c = self._counters.get((rule, column))

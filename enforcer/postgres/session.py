@@ -944,7 +944,14 @@ class PostgresSession:
                                            "upstream_protocol_error")
                         return out
                     opts = copy_options(results[0].text if results else None)
-                    if overall == 1 or opts.format == "binary":
+                    unnamed = opts.columns is None and getattr(masking, "needs_column_names", False)
+                    if unnamed and overall != 1 and opts.format != "binary":
+                        # which field is which column is unknown: column rules could not apply, so the
+                        # data would leave unmasked. Refuse instead, and say how to make it maskable.
+                        run = self._refuse(out, buf, run, pos, end, MaskingRefused(
+                            "Warden refused COPY without a column list on a target with column masking "
+                            "rules: name the columns, e.g. COPY customers (id, name, ssn) TO STDOUT"))
+                    elif overall == 1 or opts.format == "binary":
                         try:
                             masking.mask_copy_line(b"", "binary")
                             raise MaskingRefused("Warden refused COPY in binary format on a target with "

@@ -178,10 +178,9 @@ def assert_no_secrets(text):
 
 
 @pytest.mark.parametrize("command", [
-    "COPY customers TO STDOUT (FORMAT csv)",
-    "COPY customers TO STDOUT",
-    r"\copy customers to stdout csv header",
-    r"\copy (SELECT name, ssn, email FROM customers) to stdout with (format text)",
+    "COPY customers (id, name, ssn, email) TO STDOUT (FORMAT csv)",
+    "COPY customers (id, ssn, email) TO STDOUT",
+    r"\copy customers (id, ssn, email) to stdout csv header",
     r"\copy customers (id, ssn, email) to stdout with delimiter ';' csv",
 ])
 def test_psql_copy_out_is_masked(enforcer, pg, command):
@@ -190,6 +189,21 @@ def test_psql_copy_out_is_masked(enforcer, pg, command):
     assert_no_secrets(r.stdout)
     assert "[REDACTED]" in r.stdout or "***-**-6789" in r.stdout
     assert r.stdout.count("\n") >= 2
+
+
+@pytest.mark.parametrize("command", [
+    "COPY customers TO STDOUT (FORMAT csv)",
+    "COPY customers TO STDOUT",
+    r"\copy customers to stdout csv header",
+    r"\copy (SELECT name, ssn, email FROM customers) to stdout with (format text)",
+])
+def test_copy_without_column_names_is_refused_not_leaked(enforcer, pg, command):
+    """Bug fix: without a column list the fields cannot be matched to column rules, and columns that
+    no detector recognises went out unmasked; such a COPY is now refused with the fix in the message."""
+    r = run_psql(enforcer, pg, "-c", command)
+    assert r.returncode != 0
+    assert "name the columns" in r.stderr, r.stderr
+    assert_no_secrets(r.stdout + r.stderr)
 
 
 def test_psql_copy_out_with_column_list_uses_label_rules(enforcer, pg):
@@ -342,7 +356,7 @@ def test_records_hold_no_raw_values(pg, engine, catalog, tmp_path):
                 await conn.close()
 
         asyncio.run(via_asyncpg())
-        r = run_psql(enf, pg, "-c", "COPY customers TO STDOUT (FORMAT csv)")
+        r = run_psql(enf, pg, "-c", "COPY customers (id, name, ssn, email) TO STDOUT (FORMAT csv)")
         assert r.returncode == 0
         deadline = time.monotonic() + 5
         while len(enf.sink.of_type("session.end")) < 3 and time.monotonic() < deadline:
