@@ -228,7 +228,8 @@ class _Connection:
             client_tls_available=self.server_ssl is not None, masking=ctx.masking,
             start_fields=_start_fields(ctx))
         self.closing = False
-        self.last_activity = time.monotonic()
+        self.started = time.monotonic()            # the startup timeout counts from here
+        self.last_activity = self.started
         self.client_reads = 0                      # the watchdog turns changes into last_activity
         self.server_task: Optional[asyncio.Task] = None
         self.registered_key: Optional[tuple[int, bytes]] = None
@@ -481,8 +482,9 @@ class _Connection:
         await self._run_actions(self.session.client_tls_established())
 
     def _refuse_direct_tls(self) -> None:
-        """client_tls: refuse and a direct SSL ClientHello: close, as PostgreSQL does when SSL is
-        off (a plaintext ErrorResponse would only confuse the client's TLS stack)."""
+        """A direct SSL ClientHello on a target whose client TLS is refused: close without a word,
+        as PostgreSQL does when SSL is off (a plaintext ErrorResponse would only confuse the
+        client's TLS stack); the record says why."""
         message = ("direct SSL (sslnegotiation=direct) refused: client TLS is not enabled on Warden target "
                    f"{self.ctx.target.name}")
         log.warning("%s", message)
@@ -519,12 +521,15 @@ class _Connection:
         tls.feed(first + leftover)
         if eof:
             tls.raw_protocol.eof_received()
+        # ends a little before the watchdog's startup timeout would, so a stalled handshake is
+        # recorded as such and nothing is written in plaintext to a client expecting TLS records
+        remaining = self.started + self.startup_timeout - time.monotonic()
         try:
-            async with asyncio.timeout(self.startup_timeout):
+            async with asyncio.timeout(max(0.0, remaining - min(0.05, self.startup_timeout / 10))):
                 await tls.handshake
         except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError) as e:
-            detail = (f"no TLS handshake within {self.startup_timeout:g} s" if isinstance(e, TimeoutError)
-                      else f"{e.__class__.__name__}: {e}")
+            detail = (f"no TLS handshake within the startup timeout of {self.startup_timeout:g} s"
+                      if isinstance(e, TimeoutError) else f"{e.__class__.__name__}: {e}")
             message = f"direct SSL handshake with the client failed: {detail}"
             log.warning("target %s: %s", self.ctx.target.name, message)
             tls.abort()
@@ -570,7 +575,7 @@ class _Connection:
 
     # -- housekeeping ----------------------------------------------------------------
     async def _watchdog(self) -> None:
-        started = time.monotonic()
+        started = self.started
         period = min(1.0, max(0.05, self.startup_timeout / 4))
         if self.idle_timeout:
             period = min(period, max(0.05, self.idle_timeout / 4))
