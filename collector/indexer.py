@@ -173,34 +173,47 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
     index = BatchIndex()
     last_request: dict[str, list] = {}  # sid -> the statement/request row a decision belongs to
     event_rows, table_rows = index.event_rows, index.table_rows
+    # The hot loop of ingest: names bound locally, no per-event helper calls where a
+    # type test does (a plain str identity/target is what _name would return anyway).
+    sessions, unresolved = index.sessions, index.unresolved
+    append_event, append_table = event_rows.append, table_rows.append
+    name_of, summary_of, to_json, decision_of = _name, summarize, canonical_json, _decision
     for ev in events:
         f = ev.get("f") or {}
         event_type, sid, ts, seq = ev["type"], ev.get("sid"), int(ev["ts"]), int(ev["seq"])
-        identity, target = _name(f.get("identity")), _name(f.get("target"))
-        if sid is not None and event_type == "session.start":
-            known_sessions[sid] = (identity, target)
-        if sid is not None and (identity is None or target is None):
-            inherited = known_sessions.get(sid, (None, None))
-            identity, target = identity or inherited[0], target or inherited[1]
-        decision = _decision(event_type, f)
+        identity, target = f.get("identity"), f.get("target")
+        if type(identity) is not str:
+            identity = name_of(identity)
+        if type(target) is not str:
+            target = name_of(target)
+        if sid is not None:
+            if event_type == "session.start":
+                known_sessions[sid] = (identity, target)
+            if identity is None or target is None:
+                inherited = known_sessions.get(sid, (None, None))
+                identity, target = identity or inherited[0], target or inherited[1]
+        decision = decision_of(event_type, f)
         if sid is not None and event_type == "policy.decision" and decision and sid in last_request:
             # The decision is its own event; copy it onto the statement it decided.
             last_request.pop(sid)[_DECISION] = decision
-        row = [agent_id, seq, ts, sid, event_type, identity, target, summarize(event_type, f), decision,
-               batch_id, ev["hash"].hex(), canonical_json(f)]
-        event_rows.append(row)
-        if sid is not None and (identity is None or target is None) and sid not in known_sessions:
-            index.unresolved.setdefault(sid, []).append(row)
-        if sid is not None and (event_type == "pg.statement" or event_type == "http.request"):
-            last_request[sid] = row
+        row = [agent_id, seq, ts, sid, event_type, identity, target, summary_of(event_type, f), decision,
+               batch_id, ev["hash"].hex(), to_json(f)]
+        append_event(row)
         if "tables" in f:
             for name in table_names(f):
-                table_rows.append((agent_id, seq, name, table_base(name), ts, sid))
+                append_table((agent_id, seq, name, table_base(name), ts, sid))
         if sid is None:
             continue
-        delta = index.sessions.get(sid) or index.sessions.setdefault(sid, SessionDelta(sid, agent_id))
+        if (identity is None or target is None) and sid not in known_sessions:
+            unresolved.setdefault(sid, []).append(row)
+        if event_type == "pg.statement" or event_type == "http.request":
+            last_request[sid] = row
+        delta = sessions.get(sid)
+        if delta is None:
+            delta = sessions[sid] = SessionDelta(sid, agent_id)
         delta.events += 1
-        delta.first_ts = ts if delta.first_ts is None else min(delta.first_ts, ts)
+        first_ts = delta.first_ts
+        delta.first_ts = ts if first_ts is None or ts < first_ts else first_ts
         if event_type == "session.start":
             process = f.get("process")
             delta.start = {

@@ -330,26 +330,45 @@ def decode_batch(data: bytes) -> Batch:
     if count == 0:
         raise BatchFormatError("batch holds no events")
     sids, types, agent, version = body["sids"], body["types"], body["agent"], body["ev"]
+    seq_column, ts_column, sid_column, type_column, field_column = (
+        body["seqd"], body["tsd"], body["sidx"], body["tidx"], body["f"])
     events = []
+    append = events.append
     previous = body["prev"]
     seq, ts = body["first"], 0
+    # Each event's hash is computed exactly once, incrementally over the same three parts
+    # canonical_encode joins (head, field map, tail) followed by the previous hash:
+    # SHA-256(canonical_encode(event) || prev), without building the joined bytes.
+    try:
+        head_state = _sha256(event_head(agent))
+    except EncodingError as exc:
+        raise BatchFormatError(str(exc)) from exc
+    copy_head = head_state.copy
     try:
         for index in range(count):
-            seq_delta, ts_delta = body["seqd"][index], body["tsd"][index]
+            seq_delta, ts_delta = seq_column[index], ts_column[index]
             if type(seq_delta) is not int or type(ts_delta) is not int:
                 raise BatchFormatError(f"event {index}: sequence/time deltas must be integers")
             seq += seq_delta
             ts += ts_delta
-            sid = sids[body["sidx"][index]]
-            event_type = types[body["tidx"][index]]
-            fields = body["f"][index]
+            sid = sids[sid_column[index]]
+            event_type = types[type_column[index]]
+            fields = field_column[index]
             if not (sid is None or type(sid) is str) or type(event_type) is not str \
                     or type(fields) is not dict:
                 raise BatchFormatError(f"event {index}: malformed session id, type or fields")
-            event = {"v": version, "agent": agent, "seq": seq, "ts": ts, "sid": sid,
-                     "type": event_type, "f": fields, "prev": previous}
-            event["hash"] = previous = event_hash(previous, canonical_encode(event))
-            events.append(event)
+            try:
+                encoded_fields = encode_fields(fields)
+            except EncodingError as exc:
+                raise EncodingError(f"event seq={seq} type={event_type}: {exc}") from exc
+            state = copy_head()
+            state.update(encoded_fields)
+            state.update(event_tail(seq, sid, ts, event_type, version))
+            state.update(previous)
+            digest = state.digest()
+            append({"v": version, "agent": agent, "seq": seq, "ts": ts, "sid": sid,
+                    "type": event_type, "f": fields, "prev": previous, "hash": digest})
+            previous = digest
     except (IndexError, TypeError) as exc:
         raise BatchFormatError(f"batch columns are inconsistent: {exc}") from exc
     except EncodingError as exc:

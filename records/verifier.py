@@ -88,11 +88,19 @@ class _Checked:
     problems: list[Problem]
 
 
-def _check_batch(index: int, batch: Batch, key: Ed25519PublicKey | None) -> _Checked:
+def _check_batch(index: int, batch: Batch, key: Ed25519PublicKey | None,
+                 decoded_hashes: list[bytes] | None = None) -> _Checked:
+    """``decoded_hashes``: the event hashes decode_batch computed for ``batch`` just now
+    (from bytes, the batch not yet handed to anyone), which are exactly what re-encoding
+    the events would give; a Batch supplied by the caller is always re-encoded."""
     agent = batch.agent_id
     events = batch.events
-    encodings = [canonical_encode(event) for event in events]
-    hashes = _chain_hashes(batch.prev_hash, encodings)
+    encodings = None
+    if decoded_hashes is None:
+        encodings = [canonical_encode(event) for event in events]
+        hashes = _chain_hashes(batch.prev_hash, encodings)
+    else:
+        hashes = decoded_hashes
 
     def problem(kind, seq, detail):
         return Problem(kind, agent, seq, index, detail)
@@ -111,11 +119,13 @@ def _check_batch(index: int, batch: Batch, key: Ed25519PublicKey | None) -> _Che
                                     "validly signed batch whose header disagrees with its "
                                     "events (writer bug)"))
         return _Checked(index, batch, True, problems)
+    if encodings is None:
+        encodings = [canonical_encode(event) for event in events]
     return _Checked(index, batch, False, _locate(index, batch, key, encodings))
 
 
-def _signature_ok_for(batch: Batch, key, events: list[dict]) -> bool:
-    encodings = [canonical_encode(event) for event in events]
+def _signature_ok_for(batch: Batch, key, encodings: list[bytes]) -> bool:
+    """Would the signature verify over events with these canonical encodings?"""
     return batch_signature_valid(batch, key, _chain_hashes(batch.prev_hash, encodings))
 
 
@@ -130,7 +140,7 @@ def _locate(index: int, batch: Batch, key, encodings: list[bytes]) -> list[Probl
     # 1. A pure reordering of authentic events.
     ordered = sorted(range(len(events)), key=lambda j: seqs[j])
     if ordered != list(range(len(events))):
-        if _signature_ok_for(batch, key, [events[j] for j in ordered]):
+        if _signature_ok_for(batch, key, [encodings[j] for j in ordered]):
             first_bad = next(seqs[j] for j in range(len(events))
                              if j != ordered[j])
             return [problem("reordered", first_bad,
@@ -159,7 +169,7 @@ def _locate(index: int, batch: Batch, key, encodings: list[bytes]) -> list[Probl
         if j in tried:
             continue
         tried.add(j)
-        if _signature_ok_for(batch, key, events[:j] + events[j + 1:]):
+        if _signature_ok_for(batch, key, encodings[:j] + encodings[j + 1:]):
             return [problem("inserted", seqs[j],
                             f"event at position {j} (seq {seqs[j]}, type "
                             f"{events[j]['type']}) was not signed by the agent; the batch "
@@ -210,6 +220,7 @@ def verify_batches(batches: Iterable[bytes | Batch], public_key: KeySource,
     checked: list[_Checked] = []
     chain_agent = None
     for index, item in enumerate(batches):
+        decoded_hashes = None
         if isinstance(item, Batch):
             batch = item
         else:
@@ -219,6 +230,8 @@ def verify_batches(batches: Iterable[bytes | Batch], public_key: KeySource,
                 problems.append(Problem("bad_format", chain_agent or "", None, index,
                                         f"batch {index} cannot be read: {exc}"))
                 continue
+            # Just decoded here: its events' hashes were computed from these bytes once.
+            decoded_hashes = [event["hash"] for event in batch.events]
         if chain_agent is None:
             chain_agent = batch.agent_id
         elif batch.agent_id != chain_agent:
@@ -226,7 +239,8 @@ def verify_batches(batches: Iterable[bytes | Batch], public_key: KeySource,
                                     f"batch {index} belongs to agent {batch.agent_id!r}, "
                                     f"this chain is agent {chain_agent!r}"))
             continue
-        checked.append(_check_batch(index, batch, _resolve_key(public_key, batch.agent_id)))
+        checked.append(_check_batch(index, batch, _resolve_key(public_key, batch.agent_id),
+                                    decoded_hashes))
 
     # Batches handed over out of order (by first sequence number).
     highest_first = None
