@@ -25,7 +25,7 @@ _REASONS = {200: "OK", 201: "Created", 204: "No Content", 301: "Moved Permanentl
 
 
 def _endpoint(value, default_host: str, default_port: int) -> tuple[str, int]:
-    """'1.2.3.4:5432', '[::1]:5432', {'ip':..,'port':..} or a bare host."""
+    """'127.0.0.2:5432', '[::1]:5432', {'ip':..,'port':..} or a bare host."""
     if isinstance(value, dict):
         host = value.get("ip") or value.get("host") or value.get("addr") or default_host
         return str(host), int(value.get("port") or default_port)

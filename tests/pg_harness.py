@@ -151,9 +151,9 @@ class PostgresServer:
         # First matching line wins: one auth method per role; local socket stays trust for setup.
         hba = ["local all all trust"]
         for user, (_pw, method) in USERS.items():
-            hba.append(f"host all {user} 0.0.0.0/0 {method}")
-        hba.append("host all postgres 0.0.0.0/0 trust")
-        hba.append("host all all 0.0.0.0/0 scram-sha-256")
+            hba.append(f"host all {user} 127.0.0.0/8 {method}")
+        hba.append("host all postgres 127.0.0.0/8 trust")
+        hba.append("host all all 127.0.0.0/8 scram-sha-256")
         with open(os.path.join(self.datadir, "pg_hba.conf"), "w") as f:
             f.write("\n".join(hba) + "\n")
 

