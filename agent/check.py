@@ -1,13 +1,11 @@
 """`warden-agent check`: everything that would stop the agent from governing this host."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import shutil
 import socket
-from urllib.parse import urlparse
 
-from agent import cgroups
+from agent import cgroups, hostfacts
 from agent import config as config_mod
 
 
@@ -71,20 +69,14 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
                         notes.append(f"target {target.name}: brokered secret and token keys readable")
 
     if cfg is not None and cfg.collector.url:
-        url = urlparse(cfg.collector.url)
-        host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+        problems.extend(hostfacts.collector_capture(cfg))
+        _host, port, ips = hostfacts.collector_endpoint(cfg.collector.url)
         try:
-            infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
-            ips = sorted({i[4][0] for i in infos})
-            for target in cfg.targets:
-                nets = config_mod.resolve_target_networks(target)
-                for ip in ips:
-                    addr = ipaddress.ip_address(ip)
-                    if port == target.match.port and any(addr.version == n.version and addr in n for n in nets):
-                        problems.append(f"target {target.name!r} would capture the collector's own address "
-                                        f"{ip}:{port}; narrow its match")
+            if not ips:
+                raise OSError("its host name does not resolve")
             with socket.create_connection((ips[0], port), timeout=3):
                 notes.append(f"collector {cfg.collector.url} reachable")
         except OSError as exc:
-            problems.append(f"collector {cfg.collector.url} is not reachable: {exc}")
+            problems.append(f"collector {cfg.collector.url} is not reachable: {exc}; check collector.url, "
+                            f"DNS and any firewall between this host and the collector")
     return problems, notes

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -14,11 +15,11 @@ from typing import Optional
 from agent import cgroups, hostfacts, procinfo, sdnotify
 from agent.bpfmgr import BpfManager, Capture, TargetRule
 from agent.config import AgentConfig, TargetConfig, resolve_target_networks
-from agent.events import FanoutSink, JsonLinesSink, new_session_id
+from agent.events import FanoutSink, JsonLinesSink
 from agent.identity import IdentityResolver
 from agent.inventory import Inventory
 from enforcer.context import Attribution, ConnectionContext, TargetInfo, UpstreamTLS
-from records.schema import EVENT_FIELDS, SchemaError
+from records.schema import EVENT_FIELDS, SchemaError, new_session_id
 
 log = logging.getLogger("warden.agent")
 
@@ -249,23 +250,9 @@ class Agent:
 
     def _refuse_collector_capture(self) -> None:
         """A target that matches the collector's address would send our own shipping through us."""
-        url = self.config.collector.url
-        if not url:
-            return
-        from urllib.parse import urlparse
-        parsed = urlparse(url)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            ips = sorted({info[4][0] for info in socket.getaddrinfo(parsed.hostname, port, proto=socket.IPPROTO_TCP)})
-        except OSError:
-            return          # unresolvable now: the shipper retries and says so
-        for target in self.config.targets:
-            if target.match.port != port:
-                continue
-            hits = hostfacts.networks_overlap(resolve_target_networks(target), ips)
-            if hits:
-                raise RuntimeError(f"target {target.name!r} would capture the collector's own traffic "
-                                   f"({', '.join(hits)}, port {port}); narrow its match")
+        problems = hostfacts.collector_capture(self.config)
+        if problems:
+            raise RuntimeError(problems[0])
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
@@ -502,12 +489,12 @@ SPOOL_FULL_MESSAGE = ("Warden refused this connection: the agent's record spool 
 async def _read_postgres_startup(reader, writer, timeout: float = 5.0) -> None:
     """Consume the client's startup packet, declining TLS/GSS like a server would, so that the
     ErrorResponse that follows is what libpq shows (with sslmode=prefer it sends SSLRequest first)."""
-    ssl_request, gss_request = 80877103, 80877104
+    from enforcer.postgres import protocol as P
     try:
         for _ in range(3):
             head = await asyncio.wait_for(reader.readexactly(8), timeout)
             length, code = int.from_bytes(head[:4], "big"), int.from_bytes(head[4:], "big")
-            if length == 8 and code in (ssl_request, gss_request):
+            if length == 8 and code in (P.SSL_REQUEST_CODE, P.GSSENC_REQUEST_CODE):
                 writer.write(b"N")
                 await writer.drain()
                 continue
@@ -521,11 +508,11 @@ async def _read_postgres_startup(reader, writer, timeout: float = 5.0) -> None:
 async def refuse_unrecordable(protocol: str, reader, writer) -> None:
     """Tell the client why, in its own protocol, then close."""
     if protocol == "postgres":
+        from enforcer.postgres import protocol as P
         await _read_postgres_startup(reader, writer)
-        body = b"SFATAL\0VFATAL\0C53100\0M" + SPOOL_FULL_MESSAGE.encode() + b"\0\0"
-        writer.write(b"E" + (len(body) + 4).to_bytes(4, "big") + body)
+        writer.write(P.build_error_response("53100", SPOOL_FULL_MESSAGE, severity="FATAL"))
     elif protocol == "http":
-        payload = ('{"error": "' + SPOOL_FULL_MESSAGE + '"}').encode()
+        payload = json.dumps({"error": SPOOL_FULL_MESSAGE}).encode()
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
     try:

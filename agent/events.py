@@ -2,24 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
-import uuid
 from typing import Optional
-
-
-def new_session_id() -> str:
-    """UUIDv7: time-ordered, so sessions sort by start time."""
-    try:
-        from records.schema import new_session_id as records_session_id
-        return records_session_id()
-    except ImportError:
-        ms = time.time_ns() // 1_000_000
-        rand = int.from_bytes(os.urandom(10), "big")
-        value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
-        return str(uuid.UUID(int=value))
 
 
 def _jsonable(value):

@@ -116,3 +116,32 @@ class VethNamespace:
                 ipr.link("del", index=idx)     # deleting one end removes the pair
         if self.name in netns.listnetns():
             netns.remove(self.name)
+
+
+def collector_endpoint(url: str) -> tuple[str, int, list[str]]:
+    """(host, port, resolved addresses) of the collector URL; no addresses when it does not resolve."""
+    from urllib.parse import urlparse
+    parsed = urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, port, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return parsed.hostname or "", port, []
+    return parsed.hostname or "", port, sorted({info[4][0] for info in infos})
+
+
+def collector_capture(config) -> list[str]:
+    """Targets that would redirect the agent's own collector traffic through the enforcer."""
+    from agent.config import resolve_target_networks
+    if not config.collector.url:
+        return []
+    _host, port, ips = collector_endpoint(config.collector.url)
+    problems = []
+    for target in config.targets:
+        if target.match.port != port:
+            continue
+        hits = networks_overlap(resolve_target_networks(target), ips)
+        if hits:
+            problems.append(f"target {target.name!r} would capture the collector's own traffic "
+                            f"({', '.join(hits)}, port {port}); narrow its match")
+    return problems
