@@ -11,7 +11,7 @@ import os
 import socket
 from typing import Any, Optional
 
-import yaml
+from agent.yamlpos import Positions, YamlPositionError, load_yaml as _load_yaml
 
 DEFAULT_STATE_DIR = "/var/lib/warden"
 DEFAULT_LISTEN_PORT_BASE = 15400
@@ -30,50 +30,12 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-# ---- YAML with positions -----------------------------------------------------------------
-_SCALARS = yaml.SafeLoader("")     # only its constructor is used, to type scalar nodes
-
-
-class _Located:
-    """Remembers the source line of every mapping key and sequence item by its path."""
-
-    def __init__(self, filename: str):
-        self.filename = filename
-        self.lines: dict[tuple, int] = {}
-
-    def build(self, node: yaml.Node, path: tuple = ()) -> Any:
-        self.lines.setdefault(path, node.start_mark.line + 1)   # a key's own line wins over its value's
-        if isinstance(node, yaml.MappingNode):
-            out = {}
-            for key_node, value_node in node.value:
-                key = _SCALARS.construct_object(key_node, deep=True)
-                if key in out:
-                    raise ConfigError([f"{self.filename}:{key_node.start_mark.line + 1}: duplicate key {key!r}"])
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                out[key] = self.build(value_node, path + (key,))
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
-        # scalars: resolve with the safe loader's rules (ints, bools, null, strings)
-        return _SCALARS.construct_object(node, deep=True)
-
-    def where(self, path: tuple) -> str:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return f"{self.filename}:{self.lines.get(path, 1)}"
-
-
-def load_yaml(text: str, filename: str) -> tuple[Any, _Located]:
-    loc = _Located(filename)
+def load_yaml(text: str, filename: str) -> tuple[Any, Positions]:
+    """agent.yaml's YAML reading: agent.yamlpos with its errors as ConfigError."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{filename}:{line}: YAML syntax error: {exc.problem}"]) from None
-    if node is None:
-        return {}, loc
-    return loc.build(node), loc
+        return _load_yaml(text, filename)
+    except YamlPositionError as exc:
+        raise ConfigError([str(exc)]) from None
 
 
 # ---- the model -----------------------------------------------------------------------------
@@ -171,11 +133,11 @@ def _parse_duration(value: Any) -> float:
 
 
 def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
-    data, loc = load_yaml(text, filename)
+    data, where = load_yaml(text, filename)
     problems: list[str] = []
 
     def err(path: tuple, msg: str) -> None:
-        problems.append(f"{loc.where(path)}: {msg}")
+        problems.append(f"{where(path)}: {msg}")
 
     if not isinstance(data, dict):
         raise ConfigError([f"{filename}:1: the top level must be a mapping of keys (agent, scope, targets, ...)"])
@@ -358,7 +320,7 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
     if masking:
         from enforcer.masking.config import MaskingConfigError, load_masking
         try:
-            masking_engine = load_masking(masking, where=loc.where,
+            masking_engine = load_masking(masking, where=where,
                                           base_dir=os.path.dirname(os.path.abspath(filename)))
         except MaskingConfigError as exc:
             problems.extend(exc.problems)

@@ -5,8 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from agent.yamlpos import Positions, YamlPositionError, load_yaml
 from collector.timeparse import TimeFormatError, parse_duration_ns
 
 DEFAULT_STATE_DIR = "/var/lib/warden-collector"
@@ -113,18 +112,13 @@ def load_config(path: str | os.PathLike | None) -> CollectorConfig:
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read config: {exc.strerror}") from None
     try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else str(file)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        root, where = load_yaml(text, str(file))
+    except YamlPositionError as exc:
+        raise ConfigError(str(exc)) from None
     config = CollectorConfig(source=str(file))
-    if root is None:
-        return config
-    if not isinstance(root, yaml.MappingNode):
-        raise ConfigError(f"{file}:{root.start_mark.line + 1}: the top level must be a mapping of keys")
-    values = _validate(file, root)
+    if not isinstance(root, dict):
+        raise ConfigError(f"{where.value_at(())}: the top level must be a mapping of keys")
+    values = _validate(where, root)
     config.listen = values.get("listen", config.listen)
     config.db = values.get("db")
     config.state_dir = values.get("state_dir", config.state_dir)
@@ -145,116 +139,116 @@ def load_config(path: str | os.PathLike | None) -> CollectorConfig:
     return config
 
 
-def _validate(file: Path, root: yaml.MappingNode) -> dict:
+def _validate(where: Positions, root: dict) -> dict:
     values: dict = {}
-    for key_node, value_node in root.value:
-        key, line = key_node.value, key_node.start_mark.line + 1
+    for key, value in root.items():
         if key not in _SCHEMA:
-            raise ConfigError(f"{file}:{line}: unknown key {key!r}; known keys: {', '.join(_SCHEMA)}")
+            raise ConfigError(f"{where((key,))}: unknown key {key!r}; known keys: {', '.join(_SCHEMA)}")
         kind, sub = _SCHEMA[key]
         if sub is None:
-            values[key] = _scalar(file, key, value_node, kind)
+            values[key] = _scalar(where, (key,), key, value, kind)
             continue
-        if not isinstance(value_node, yaml.MappingNode):
-            raise ConfigError(f"{file}:{value_node.start_mark.line + 1}: {key!r} must be a mapping "
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where.value_at((key,))}: {key!r} must be a mapping "
                               f"with keys {', '.join(sub)}")
         section: dict = {}
-        for sub_key_node, sub_value_node in value_node.value:
-            sub_key = sub_key_node.value
+        for sub_key, sub_value in value.items():
             if sub_key not in sub:
-                raise ConfigError(f"{file}:{sub_key_node.start_mark.line + 1}: unknown key "
+                raise ConfigError(f"{where((key, sub_key))}: unknown key "
                                   f"{key}.{sub_key}; known: {', '.join(sub)}")
             if (key, sub_key) == ("tokens", "oidc"):
-                section[sub_key] = _oidc(file, sub_key_node, sub_value_node)
+                section[sub_key] = _oidc(where, (key, sub_key), sub_value)
                 continue
-            section[sub_key] = _scalar(file, f"{key}.{sub_key}", sub_value_node, sub[sub_key])
+            section[sub_key] = _scalar(where, (key, sub_key), f"{key}.{sub_key}", sub_value, sub[sub_key])
         values[key] = section
-    _check_semantics(file, root, values)
+    _check_semantics(where, values)
     return values
 
 
 _OIDC_KEYS = ("issuer", "audience", "jwks", "role_claim", "role_map", "subject_claim", "algorithms")
 
 
-def _oidc(file: Path, key_node: yaml.Node, node: yaml.Node) -> OIDCSettings:
-    where = f"{file}:{node.start_mark.line + 1}"
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{file}:{key_node.start_mark.line + 1}: tokens.oidc must be a mapping with "
+def _oidc(where: Positions, path: tuple, node) -> OIDCSettings:
+    at = where.value_at(path)
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where(path)}: tokens.oidc must be a mapping with "
                           f"issuer, audience, jwks, role_claim, role_map")
     values: dict = {}
-    for sub_key_node, value_node in node.value:
-        name, line = sub_key_node.value, sub_key_node.start_mark.line + 1
+    for name, value in node.items():
+        line = where(path + (name,))
         if name not in _OIDC_KEYS:
-            raise ConfigError(f"{file}:{line}: unknown key tokens.oidc.{name}; known: {', '.join(_OIDC_KEYS)}")
+            raise ConfigError(f"{line}: unknown key tokens.oidc.{name}; known: {', '.join(_OIDC_KEYS)}")
         if name == "role_map":
-            if not isinstance(value_node, yaml.MappingNode):
-                raise ConfigError(f"{file}:{line}: tokens.oidc.role_map must map claim values to roles, "
+            if not isinstance(value, dict):
+                raise ConfigError(f"{line}: tokens.oidc.role_map must map claim values to roles, "
                                   f'e.g. "sec-auditors: auditor"')
             role_map = {}
-            for group_node, role_node in value_node.value:
-                role = _scalar(file, f"tokens.oidc.role_map.{group_node.value}", role_node, str)
+            for group, role_value in value.items():
+                group_path = path + (name, group)
+                role = _scalar(where, group_path, f"tokens.oidc.role_map.{group}", role_value, str)
                 if role not in PERSON_ROLES:
-                    raise ConfigError(f"{file}:{role_node.start_mark.line + 1}: tokens.oidc.role_map."
-                                      f"{group_node.value}: unknown role {role!r}; use {', '.join(PERSON_ROLES)}")
-                role_map[str(group_node.value)] = role
+                    raise ConfigError(f"{where.value_at(group_path)}: tokens.oidc.role_map."
+                                      f"{group}: unknown role {role!r}; use {', '.join(PERSON_ROLES)}")
+                role_map[str(group)] = role
             values[name] = role_map
         elif name == "algorithms":
-            items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-            algorithms = tuple(_scalar(file, "tokens.oidc.algorithms", item, str) for item in items)
+            if isinstance(value, list):
+                items = [(path + (name, i), item) for i, item in enumerate(value)]
+            else:
+                items = [(path + (name,), value)]
+            algorithms = tuple(_scalar(where, p, "tokens.oidc.algorithms", item, str) for p, item in items)
             from enforcer.tokens import SUPPORTED_ALGORITHMS
             bad = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
             if bad or not algorithms:
-                raise ConfigError(f"{file}:{line}: tokens.oidc.algorithms: {', '.join(bad) or 'empty list'} not "
+                raise ConfigError(f"{line}: tokens.oidc.algorithms: {', '.join(bad) or 'empty list'} not "
                                   f"allowed; choose from {', '.join(sorted(SUPPORTED_ALGORITHMS))} "
                                   f"(none and HMAC are never accepted)")
             values[name] = algorithms
         else:
-            values[name] = _scalar(file, f"tokens.oidc.{name}", value_node, str)
+            values[name] = _scalar(where, path + (name,), f"tokens.oidc.{name}", value, str)
     missing = [k for k in ("issuer", "audience", "jwks") if k not in values]
     if missing:
-        raise ConfigError(f"{where}: tokens.oidc needs {', '.join(missing)}")
+        raise ConfigError(f"{at}: tokens.oidc needs {', '.join(missing)}")
     if not values.get("role_map"):
-        raise ConfigError(f"{where}: tokens.oidc.role_map is empty: map at least one "
+        raise ConfigError(f"{at}: tokens.oidc.role_map is empty: map at least one "
                           f"{values.get('role_claim', 'groups')} value to a role")
     jwks = values["jwks"]
     if jwks.startswith("http://") and not jwks.startswith(("http://127.", "http://localhost", "http://[::1]")):
-        raise ConfigError(f"{where}: tokens.oidc.jwks must be a file or an https URL (plain http only on loopback)")
+        raise ConfigError(f"{at}: tokens.oidc.jwks must be a file or an https URL (plain http only on loopback)")
     return OIDCSettings(**values)
 
 
-def _scalar(file: Path, name: str, node: yaml.Node, kind: type):
-    line = node.start_mark.line + 1
-    if not isinstance(node, yaml.ScalarNode):
-        raise ConfigError(f"{file}:{line}: {name} must be a single value")
-    value = yaml.safe_load(yaml.serialize(node))
+def _scalar(where: Positions, path: tuple, name: str, value, kind: type):
+    at = where.value_at(path)
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{at}: {name} must be a single value")
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{file}:{line}: {name} must be a non-negative whole number, got {node.value!r}")
+            raise ConfigError(f"{at}: {name} must be a non-negative whole number, got {value!r}")
         return value
     if value is None:
-        raise ConfigError(f"{file}:{line}: {name} is empty")
+        raise ConfigError(f"{at}: {name} is empty")
     return str(value)
 
 
-def _check_semantics(file: Path, root: yaml.MappingNode, values: dict) -> None:
-    lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
+def _check_semantics(where: Positions, values: dict) -> None:
     if "listen" in values:
         try:
             parse_listen(values["listen"])
         except ConfigError as exc:
-            raise ConfigError(f"{file}:{lines['listen']}: {exc}") from None
+            raise ConfigError(f"{where(('listen',))}: {exc}") from None
     if "db" in values and not values["db"].startswith(("sqlite:", "postgresql:", "postgresql+psycopg:", "postgres:")):
-        raise ConfigError(f"{file}:{lines['db']}: db must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+        raise ConfigError(f"{where(('db',))}: db must be sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
     oidc = values.get("tokens", {}).get("oidc")
     if oidc is not None and oidc.issuer == values.get("tokens", {}).get("issuer", "warden-collector"):
-        raise ConfigError(f"{file}:{lines['tokens']}: tokens.oidc.issuer must differ from tokens.issuer "
+        raise ConfigError(f"{where(('tokens',))}: tokens.oidc.issuer must differ from tokens.issuer "
                           f"(the collector's own tokens)")
     tls = values.get("tls", {})
     if bool(tls.get("cert")) != bool(tls.get("key")):
-        raise ConfigError(f"{file}:{lines['tls']}: tls needs both cert and key")
+        raise ConfigError(f"{where(('tls',))}: tls needs both cert and key")
     for key, sub in (("tokens", "default_ttl"), ("approvals", "timeout"), ("retention", "interval")):
         if sub in values.get(key, {}):
             try:
                 parse_duration_ns(values[key][sub])
             except TimeFormatError as exc:
-                raise ConfigError(f"{file}:{lines[key]}: {key}.{sub}: {exc}") from None
+                raise ConfigError(f"{where((key,))}: {key}.{sub}: {exc}") from None

@@ -29,7 +29,7 @@ import os
 import re
 from typing import Any, Callable, Optional
 
-import yaml
+from agent.yamlpos import YamlPositionError, load_yaml
 
 from .detectors import BUILTIN, DEFAULT_SCAN, Detector, Scanner, custom_detector
 from .engine import MaskingEngine
@@ -54,56 +54,26 @@ class MaskingConfigError(Exception):
         self.problems = problems
 
 
-class _Lines:
-    """Line of every mapping key / sequence item of a YAML document, by key path."""
-
-    def __init__(self, filename: str):
-        self.filename = filename
-        self.lines: dict[tuple, int] = {}
-
-    def walk(self, node, path: tuple = ()) -> None:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = key_node.value
-                self.lines[path + (key,)] = key_node.start_mark.line + 1
-                self.walk(value_node, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.walk(item, path + (i,))
-
-    def where(self, path: tuple) -> str:
-        while path and path not in self.lines:
-            path = path[:-1]
-        return f"{self.filename}:{self.lines.get(path, 1)}"
-
-
 def _load_file(path: str, where: Where, at: tuple) -> tuple[dict, Where, tuple]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise MaskingConfigError([f"{where(at)}: cannot read masking rules file {path}: {e.strerror}"]) from None
-    lines = _Lines(path)
+    except UnicodeDecodeError as e:
+        raise MaskingConfigError([f"{where(at)}: masking rules file {path} is not UTF-8 text: {e.reason}"]) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise MaskingConfigError([f"{path}:{line}: YAML syntax error: {getattr(e, 'problem', e)}"]) from None
-    if node is not None:
-        lines.walk(node)
-    if data is None:
-        data = {}
+        data, lines = load_yaml(text, path)
+    except YamlPositionError as e:
+        raise MaskingConfigError([str(e)]) from None
     if not isinstance(data, dict):
-        raise MaskingConfigError([f"{path}:1: a masking rules file must be a mapping (rules, detectors, ...)"])
+        raise MaskingConfigError([f"{lines(())}: a masking rules file must be a mapping (rules, detectors, ...)"])
     prefix: tuple = ()
     if set(data) == {"masking"}:
         data, prefix = data["masking"] or {}, ("masking",)
         if not isinstance(data, dict):
-            raise MaskingConfigError([f"{lines.where(prefix)}: 'masking' must be a mapping"])
-    return data, lines.where, prefix
+            raise MaskingConfigError([f"{lines(prefix)}: 'masking' must be a mapping"])
+    return data, lines, prefix
 
 
 def _glob_list(value: Any, path: tuple, err) -> tuple[re.Pattern, ...]:
