@@ -263,28 +263,36 @@ def parse_bind(body: bytes) -> BindMessage:
     try:
         return BindMessage(*parse_bind_at(body, 0, len(body)))
     except ProtocolError:
-        pass
-    # slow path only to produce a precise error for malformed input
+        raise bind_error(body) from None
+
+
+def bind_error(body: bytes) -> ProtocolError:
+    """What is wrong with a Bind body that parse_bind_at rejected (slow path, for the error message only)."""
     r = _Reader(body)
-    portal = r.cstr()
-    stmt = r.cstr()
-    nf = r.int16()
-    if nf < 0:
-        raise ProtocolError("negative format count")
-    fmts = [r.int16() for _ in range(nf)]
-    np_ = r.int16()
-    if np_ < 0:
-        raise ProtocolError("negative parameter count")
-    params: list[Optional[bytes]] = []
-    for _ in range(np_):
-        ln = r.int32()
-        params.append(None if ln == -1 else r.bytes(ln))
-    nr = r.int16()
-    if nr < 0:
-        raise ProtocolError("negative result format count")
-    rfmts = [r.int16() for _ in range(nr)]
-    r.done()
-    return BindMessage(portal, stmt, fmts, params, rfmts)
+    try:
+        r.cstr()
+        r.cstr()
+        nf = r.int16()
+        if nf < 0:
+            return ProtocolError("negative format count")
+        for _ in range(nf):
+            r.int16()
+        np_ = r.int16()
+        if np_ < 0:
+            return ProtocolError("negative parameter count")
+        for _ in range(np_):
+            ln = r.int32()
+            if ln != -1:
+                r.bytes(ln)
+        nr = r.int16()
+        if nr < 0:
+            return ProtocolError("negative result format count")
+        for _ in range(nr):
+            r.int16()
+        r.done()
+    except ProtocolError as e:
+        return e
+    return ProtocolError("malformed Bind")
 
 
 _H = _I16.unpack_from

@@ -359,10 +359,7 @@ class _Connection:
             elif kind == START_CLIENT_TLS:
                 await self._start_client_tls(payload)
             elif kind == REGISTER_CANCEL_KEY:
-                cpid, ckey, spid, skey = payload
-                self.registered_key = (cpid, ckey)
-                _cancel_keys[(cpid, ckey)] = (self.ctx.target.upstream_host, self.ctx.target.upstream_port,
-                                              spid, skey)
+                self._register_cancel_key(payload)
             elif kind == CANCEL:
                 await self._forward_cancel(*payload)
             elif kind == CLOSE:
@@ -373,6 +370,13 @@ class _Connection:
             await self.cwriter.drain()
         if self.closing:
             await self._drain_quietly(self.cwriter)
+
+    def _register_cancel_key(self, keys: tuple) -> None:
+        """Map the client-facing cancel key to the upstream's, for CancelRequests on other connections."""
+        cpid, ckey, spid, skey = keys
+        self.registered_key = (cpid, ckey)
+        target = self.ctx.target
+        _cancel_keys[(cpid, ckey)] = (target.upstream_host, target.upstream_port, spid, skey)
 
     # -- legs ------------------------------------------------------------------------
     async def _connect_upstream(self, startup: bytes) -> None:
@@ -438,7 +442,7 @@ class _Connection:
             return
         if mode not in ("prefer", "require", "verify-full", "verify-ca"):
             raise UpstreamError("08006", f"unknown upstream TLS mode {tls.mode!r} for target "
-                                         f"{self.ctx.target.name} (use disable, prefer, require or verify-full)")
+                                         f"{self.ctx.target.name} (use disable, prefer, require, verify-ca or verify-full)")
         self.swriter.write(P.build_ssl_request())
         answer = await asyncio.wait_for(self.sreader.readexactly(1), self.startup_timeout)
         if answer == b"N":
@@ -708,10 +712,7 @@ class _Connection:
             elif kind == CLOSE:
                 close = True
             elif kind == REGISTER_CANCEL_KEY:
-                cpid, ckey, spid, skey = payload
-                self.registered_key = (cpid, ckey)
-                _cancel_keys[(cpid, ckey)] = (self.ctx.target.upstream_host, self.ctx.target.upstream_port,
-                                              spid, skey)
+                self._register_cancel_key(payload)
             else:
                 raise RuntimeError(f"session action {kind} after the hand-over")
         self._write(to_server, to_client)

@@ -236,6 +236,24 @@ def _render(values: list, fmts: list, mask_text: Optional[Callable[[str], tuple]
     return out
 
 
+def _copy_out_refusal(masking, overall: int, opts) -> Optional[MaskingRefused]:
+    """Why the rows of a COPY TO STDOUT cannot be masked (None: they can, line by line)."""
+    if overall == 1 or opts.format == "binary":
+        # binary rows cannot be split into fields: the masker says so in its own words
+        try:
+            masking.mask_copy_line(b"", "binary")
+        except MaskingRefused as e:
+            return e
+        return MaskingRefused("Warden refused COPY in binary format on a target with masking rules; "
+                              "use FORMAT text or csv")
+    if opts.columns is None and getattr(masking, "needs_column_names", False):
+        # which field is which column is unknown: column rules could not apply, so the data would
+        # leave unmasked. Refuse instead, and say how to make it maskable.
+        return MaskingRefused("Warden refused COPY without a column list on a target with column masking "
+                              "rules: name the columns, e.g. COPY customers (id, name, ssn) TO STDOUT")
+    return None
+
+
 def mask_applied_fields(stats: dict, index: Optional[int]) -> dict:
     """SessionMasker.take_stats() as a mask.applied event: counts per rule and column, never values."""
     fields = {"rules": stats.get("rules", {}), "columns": stats.get("columns", {}),
@@ -426,7 +444,12 @@ class PostgresSession:
                 self.phase = TLS_HANDSHAKE
                 out.append((START_CLIENT_TLS, "direct"))
                 return False
-            out += self._fatal("08P01", "direct TLS connection is not enabled on this Warden target", "protocol_error")
+            if self.tls_client:
+                message = "a TLS handshake arrived inside the already established TLS connection"
+            else:
+                message = (f"direct SSL (sslnegotiation=direct) is not enabled on Warden target {self.target}: "
+                           "connect with sslnegotiation=postgres, or enable client TLS for the target")
+            out += self._fatal("08P01", message, "protocol_error")
             return False
         if len(buf) < 8:
             return False
@@ -550,18 +573,13 @@ class PostgresSession:
                 try:
                     bind = P.parse_bind_at(buf, pos + 5, end)
                 except P.ProtocolError:
-                    try:
-                        P.parse_bind(buf[pos + 5:end])      # for the precise message
-                        e = P.ProtocolError("malformed Bind")
-                    except P.ProtocolError as err:
-                        e = err
-                    return self._client_protocol_error(out, buf, run, pos, e)
+                    return self._client_protocol_error(out, buf, run, pos, P.bind_error(buf[pos + 5:end]))
                 expect.append(_BIND_EXPECT)
                 self._record_bind(bind, out)
             elif t == 69:        # 'E' Execute
                 nul = buf.find(b"\0", pos + 5, end)
-                name = buf[pos + 5:nul] if nul > 0 else b""
-                portal = self._portals.get(name.decode("utf-8", "replace")) if name else self._unnamed_portal
+                name = buf[pos + 5:nul].decode("utf-8", "replace") if nul > pos + 5 else ""
+                portal = self._portals.get(name) if name else self._unnamed_portal
                 if portal is None:
                     self._results.append(_Result(None, self.clock(), self._client_batch))
                 else:
@@ -571,7 +589,7 @@ class PostgresSession:
                         # ourselves and swallow the answer
                         if run < pos:
                             out.append((TO_SERVER, buf[run:pos]))
-                        out.append((TO_SERVER, P.build_describe("P", name.decode("utf-8", "replace"))))
+                        out.append((TO_SERVER, P.build_describe("P", name)))
                         expect.append((_DESCRIBE_REPLY, True, portal))
                         portal.described = True
                         run = pos
@@ -870,12 +888,10 @@ class PostgresSession:
                 self._copy_out = None
                 if results:
                     r = results.popleft()
-                    if r.refusal is not None:
-                        self._emit_result(out, r, None, r.refusal[1], r.refusal[0])
-                    else:
-                        tag = (P.parse_command_complete(buf[pos + 5:end]) if t == 67
-                               else ("" if t == 73 else "PORTAL SUSPENDED"))
-                        self._emit_result(out, r, tag, None, None)
+                    tag = (None if r.refusal is not None
+                           else P.parse_command_complete(buf[pos + 5:end]) if t == 67
+                           else "" if t == 73 else "PORTAL SUSPENDED")
+                    self._emit_result(out, r, tag, None, None)
             elif t == 90:                    # 'Z' ReadyForQuery
                 self._mask_plan = plan = None
                 self._plan_known = False
@@ -944,20 +960,9 @@ class PostgresSession:
                                            "upstream_protocol_error")
                         return out
                     opts = copy_options(results[0].text if results else None)
-                    unnamed = opts.columns is None and getattr(masking, "needs_column_names", False)
-                    if unnamed and overall != 1 and opts.format != "binary":
-                        # which field is which column is unknown: column rules could not apply, so the
-                        # data would leave unmasked. Refuse instead, and say how to make it maskable.
-                        run = self._refuse(out, buf, run, pos, end, MaskingRefused(
-                            "Warden refused COPY without a column list on a target with column masking "
-                            "rules: name the columns, e.g. COPY customers (id, name, ssn) TO STDOUT"))
-                    elif overall == 1 or opts.format == "binary":
-                        try:
-                            masking.mask_copy_line(b"", "binary")
-                            raise MaskingRefused("Warden refused COPY in binary format on a target with "
-                                                 "masking rules; use FORMAT text or csv")
-                        except MaskingRefused as e:
-                            run = self._refuse(out, buf, run, pos, end, e)
+                    refusal = _copy_out_refusal(masking, overall, opts)
+                    if refusal is not None:
+                        run = self._refuse(out, buf, run, pos, end, refusal)
                     else:
                         self._copy_out = opts
             elif t == 99:                    # 'c' CopyDone
@@ -984,11 +989,7 @@ class PostgresSession:
                     sqlstate = fields.get("C")
                     self.last_sqlstate = sqlstate
                     if results:
-                        r = results.popleft()
-                        if r.refusal is not None:
-                            self._emit_result(out, r, None, r.refusal[1], r.refusal[0])
-                        else:
-                            self._emit_result(out, r, None, fields.get("M"), sqlstate)
+                        self._emit_result(out, results.popleft(), None, fields.get("M"), sqlstate)
             elif t == 82 and self.phase == AUTH:    # 'R' Authentication
                 replacement = self._on_authentication(buf[pos + 5:end])
                 if replacement is not None:
@@ -1074,8 +1075,8 @@ class PostgresSession:
             self.auth_method = P.AUTH_METHOD_NAMES.get(req.code, f"code-{req.code}")
         if req.code == P.AUTH_SASL:
             mechs = [m for m in req.mechanisms if not m.endswith("-PLUS")]
-            self._plus_stripped = mechs != req.mechanisms
-            if mechs != req.mechanisms:
+            self._plus_stripped = len(mechs) != len(req.mechanisms)
+            if self._plus_stripped:
                 return P.build_authentication_sasl(mechs)
         return None
 
@@ -1097,6 +1098,10 @@ class PostgresSession:
         out.append((EVENT, ("session.start", fields)))
 
     def _emit_result(self, out: list, r: _Result, tag, error, sqlstate) -> None:
+        if r.refusal is not None:
+            # the client got Warden's refusal instead of this result: that is its outcome
+            tag = None
+            sqlstate, error = r.refusal
         rows = r.rows
         if tag and not rows:
             rows = P.rows_from_tag(tag) or 0
