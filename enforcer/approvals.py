@@ -59,7 +59,7 @@ class ApprovalClient:
     async def _ask(self, ctx, decision: Decision, summary: str, resource: str, key: tuple) -> Decision:
         if self.grant_window_s > 0 and self._granted(key):
             return Decision("allow", decision.action, decision.policy_ids,
-                            "approved earlier for this statement (grant window)", decision.resources)
+                            "approved earlier (within approvals.grant_window)", decision.resources)
         started = time.monotonic()
         try:
             async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as client:
@@ -100,27 +100,24 @@ class ApprovalClient:
 
         status = approval.get("status")
         latency = int((time.monotonic() - started) * 1e9)
-        if status == "approved":
-            ctx.emit("approval.decided", {"approval_id": approval_id, "decision": "approved",
-                                          "approver": approval.get("decided_by"), "reason": approval.get("reason"),
-                                          "latency_ns": latency})
+        if status in ("approved", "denied"):
+            approver, why = approval.get("decided_by"), approval.get("reason")
+            ctx.emit("approval.decided", {"approval_id": approval_id, "decision": status,
+                                          "approver": approver, "reason": why, "latency_ns": latency})
+            if status == "denied":
+                return Decision("deny", decision.action, decision.policy_ids,
+                                f"approval {approval_id} denied by {approver}: {why}", decision.resources)
             if self.grant_window_s > 0:
                 self._grants[key] = time.monotonic() + self.grant_window_s
             return Decision("allow", decision.action, decision.policy_ids,
-                            f"approved by {approval.get('decided_by')}: {approval.get('reason')}", decision.resources)
-        if status == "denied":
-            ctx.emit("approval.decided", {"approval_id": approval_id, "decision": "denied",
-                                          "approver": approval.get("decided_by"), "reason": approval.get("reason"),
-                                          "latency_ns": latency})
-            return Decision("deny", decision.action, decision.policy_ids,
-                            f"approval {approval_id} denied by {approval.get('decided_by')}: {approval.get('reason')}",
-                            decision.resources)
+                            f"approved by {approver}: {why}", decision.resources)
         ctx.emit("approval.expired", {"approval_id": approval_id, "timeout_s": self.timeout_s})
         return Decision("deny", decision.action, decision.policy_ids,
-                        f"approval {approval_id} was not decided within {int(self.timeout_s)} s", decision.resources)
+                        f"approval {approval_id} was not decided within {int(self.timeout_s)} s "
+                        f"(approvals.timeout); retry once an approver is available", decision.resources)
 
     def _unavailable(self, ctx, decision: Decision, why: str) -> Decision:
-        log.error("approval needed but %s", why)
+        log.error("approval needed but %s; check collector.url and the agent's access to the collector", why)
         ctx.emit("agent.alert", {"kind": "approval_unavailable", "severity": "error", "message": why})
         return Decision("deny", decision.action, decision.policy_ids,
-                        f"approval required but {why}; the statement was denied", decision.resources)
+                        f"approval required but {why}; it was denied", decision.resources)

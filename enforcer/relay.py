@@ -1,33 +1,65 @@
-"""Opaque TCP relay for `protocol: tcp` targets: bytes both ways, recorded as a session.
+"""Opaque byte relay: `protocol: tcp` targets, and TLS streams relayed by SNI (enforcer/http).
 
 Protocol-aware targets (postgres, http) go through their enforcers instead; this relay is
-only for TCP services Warden does not parse, where attribution and byte counts are the record.
+for bytes Warden does not parse, where attribution and byte counts are the record.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Optional
 
 from enforcer.context import ConnectionContext
 
 CHUNK = 64 * 1024
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: list) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: list, index: int) -> None:
     try:
         while True:
             data = await reader.read(CHUNK)
             if not data:
                 break
-            counter[0] += len(data)
+            counts[index] += len(data)
             writer.write(data)
             await writer.drain()        # backpressure: never buffer more than one chunk per side
     finally:
         try:
-            if writer.can_write_eof():
+            if not writer.is_closing() and writer.can_write_eof():
                 writer.write_eof()
         except (OSError, RuntimeError):
             pass
+
+
+async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter,
+                counts: list, first: bytes = b"") -> tuple[str, Optional[str]]:
+    """Relay both ways until both directions end; `counts` = [client->upstream, upstream->client].
+
+    `first` (bytes already read from the client) goes upstream before the relay starts.
+    Closes both writers. Returns the session's end reason and error.
+    """
+    if first:
+        counts[0] += len(first)
+        upstream_writer.write(first)
+    pumps = [asyncio.ensure_future(_pump(client_reader, upstream_writer, counts, 0)),
+             asyncio.ensure_future(_pump(upstream_reader, client_writer, counts, 1))]
+    reason, error = "closed", None
+    try:
+        done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                # one side failed: the other would wait forever on a peer that keeps quiet
+                reason, error = "reset", f"{type(exc).__name__}: {exc}"
+                break
+    finally:
+        upstream_writer.close()
+        client_writer.close()
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+    return reason, error
 
 
 async def serve_tcp(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
@@ -35,21 +67,19 @@ async def serve_tcp(client_reader: asyncio.StreamReader, client_writer: asyncio.
     started = time.monotonic_ns()
     ctx.emit("session.start", ctx.extra.get("session_start_fields", {}))
     reason, error = "closed", None
-    up_in, up_out = [0], [0]
+    counts = [0, 0]
+    target = ctx.target
     try:
         up_reader, up_writer = await asyncio.wait_for(
-            asyncio.open_connection(ctx.target.upstream_host, ctx.target.upstream_port), timeout=10)
+            asyncio.open_connection(target.upstream_host, target.upstream_port), timeout=10)
     except (OSError, asyncio.TimeoutError) as exc:
-        reason, error = "upstream_unreachable", f"{type(exc).__name__}: {exc}"
+        reason = "upstream_unreachable"
+        error = (f"cannot reach {target.upstream_host}:{target.upstream_port} for target {target.name!r} "
+                 f"({type(exc).__name__}: {exc}); check that the service is up and the target's upstream "
+                 f"address in agent.yaml")
         client_writer.close()
     else:
-        try:
-            await asyncio.gather(_pump(client_reader, up_writer, up_in), _pump(up_reader, client_writer, up_out))
-        except (ConnectionError, OSError) as exc:
-            reason, error = "reset", str(exc)
-        finally:
-            up_writer.close()
-            client_writer.close()
+        reason, error = await relay(client_reader, client_writer, up_reader, up_writer, counts)
     ctx.emit("session.end", {"reason": reason, "error": error,
                              "duration_ns": time.monotonic_ns() - started,
-                             "bytes_in": up_in[0], "bytes_out": up_out[0]})
+                             "bytes_in": counts[0], "bytes_out": counts[1]})

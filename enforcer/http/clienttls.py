@@ -1,9 +1,10 @@
-"""Workload TLS on the HTTP enforcer's listener: termination (intercept) and opaque relay (sni).
+"""Workload TLS on the HTTP enforcer's listener: leaf contexts and names for interception.
 
 The ClientHello has already been read from the client stream (to learn the SNI) when either
 mode starts, and asyncio's start_tls cannot replay bytes already read, on the stdlib loop or
 uvloop. So interception runs the shared TLS layer (enforcer/tlslayer.py, `TlsServerTransport`)
-under the HttpSession, serving ALPN `HTTP_ALPNS` only.
+under the HttpSession, serving ALPN `HTTP_ALPNS` only; sni mode relays the TLS bytes with
+enforcer/relay.py.
 """
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import ipaddress
 import ssl
 import time
 import weakref
-from typing import Optional
 
-RELAY_CHUNK = 64 * 1024
 HTTP_ALPN = "http/1.1"
 # what an intercepted client may negotiate: HTTP/1.1 or no ALPN at all. The agent's leaf
 # contexts also list "postgresql" (shared with the Postgres enforcer); it is not served here.
@@ -64,52 +63,3 @@ def name_allowed(name: str, patterns) -> bool:
         elif name == pattern:
             return True
     return False
-
-
-# -- sni mode: the TLS stream relayed untouched --------------------------------------------
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counter: list, index: int) -> None:
-    try:
-        while True:
-            data = await reader.read(RELAY_CHUNK)
-            if not data:
-                break
-            counter[index] += len(data)
-            writer.write(data)
-            await writer.drain()     # backpressure: at most one chunk in flight per direction
-    finally:
-        try:
-            if not writer.is_closing() and writer.can_write_eof():
-                writer.write_eof()
-        except (OSError, RuntimeError):
-            pass
-
-
-async def relay_opaque(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-                       upstream_reader: asyncio.StreamReader, upstream_writer: asyncio.StreamWriter,
-                       first: bytes, counts: list) -> tuple[str, Optional[str]]:
-    """Relay both ways until both directions end; `counts` = [client->upstream, upstream->client].
-
-    `first` (the ClientHello and whatever came with it) goes upstream before the relay starts.
-    Returns the session's end reason and error.
-    """
-    counts[0] += len(first)
-    upstream_writer.write(first)
-    pumps = [asyncio.ensure_future(_pump(client_reader, upstream_writer, counts, 0)),
-             asyncio.ensure_future(_pump(upstream_reader, client_writer, counts, 1))]
-    reason, error = "closed", None
-    try:
-        done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                # one side failed: the other would wait forever on a peer that keeps quiet
-                reason, error = "reset", f"{type(exc).__name__}: {exc}"
-                break
-    finally:
-        upstream_writer.close()
-        client_writer.close()
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-    return reason, error

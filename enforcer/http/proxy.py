@@ -37,8 +37,9 @@ from typing import Any, Optional
 
 from enforcer.context import ConnectionContext, UpstreamTLS
 
+from ..relay import relay
 from ..tlslayer import TlsServerTransport
-from .clienttls import HTTP_ALPNS, leaf_context, name_allowed, relay_opaque
+from .clienttls import HTTP_ALPNS, leaf_context, name_allowed
 from .credentials import BrokeredCredential, CredentialError, credential_for
 from .protocol import (CHUNKED, LENGTH, NEED_DATA, NO_BODY, TUNNEL, UNTIL_CLOSE, DEFAULT_MAX_HEAD,
                        DEFAULT_MAX_LINE, Data, EndOfMessage, HttpReader, HttpWriter,
@@ -216,7 +217,6 @@ class HttpSession(asyncio.Protocol):
         self.parser = HttpReader("request", max_head=self.max_head,
                                  max_line=int(opts.get("max_line_bytes", DEFAULT_MAX_LINE)))
         self.client_out = HttpWriter()
-        self.redactor = Redactor(opts.get("redact_headers") or (), opts.get("redact_query") or ())
         self.allow_connect = bool(opts.get("allow_connect", False))
         self.connect_timeout = float(opts.get("connect_timeout", 10))
         self.response_timeout = float(opts.get("response_timeout", 120))
@@ -229,8 +229,10 @@ class HttpSession(asyncio.Protocol):
             self.credential: Optional[BrokeredCredential] = credential_for(opts)
         except CredentialError as exc:
             self.credential, self.credential_error = None, str(exc)
+        redact_headers = list(opts.get("redact_headers") or ())
         if self.credential is not None:
-            self.redactor.headers = self.redactor.headers | {self.credential.header_lower}
+            redact_headers.append(self.credential.header)     # the injected secret is never recorded
+        self.redactor = Redactor(redact_headers, opts.get("redact_query") or ())
         tls = ctx.target.tls
         self.tls = tls if tls is not None and tls.mode in ("require", "verify-full") else None
         self.default_host = f"{ctx.target.upstream_host}:{ctx.target.upstream_port}"
@@ -274,7 +276,7 @@ class HttpSession(asyncio.Protocol):
 
     # -- connection lifecycle ------------------------------------------------------------
     def start(self, buffered: bytes, eof: bool) -> None:
-        fields = self._start_fields()
+        fields = _start_fields_of(self.ctx)
         if self.client_tls is not None:
             fields = dict(fields, **_client_tls_fields("intercept", self.client_tls))
         self.ctx.emit("session.start", fields)
@@ -288,9 +290,6 @@ class HttpSession(asyncio.Protocol):
                     self.transport.resume_reading()
             except (AttributeError, RuntimeError):
                 pass
-
-    def _start_fields(self) -> dict:
-        return _start_fields_of(self.ctx)
 
     def _end(self, reason: str, error: Optional[str] = None) -> None:
         """Close both sides (queued bytes still go out) and record how the session ended."""
@@ -511,31 +510,13 @@ class HttpSession(asyncio.Protocol):
                 "reason": f"CONNECT is not allowed for target {ctx.target.name!r}; "
                           f"set allow_connect: true on the target to permit tunnels"}))
             return
-        policy = self.policy
-        if policy is None:
-            self._decided(exchange, "allow", f"http:{request.method}", (), "", ())
-            return
-        try:
-            decision = policy.decide_http(
-                ctx.identity, ctx.identity_attrs, ctx.target.name, request.method, host, path,
-                # the header context only when the engine uses it (building it costs per request)
-                {n.lower(): v for n, v in request.headers} if getattr(policy, "context_headers", True) else None,
-                approved=False)
-            kind = decision.kind
-        except Exception as exc:  # a broken policy must not let requests through
-            self._decided(exchange, "deny", f"http:{request.method}", (), 
-                          f"policy evaluation failed: {type(exc).__name__}: {exc}", ())
-            return
-        resources = getattr(decision, "resources", ())
+        kind, action, policy_ids, reason, resources, decision = _decide(
+            ctx, request.method, host, path, request.headers)
         if kind == "approval":
-            if ctx.approvals is None:
-                self._decided(exchange, "deny", decision.action, decision.policy_ids,
-                              "approval required but no approval service is configured", resources)
-                return
             self._wait()
             self._spawn(self._await_approval(exchange, decision, resources))
             return
-        self._decided(exchange, kind, decision.action, decision.policy_ids, decision.reason, resources)
+        self._decided(exchange, kind, action, policy_ids, reason, resources)
 
     def _wait(self) -> None:
         self.phase = _WAITING
@@ -548,16 +529,8 @@ class HttpSession(asyncio.Protocol):
             self._pump_client()
 
     async def _await_approval(self, exchange: _Exchange, decision, resources) -> None:
-        request = exchange.request
-        try:
-            final = await self.ctx.approvals.request_http(self.ctx, decision, request.method, exchange.host,
-                                                          exchange.path)
-            kind, policy_ids, reason = final.kind, final.policy_ids or decision.policy_ids, final.reason
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a broken approval service must not let requests through
-            kind, policy_ids = "deny", decision.policy_ids
-            reason = f"approval failed: {type(exc).__name__}: {exc}"
+        kind, policy_ids, reason = await _approve(self.ctx, decision, exchange.request.method, exchange.host,
+                                                  exchange.path)
         if self.phase == _ENDED:
             return
         self._decided(exchange, kind, decision.action, policy_ids, reason, resources)
@@ -622,7 +595,8 @@ class HttpSession(asyncio.Protocol):
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise _Refusal(502, {"error": "upstream_unreachable", "target": target.name,
                                  "reason": f"cannot reach {target.upstream_host}:{target.upstream_port}: "
-                                           f"{type(exc).__name__}: {exc}"}) from None
+                                           f"{type(exc).__name__}: {exc}; check that the upstream is up and "
+                                           f"the target's upstream address in agent.yaml"}) from None
         return upstream
 
     def _upstream_head(self, request: Request) -> bytes:
@@ -649,10 +623,9 @@ class HttpSession(asyncio.Protocol):
         headers = forwardable_headers(request.headers, request.connection_tokens)
         credential = self.credential
         if credential is not None:
-            value = secret
             lname = credential.header_lower
             headers = [(n, v) for n, v in headers if n.lower() != lname]
-            headers.append((credential.header, value))
+            headers.append((credential.header, secret))
         if self.masker is not None:
             # ask for an encoding the masker can read; gzip/deflate are still decoded if sent anyway
             headers = [(n, v) for n, v in headers if n.lower() != "accept-encoding"]
@@ -729,12 +702,16 @@ class HttpSession(asyncio.Protocol):
         self._answer(exchange, exchange.refusal, False)
         return False
 
-    def _answer(self, exchange: _Exchange, refusal: _Refusal, keep: bool) -> None:
+    def _answer(self, exchange: _Exchange, refusal: _Refusal, keep: bool, late: bool = False) -> None:
+        """Send Warden's answer; `late`: the request was (partly) forwarded, the reason is recorded."""
         body = json.dumps(refusal.body).encode()
         self._to_client(simple_response(refusal.status, body, keep_alive=keep))
-        self.ctx.emit("http.response", {"status": refusal.status, "headers": {}, "body_bytes": len(body),
-                                        "duration_ns": time.monotonic_ns() - exchange.started,
-                                        "request_index": exchange.index, "x_refused": refusal.body.get("error")})
+        record = {"status": refusal.status, "headers": {}, "body_bytes": len(body),
+                  "duration_ns": time.monotonic_ns() - exchange.started,
+                  "request_index": exchange.index, "x_refused": refusal.body.get("error")}
+        if late:
+            record["x_error"] = refusal.body.get("reason")
+        self.ctx.emit("http.response", record)
         self.exchange = None
         if keep:
             self.phase = _IDLE
@@ -743,13 +720,7 @@ class HttpSession(asyncio.Protocol):
 
     def _answer_late(self, exchange: _Exchange, refusal: _Refusal) -> None:
         """An error after the request was (partly) forwarded: answer it and close."""
-        body = json.dumps(refusal.body).encode()
-        self._to_client(simple_response(refusal.status, body, keep_alive=False))
-        self.ctx.emit("http.response", {"status": refusal.status, "headers": {}, "body_bytes": len(body),
-                                        "duration_ns": time.monotonic_ns() - exchange.started,
-                                        "request_index": exchange.index, "x_refused": refusal.body.get("error"),
-                                        "x_error": refusal.body.get("reason")})
-        self._end("closed")
+        self._answer(exchange, refusal, False, late=True)
 
     def _client_body_failed(self, exchange: _Exchange, exc: ProtocolError) -> None:
         """The client's body was malformed or cut: the upstream must never see it complete."""
@@ -815,7 +786,8 @@ class HttpSession(asyncio.Protocol):
             return
         try:
             self._upstream_failed(exchange, _UpstreamGone(
-                f"no response head within {self.response_timeout:g} s", False))
+                f"no response head within {self.response_timeout:g} s; raise the target's "
+                f"response_timeout if the upstream is this slow", False))
         except Exception as exc:
             self._fail_internally(exc)
 
@@ -978,7 +950,7 @@ class HttpSession(asyncio.Protocol):
     # -- masking -------------------------------------------------------------------------
     def _mask_plan(self, request: Request, response: Response) -> Optional[str]:
         """The content encoding to undo when this response's body must be masked, else None."""
-        if self.masker is None or response.framing not in (LENGTH, CHUNKED, UNTIL_CLOSE):
+        if response.framing not in (LENGTH, CHUNKED, UNTIL_CLOSE):
             return None
         content_type = (find_header(response.headers, "content-type") or "").lower()
         if not any(t in content_type for t in _MASKABLE_TYPES) and "+json" not in content_type:
@@ -1099,6 +1071,50 @@ def _count(counts: Any) -> int:
     if isinstance(counts, dict):
         return sum(v for v in counts.values() if isinstance(v, int))
     return 0
+
+
+def _decide(ctx: ConnectionContext, method: str, host: str, path: str,
+            headers: Optional[list[tuple[str, str]]]) -> tuple[str, str, Any, str, Any, Any]:
+    """The policy's answer for one request (or TLS stream, as CONNECT), without waiting.
+
+    Returns (kind, action, policy ids, reason, resources, decision); kind "approval" only
+    when an approval service can be asked (then `decision` goes to _approve).
+    """
+    policy = ctx.policy
+    if policy is None:
+        return "allow", f"http:{method}", (), "", (), None
+    try:
+        decision = policy.decide_http(
+            ctx.identity, ctx.identity_attrs, ctx.target.name, method, host, path,
+            # the header context only when the engine uses it (building it costs per request)
+            {n.lower(): v for n, v in headers} if headers and _wants_headers(policy) else None,
+            approved=False)
+        kind = decision.kind
+    except Exception as exc:  # a broken policy must not let requests through
+        return "deny", f"http:{method}", (), (f"policy evaluation failed: {type(exc).__name__}: {exc}; "
+                                              f"check the agent log and the policy files"), (), None
+    resources = getattr(decision, "resources", ())
+    if kind == "approval" and ctx.approvals is None:
+        return "deny", decision.action, decision.policy_ids, (
+            "approval required but no approval service is configured; the agent needs a collector "
+            "(collector.url in agent.yaml) to ask approvers"), resources, None
+    return kind, decision.action, decision.policy_ids, decision.reason, resources, decision
+
+
+def _wants_headers(policy) -> bool:
+    engine = getattr(policy, "engine", policy)      # a PolicyStore delegates to its current engine
+    return bool(getattr(engine, "context_headers", True))
+
+
+async def _approve(ctx: ConnectionContext, decision, method: str, host: str, path: str) -> tuple[str, Any, str]:
+    """Ask the approval service about a decision of kind "approval": (kind, policy ids, reason)."""
+    try:
+        final = await ctx.approvals.request_http(ctx, decision, method, host, path)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a broken approval service must not let requests through
+        return "deny", decision.policy_ids, f"approval failed: {type(exc).__name__}: {exc}"
+    return final.kind, final.policy_ids or decision.policy_ids, final.reason
 
 
 async def serve_http(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
@@ -1313,12 +1329,13 @@ async def _relay_by_sni(client_reader, client_writer, ctx: ConnectionContext, fr
     except (OSError, TimeoutError) as exc:
         client_writer.close()
         front.end("upstream_unreachable", f"cannot reach {target.upstream_host}:{target.upstream_port}: "
-                                          f"{type(exc).__name__}: {exc}", len(consumed))
+                                          f"{type(exc).__name__}: {exc}; check that the upstream is up and "
+                                          f"the target's upstream address in agent.yaml", len(consumed))
         return
     counts = [0, 0]
     try:
-        reason, error = await relay_opaque(client_reader, client_writer, upstream_reader, upstream_writer,
-                                           consumed, counts)
+        reason, error = await relay(client_reader, client_writer, upstream_reader, upstream_writer,
+                                    counts, first=consumed)
     except asyncio.CancelledError:
         front.end("cancelled", None, counts[0], counts[1], counts)
         raise
@@ -1327,29 +1344,10 @@ async def _relay_by_sni(client_reader, client_writer, ctx: ConnectionContext, fr
 
 async def _decide_tls(ctx: ConnectionContext, name: str) -> tuple[str, str, list, str, str]:
     """(decision, action, policy ids, reason, resource) for opening a TLS stream to `name`."""
-    action, resource = "http:CONNECT", f"{name}/"
-    policy = ctx.policy
-    if policy is None:
-        return "allow", action, [], "", resource
-    try:
-        decision = policy.decide_http(ctx.identity, ctx.identity_attrs, ctx.target.name, "CONNECT", name, "/", {})
-    except Exception as exc:  # a broken policy must not let connections through
-        return "deny", action, [], f"policy evaluation failed: {type(exc).__name__}: {exc}", resource
-    resources = getattr(decision, "resources", ())
-    resource = resources[0] if resources else resource
-    kind, policy_ids, reason = decision.kind, list(decision.policy_ids), decision.reason
+    kind, action, policy_ids, reason, resources, decision = _decide(ctx, "CONNECT", name, "/", None)
     if kind == "approval":
-        if ctx.approvals is None:
-            return "deny", decision.action, policy_ids, \
-                "approval required but no approval service is configured", resource
-        try:
-            final = await ctx.approvals.request_http(ctx, decision, "CONNECT", name, "/")
-            kind, policy_ids, reason = final.kind, list(final.policy_ids or policy_ids), final.reason
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a broken approval service must not let connections through
-            kind, reason = "deny", f"approval failed: {type(exc).__name__}: {exc}"
-    return kind, decision.action, policy_ids, reason, resource
+        kind, policy_ids, reason = await _approve(ctx, decision, "CONNECT", name, "/")
+    return kind, action, list(policy_ids), reason, resources[0] if resources else f"{name}/"
 
 
 async def _intercept(client_reader, client_writer, ctx: ConnectionContext, front: _TlsFront,
@@ -1358,9 +1356,11 @@ async def _intercept(client_reader, client_writer, ctx: ConnectionContext, front
     local_ca = (ctx.extra or {}).get("local_ca")
     refusal = None
     if local_ca is None:
-        refusal = "client_tls: intercept needs the agent's local CA, which is not available"
+        refusal = ("client_tls: intercept needs the agent's local CA, which is not available; "
+                   "check the agent log for why <state_dir>/ca could not be loaded")
     elif opts.get("client_tls_names") and not name_allowed(name, opts["client_tls_names"]):
-        refusal = f"TLS server name {name!r} is not in client_tls_names of target {ctx.target.name!r}"
+        refusal = (f"TLS server name {name!r} is not in client_tls_names of target {ctx.target.name!r}; "
+                   f"add it there to intercept it")
     if refusal is not None:
         client_writer.close()
         front.start()
