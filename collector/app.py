@@ -166,7 +166,6 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
     Approver = Annotated[Principal, Depends(person("approver"))]
     Admin = Annotated[Principal, Depends(person("admin"))]
     Agent = Annotated[Principal, Depends(agent_only)]
-    AgentOrReader = Annotated[Principal, Depends(agent_or_reader)]
 
     @app.exception_handler(queries.QueryError)
     async def _query_error(_request, exc):

@@ -148,7 +148,7 @@ def test_held_request_runs_when_approved_and_gets_403_when_denied(upstream, enfo
     assert "POST /refunds" in result["after"]
 
     # denied: 403 naming the policy and the approver's reason; the upstream never sees it
-    enforcer.sink.events.clear()
+    enforcer.sink.clear()
     thread, result = _post_in_background(enforcer.url, b'{"order": 2, "amount": 5000}')
     second = _pending(env, {first["id"]})
     _cli("warden", "approvals", "deny", second["id"], "--reason", "not during the freeze", env=env)

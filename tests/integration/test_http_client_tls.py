@@ -49,8 +49,10 @@ def _resolve(enforcer, name="api.test") -> str:
 
 
 def _session_end(enforcer) -> dict:
-    assert _wait_for(lambda: enforcer.sink.of("session.end"))
-    return enforcer.sink.of("session.end")[0]
+    """session.end of the latest session (sessions are numbered sess1, sess2, ... by the harness)."""
+    sid = f"sess{enforcer.sessions}"
+    assert _wait_for(lambda: enforcer.sink.of_session("session.end", sid), timeout=10)
+    return enforcer.sink.of_session("session.end", sid)[0]
 
 
 def _client_context(cafile: str, alpn=None, check_hostname=True) -> ssl.SSLContext:

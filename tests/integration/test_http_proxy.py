@@ -159,11 +159,23 @@ def tls_upstream(tmp_path_factory):
 class Sink:
     def __init__(self):
         self.events: list[tuple[str, dict]] = []
+        self.session_of: list = []
         self.lock = threading.Lock()
 
     def emit(self, event_type, fields, session_id=None):
         with self.lock:
             self.events.append((event_type, dict(fields)))
+            self.session_of.append(session_id)
+
+    def clear(self):
+        with self.lock:
+            self.events.clear()
+            self.session_of.clear()
+
+    def of_session(self, event_type, session_id):
+        """Events of one session only: a previous test's session may still be ending."""
+        with self.lock:
+            return [f for (t, f), sid in zip(self.events, self.session_of) if t == event_type and sid == session_id]
 
     def of(self, event_type):
         with self.lock:
@@ -192,7 +204,7 @@ class Enforcer:
         started.wait(5)
 
     def configure(self, port: int, host: str = "127.0.0.2", **settings) -> None:
-        self.sink.events.clear()
+        self.sink.clear()
         self.settings = dict(settings, port=port, host=host)
 
     async def _handle(self, reader, writer):

@@ -76,6 +76,15 @@ def _serve_refusal():
     return box, thread
 
 
+def _first_error(sock) -> dict:
+    """Read until the refusing side closes; the fields of the first message (an ErrorResponse)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    msgs, _ = P.split_messages(data)
+    return P.parse_error_fields(msgs[0][1])
+
+
 def test_spool_full_refusal_reaches_sslmode_prefer_clients():
     """Bug fix: the 53100 refusal was written before the startup packet was read, so libpq
     (sslmode=prefer sends SSLRequest first) only showed 'error response during SSL exchange'."""
@@ -87,14 +96,7 @@ def test_spool_full_refusal_reaches_sslmode_prefer_clients():
             # like PostgreSQL: answer SSLRequest with 'N', then refuse after the StartupMessage
             assert answer == b"N", f"SSLRequest answered with {answer!r}"
             s.sendall(P.build_startup_message({"user": "alice", "database": "app"}))
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        msgs, _ = P.split_messages(data)
-        fields = P.parse_error_fields(msgs[0][1])
+            fields = _first_error(s)
         assert fields["C"] == "53100" and "spool is full" in fields["M"]
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
@@ -106,14 +108,7 @@ def test_spool_full_refusal_reaches_sslmode_disable_clients():
     try:
         with socket.create_connection(("127.0.0.1", box["port"]), timeout=10) as s:
             s.sendall(P.build_startup_message({"user": "alice", "database": "app"}))
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        msgs, _ = P.split_messages(data)
-        fields = P.parse_error_fields(msgs[0][1])
+            fields = _first_error(s)
         assert fields["C"] == "53100" and fields["S"] == "FATAL" and "spool.max_bytes" in fields["M"]
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
