@@ -3,8 +3,12 @@
 
 Starts its own PostgreSQL 15 (tests/pg_harness.py), initialises pgbench (scale 1), starts
 pgbouncer (session pooling, its own ini in a temp dir on 127.0.0.1), then runs pgbench -S in
-simple and prepared mode with 1 and 8 clients against each path. Warden runs with an
-allow-all policy object (decide_sql) and records into an in-memory sink.
+simple and prepared mode with 1 and 8 clients against each path. Warden runs as deployed:
+the real Cedar policy engine (a permit for the bench identity on the pgbench tables, so
+every new statement text is classified by pglast and decided) and the real RecordWriter
+(chained, signed, zstd batches appended to a durable spool in a temp dir, on its
+background thread in the same process). `--sink memory` swaps the writer for an
+in-memory counter, to show what recording itself costs.
 
 The machine is small and shared, so every configuration is run in several interleaved
 rounds and the medians are reported: TPS, median per-transaction latency (from pgbench's
@@ -32,7 +36,6 @@ import sys
 import tempfile
 import threading
 import time
-from types import SimpleNamespace
 
 # keep bench/ off the front of sys.path so no bench module can shadow a stdlib one
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,15 +49,41 @@ MODES = ("simple", "prepared")
 CLIENTS = (1, 8)
 
 
-class AllowAll:
-    """Policy object with the decide_sql interface that allows every statement."""
+BENCH_POLICY = """
+@id("bench-read-accounts")
+permit (principal == Service::"test-svc", action == Action::"pg:select", resource in Target::"testdb");
+@id("bench-housekeeping")
+permit (principal == Service::"test-svc", action == Action::"pg:other", resource)
+when { ["TransactionStmt", "VariableSetStmt", "VariableShowStmt"].contains(context.statement_kind) };
+"""
 
-    _decision = SimpleNamespace(kind="allow", action="pg:select", policy_ids=("bench-allow",), reason="")
 
-    def decide_sql(self, identity, identity_attrs, target, sql, approved=False):
-        stmt = SimpleNamespace(action="pg:select", kind="select", tables=(), functions=(), has_where=None,
-                               fingerprint="", text=sql, parse_error=None)
-        return [SimpleNamespace(statement=stmt, decision=self._decision)]
+def bench_policy():
+    from enforcer.policy.engine import PolicyEngine
+    return PolicyEngine.from_text(BENCH_POLICY, source="bench-policy")
+
+
+class SpoolSink:
+    """The agent's real recording path: RecordWriter -> durable spool (temp dir)."""
+
+    def __init__(self):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from records.spool import Spool
+        from records.writer import RecordWriter
+        self.dir = tempfile.mkdtemp(prefix="warden-bench-spool-")
+        self.spool = Spool(os.path.join(self.dir, "spool"), max_bytes=8 << 30)
+        self.writer = RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(self.dir, "state"),
+                                   self.spool)
+        self.count = 0
+
+    def emit(self, event_type, fields, session_id=None):
+        self.count += 1
+        self.writer.emit(event_type, fields, session_id)
+
+    def close(self):
+        self.writer.close(60)
+        self.spool.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class CountingSink:
@@ -69,6 +98,9 @@ class CountingSink:
     def emit(self, event_type, fields, session_id=None):
         self.count += 1
         self.events.append((event_type, fields, session_id))
+
+    def close(self):
+        pass
 
 
 class ByteRelay:
@@ -236,6 +268,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=3, help="length of one pgbench run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
+    ap.add_argument("--sink", choices=("spool", "memory"), default="spool",
+                    help="where Warden records: the real writer and spool (default) or an in-memory counter")
     args = ap.parse_args()
     runs: dict = {}
     logdir = tempfile.mkdtemp(prefix="warden-pgbench-")
@@ -245,8 +279,8 @@ def main():
         subprocess.run([pg.bin("pgbench"), "-h", pg.host, "-p", str(pg.port), "-U", "alice", "-i", "-s", "1",
                         "-q", "app"], check=True, capture_output=True, env=env, timeout=120)
         relay = ByteRelay((pg.host, pg.port)).start()
-        sink = CountingSink()
-        warden = EnforcerThread((pg.host, pg.port), sink=sink, policy=AllowAll(), use_uvloop=True).start()
+        sink = SpoolSink() if args.sink == "spool" else CountingSink()
+        warden = EnforcerThread((pg.host, pg.port), sink=sink, policy=bench_policy(), use_uvloop=True).start()
         bouncer = PgBouncer(pg.host, pg.port).start()
         paths = {"direct": (pg.host, pg.port), "pgbouncer": ("127.0.0.1", bouncer.port),
                  "relay": ("127.0.0.1", relay.port), "warden": ("127.0.0.1", warden.port)}
@@ -266,6 +300,7 @@ def main():
                                   flush=True)
         finally:
             warden.stop()
+            sink.close()
             relay.stop()
             bouncer.stop()
             shutil.rmtree(logdir, ignore_errors=True)
@@ -315,8 +350,9 @@ def main():
                     and summary[f"{k}/c1"]["warden_added_latency_us"] <= 30) for k in MODES},
     }
     print(f"targets: warden >= 0.9x relay at 8 clients, <= 30 µs added median latency at 1 client: {targets['met']}")
-    print(f"events recorded by Warden: {sink.count}")
+    print(f"events recorded by Warden: {sink.count} (sink: {args.sink}; policy: Cedar engine)")
     print("BENCH " + json.dumps({"bench": "pg_pgbench", "seconds": args.seconds, "rounds": args.rounds,
+                                 "sink": args.sink, "policy": "cedar",
                                  "results": summary, "targets": targets, "events": sink.count}))
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -504,14 +505,75 @@ def _parse_failure(text: str, error: str) -> StatementClass:
     return StatementClass(action="pg:other", kind="ParseError", text=text, parse_error=error)
 
 
+# statement kinds whose classification never reads a constant's value (A_Const is a leaf for
+# the walker), so texts that differ only in their constants classify alike
+_SHAPE_REUSABLE_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_CONSTANT_TOKENS = frozenset({"ICONST", "FCONST", "SCONST", "BCONST", "XCONST"})
+# the lexer never produces a token whose text is this (identifiers, operators and keywords
+# cannot contain it, quoted identifiers keep their quotes)
+_CONSTANT_MARK = "\x01"
+
+
+# The common case without a lexer pass: texts with no comment, dollar quote or backslash are
+# shaped by one regex substitution over the raw text, which keeps every character but the
+# literals, so equal shapes are equal texts up to literal values. Leftmost matching takes
+# quoted identifiers and strings as units (a digit or quote inside one is never taken for
+# something else); a quote glued to a name (E'', B'', U&'', date'...') goes to the lexer.
+_FAST_UNSAFE = re.compile(r"--|/\*|\\|\$(?!\d)|\0|\x01")
+_FAST_LITERAL = re.compile(r"""("(?:[^"]|"")*")|([\w$&]')|'[^']*'"""
+                           r"""|(?<![\w$.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])""")
+
+
+class _NeedsLexer(Exception):
+    pass
+
+
+def _literal_mark(match: "re.Match") -> str:
+    if match.group(2):
+        raise _NeedsLexer
+    return match.group(1) or _CONSTANT_MARK
+
+
+def statement_shape(sql: str) -> Optional[str]:
+    """The text with every literal replaced by one mark: texts with the same shape differ only
+    in their constants. Postgres's own lexer decides where the fast regex path may not.
+    None when the text does not scan."""
+    if _FAST_UNSAFE.search(sql) is None:
+        try:
+            return "F" + _FAST_LITERAL.sub(_literal_mark, sql)
+        except _NeedsLexer:
+            pass
+    try:
+        tokens = _pg.scan(sql)
+    except Exception:   # noqa: BLE001 - unterminated literal or the like: no shape, full parse
+        return None
+    constants = _CONSTANT_TOKENS
+    return "S" + "\0".join([_CONSTANT_MARK if t.name in constants else sql[t.start:t.end + 1] for t in tokens])
+
+
+def _with_text(template: StatementClass, text: str) -> StatementClass:
+    # a copy of a frozen dataclass without dataclasses.replace's re-validation (hot path)
+    copy = object.__new__(StatementClass)
+    copy.__dict__.update(template.__dict__)
+    copy.__dict__["text"] = text
+    return copy
+
+
 class ClassificationCache:
-    """Classification by exact statement text; a hit skips the parse and the fingerprint."""
+    """Classification by exact statement text; a hit skips the parse and the fingerprint.
+
+    A new text of a known shape (a DML statement seen before with other constants, as every
+    `WHERE id = 42` of an application is) reuses that classification after one lexer pass,
+    a fraction of a parse and walk.
+    """
 
     def __init__(self, dangerous_functions: frozenset[str] = DEFAULT_DANGEROUS, max_entries: int = 20000):
         self.dangerous_functions = dangerous_functions
         self.max_entries = max_entries
         self._entries: dict[str, tuple[StatementClass, ...]] = {}
+        self._shapes: dict[str, StatementClass] = {}
         self.hits = 0
+        self.shape_hits = 0
         self.misses = 0
 
     def classify(self, sql: str) -> tuple[StatementClass, ...]:
@@ -519,17 +581,31 @@ class ClassificationCache:
         if found is not None:
             self.hits += 1
             return found
-        self.misses += 1
-        found = tuple(classify_sql(sql, self.dangerous_functions))
-        if len(self._entries) >= self.max_entries:
-            # drop the oldest tenth: cheaper than LRU bookkeeping on every hit
-            for key in list(self._entries)[: self.max_entries // 10 or 1]:
-                del self._entries[key]
-        self._entries[sql] = found
+        shape = statement_shape(sql)
+        template = self._shapes.get(shape) if shape is not None else None
+        if template is not None:
+            self.shape_hits += 1
+            found = (_with_text(template, sql.strip().rstrip(";").strip()),)
+        else:
+            self.misses += 1
+            found = tuple(classify_sql(sql, self.dangerous_functions))
+            if (shape is not None and len(found) == 1 and found[0].kind in _SHAPE_REUSABLE_KINDS
+                    and found[0].parse_error is None):
+                _bounded_put(self._shapes, shape, found[0], self.max_entries)
+        _bounded_put(self._entries, sql, found, self.max_entries)
         return found
 
     def clear(self) -> None:
         self._entries.clear()
+        self._shapes.clear()
+
+
+def _bounded_put(entries: dict, key, value, max_entries: int) -> None:
+    if len(entries) >= max_entries:
+        # drop the oldest tenth: cheaper than LRU bookkeeping on every hit
+        for old in list(entries)[: max_entries // 10 or 1]:
+            del entries[old]
+    entries[key] = value
 
 
 class SqlClassifier:

@@ -116,3 +116,43 @@ def test_unencodable_value_is_recorded_as_text_and_the_writer_keeps_going(tmp_pa
     assert repaired["x_encoding_repaired"] is True
     assert verify_batches(frames, key.public_key()).ok
     spool.close()
+
+
+def test_concurrent_producers_share_one_gapless_chain(tmp_path):
+    import threading
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-t", key, str(tmp_path / "state"), spool, batch_max_events=64)
+
+    def produce(n):
+        for i in range(2000):
+            writer.emit("pg.result", {"rows": i, "x_producer": n})
+
+    threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.flush()
+    report = verify_batches(frames(spool), key.public_key())
+    assert report.ok and report.last_seq == 8000, report.problems
+    # each producer's events stay in the order it emitted them
+    seen = {}
+    for frame in frames(spool):
+        for event in decode_batch(frame).events:
+            n, rows = event["f"]["x_producer"], event["f"]["rows"]
+            assert rows == seen.get(n, -1) + 1
+            seen[n] = rows
+    writer.close()
+
+
+def test_an_idle_open_batch_is_cut_after_the_delay(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-d", key, str(tmp_path / "state"), spool, batch_max_delay=0.1)
+    writer.emit("pg.result", {"rows": 1})
+    deadline = time.monotonic() + 5
+    while not frames(spool) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [decode_batch(f).last_seq for f in frames(spool)] == [1]     # no flush was needed
+    writer.close()

@@ -1,10 +1,12 @@
 """SQL classification: what each statement does, as policy sees it."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from enforcer.sqlclass import (
-    DEFAULT_DANGEROUS, ClassificationCache, SqlClassifier, classify_sql, is_dangerous,
+    DEFAULT_DANGEROUS, ClassificationCache, SqlClassifier, classify_sql, is_dangerous, statement_shape,
 )
 
 NO: frozenset = frozenset()
@@ -302,3 +304,61 @@ def test_deep_nesting_is_refused_not_crashed(depth):
     sql = "SELECT " + "(SELECT " * depth + "1" + ")" * depth
     (s,) = classify_sql(sql)
     assert s.action == "pg:other" and s.kind == "ParseError" and s.parse_error
+
+
+# -- shape reuse: a new text of a known shape is classified from the one seen before ----------
+def _other_constants(sql: str) -> str:
+    """The same statement with every plain integer and simple string literal changed."""
+    sql = re.sub(r"(?<![\w$.\"])(\d+)(?![\w.])", lambda m: str(int(m.group(1)) + 7), sql)
+    return re.sub(r"(?<![\w$&])'([^'\\]*)'", lambda m: "'" + m.group(1)[::-1] + "zz'", sql)
+
+
+@pytest.mark.parametrize("sql", [c[0] for c in CASES], ids=[c[0][:60] for c in CASES])
+def test_shape_reuse_matches_a_full_parse(sql):
+    cache = ClassificationCache()
+    cache.classify(sql)
+    other = _other_constants(sql)
+    assert list(cache.classify(other)) == classify_sql(other)
+
+
+@pytest.mark.parametrize("a,b", [
+    ("SELECT * FROM s.t WHERE a = 1", "SELECT * FROM t WHERE a = 1"),       # the fingerprint ignores schemas
+    ("SELECT * FROM t1 WHERE a = 1", "SELECT * FROM t2 WHERE a = 1"),       # digits inside names
+    ('SELECT "t 1".a FROM "t 1"', 'SELECT "t 2".a FROM "t 2"'),             # digits inside quoted names
+    ("SELECT 'a' || 'b'", "SELECT E'a' || 'b'"),                             # escape-string prefix
+    ("SELECT a FROM t WHERE b = '1'", "SELECT a FROM t WHERE b = 1"),        # same constant position, both marks
+    ("SELECT '--' FROM t", "SELECT 1 FROM t -- x"),
+    ("SELECT $1 FROM t", "SELECT $2 FROM t"),                                # parameter numbers are not literals
+    ("SELECT 1e5", "SELECT 1e"),                                             # 1e is 1 AS e, not a number
+])
+def test_shapes_keep_what_decides(a, b):
+    # only the pair whose texts differ in literal values alone may share a shape
+    literals_only = (a, b) == ("SELECT a FROM t WHERE b = '1'", "SELECT a FROM t WHERE b = 1")
+    assert (statement_shape(a) == statement_shape(b)) == literals_only
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1 -- comment", "SELECT $$x$$", "SELECT E'a\\'b'", "SELECT date'2020-01-01'", "SELECT 'it''s'",
+    'SELECT "a""1" FROM "x 2" WHERE id = 3.5e3', "SELECT x FROM t WHERE y = .5 AND z = 1.5E-3",
+])
+def test_shapes_of_unusual_literals_reuse_correctly(sql):
+    cache = ClassificationCache()
+    cache.classify(sql)
+    assert list(cache.classify(sql + " ")) == classify_sql(sql + " ")
+
+
+def test_shape_is_none_for_text_the_lexer_refuses():
+    assert statement_shape("SELECT 'unterminated") is None or classify_sql("SELECT 'unterminated")[0].parse_error
+
+
+def test_shape_reuse_skips_the_parse():
+    cache = ClassificationCache()
+    for i in range(100):
+        (stmt,) = cache.classify(f"SELECT abalance FROM pgbench_accounts WHERE aid = {i};")
+        assert stmt.text == f"SELECT abalance FROM pgbench_accounts WHERE aid = {i}"
+        assert stmt.tables == ("public.pgbench_accounts",)
+    assert (cache.misses, cache.shape_hits) == (1, 99)
+    # utility statements read their constants: never reused by shape
+    cache.classify("SET search_path = 'a'")
+    cache.classify("SET search_path = 'b'")
+    assert cache.shape_hits == 99
