@@ -551,6 +551,16 @@ def statement_shape(sql: str) -> Optional[str]:
     return "S" + "\0".join([_CONSTANT_MARK if t.name in constants else sql[t.start:t.end + 1] for t in tokens])
 
 
+def single_statement_text(sql: str) -> str:
+    """A one-statement message's statement text, as classify_sql records it."""
+    return sql.strip().rstrip(";").strip()
+
+
+def reusable_by_shape(statement: StatementClass) -> bool:
+    """Whether every text of this statement's shape classifies (and so is decided) alike."""
+    return statement.kind in _SHAPE_REUSABLE_KINDS and statement.parse_error is None and statement.resolved
+
+
 def _with_text(template: StatementClass, text: str) -> StatementClass:
     # a copy of a frozen dataclass without dataclasses.replace's re-validation (hot path)
     copy = object.__new__(StatementClass)
@@ -585,12 +595,11 @@ class ClassificationCache:
         template = self._shapes.get(shape) if shape is not None else None
         if template is not None:
             self.shape_hits += 1
-            found = (_with_text(template, sql.strip().rstrip(";").strip()),)
+            found = (_with_text(template, single_statement_text(sql)),)
         else:
             self.misses += 1
             found = tuple(classify_sql(sql, self.dangerous_functions))
-            if (shape is not None and len(found) == 1 and found[0].kind in _SHAPE_REUSABLE_KINDS
-                    and found[0].parse_error is None):
+            if shape is not None and len(found) == 1 and reusable_by_shape(found[0]):
                 _bounded_put(self._shapes, shape, found[0], self.max_entries)
         _bounded_put(self._entries, sql, found, self.max_entries)
         return found

@@ -16,12 +16,14 @@ session, whose startup continues inside TLS.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import time
 from collections import OrderedDict
 from typing import Optional
 
+from ..sqlclass import reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
 from . import protocol as P
 from .broker import BrokerFailure, authenticate_client, authenticate_upstream, is_loopback_peer
@@ -42,7 +44,9 @@ _cancel_keys: dict[tuple[int, bytes], tuple[str, int, int, bytes]] = {}
 
 
 class _DecisionCache:
-    """(policy object, identity, target, sql) -> verdicts for allow/deny outcomes (approvals never cached)."""
+    """Verdicts for allow/deny outcomes (approvals are never cached), keyed by the policy object
+    and version, the principal (identity and attributes), the target, the hour and either the
+    exact text or the statement's shape."""
 
     def __init__(self, max_entries: int = 20000):
         self.max_entries = max_entries
@@ -74,33 +78,67 @@ def _verdict_from(sd, final=None) -> Verdict:
         reason=d.reason or "")
 
 
-def _cache_key(ctx, policy, sql: str) -> tuple:
+def _frozen(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _principal_key(ctx) -> tuple:
+    """The identity with its attributes, hashable: policies may read any attribute (unit, user,
+    token claims), so two connections of one identity name can be decided differently. Kept
+    on the context until its identity or attributes are replaced (brokered login does that)."""
+    memo = ctx.extra.get("principal_key")
+    if memo is not None and memo[0] is ctx.identity_attrs and memo[1] == ctx.identity:
+        return memo[2]
+    key = (ctx.identity, _frozen(ctx.identity_attrs or {}))
+    ctx.extra["principal_key"] = (ctx.identity_attrs, ctx.identity, key)
+    return key
+
+
+def _cache_base(ctx, policy) -> tuple:
     # the hour is part of the key because policies may depend on the time of day (the policy
     # engine's own caches are per hour too)
-    return (id(policy), getattr(policy, "version", None), ctx.identity, ctx.target.name,
-            int(time.time() // 3600), sql)
+    return (id(policy), getattr(policy, "version", None), _principal_key(ctx), ctx.target.name,
+            int(time.time() // 3600))
+
+
+# how decide_now found its verdicts
+DECIDED, CACHED_TEXT, CACHED_SHAPE = "decided", "text", "shape"
 
 
 def decide_now(ctx, req: DecisionRequest):
-    """The synchronous part of `decide`: (verdicts, cached) when no approval is needed, else
-    (None, decisions) for `decide` to ask the approval service."""
+    """The synchronous part of `decide`: (verdicts, how) when no approval is needed (how is
+    DECIDED, CACHED_TEXT or CACHED_SHAPE), else (None, decisions) for `decide` to ask the
+    approval service. A new text of a known shape (`WHERE id = 42` after `WHERE id = 41`) is
+    decided like it without asking the policy engine."""
     policy = ctx.policy
     if policy is None:
-        return [Verdict(True, req.sql, reason="no policy configured for this target")], False
-    key = _cache_key(ctx, policy, req.sql)
-    cached = decision_cache.get(key)
+        return [Verdict(True, req.sql, reason="no policy configured for this target")], DECIDED
+    base = _cache_base(ctx, policy)
+    sql = req.sql
+    cached = decision_cache.get((*base, sql))
     if cached is not None:
-        return cached, True
+        return cached, CACHED_TEXT
+    shape = statement_shape(sql)
+    if shape is not None:
+        template = decision_cache.get((*base, None, shape))
+        if template is not None:
+            return [dataclasses.replace(template, text=single_statement_text(sql))], CACHED_SHAPE
     try:
-        decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, req.sql)
+        decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, sql)
     except Exception as e:  # a broken policy must not let statements through
-        return [Verdict(False, req.sql, action="pg:unknown", decision="deny",
-                        reason=f"policy evaluation failed: {e}")], False
+        return [Verdict(False, sql, action="pg:unknown", decision="deny",
+                        reason=f"policy evaluation failed: {e}")], DECIDED
     if any(sd.decision.kind == "approval" for sd in decisions):
         return None, decisions
     verdicts = [_verdict_from(sd) for sd in decisions]
-    decision_cache.put(key, verdicts)
-    return verdicts, False
+    decision_cache.put((*base, sql), verdicts)
+    if shape is not None and len(decisions) == 1 and reusable_by_shape(decisions[0].statement):
+        decision_cache.put((*base, None, shape), verdicts[0])
+    return verdicts, DECIDED
 
 
 async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
@@ -108,7 +146,7 @@ async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
     Returns (verdicts, whether they came from the decision cache)."""
     verdicts, extra = decide_now(ctx, req)
     if verdicts is not None:
-        return verdicts, extra
+        return verdicts, extra != DECIDED
     # an approval is needed: never cached, each statement asks again
     verdicts = []
     for sd in extra:
@@ -742,22 +780,22 @@ class _Connection:
         ctx = self.ctx
         policy = ctx.policy
         if policy is not None:
-            vkey = (id(policy), getattr(policy, "version", None), ctx.identity, int(time.time() // 3600))
+            vkey = (id(policy), getattr(policy, "version", None), _principal_key(ctx), int(time.time() // 3600))
             if vkey != self._verdicts_key:
                 self._verdicts_key = vkey
                 self._verdicts = {}
             hit = self._verdicts.get(req.sql)
             if hit is not None:
                 return hit, True
-        verdicts, extra = decide_now(ctx, req)
+        verdicts, how = decide_now(ctx, req)
         if verdicts is None:
             return None, None
-        if extra and policy is not None:
-            # seen twice (the shared cache had it): worth keeping for this connection
+        if how == CACHED_TEXT and policy is not None:
+            # this exact text was seen twice: worth keeping for this connection
             if len(self._verdicts) >= 1000:
                 self._verdicts = {}
             self._verdicts[req.sql] = verdicts
-        return verdicts, extra
+        return verdicts, how != DECIDED
 
     async def _decide_slow(self, req: DecisionRequest, rest: list) -> None:
         try:

@@ -1,0 +1,62 @@
+"""The Postgres enforcer's decision caches: by exact text, by statement shape, per principal."""
+from __future__ import annotations
+
+from enforcer.context import ConnectionContext, TargetInfo
+from enforcer.policy.engine import PolicyEngine
+from enforcer.postgres.proxy import CACHED_SHAPE, CACHED_TEXT, DECIDED, decide_now
+from enforcer.postgres.session import DecisionRequest
+
+POLICY = """
+@id("app-user-reads")
+permit (principal == Service::"svc", action == Action::"pg:select", resource in Target::"db")
+when { principal has user && principal.user == "app" };
+"""
+
+
+def _ctx(policy, user: str) -> ConnectionContext:
+    target = TargetInfo(name="db", protocol="postgres", upstream_host="127.0.0.2", upstream_port=5432)
+    return ConnectionContext(session_id="s", identity="svc", identity_attrs={"user": user}, target=target,
+                             attribution=None, sink=None, policy=policy)
+
+
+def _decide(ctx, sql):
+    return decide_now(ctx, DecisionRequest(sql, "simple", None))
+
+
+def test_same_identity_with_other_attributes_is_decided_again():
+    """Bug fix: the shared cache was keyed by identity name only, so a connection whose
+    attributes a policy rejects got the verdict cached for another one."""
+    policy = PolicyEngine.from_text(POLICY)
+    allowed, how = _decide(_ctx(policy, "app"), "SELECT * FROM accounts WHERE id = 1")
+    assert allowed[0].allowed and how == DECIDED
+    denied, how = _decide(_ctx(policy, "intruder"), "SELECT * FROM accounts WHERE id = 1")
+    assert not denied[0].allowed and how == DECIDED
+    denied, how = _decide(_ctx(policy, "intruder"), "SELECT * FROM accounts WHERE id = 2")
+    assert not denied[0].allowed and how == CACHED_SHAPE
+
+
+def test_new_constants_reuse_the_shape_and_keep_their_own_text():
+    policy = PolicyEngine.from_text(POLICY)
+    ctx = _ctx(policy, "app")
+    first, how = _decide(ctx, "SELECT balance FROM accounts WHERE id = 1;")
+    assert how == DECIDED
+    second, how = _decide(ctx, "SELECT balance FROM accounts WHERE id = 99;")
+    assert how == CACHED_SHAPE
+    assert second[0].text == "SELECT balance FROM accounts WHERE id = 99"
+    assert (second[0].allowed, second[0].tables, second[0].policy_ids) == (True, ("public.accounts",), ("app-user-reads",))
+    again, how = _decide(ctx, "SELECT balance FROM accounts WHERE id = 1;")
+    assert how == CACHED_TEXT and again == first
+
+
+def test_shape_reuse_never_crosses_tables_or_kinds():
+    policy = PolicyEngine.from_text(POLICY)
+    ctx = _ctx(policy, "app")
+    _decide(ctx, "SELECT * FROM accounts WHERE id = 1")
+    other_schema, how = _decide(ctx, "SELECT * FROM private.accounts WHERE id = 1")
+    assert how == DECIDED and other_schema[0].tables == ("private.accounts",)
+    write, how = _decide(ctx, "DELETE FROM accounts WHERE id = 1")
+    assert how == DECIDED and not write[0].allowed
+    # utility statements read their constants: decided each time
+    _decide(ctx, "SET search_path = 'a'")
+    _, how = _decide(ctx, "SET search_path = 'b'")
+    assert how == DECIDED
