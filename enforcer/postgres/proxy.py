@@ -722,7 +722,9 @@ class _Connection:
         self._finish(reason)
 
     def _apply(self, actions: list) -> None:
-        """Run a session's actions synchronously; writes are collected and issued once per leg."""
+        """Run a session's actions synchronously; writes are collected and issued once per leg.
+        Events are recorded as they come, before the writes: a statement whose record cannot be
+        taken (RecordBacklogFull) must not reach the server."""
         to_server: list = []
         to_client: list = []
         emit = self.ctx.emit
@@ -831,6 +833,12 @@ class _Connection:
     def _fail(self, exc: Exception) -> None:
         if self._done is not None and not self._done.done():
             self.closing = True
+            # the client is told why its session ends (e.g. its statements can no longer be
+            # recorded) instead of seeing the connection drop
+            transport = self.cwriter.transport
+            if not transport.is_closing():
+                transport.write(P.build_error_response(
+                    "58000", f"Warden ended this session: {exc}", severity="FATAL"))
             self._done.set_exception(exc)
 
     async def _close_fast(self) -> None:

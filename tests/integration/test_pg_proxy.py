@@ -258,3 +258,28 @@ def test_recorded_events_match_client_actions(enforcer, pg):
                                                                       ("SELECT 7", 7, None)]
     end = ev[-1][1]
     assert end["statements"] == 3 and end["sqlstate"] == "22012" and end["reason"] == "client_terminated"
+
+
+class RecordRefusingSink:
+    """A sink that cannot take the record of one statement, as the writer when the spool is
+    full and its backlog at the cap (RecordBacklogFull)."""
+
+    def __init__(self):
+        from tests.pg_harness import ListSink
+        self.inner = ListSink()
+
+    def emit(self, event_type, fields, session_id=None):
+        if event_type == "pg.statement" and "refuse-me" in (fields.get("text") or ""):
+            raise RuntimeError("record backlog reached 2000000 events while the spool is full; "
+                               "end the session (no evidence, no access)")
+        self.inner.emit(event_type, fields, session_id)
+
+
+def test_a_statement_that_cannot_be_recorded_never_reaches_the_server(pg):
+    with EnforcerThread((pg.host, pg.port), sink=RecordRefusingSink(), policy=DenyDeletes()) as enf:
+        with psycopg.connect(enf.dsn(pg, user="alice"), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+            with pytest.raises(psycopg.OperationalError, match="no evidence, no access"):
+                conn.execute("INSERT INTO items VALUES (9001, 'refuse-me', 'x@example.com')")
+    with psycopg.connect(f"host={pg.host} port={pg.port} dbname=app user=alice password=alice-pw") as direct:
+        assert direct.execute("SELECT count(*) FROM items WHERE id = 9001").fetchone()[0] == 0
