@@ -980,7 +980,11 @@ class HttpSession(asyncio.Protocol):
                                     status=502, code="unmaskable_response") from None
             headers = [(n, v) for n, v in headers if n.lower() != "content-encoding"]
         content_type = find_header(headers, "content-type") or ""
-        masked, counts = self.masker(body, content_type)
+        try:
+            masked, counts = self.masker(body, content_type)
+        except RecursionError:
+            raise _UpstreamGone("the JSON response nests too deeply for Warden to mask it, so it is not sent "
+                                "unmasked", False, status=502, code="unmaskable_response") from None
         total = _count(counts)
         if total:
             self.ctx.emit("mask.applied", {"method": "http.response_body", "fields": counts,

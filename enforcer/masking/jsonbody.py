@@ -4,18 +4,24 @@ Speed (a 1 MB response is masked in the time it takes to parse it, about):
 - each distinct key is matched against the key globs once, then looked up in a dict;
 - the body bytes are checked first for the literal parts of every key/path rule: when no rule
   can match and no detector runs, nothing is walked (or even parsed, see `mask_body`);
-- with key rules only, the masked values are spliced into the original text instead of
-  re-serialising the whole document, so unchanged bytes stay as they were;
+- with key rules only, the masked values are spliced into the original bytes instead of
+  re-serialising the whole document, so unchanged bytes stay as they were; string values written
+  without escapes (the usual case) are masked once per distinct value, through the strategy's
+  bytes fast path when they are ASCII;
 - the document is walked iteratively and masked in place; detector results are memoised per
   document, because API responses repeat the same values (statuses, cities, tags) many times.
+
+Duplicate keys: json.loads keeps the last value of a key an object holds twice, but the bytes that
+leave hold every value. The splice masks every occurrence it finds in the bytes; the walk parses
+objects with a repeated key into `_Pairs`, which keep every pair, and writes them back with
+`_dumps_keeping_duplicates`. Counts are of the values masked, duplicates included.
 """
 from __future__ import annotations
 
 import json
-import operator
 import re
-from itertools import chain, repeat
-from json.encoder import encode_basestring
+from itertools import repeat
+from json.encoder import encode_basestring, encode_basestring_ascii
 from typing import Optional
 
 from .detectors import Scanner
@@ -25,7 +31,6 @@ from .rules import Rule
 MAX_CACHED_KEYS = 4096          # distinct keys remembered per rule set; an endless key space only costs speed
 _UNKNOWN = object()
 _CLEAN = object()
-_CONTAINERS = (dict, list)
 # under re.IGNORECASE these non-ASCII letters match ASCII ones (İ ı ſ K): the byte pre-filter,
 # which lower-cases ASCII only, cannot rule keys out when they occur
 _FOLDING_LETTERS = tuple(c.encode() for c in "\u0130\u0131\u017f\u212a")
@@ -34,8 +39,85 @@ _ASCII = bytes(range(128))
 _UNSPLICEABLE = frozenset('"\\/') | frozenset(chr(c) for c in range(0x20)) | {"\x7f"}
 _NOT_FIRST = frozenset(" \t\n\r,:]}")
 _WS = "[ \\t\\n\\r]*"                          # JSON white space (not re's \s)
-_UNQUOTE = operator.itemgetter(slice(1, -1))
+_JSON_UNSAFE = b'"\\' + bytes(range(0x20))     # bytes a JSON string may not hold unescaped
 _scan_value = json.JSONDecoder().scan_once      # the C scanner: (str, index) -> (value, end)
+
+
+class _Pairs:
+    """A JSON object that holds a key more than once, with every (key, value) pair in order.
+
+    The walk treats it as a dict: `items()` yields the pairs, and `obj[key] = value` while a pair
+    is being visited replaces that pair's value (the walk only ever assigns to the current item)."""
+
+    __slots__ = ("pairs", "_at")
+
+    def __init__(self, pairs: list):
+        self.pairs = pairs
+        self._at = -1
+
+    def items(self):
+        for self._at, pair in enumerate(self.pairs):
+            yield pair
+
+    def __setitem__(self, key, value):
+        self.pairs[self._at] = (key, value)
+
+
+_CONTAINERS = (dict, list, _Pairs)
+
+
+def _loads_keeping_duplicates(body: bytes) -> tuple[object, bool]:
+    """(json.loads(body) with every object that repeats a key as a `_Pairs`, whether there was one)."""
+    repeated = []
+
+    def pairs_hook(pairs):
+        obj = dict(pairs)
+        if len(obj) == len(pairs):
+            return obj
+        repeated.append(True)
+        return _Pairs(pairs)
+    doc = json.loads(body, object_pairs_hook=pairs_hook)
+    return doc, bool(repeated)
+
+
+def _dumps(doc, ensure_ascii: bool) -> str:
+    return json.dumps(doc, ensure_ascii=ensure_ascii, separators=(",", ":"))
+
+
+def _dumps_keeping_duplicates(doc, ensure_ascii: bool) -> str:
+    """`_dumps` for a document holding `_Pairs` (json.dumps cannot write a key twice). Iterative,
+    so nesting as deep as the parser accepted cannot exhaust the Python stack."""
+    quote = encode_basestring_ascii if ensure_ascii else encode_basestring
+    scalar = json.JSONEncoder(ensure_ascii=ensure_ascii, separators=(",", ":")).encode
+    out: list[str] = []
+    stack: list = [(False, doc)]        # (is literal text, text or value), popped from the end
+    while stack:
+        literal, node = stack.pop()
+        if literal:
+            out.append(node)
+            continue
+        t = type(node)
+        if t is dict or t is _Pairs:
+            pairs = node.pairs if t is _Pairs else list(node.items())
+            if not pairs:
+                out.append("{}")
+                continue
+            stack.append((True, "}"))
+            for i in range(len(pairs) - 1, -1, -1):
+                k, v = pairs[i]
+                stack.append((False, v))
+                stack.append((True, ("," if i else "{") + quote(k) + ":"))
+        elif t is list:
+            if not node:
+                out.append("[]")
+                continue
+            stack.append((True, "]"))
+            for i in range(len(node) - 1, -1, -1):
+                stack.append((False, node[i]))
+                stack.append((True, "," if i else "["))
+        else:
+            out.append(scalar(node))
+    return "".join(out)
 
 
 def _whole(rule: Rule, value):
@@ -79,6 +161,11 @@ def _has_folding_letter(body: bytes) -> bool:
     return any(f in rest for f in _FOLDING_LETTERS)
 
 
+def _has_u_escape(body: bytes) -> bool:
+    # a one-byte search runs at memchr speed; most bodies hold no backslash at all
+    return b"\\" in body and b"\\u" in body
+
+
 def is_utf8_json(body: bytes) -> bool:
     """The encoding json.loads would pick is UTF-8 (RFC 8259), not UTF-16/32."""
     return not body.startswith((b"\xff\xfe", b"\xfe\xff")) and b"\x00" not in body[:4]
@@ -118,12 +205,14 @@ class JsonMasker:
 
     def live_rules(self, body: bytes) -> tuple[bool, list[Rule]]:
         """(may a key rule match, the path rules that may match) judged from the raw bytes alone."""
-        if not is_utf8_json(body) or b"\\u" in body:      # \\uXXXX can spell any key
+        if not is_utf8_json(body) or _has_u_escape(body):      # \\uXXXX can spell any key
             return bool(self.key_rules), list(self.path_rules)
         keys_live = False
         if self.key_rules:
             if any(n is None for n in self._key_needles):
                 keys_live = True
+            elif any(all(n in body for n in needles) for needles in self._key_needles):
+                keys_live = True        # spelled as in the rule: no need to lower-case 1 MB
             else:
                 lowered = body.lower()
                 keys_live = any(all(n in lowered for n in needles) for needles in self._key_needles) or (
@@ -141,131 +230,187 @@ class JsonMasker:
         untouchable = not keys_live and not paths and self.scanner is None
         if untouchable and may_skip_parse:
             return body, {}
-        if untouchable or self.scanner is not None or paths or not is_utf8_json(body) or b"\\u" in body:
+        if untouchable:
             try:
-                doc = json.loads(body)
+                json.loads(body)
             except (ValueError, UnicodeDecodeError):
                 return None
-            if untouchable:
-                return body, {}
+            return body, {}
+        if self.scanner is not None or paths or not is_utf8_json(body) or _has_u_escape(body):
+            try:
+                doc, repeated = _loads_keeping_duplicates(body)
+            except (ValueError, UnicodeDecodeError):
+                return None
         else:
-            # key rules only: parse to validate and to collect every object (the hook replaces
-            # them by None in the result, which is not needed), then splice the original text
-            objects: list[dict] = []
+            # key rules only: parse to validate and to list the keys of every object, then splice
+            # the original bytes. The hook `keys += obj` (C code) adds an object's keys to the list
+            # and hands the list back in its place, so each dict and its values are freed as soon
+            # as it is parsed instead of all at the end
+            keys: list[str] = []
             try:
-                json.loads(body, object_hook=objects.append)
+                json.loads(body, object_hook=keys.__iadd__)
             except (ValueError, UnicodeDecodeError):
                 return None
-            key_counts = self._count_key_masks(objects)
-            if not key_counts:
+            holders = self._count_key_holders(keys)
+            del keys
+            if not holders:
                 return body, {}
-            spliced = self._splice(body, key_counts)
+            spliced = self._splice(body, holders)
             if spliced is not None:
+                data, found = spliced
                 counts: dict[str, int] = {}
-                for key, n in key_counts.items():
+                for key, n in found.items():
                     if n:
                         name = self.rule_for_key(key).name
                         counts[name] = counts.get(name, 0) + n
-                return (spliced, counts) if counts else (body, {})
-            doc = json.loads(body)
+                return (data, counts) if counts else (body, {})
+            doc, repeated = _loads_keeping_duplicates(body)
+        # the walk sees every pair, repeated keys included: no counts means nothing needed masking
         masked, counts = self._mask_in_place(doc, paths)
         if not counts:
             return body, {}
-        text = json.dumps(masked, ensure_ascii=False, separators=(",", ":"))
+        dumps = _dumps_keeping_duplicates if repeated else _dumps
         try:
-            return text.encode(), counts
+            return dumps(masked, False).encode(), counts
         except UnicodeEncodeError:        # a lone surrogate (\\ud800) in the input: keep it escaped
-            return json.dumps(masked, separators=(",", ":")).encode(), counts
+            return dumps(masked, True).encode(), counts
 
     def mask(self, doc) -> tuple[object, dict]:
         """Masks a parsed document in place; returns it (or its replacement) and {rule name: values masked}."""
         return self._mask_in_place(doc, self.path_rules)
 
     # -- key rules only: count, then splice ------------------------------------------------
-    def _count_key_masks(self, objects: list[dict]) -> dict[str, int]:
-        """{key a rule masks: objects holding a non-null value under it}, over every object of
-        the body (also those nested in masked values or dropped as duplicate keys: the splice
-        masks those too). Python code runs per distinct key, not per node. A key present only
-        with null is listed with 0: its object values read as null here (the parse hook turned
-        them into None), and the splice must look at them."""
+    def _count_key_holders(self, keys: list[str]) -> dict[str, int]:
+        """{key a rule masks: objects holding it}, from the keys of every object of the body, one
+        entry per object (also objects nested in masked values or dropped as duplicate keys: the
+        splice meets those too). A dict holds a key once, so the count is of objects, whatever
+        the value (null included). Python code runs per distinct key, not per node."""
         found: dict[str, int] = {}
-        for key in set(chain.from_iterable(objects)):
-            if self.rule_for_key(key) is None:
-                continue
-            values = list(map(dict.get, objects, repeat(key)))     # a missing key reads as null
-            found[key] = len(values) - values.count(None)
+        for key in set(keys):
+            if self.rule_for_key(key) is not None:
+                found[key] = keys.count(key)      # the parser shares one str per key: compared by identity
         return found
 
-    def _splice(self, body: bytes, key_counts: dict[str, int]) -> Optional[bytes]:
-        """The body with the values of the masked keys replaced in the original text, or None
-        when that cannot be done exactly: a key with characters that have several spellings, an
-        object or array under a masked key, or a key twice in one object (counts differ).
+    def _splice(self, body: bytes, holders: dict[str, int]) -> Optional[tuple[bytes, dict[str, int]]]:
+        """(the body with the values of the masked keys replaced in the original bytes, {key: non-null
+        values masked}), or None when that cannot be done exactly: a key with characters that have
+        several spellings, or an object or array under a masked key.
 
         Sound on valid JSON (the caller parsed it, and it has no \\u escapes): a key's opening
         quote follows '{', ',' or white space, never a backslash, and it is never a closing quote,
         which only white space or one of , : ] } follows (a spliceable key starts with none of
-        those); a string followed by ':' is a key. Such a key has one spelling, so every object
-        holding it shows up once in the text; equal counts mean exactly those were replaced."""
-        if not all(_spliceable_key(k) for k in key_counts):
+        those); a string followed by ':' is a key. Such a key has one spelling, so every occurrence
+        shows up in the bytes, each object holding it at least once; more occurrences than objects
+        are keys written twice in one object, and every one of their values is replaced, not only
+        the one the parser kept (the others would leave as they came)."""
+        if not all(_spliceable_key(k) for k in holders):
             return None
-        rules = {k: self.rule_for_key(k) for k in key_counts}
-        text = body.decode("utf-8", "surrogatepass")
+        data = body
+        found: dict[str, int] = {}
         # one pass per key: a regex with a literal prefix is searched for at C speed, and re.split
-        # hands over all values at once, so for plain strings Python code runs only in the strategy
-        for key in key_counts:
-            rule = rules[key]
-            # parts: text, white space + colon, string value, token value, text, ...
-            parts = self._value_regex(key).split(text)
-            strings, tokens = parts[2::4], parts[3::4]
-            if tokens.count(None) == len(tokens) and None not in strings and "\\" not in "".join(strings):
-                masked = list(map(rule.strategy.apply, map(_UNQUOTE, strings)))
-                masked = [_json_text(v) for v in masked] if None in masked else list(map(encode_basestring, masked))
-                found = len(masked)
+        # hands over all values at once, so Python code runs per distinct value at most
+        for key, want in holders.items():
+            rule = self.rule_for_key(key)
+            plain, general = self._value_regexes(key)
+            # parts: bytes, `"key" : `, the inside of a string value without escapes (None for any
+            # other value: the quotes are consumed only with such a string), bytes, ...
+            parts = plain.split(data)
+            raws = parts[2::3]
+            if len(raws) < want:
+                return None           # cannot happen on such a key; the walk is the safe answer
+            if None not in raws:
+                # every occurrence holds a plain string (none is null)
+                parts[2::3] = self._mask_plain_strings(rule, raws)
+                found[key] = len(raws)
             else:
-                masked = []
-                found = 0
-                for raw, token in zip(strings, tokens):
-                    value = self._token_value(raw or token)
-                    if value is _UNKNOWN:
-                        return None       # an object or array: the general walk handles those
-                    if value is None:
-                        masked.append("null")     # a null stays null and is not counted
-                    else:
-                        masked.append(_json_text(_whole(rule, value)))
-                        found += 1
-            if found != key_counts[key]:
-                return None               # a key twice in one object: the parser kept the last
-            quoted = f'"{key}"'
-            parts[1::4] = map(quoted.__add__, parts[1::4])
-            parts[2::4] = masked
-            parts[3::4] = repeat("", len(masked))
+                parts, found[key] = self._splice_general(general, rule, data, want)
+                if parts is None:
+                    return None
             # a replacement is a JSON string with its quotes escaped: it adds no key for later passes
-            text = "".join(parts)
-        return text.encode("utf-8", "surrogatepass")
+            data = b"".join(parts)
+        return data, found
 
-    def _value_regex(self, key: str) -> re.Pattern:
-        """`"key":` and the value after it when that is a string or a bare token."""
-        rx = self._splice_rx.get(key)
-        if rx is None:
+    @staticmethod
+    def _mask_plain_strings(rule: Rule, raws: list[bytes]) -> list[bytes]:
+        """The JSON texts replacing string values written without escapes (`raws`: the bytes between
+        the quotes, which are then exactly the UTF-8 of the value, surrogates aside)."""
+        strategy = rule.strategy
+        if strategy.is_constant:
+            return [_json_text(strategy.constant).encode("utf-8", "surrogatepass")] * len(raws)
+        # responses repeat values (test data, shared cards, statuses): mask each distinct one once
+        distinct = set(raws)
+        todo = list(distinct) if len(distinct) * 2 <= len(raws) else raws
+        out = None
+        if b"".join(todo).isascii():
+            # ASCII values: the strategy's bytes path gives what apply() gives, without decoding;
+            # its output is used as is only when it is ASCII and needs no JSON escaping
+            masked = list(map(strategy.bytes_masker(), todo))
+            if None not in masked:
+                joined = b"".join(masked)
+                if joined.isascii() and len(joined.translate(None, _JSON_UNSAFE)) == len(joined):
+                    out = list(map(b'"%s"'.__mod__, masked))
+        if out is None:
+            apply = strategy.apply
+            out = [_json_text(apply(v.decode("utf-8", "surrogatepass"))).encode("utf-8", "surrogatepass")
+                   for v in todo]
+        if todo is raws:
+            return out
+        table = dict(zip(todo, out))
+        return list(map(table.__getitem__, raws))
+
+    def _splice_general(self, rx: re.Pattern, rule: Rule, data: bytes, want: int) -> tuple[Optional[list], int]:
+        """(split parts of `data` with every value under the key masked, non-null values masked),
+        for values of any kind; parts None for an object or array under the key, or for fewer
+        occurrences than objects holding the key."""
+        # parts: bytes, `"key" : `, string value, token value, bytes, ...
+        parts = rx.split(data)
+        strings, tokens = parts[2::4], parts[3::4]
+        if len(strings) < want:
+            return None, 0
+        values = [raw if raw is not None else token for raw, token in zip(strings, tokens)]
+        # values repeat (null above all): each distinct spelling is decoded and masked once
+        texts: dict = {}
+        counted: dict = {}
+        for raw in set(values):
+            value = self._token_value(raw)
+            if value is _UNKNOWN:
+                return None, 0        # an object or array: the general walk handles those
+            if value is None:
+                texts[raw], counted[raw] = b"null", 0      # a null stays null and is not counted
+            else:
+                texts[raw] = _json_text(_whole(rule, value)).encode("utf-8", "surrogatepass")
+                counted[raw] = 1
+        parts[2::4] = map(texts.__getitem__, values)
+        parts[3::4] = repeat(b"", len(values))
+        return parts, sum(map(counted.__getitem__, values))
+
+    def _value_regexes(self, key: str) -> tuple[re.Pattern, re.Pattern]:
+        """Bytes regexes for `"key":` and the value after it: (a string without escapes, any string
+        or bare token). Both match the same key occurrences; the value group is None otherwise."""
+        rxs = self._splice_rx.get(key)
+        if rxs is None:
             if len(self._splice_rx) >= 256:
                 self._splice_rx.clear()
             # the look-behind drops \\"key": (inside a string: a key's opening quote never follows a
-            # backslash); groups: white space and colon, a string value, a bare-token value
-            quoted = re.escape(f'"{key}"')
-            rx = self._splice_rx[key] = re.compile(
-                f'{quoted}(?<!\\\\{quoted})({_WS}:{_WS})(?:("[^"\\\\]*(?:\\\\.[^"\\\\]*)*")|([-+.0-9A-Za-z]+))?')
-        return rx
+            # backslash); group 1 is the key, white space and colon, kept as they are
+            quoted = re.escape(f'"{key}"'.encode("utf-8", "surrogatepass"))
+            head = b'(' + quoted + b'(?<!\\\\' + quoted + b')' + _WS.encode() + b':' + _WS.encode() + b')'
+            rxs = self._splice_rx[key] = (
+                re.compile(head + b'(?:"([^"\\\\]*)")?'),
+                re.compile(head + b'(?:("[^"\\\\]*(?:\\\\.[^"\\\\]*)*")|([-+.0-9A-Za-z]+))?'))
+        return rxs
 
     @staticmethod
-    def _token_value(raw: Optional[str]):
+    def _token_value(raw: Optional[bytes]):
         """The value of a string with escapes or of a bare token; _UNKNOWN for anything else."""
         if raw is None:
             return _UNKNOWN
+        text = raw.decode("utf-8", "surrogatepass")
         try:
-            value, end = _scan_value(raw, 0)
+            value, end = _scan_value(text, 0)
         except StopIteration:
             return _UNKNOWN
-        return value if end == len(raw) else _UNKNOWN
+        return value if end == len(text) else _UNKNOWN
 
     # -- the general walk ------------------------------------------------------------------
     def _mask_in_place(self, doc, path_rules: list[Rule]) -> tuple[object, dict]:
@@ -284,10 +429,10 @@ class JsonMasker:
         pop, push = stack.pop, stack.append
         while stack:
             node, path = pop()
-            if type(node) is dict:
-                items = node.items()
-            else:
+            if type(node) is list:
                 items = enumerate(node)
+            else:                            # a dict, or a _Pairs with a key twice
+                items = node.items()
             for k, v in items:
                 rule = cache_get(k, _UNKNOWN) if type(k) is str else None
                 if rule is _UNKNOWN:
@@ -305,7 +450,7 @@ class JsonMasker:
                     node[k] = _whole(rule, v)
                     continue
                 tv = type(v)
-                if tv is dict or tv is list:
+                if tv is dict or tv is list or tv is _Pairs:
                     push((v, p if p is not None and len(p) < depth else None))
                 elif scan is not None and v is not None and tv is not bool:
                     new = scan(v)

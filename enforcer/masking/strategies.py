@@ -75,9 +75,14 @@ class Partial(Strategy):
     name = "partial"
 
     def __init__(self, keep_first: int = 0, keep_last: int = 4, mask_char: str = "*"):
+        if not isinstance(mask_char, str) or len(mask_char) != 1:
+            raise ValueError(f"mask_char must be one character, not {mask_char!r}")
         self.keep_first = keep_first
         self.keep_last = keep_last
         self.mask_char = mask_char
+        # re.sub reads backslashes in a string replacement as escapes (\g<0>, \1): doubling the
+        # only special character makes any mask character stand for itself
+        self._repl = mask_char.replace("\\", "\\\\")
         self._ascii_mask = str.maketrans({c: mask_char for c in string.ascii_letters + string.digits})
 
     def apply(self, value: str) -> Optional[str]:
@@ -95,7 +100,7 @@ class Partial(Strategy):
                     masked = head.translate(self._ascii_mask)
                     n = masked.count(self.mask_char) - (0 if self.mask_char.isalnum() else head.count(self.mask_char))
                 else:
-                    masked, n = _ALNUM.subn(self.mask_char, head)
+                    masked, n = _ALNUM.subn(self._repl, head)
                 if n >= kept:                 # at least as much masked as kept; else the short-value rule
                     return masked + value[i:]
         positions = [m.start() for m in _ALNUM.finditer(value)]
@@ -112,7 +117,7 @@ class Partial(Strategy):
         hi = positions[n - keep_last] if keep_last > 0 else len(value)
         if hi <= lo:
             return value
-        middle = _ALNUM.sub(self.mask_char, value[lo:hi])
+        middle = _ALNUM.sub(self._repl, value[lo:hi])
         return value[:lo] + middle + value[hi:]
 
     def bytes_masker(self) -> BytesMasker:

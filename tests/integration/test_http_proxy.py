@@ -381,6 +381,21 @@ def test_masking_hook_rewrites_json_bodies_including_gzip(upstream, enforcer):
     assert [a["request_index"] for a in applied] == [1, 2] and applied[0]["values_masked"] == 1
 
 
+class _TooDeepMasker:
+    """As the real masking layer on a JSON document nested deeper than Python's parser goes."""
+
+    def mask_json_body(self, body: bytes, content_type: str):
+        raise RecursionError("maximum recursion depth exceeded")
+
+
+def test_a_response_too_deep_to_mask_is_refused_not_sent_raw(upstream, enforcer):
+    enforcer.configure(upstream, masking=_TooDeepMasker())
+    with httpx.Client(base_url=enforcer.url, headers={"Host": "api"}) as client:
+        refused = client.get("/json")
+    assert refused.status_code == 502
+    assert "card" not in refused.text and "nests too deeply" in refused.text
+
+
 def test_tls_upstream_verified_with_ca_and_sni(tls_upstream, enforcer):
     port, ca_file = tls_upstream
     enforcer.configure(port, host="127.0.0.3", tls=UpstreamTLS("verify-full", ca_file, "api.test"))

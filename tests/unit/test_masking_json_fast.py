@@ -2,8 +2,11 @@
 
 `reference_mask` below is the straightforward definition (recursive, rule by rule, every key
 matched against every glob); the engine's byte pre-filter, key cache, splice into the original
-text and in-place walk must agree with it on the parsed result and on the counts.
+text and in-place walk must agree with it on the parsed result and on the counts. Documents are
+compared as read by `loads_pairs`, which keeps every pair of an object that repeats a key: every
+value in the bytes must be masked, not only the one json.loads keeps.
 """
+import itertools
 import json
 import random
 import string
@@ -35,8 +38,29 @@ def session(config, identity="svc", target="api"):
     return load_masking(config).for_session(identity, {}, target)
 
 
+def loads_pairs(body):
+    """The document with each object as ("{}", [[key, value], ...]), duplicate keys and order kept."""
+    return json.loads(body, object_pairs_hook=lambda pairs: ("{}", [list(p) for p in pairs]))
+
+
+def dumps_pairs(node, ensure_ascii=True, indent=None, level=0):
+    """json.dumps (default separators) for a `loads_pairs` tree, repeated keys written each time."""
+    if isinstance(node, (tuple, list)):
+        is_obj = isinstance(node, tuple)
+        items = node[1] if is_obj else node
+        brackets = "{}" if is_obj else "[]"
+        if not items:
+            return brackets
+        pad = "" if indent is None else "\n" + " " * (indent * (level + 1))
+        end = "" if indent is None else "\n" + " " * (indent * level)
+        texts = [(json.dumps(i[0], ensure_ascii=ensure_ascii) + ": " if is_obj else "")
+                 + dumps_pairs(i[1] if is_obj else i, ensure_ascii, indent, level + 1) for i in items]
+        return brackets[0] + pad + ("," + pad if indent is not None else ", ").join(texts) + end + brackets[1]
+    return json.dumps(node, ensure_ascii=ensure_ascii)
+
+
 def reference_mask(masker, doc):
-    """The masking a JSON document must get, written the simple way."""
+    """The masking a JSON document (a `loads_pairs` tree) must get, written the simple way."""
     jm = masker.ruleset.json
     counts = {}
 
@@ -50,7 +74,7 @@ def reference_mask(masker, doc):
             return rule.strategy.apply(str(v).lower())
         if isinstance(v, (int, float)):
             return rule.strategy.apply(str(v))
-        return rule.strategy.apply("") if rule.strategy.is_constant else None
+        return rule.strategy.apply("") if rule.strategy.is_constant else None    # object or array
 
     def field_rule(key, path):
         if isinstance(key, str):
@@ -63,21 +87,18 @@ def reference_mask(masker, doc):
         return None
 
     def walk(node, path):
-        if isinstance(node, (dict, list)):
-            pairs = node.items() if isinstance(node, dict) else enumerate(node)
-            out = {} if isinstance(node, dict) else []
-            for k, v in pairs:
-                rule = field_rule(k if isinstance(node, dict) else None, path + (k,))
+        if isinstance(node, (tuple, list)):
+            is_obj = isinstance(node, tuple)
+            out = []
+            for k, v in (node[1] if is_obj else enumerate(node)):
+                rule = field_rule(k if is_obj else None, path + (k,))
                 if rule is not None and v is not None:
                     bump(rule.name)
                     new = whole(rule, v)
                 else:
                     new = walk(v, path + (k,))
-                if isinstance(out, dict):
-                    out[k] = new
-                else:
-                    out.append(new)
-            return out
+                out.append([k, new] if is_obj else new)
+            return ("{}", out) if is_obj else out
         if jm.scanner is None or node is None or isinstance(node, bool):
             return node
         text = node if isinstance(node, str) else str(node)
@@ -93,11 +114,11 @@ def reference_mask(masker, doc):
 
 def check(masker, body: bytes):
     out, counts = masker.mask_json_body(body, "application/json")
-    want, want_counts = reference_mask(masker, json.loads(body))
+    want, want_counts = reference_mask(masker, loads_pairs(body))
     assert counts == want_counts
     if not want_counts:
         assert out is body
-    assert json.loads(out) == want
+    assert loads_pairs(out) == want
     return out, counts
 
 
@@ -307,3 +328,243 @@ def test_folding_letters_are_all_the_non_ascii_letters_that_match_ascii_ones():
     assert {f.encode() for f in folding} == set(_FOLDING_LETTERS)
     assert all(_has_folding_letter(("x" + f + "é").encode()) for f in folding)
     assert not _has_folding_letter("Zoë Ä İx".replace("İ", "I").encode())
+
+
+# ---------------------------------------------------------------------------------------
+# the byte-level splice: plain strings in one pass, every other value through the general one
+# ---------------------------------------------------------------------------------------
+CARD = {"record_detectors": [], "rules": [{"name": "card", "json_key": "card", "strategy": "partial"}]}
+
+
+def test_plain_strings_are_spliced_whatever_the_white_space():
+    m = session(CARD)
+    body = (b'{"card":"4111 1111 1111 1111","a":{"card" : "5500 0000 0000 0004"},'
+            b'"b":[{"card"\n:\t"1234-5678"},{"card":\r\n "x"},{"card": ""}]}')
+    out, counts = check(m, body)
+    assert out == (b'{"card":"**** **** **** 1111","a":{"card" : "**** **** **** 0004"},'
+                   b'"b":[{"card"\n:\t"****-5678"},{"card":\r\n "*"},{"card": ""}]}')
+    assert counts == {"card": 5}
+
+
+def test_key_names_as_values_or_inside_strings_are_left_alone():
+    m = session(CARD)
+    body = (b'["card", {"x": "card"}, {"card": "card"}, {"note": "\\"card\\": \\"4111 1111\\""},'
+            b' {"x\\"card": "1111 2222"}, {"y": "a\\\\", "card": "9999 8888"}]')
+    out, counts = check(m, body)
+    assert out == (b'["card", {"x": "card"}, {"card": "**rd"}, {"note": "\\"card\\": \\"4111 1111\\""},'
+                   b' {"x\\"card": "1111 2222"}, {"y": "a\\\\", "card": "**** 8888"}]')
+    assert counts == {"card": 2}
+
+
+def test_numbers_booleans_and_nulls_under_the_key_are_spliced_in_place():
+    m = session(CARD)
+    body = b'{"card": 4111111111111111, "x": {"card": null}, "y": [{"card": true}, {"card": "41\\"11 2222"}]}'
+    out, counts = check(m, body)
+    assert out == (b'{"card": "************1111", "x": {"card": null}, '
+                   b'"y": [{"card": "**ue"}, {"card": "**\\"** 2222"}]}')
+    assert counts == {"card": 3}
+
+
+def test_objects_and_arrays_under_the_key_fall_back_to_the_walk():
+    m = session(CARD)
+    for body in (b'{"card": {"number": "4111 1111 1111 1111", "card": "5500 0000 0000 0004"}, "id": 1}',
+                 b'[{"card": "4111 1111 1111 1111"}, {"card": ["5500 0000 0000 0004"]}]'):
+        out, counts = check(m, body)
+        assert b"4111 1111" not in out and b"5500 0000" not in out
+
+
+def test_duplicate_keys_do_not_leave_a_raw_value_behind():
+    m = session(CARD)
+    for body in (b'{"card": 4111111111111111, "card": "5500 0000 0000 0004"}',
+                 b'{"card": "4111 1111 1111 1111", "card": "5500 0000 0000 0004"}',
+                 b'{"card": "4111 1111 1111 1111", "card": "5500 0000 0000 0004", "card": null, "card": "1"}',
+                 b'[{"card": "1"}, {"card": "4111 1111 1111 1111", "x": 1, "card": 5500000000000004}]'):
+        out, counts = check(m, body)      # counts: every non-null value under the key
+        assert b"4111" not in out and b"5500" not in out, out
+
+
+# ---------------------------------------------------------------------------------------
+# duplicate keys: every value in the bytes is masked, whichever one json.loads keeps
+# ---------------------------------------------------------------------------------------
+# one secret per kind of value; none may leave in any form that still shows it
+DUP_VALUES = {
+    "string": (b'"4111 1111 1111 1111"', b"4111 1111"),
+    "null": (b"null", None),
+    "number": (b"5500000000000004", b"55000000"),
+    "object": (b'{"pan": "6011 0000 0000 0004", "card": "3782 822463 10005"}', b"6011 0000"),
+    "array": (b'["3530 1113 3330 0000"]', b"3530 1113"),
+    "escaped": (b'"6304\\u0020000000000000"', b"6304"),
+}
+DUP_CONFIGS = {
+    "splice": CARD,                                   # key rules only: the bytes are spliced
+    "redact": {"record_detectors": [], "rules": [{"name": "card", "json_key": "card"}]},
+    "walk": {"rules": CARD["rules"] + [{"name": "scan", "scan_all_text": True, "detectors": ["ssn"]}]},
+}
+
+
+def assert_no_secret(out: bytes, secrets):
+    for secret in secrets:
+        if secret is not None:
+            assert secret not in out, (secret, out)
+    assert b"3782 8224" not in out
+
+
+def test_the_reported_leak_duplicate_then_null():
+    m = session(CARD)
+    body = b'{"card": "4111 1111 1111 1111", "card": null}'
+    out, counts = m.mask_json_body(body, "application/json")
+    # key rules only: still spliced into the original bytes, both pairs kept
+    assert out == b'{"card": "**** **** **** 1111", "card": null}' and counts == {"card": 1}
+    for config in DUP_CONFIGS.values():
+        out, counts = check(session(config), body)
+        assert b"4111 1111 1111" not in out and counts == {"card": 1}
+
+
+@pytest.mark.parametrize("config", DUP_CONFIGS, ids=list(DUP_CONFIGS))
+@pytest.mark.parametrize("kinds", list(itertools.permutations(["string", "null", "number", "object"])) +
+                         list(itertools.permutations(["string", "null", "array", "escaped"], 3)), ids=repr)
+def test_duplicate_key_values_of_every_kind_in_every_order(config, kinds):
+    m = session(DUP_CONFIGS[config])
+    pairs = b", ".join(b'"card": ' + DUP_VALUES[k][0] for k in kinds)
+    secrets = [DUP_VALUES[k][1] for k in kinds]
+    non_null = sum(k != "null" for k in kinds)
+    for body in (b"{" + pairs + b"}",                                          # top level
+                 b'{"id": 1, "rows": [{"x": 1}, {' + pairs + b', "y": 2}]}',     # nested in an array
+                 b'[{"a": {' + pairs + b'}}, {"card": "5105 1051 0510 5100"}]'):  # beside a plain one
+        out, counts = check(m, body)
+        assert_no_secret(out, secrets + [b"5105 1051"])
+        assert counts["card"] == non_null + (b"5105" in body)
+        json.loads(out)       # still JSON
+
+
+@pytest.mark.parametrize("config", DUP_CONFIGS, ids=list(DUP_CONFIGS))
+def test_nested_duplicates(config):
+    m = session(DUP_CONFIGS[config])
+    bodies = [
+        # a repeated key that is not masked, holding masked keys in the value json.loads drops
+        b'{"wrap": {"card": "4111 1111 1111 1111"}, "wrap": null}',
+        b'{"wrap": {"card": "4111 1111 1111 1111", "card": null}, "wrap": {"card": null, "card": 5500000000000004}}',
+        # duplicates at several depths at once, and inside values of a repeated masked key
+        b'{"a": [{"b": {"card": "4111 1111 1111 1111", "card": null}}], '
+        b'"a": {"b": {"card": null, "card": "6011 0000 0000 0004"}, "b": 1}, "card": {"card": 5500000000000004}}',
+        b'[[{"card": null, "x": {"card": "4111 1111 1111 1111"}, "x": {}, "card": null}]]',
+    ]
+    for body in bodies:
+        out, counts = check(m, body)
+        assert_no_secret(out, [b"4111 1111", b"55000000", b"6011 0000"])
+
+
+def test_duplicates_under_path_rules_and_detectors():
+    paths = session(WITH_PATHS)
+    body = (b'{"customer": {"contacts": [{"email": "jane@x.io", "email": null}]}, '
+            b'"customer": {"contacts": []}, "items": ["first", 2], "items": null}')
+    out, counts = check(paths, body)
+    assert b"jane@" not in out and b"first" not in out and counts == {"owner-email": 1, "first": 1}
+    scan = session(WITH_DETECTORS)
+    out, counts = check(scan, b'{"note": "ssn 123-45-6789", "note": "ok", "x": [{"m": "jane@x.io", "m": 1}]}')
+    assert b"123-45" not in out and b"jane@" not in out and counts == {"scan": 2}
+    # a key spelled with an escape next to its plain spelling: the general walk, every pair kept
+    out, counts = check(session(CARD), b'{"c\\u0061rd": "4111 1111 1111 1111", "card": null}')
+    assert b"4111 1111" not in out and counts == {"card": 1}
+
+
+def test_repeated_keys_nothing_to_mask_leaves_the_body_alone():
+    for config in (CARD, WITH_DETECTORS, WITH_PATHS):
+        m = session(config)
+        for body in (b'{"card": null, "card": null}', b'{"id": 1, "id": 2, "name": "x", "name": "y"}'):
+            out, counts = m.mask_json_body(body, "application/json")
+            assert out is body and counts == {}
+
+
+def test_deeply_nested_duplicates_are_written_back_without_recursion():
+    m = session(DUP_CONFIGS["walk"])
+    depth = 900                 # near the limit of json.loads itself (the recursion limit)
+    body = b'{"a": ' * depth + b'{"card": "4111 1111 1111 1111", "card": null}' + b"}" * depth
+    out, counts = m.mask_json_body(body, "application/json")
+    assert out == b'{"a":' * depth + b'{"card":"**** **** **** 1111","card":null}' + b"}" * depth
+    assert counts == {"card": 1}
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents, st.booleans())
+def test_writing_back_without_duplicates_is_json_dumps(doc, ensure_ascii):
+    from enforcer.masking.jsonbody import _dumps, _dumps_keeping_duplicates
+    assert _dumps_keeping_duplicates(doc, ensure_ascii) == _dumps(doc, ensure_ascii)
+
+
+# generated documents whose objects may repeat keys (objects as loads_pairs trees)
+pair_documents = st.recursive(
+    scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(st.tuples(st.sampled_from(["card", "ssn", "secret", "token", "id", "email", "items", "x\"ssn"]),
+                           inner).map(list), max_size=5).map(lambda pairs: ("{}", pairs))),
+    max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pair_documents, st.sampled_from([KEY_RULES, WITH_PATHS, WITH_DETECTORS]), st.booleans(), st.booleans())
+def test_generated_documents_with_repeated_keys_match_the_reference(tree, config, ascii_only, indent):
+    m = session(config)
+    body = dumps_pairs(tree, ascii_only, 2 if indent else None).encode("utf-8", "surrogatepass")
+    assert loads_pairs(body) == tree
+    check(m, body)
+
+
+def test_escaped_keys_are_found_among_plain_ones():
+    m = session(CARD)
+    body = b'[{"c\\u0061rd": "4111 1111 1111 1111"}, {"card": "5500 0000 0000 0004"}, {"CARD": "6011 0000"}]'
+    out, counts = check(m, body)
+    assert b"4111 1111" not in out and b"5500 0000" not in out and counts == {"card": 3}
+
+
+@pytest.mark.parametrize("rule", [
+    {"strategy": "redact"}, {"strategy": "null"}, {"strategy": "hash"}, {"strategy": "email"},
+    {"strategy": 'fixed:a "quoted" \\ value'}, {"strategy": "partial", "mask_char": '"'},
+    {"strategy": "partial", "mask_char": "•", "keep_last": 2},
+    {"strategy": "partial", "keep_first": 2, "keep_last": 2}])
+def test_every_strategy_on_plain_non_ascii_repeated_and_distinct_strings(rule):
+    m = session({"record_detectors": [], "hash_key": "0123456789abcdef0123",
+                 "rules": [dict(rule, name="card", json_key="card")]})
+    ascii_values = ["4111 1111 1111 1111", "jane@x.io", "", "a", "41/11-22", "ab cd"]
+    distinct = [{"card": f"{i:04d} 5555 {i * 7919 % 10000:04d}"} for i in range(30)]
+    for values in (ascii_values, ascii_values + ["Kärtchen 1234", "😀 9876"]):
+        repeated = [{"card": values[i % len(values)], "i": i} for i in range(40)]
+        for doc in (repeated, distinct, repeated + distinct):
+            for ensure_ascii in (True, False):
+                body = json.dumps(doc, ensure_ascii=ensure_ascii).encode()
+                out, counts = check(m, body)
+                assert counts == {"card": len(doc)}
+
+
+def test_huge_document_is_spliced_byte_for_byte():
+    m = session(KEY_RULES)
+    rnd = random.Random(7)
+    doc = []
+    for i in range(12000):
+        card = rnd.choice(["4111 1111 1111 1111", f"5500 {i:04d} 0000 {rnd.randrange(10000):04d}", None, 4111111111111111])
+        doc.append({"id": i, "card_number": card, "name": "customer", "ssn": "123-45-6789" if i % 3 else None,
+                    "address": {"city": "Springfield", "zip": str(10000 + i)}, "tags": ["card", "ssn"]})
+    body = json.dumps(doc).encode()
+    assert len(body) > 1_000_000
+    out, counts = check(m, body)
+    # only the masked values changed: the reference serialised the same way gives the same bytes
+    want, _ = reference_mask(m, loads_pairs(body))
+    assert out == dumps_pairs(want).encode()
+    assert counts == {"cards": sum(d["card_number"] is not None for d in doc), "ssn": sum(bool(i % 3) for i in range(12000))}
+
+
+@pytest.mark.parametrize("body", [
+    b'{"card": "4111 1111 1111 1111", ',                 # truncated
+    b'{"card": "4111 1111 1111 1111",}',                 # trailing comma
+    b'{"card": "4111 1111 1111 1111"} {"card": "1"}',    # two documents
+    b'{"card": "4111\x01 1111 1111 1111"}',              # a raw control character
+    b'{"card": "4111 1111 1111 1111\xff"}',              # not UTF-8
+    b"{'card': '4111 1111 1111 1111'}",                  # not JSON quoting
+    b'{"card" "4111 1111 1111 1111"}',                   # no colon
+])
+def test_invalid_json_is_left_to_the_text_path(body):
+    m = session(CARD)
+    assert m.ruleset.json.mask_body(body) is None
+    assert m.mask_json_body(body, "application/json")[0] is body    # no text detectors in use
+    d = session({"rules": CARD["rules"]})                              # the default record detectors
+    assert d.mask_json_body(body, "application/json") == d.mask_json_body(body, "text/plain")
