@@ -34,7 +34,7 @@ sys.path.append(_HERE)
 from enforcer.masking.config import load_masking  # noqa: E402
 from tests.pg_harness import EnforcerThread, PostgresServer  # noqa: E402
 
-from pg_pgbench import AllowAll, CountingSink  # noqa: E402
+from pg_pgbench import CountingSink, bench_policy  # noqa: E402
 
 MASKING = {
     "rules": [
@@ -77,9 +77,9 @@ def main():
         masker = load_masking(MASKING).for_session("bench-svc", {}, "benchdb")
         assert masker is not None
         sink = CountingSink()
-        plain = EnforcerThread((pg.host, pg.port), sink=sink, policy=AllowAll(), identity="bench-svc",
+        plain = EnforcerThread((pg.host, pg.port), sink=sink, policy=bench_policy("bench-svc", "benchdb"), identity="bench-svc",
                                target_name="benchdb", use_uvloop=True).start()
-        masked = EnforcerThread((pg.host, pg.port), sink=sink, policy=AllowAll(), masking=masker,
+        masked = EnforcerThread((pg.host, pg.port), sink=sink, policy=bench_policy("bench-svc", "benchdb"), masking=masker,
                                 identity="bench-svc", target_name="benchdb", use_uvloop=True).start()
         paths = {"direct": (pg.host, pg.port), "warden": (plain.host, plain.port),
                  "warden_masked": (masked.host, masked.port)}

@@ -50,17 +50,21 @@ CLIENTS = (1, 8)
 
 
 BENCH_POLICY = """
-@id("bench-read-accounts")
-permit (principal == Service::"test-svc", action == Action::"pg:select", resource in Target::"testdb");
+@id("bench-reads")
+permit (principal == Service::"IDENTITY", action == Action::"pg:select", resource in Target::"TARGET");
+@id("bench-copy-out")
+permit (principal == Service::"IDENTITY", action == Action::"pg:copy_out", resource in Target::"TARGET");
 @id("bench-housekeeping")
-permit (principal == Service::"test-svc", action == Action::"pg:other", resource)
+permit (principal == Service::"IDENTITY", action == Action::"pg:other", resource)
 when { ["TransactionStmt", "VariableSetStmt", "VariableShowStmt"].contains(context.statement_kind) };
 """
 
 
-def bench_policy():
+def bench_policy(identity: str = "test-svc", target: str = "testdb"):
+    """The real Cedar engine with reads allowed for `identity` on `target`."""
     from enforcer.policy.engine import PolicyEngine
-    return PolicyEngine.from_text(BENCH_POLICY, source="bench-policy")
+    text = BENCH_POLICY.replace("IDENTITY", identity).replace("TARGET", target)
+    return PolicyEngine.from_text(text, source="bench-policy")
 
 
 class SpoolSink:
