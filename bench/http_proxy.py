@@ -1,5 +1,7 @@
 """HTTP enforcer throughput: wrk against a small server directly, through a bare uvloop byte
-relay (the Python ceiling), through Warden's serve_http with policy and recording on, and
+relay (the Python ceiling), through Warden's serve_http with policy and recording on (the real
+Cedar engine; records sealed by the real RecordWriter into a spool in a temp dir, or
+`--sink memory` to see what recording costs), and
 through mitmproxy in reverse-proxy mode when mitmdump is available; plus the time to mask a
 1 MB JSON response with the real masking engine.
 
@@ -116,7 +118,17 @@ class _MemorySink:
         self.last = (event_type, fields, session_id)
 
 
-async def _run_role(role: str, listen_port: int, server_port: int) -> None:
+def _spool_writer(state: str):
+    """The agent's recording path: RecordWriter sealing into a durable spool under `state`."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from records.spool import Spool
+    from records.writer import RecordWriter
+    spool = Spool(os.path.join(state, "spool"), max_bytes=8 << 30)
+    return RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(state, "state"), spool)
+
+
+async def _run_role(role: str, listen_port: int, server_port: int, sink_kind: str = "memory") -> None:
+    """sink_kind: "memory", or the directory the warden role's spool goes to."""
     loop = asyncio.get_running_loop()
     if role == "server":
         server = await loop.create_server(_CannedServer, SERVER_HOST, listen_port, backlog=1024)
@@ -127,7 +139,7 @@ async def _run_role(role: str, listen_port: int, server_port: int) -> None:
         from enforcer.http.proxy import serve_http
         from enforcer.policy.engine import PolicyEngine
         policy = PolicyEngine.from_text(POLICY)
-        sink = _MemorySink()
+        sink = _spool_writer(sink_kind) if sink_kind != "memory" else _MemorySink()
         target = TargetInfo("api", "http", SERVER_HOST, server_port)
         sessions = [0]
 
@@ -151,8 +163,8 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _start(role: str, listen_port: int, server_port: int = 0) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role,
+def _start(role: str, listen_port: int, server_port: int = 0, spool_dir: str = "") -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--role", role, "--spool-dir", spool_dir,
                              "--listen-port", str(listen_port), "--server-port", str(server_port)],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -217,16 +229,19 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--mitmdump", default=shutil.which("mitmdump"),
                         help="mitmdump to compare with (default: on PATH; not measured without one)")
+    parser.add_argument("--sink", choices=("spool", "memory"), default="spool",
+                        help="where Warden records: the real writer and spool (default) or an in-memory counter")
     parser.add_argument("--role", choices=("server", "relay", "warden"), help=argparse.SUPPRESS)
+    parser.add_argument("--spool-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--listen-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--server-port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
         try:
             import uvloop
-            uvloop.run(_run_role(args.role, args.listen_port, args.server_port))
+            uvloop.run(_run_role(args.role, args.listen_port, args.server_port, args.spool_dir or "memory"))
         except ImportError:
-            asyncio.run(_run_role(args.role, args.listen_port, args.server_port))
+            asyncio.run(_run_role(args.role, args.listen_port, args.server_port, args.spool_dir or "memory"))
         return 0
 
     if shutil.which("wrk") is None:
@@ -238,10 +253,11 @@ def main() -> int:
              ("warden", PROXY_HOST, _free_port(PROXY_HOST))]
     procs = []
     confdir = tempfile.mkdtemp(prefix="warden-bench-mitm-")
+    spool_dir = tempfile.mkdtemp(prefix="warden-bench-http-spool-")
     try:
         procs.append(_start("server", server_port))
         procs.append(_start("relay", paths[1][2], server_port))
-        procs.append(_start("warden", paths[2][2], server_port))
+        procs.append(_start("warden", paths[2][2], server_port, spool_dir if args.sink == "spool" else ""))
         if args.mitmdump:
             mitm_port = _free_port(PROXY_HOST)
             try:
@@ -264,6 +280,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(confdir, ignore_errors=True)
+        shutil.rmtree(spool_dir, ignore_errors=True)
     mask_ms, masked_values = _masking_ms()
     ratio_relay = results["warden"] / results["relay"]
     ratio_direct = results["warden"] / results["direct"]
@@ -274,7 +291,7 @@ def main() -> int:
         "direct_rps": round(results["direct"]), "relay_rps": round(results["relay"]),
         "warden_rps": round(results["warden"]), "warden_vs_relay": round(ratio_relay, 3),
         "warden_vs_direct": round(ratio_direct, 3), "target_vs_relay": 0.5,
-        "policy": True, "recording": "memory"}
+        "policy": True, "recording": args.sink}
     if "mitmproxy" in results:
         ratio_mitm = results["warden"] / results["mitmproxy"]
         print(f"warden / mitmproxy = {ratio_mitm:.1f}x (target >= 30x)")
