@@ -519,9 +519,11 @@ _CONSTANT_MARK = "\x01"
 # literals, so equal shapes are equal texts up to literal values. Leftmost matching takes
 # quoted identifiers and strings as units (a digit or quote inside one is never taken for
 # something else); a quote glued to a name (E'', B'', U&'', date'...') goes to the lexer.
-_FAST_UNSAFE = re.compile(r"--|/\*|\\|\$(?!\d)|\0|\x01")
+# Non-ASCII text goes to the lexer too: Postgres takes letters like é or ٣ as identifier
+# characters, where the regex would see a word boundary and take `é5`'s digit for a literal.
+_FAST_UNSAFE = re.compile(r"--|/\*|\\|\$(?!\d)|\0|\x01|[^\x00-\x7f]")
 _FAST_LITERAL = re.compile(r"""("(?:[^"]|"")*")|([\w$&]')|'[^']*'"""
-                           r"""|(?<![\w$.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])""")
+                           r"""|(?<![\w$.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])""", re.ASCII)
 
 
 class _NeedsLexer(Exception):

@@ -1,9 +1,12 @@
 """SQL classification: what each statement does, as policy sees it."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enforcer.sqlclass import (
     DEFAULT_DANGEROUS, ClassificationCache, SqlClassifier, classify_sql, is_dangerous, statement_shape,
@@ -330,6 +333,8 @@ def test_shape_reuse_matches_a_full_parse(sql):
     ("SELECT '--' FROM t", "SELECT 1 FROM t -- x"),
     ("SELECT $1 FROM t", "SELECT $2 FROM t"),                                # parameter numbers are not literals
     ("SELECT 1e5", "SELECT 1e"),                                             # 1e is 1 AS e, not a number
+    ("SELECT * FROM é5", "SELECT * FROM é6"),                               # non-ASCII identifier characters
+    ("DELETE FROM t WHERE ٣ = 1", "DELETE FROM t WHERE 5 = 1"),             # ٣ is a column name to Postgres
 ])
 def test_shapes_keep_what_decides(a, b):
     # only the pair whose texts differ in literal values alone may share a shape
@@ -362,3 +367,26 @@ def test_shape_reuse_skips_the_parse():
     cache.classify("SET search_path = 'a'")
     cache.classify("SET search_path = 'b'")
     assert cache.shape_hits == 99
+
+
+_SLOTS = ["1", "42", "1.5", ".5", "1e5", "1e", "'x'", "'a''b'", "E'x'", "t1", "t2", "s.t", "\"T 1\"", "é5", "٣",
+          "$1", "x'ff'", "-1", "a$1", "date '2020-01-01'", "1.2.3", "'--'", "(SELECT 1)", "f(1)", "g(2)"]
+_TEMPLATES = ["SELECT {} FROM {}", "SELECT * FROM t WHERE a = {} AND b = {}", "DELETE FROM t WHERE {} = {}",
+              "UPDATE t SET a = {} WHERE {} > 0", "INSERT INTO t VALUES ({}, {})", "SELECT {} {}"]
+
+
+def _signature(statements):
+    return [dataclasses.replace(s, text="", fingerprint="") for s in statements]
+
+
+@given(st.sampled_from(_TEMPLATES), st.lists(st.sampled_from(_SLOTS), min_size=4, max_size=4))
+@settings(max_examples=400, deadline=None)
+def test_equal_shapes_classify_alike(template, slots):
+    """Whatever fills a statement's slots, two texts share a shape only if they classify alike."""
+    a, b = template.format(*slots[:2]), template.format(*slots[2:])
+    if statement_shape(a) is None or statement_shape(a) != statement_shape(b):
+        return
+    first = classify_sql(a)
+    if any(s.parse_error for s in first):
+        return        # a text that does not parse is never reused by shape
+    assert _signature(first) == _signature(classify_sql(b)), (a, b)
