@@ -545,9 +545,9 @@ class RecordsPipeline:
         return bool(self.writer.full)
 
     def status(self) -> dict:
+        seq, head = self.writer.chain_head()
         return {"spool_backlog_bytes": self.spool.used_bytes, "spool_backlog_batches": self.spool.pending_count,
-                "spool_full": self.full, "chain_seq": self.writer.last_seq,
-                "chain_hash": bytes(self.writer.last_hash).hex()}
+                "spool_full": self.full, "chain_seq": seq, "chain_hash": bytes(head).hex()}
 
     def close(self) -> None:
         self.writer.close()

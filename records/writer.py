@@ -133,6 +133,11 @@ class RecordWriter:
             if batch.count >= self.batch_max_events:
                 self._cut_locked()
 
+    def chain_head(self) -> tuple[int, bytes]:
+        """(last sequence number, its hash), read together: producers on other threads move both."""
+        with self._lock:
+            return self.last_seq, self.last_hash
+
     @property
     def full(self) -> bool:
         return self._held is not None or self.spool.full
