@@ -71,7 +71,20 @@ class SchemaError(ValueError):
     """An event does not fit the schema (unknown type or unknown field)."""
 
 
+# (event type, field names in order) already found valid: producers emit the same shapes
+# over and over, so the check is one dict lookup after the first time
+_valid_shapes: dict[tuple, bool] = {}
+
+
 def validate_fields(event_type: str, fields: dict) -> None:
+    if type(fields) is dict and (event_type, *fields) in _valid_shapes:
+        return
+    _validate_fields(event_type, fields)
+    if type(fields) is dict and len(_valid_shapes) < 8192:
+        _valid_shapes[(event_type, *fields)] = True
+
+
+def _validate_fields(event_type: str, fields: dict) -> None:
     allowed = _FIELD_SETS.get(event_type)
     if allowed is None:
         raise SchemaError(f"unknown event type {event_type!r}; known types: "
