@@ -21,7 +21,33 @@ def _json_default(value):
 
 # One encoder, built once: json.dumps with options builds a new encoder per call,
 # which is measurable at ingest rates. Output is identical to json.dumps(...).
-canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json_default).encode
+_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _direct_encoder():
+    """The C encoder JSONEncoder.encode uses, called without its per-call Python wrapper
+    and circular-reference bookkeeping (decoded msgpack cannot be circular): about half
+    the cost per event. None when this Python's json lacks it or disagrees on a sample."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        iterencode = make(None, _json_default, json.encoder.encode_basestring_ascii, None, ":", ",",
+                          True, False, True)
+    except TypeError:  # another Python's signature
+        return None
+
+    def encode(value) -> str:
+        return "".join(iterencode(value, 0))
+
+    sample = {"b": [1, 2.5, None, True, "é\n"], "a": {"z": b"\x00", "y": (1,)}, "c": -(2**70), "d": float("nan")}
+    try:
+        return encode if encode(sample) == _encoder.encode(sample) else None
+    except Exception:
+        return None
+
+
+canonical_json = _direct_encoder() or _encoder.encode
 
 
 def _name(value) -> str | None:
@@ -34,6 +60,12 @@ def _name(value) -> str | None:
                 return value[key]
         return None
     return str(value)
+
+
+def _text(value) -> str | None:
+    """A text column's value (the binary COPY on PostgreSQL takes str only; SQLite's TEXT
+    affinity stored other scalars as their text anyway)."""
+    return value if value is None or type(value) is str else str(value)
 
 
 def table_names(fields: dict) -> list[str]:
@@ -50,6 +82,15 @@ def table_names(fields: dict) -> list[str]:
             if text and text not in names:
                 names.append(text)
     return names
+
+
+def _table_list(raw) -> list[str]:
+    """table_names for the usual shape (one clean, lower-case name), else the general rule."""
+    if type(raw) is list and len(raw) == 1:
+        item = raw[0]
+        if type(item) is str and item and item == item.strip().strip('"').lower():
+            return raw
+    return table_names({"tables": raw})
 
 
 def table_base(name: str) -> str:
@@ -116,6 +157,14 @@ def mask_summary(f: dict) -> str:
     return head
 
 
+def _same_step(request: dict, decision: dict) -> bool:
+    """False when both name their statement/request index and the indexes differ."""
+    for key in ("statement_index", "request_index"):
+        if key in request and key in decision:
+            return request[key] == decision[key]
+    return True
+
+
 def _decision(event_type: str, f: dict) -> str | None:
     value = f.get("decision")
     if value is None and event_type.startswith("approval."):
@@ -171,13 +220,13 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
     """known_sessions: sid -> (identity, target) of sessions already stored; it is
     extended in place with sessions started in this batch."""
     index = BatchIndex()
-    last_request: dict[str, list] = {}  # sid -> the statement/request row a decision belongs to
+    last_request: dict[str, tuple] = {}  # sid -> (row, fields) of the statement/request awaiting its decision
     event_rows, table_rows = index.event_rows, index.table_rows
     # The hot loop of ingest: names bound locally, no per-event helper calls where a
     # type test does (a plain str identity/target is what _name would return anyway).
     sessions, unresolved = index.sessions, index.unresolved
     append_event, append_table = event_rows.append, table_rows.append
-    name_of, summary_of, to_json, decision_of = _name, summarize, canonical_json, _decision
+    name_of, summary_of, to_json, decision_of, tables_of = _name, summarize, canonical_json, _decision, _table_list
     for ev in events:
         f = ev.get("f") or {}
         event_type, sid, ts, seq = ev["type"], ev.get("sid"), int(ev["ts"]), int(ev["seq"])
@@ -192,22 +241,32 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
             if identity is None or target is None:
                 inherited = known_sessions.get(sid, (None, None))
                 identity, target = identity or inherited[0], target or inherited[1]
-        decision = decision_of(event_type, f)
+        decision = f.get("decision")
+        if decision is not None:
+            decision = decision if type(decision) is str else str(decision)
+        elif event_type.startswith("approval."):
+            decision = decision_of(event_type, f)
         if sid is not None and event_type == "policy.decision" and decision and sid in last_request:
-            # The decision is its own event; copy it onto the statement it decided.
-            last_request.pop(sid)[_DECISION] = decision
+            # The decision is its own event; copy it onto the statement it decided: the
+            # pending one, unless that carries its own decision (Postgres records the
+            # decision first, so the pending statement is the previous one) or names
+            # another statement/request index.
+            pending, pending_fields = last_request.pop(sid)
+            if pending[_DECISION] is None and _same_step(pending_fields, f):
+                pending[_DECISION] = decision
         row = [agent_id, seq, ts, sid, event_type, identity, target, summary_of(event_type, f), decision,
                batch_id, ev["hash"].hex(), to_json(f)]
         append_event(row)
-        if "tables" in f:
-            for name in table_names(f):
-                append_table((agent_id, seq, name, table_base(name), ts, sid))
+        tables = f.get("tables")
+        if tables:
+            for name in tables_of(tables):
+                append_table((agent_id, seq, name, name.rsplit(".", 1)[-1], ts, sid))
         if sid is None:
             continue
         if (identity is None or target is None) and sid not in known_sessions:
             unresolved.setdefault(sid, []).append(row)
         if event_type == "pg.statement" or event_type == "http.request":
-            last_request[sid] = row
+            last_request[sid] = (row, f)
         delta = sessions.get(sid)
         if delta is None:
             delta = sessions[sid] = SessionDelta(sid, agent_id)
@@ -218,8 +277,8 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
             process = f.get("process")
             delta.start = {
                 "identity": identity, "target": target,
-                "host": f.get("host") or hostname,
-                "protocol": f.get("protocol"),
+                "host": _text(f.get("host") or hostname),
+                "protocol": _text(f.get("protocol")),
                 "process": canonical_json(process) if process is not None else None,
                 "start_ns": ts,
             }

@@ -44,7 +44,10 @@ def _limit(limit: int | None, default: int = 100) -> int:
 
 def _table_condition(column_name, column_base, table: str):
     name = table.strip().strip('"').lower()
-    return column_name == name if "." in name else column_base == table_base(name)
+    if "." in name:
+        # The base-name condition lets the (table_base, ts) index do the range scan.
+        return and_(column_base == table_base(name), column_name == name)
+    return column_base == table_base(name)
 
 
 @dataclass

@@ -85,8 +85,9 @@ events = Table(
     Index("ix_events_ts", "ts"),
     Index("ix_events_sid", "sid", "ts"),
     Index("ix_events_identity_ts", "identity", "ts"),
-    Index("ix_events_type_ts", "type", "ts"),
-    # (ix_events_batch was dropped in migration 3: no query used it and it cost every insert)
+    # Dropped because each cost every insert and no query needed them: ix_events_batch
+    # (migration 3); ix_events_type_ts (migration 4): a type filter comes with a time
+    # window, which ix_events_ts serves, and a dozen types made it a poor range key anyway.
 )
 
 # One row per table an event touched; ts and sid are copied so "who touched
@@ -99,7 +100,8 @@ event_tables = Table(
     Column("table_base", String(255), nullable=False),
     Column("ts", BigInteger, nullable=False),
     Column("sid", String(200)),
-    Index("ix_event_tables_name_ts", "table_name", "ts"),
+    # One index serves both lookups: a qualified name is found on its base name and
+    # filtered (ix_event_tables_name_ts was dropped in migration 4: it cost every insert).
     Index("ix_event_tables_base_ts", "table_base", "ts"),
 )
 
@@ -201,10 +203,19 @@ def _drop_index(name: str):
     return step
 
 
+def _drop_indexes(*names: str):
+    def step(connection):
+        for name in names:
+            connection.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+    return step
+
+
 # Append new steps; never edit an applied one.
 MIGRATIONS = [
     (1, "initial schema", _create(agents, agent_problems, batches, events, event_tables,
                                    sessions, approvals, tokens, access_log)),
     (2, "retention checkpoints", _create(checkpoints)),
     (3, "drop unused index ix_events_batch", _drop_index("ix_events_batch")),
+    (4, "drop ix_event_tables_name_ts (served by ix_event_tables_base_ts) and ix_events_type_ts",
+     _drop_indexes("ix_event_tables_name_ts", "ix_events_type_ts")),
 ]
