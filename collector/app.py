@@ -19,7 +19,7 @@ from collector import queries, retention
 from collector.auth import (ROLE_RANK, AuthError, CollectorKeys, ForbiddenError, OIDCVerifier, Principal,
                             looks_like_agent_token, verify_agent_token, verify_api_token)
 from collector.config import CollectorConfig
-from collector.ingest import IngestRejected, enroll_agent, ingest_batch
+from collector.ingest import IngestRejected, enroll_agent, ingest_batch, set_ingest_workers
 from collector.integrity import verify_store
 from collector.metrics import Counters, render
 from collector.ocsf import OCSF_EVENT_TYPES, to_ocsf
@@ -92,6 +92,8 @@ async def _retention_loop(store: Store, keys: CollectorKeys, config: CollectorCo
 def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
     store = store or Store(config.database_url)
     store.migrate()
+    if config.ingest_workers is not None:
+        set_ingest_workers(config.ingest_workers)
     keys = CollectorKeys(config.state_dir)
     counters = Counters()
     @contextlib.asynccontextmanager

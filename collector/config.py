@@ -57,6 +57,7 @@ class CollectorConfig:
     retention_days: int | None = None
     retention_interval: str = "1h"
     approval_timeout: str = "15m"
+    ingest_workers: int | None = None   # None: two per CPU (or WARDEN_INGEST_WORKERS); 0: in-process
     webhook: WebhookSettings = field(default_factory=WebhookSettings)
     source: str = "<defaults>"
 
@@ -98,6 +99,7 @@ _SCHEMA: dict[str, tuple[type, dict | None]] = {
     "tokens": (dict, {"issuer": str, "audience": str, "default_ttl": str, "oidc": dict}),
     "retention": (dict, {"days": int, "interval": str}),
     "approvals": (dict, {"timeout": str}),
+    "ingest": (dict, {"workers": int}),
     "webhook": (dict, {"url": str, "secret": str}),
 }
 
@@ -134,6 +136,7 @@ def load_config(path: str | os.PathLike | None) -> CollectorConfig:
     config.retention_days = values.get("retention", {}).get("days")
     config.retention_interval = values.get("retention", {}).get("interval", "1h")
     config.approval_timeout = values.get("approvals", {}).get("timeout", "15m")
+    config.ingest_workers = values.get("ingest", {}).get("workers")
     hook = values.get("webhook", {})
     config.webhook = WebhookSettings(url=hook.get("url"), secret=hook.get("secret"))
     return config

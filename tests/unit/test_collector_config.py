@@ -31,6 +31,7 @@ def test_full_config(tmp_path):
     ("approvals:\n  timeout: soon\n", ":1: approvals.timeout: bad duration"),
     ("- a\n- b\n", ":1: the top level must be a mapping"),
     ("tokens: yes\n", ":1: 'tokens' must be a mapping"),
+    ("ingest:\n  workers: -1\n", ":2: ingest.workers must be a non-negative whole number"),
 ])
 def test_config_errors_name_the_line(tmp_path, text, message):
     path = tmp_path / "collector.yaml"
@@ -38,6 +39,13 @@ def test_config_errors_name_the_line(tmp_path, text, message):
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert f"{path}{message}" in str(caught.value)
+
+
+def test_ingest_workers(tmp_path):
+    path = tmp_path / "collector.yaml"
+    path.write_text("ingest:\n  workers: 0\n")
+    assert load_config(path).ingest_workers == 0
+    assert load_config(None).ingest_workers is None
 
 
 def test_times_and_durations():
