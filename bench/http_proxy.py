@@ -118,15 +118,6 @@ class _MemorySink:
         self.last = (event_type, fields, session_id)
 
 
-def _spool_writer(state: str):
-    """The agent's recording path: RecordWriter sealing into a durable spool under `state`."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from records.spool import Spool
-    from records.writer import RecordWriter
-    spool = Spool(os.path.join(state, "spool"), max_bytes=8 << 30)
-    return RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(state, "state"), spool)
-
-
 async def _run_role(role: str, listen_port: int, server_port: int, sink_kind: str = "memory") -> None:
     """sink_kind: "memory", or the directory the warden role's spool goes to."""
     loop = asyncio.get_running_loop()
@@ -139,7 +130,8 @@ async def _run_role(role: str, listen_port: int, server_port: int, sink_kind: st
         from enforcer.http.proxy import serve_http
         from enforcer.policy.engine import PolicyEngine
         policy = PolicyEngine.from_text(POLICY)
-        sink = _spool_writer(sink_kind) if sink_kind != "memory" else _MemorySink()
+        from bench._recording import SpoolSink
+        sink = SpoolSink(sink_kind) if sink_kind != "memory" else _MemorySink()
         target = TargetInfo("api", "http", SERVER_HOST, server_port)
         sessions = [0]
 

@@ -42,6 +42,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
+from bench._recording import SpoolSink  # noqa: E402
 from tests.pg_harness import EnforcerThread, PostgresServer, free_port  # noqa: E402
 
 PATHS = ("direct", "pgbouncer", "relay", "warden")
@@ -65,29 +66,6 @@ def bench_policy(identity: str = "test-svc", target: str = "testdb"):
     from enforcer.policy.engine import PolicyEngine
     text = BENCH_POLICY.replace("IDENTITY", identity).replace("TARGET", target)
     return PolicyEngine.from_text(text, source="bench-policy")
-
-
-class SpoolSink:
-    """The agent's real recording path: RecordWriter -> durable spool (temp dir)."""
-
-    def __init__(self):
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-        from records.spool import Spool
-        from records.writer import RecordWriter
-        self.dir = tempfile.mkdtemp(prefix="warden-bench-spool-")
-        self.spool = Spool(os.path.join(self.dir, "spool"), max_bytes=8 << 30)
-        self.writer = RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(self.dir, "state"),
-                                   self.spool)
-        self.count = 0
-
-    def emit(self, event_type, fields, session_id=None):
-        self.count += 1
-        self.writer.emit(event_type, fields, session_id)
-
-    def close(self):
-        self.writer.close(60)
-        self.spool.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class CountingSink:

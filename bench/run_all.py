@@ -16,7 +16,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> int:
-    scripts = sorted(p for p in glob.glob(os.path.join(HERE, "*.py")) if os.path.basename(p) != "run_all.py")
+    # _*.py are helpers the benches share, not benches
+    scripts = sorted(p for p in glob.glob(os.path.join(HERE, "*.py"))
+                     if os.path.basename(p) != "run_all.py" and not os.path.basename(p).startswith("_"))
     only = sys.argv[1:]
     results = []
     failed = 0

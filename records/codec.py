@@ -63,7 +63,12 @@ def _canon_map(value: dict) -> dict:
         break
     if plain:
         return value if order == keys else {key: value[key] for key in order}
-    return {key: _canon(value[key]) for key in order}
+    # only the nested values need the recursive pass (header maps, process records)
+    out = {}
+    for key in order:
+        item = value[key]
+        out[key] = item if type(item) in _SIMPLE else _canon(item)
+    return out
 
 
 def _canon(value):

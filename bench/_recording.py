@@ -1,0 +1,34 @@
+"""The agent's real recording path for benches: RecordWriter sealing events into a durable spool."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+
+class SpoolSink:
+    """An EventSink that records like the agent: chained, signed batches in a spool on disk.
+    With no `directory` a temp dir is made and removed by close()."""
+
+    def __init__(self, directory: Optional[str] = None):
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from records.spool import Spool
+        from records.writer import RecordWriter
+        self._owned = directory is None
+        self.dir = directory or tempfile.mkdtemp(prefix="warden-bench-spool-")
+        self.spool = Spool(os.path.join(self.dir, "spool"), max_bytes=8 << 30)
+        self.writer = RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(self.dir, "state"),
+                                   self.spool)
+        self.count = 0
+
+    def emit(self, event_type, fields, session_id=None):
+        self.count += 1
+        self.writer.emit(event_type, fields, session_id)
+
+    def close(self):
+        self.writer.close(60)
+        self.spool.close()
+        if self._owned:
+            shutil.rmtree(self.dir, ignore_errors=True)
