@@ -115,9 +115,9 @@ class RecordWriter:
     # -- producer side -----------------------------------------------------------------
     def emit(self, event_type: str, fields: dict, session_id: str | None = None) -> None:
         validate_fields(event_type, fields)
-        if self._closing:
-            raise RuntimeError("RecordWriter is closed")
         with self._lock:
+            if self._closing:
+                raise RuntimeError("RecordWriter is closed")
             batch = self._open
             if self._held is not None:
                 backlog = self._unstored + (batch.count if batch is not None else 0)
@@ -158,7 +158,10 @@ class RecordWriter:
         try:
             self.flush(timeout)
         finally:
-            self._closing = True
+            with self._lock:
+                # an event another thread sealed after the flush still goes to the spool
+                self._closing = True
+                self._cut_locked()
             self._queue.put(None)
             self._thread.join(timeout)
             if self._held is None:
