@@ -24,6 +24,7 @@ Prints a summary and, as its last line, `BENCH {json}`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -276,19 +277,33 @@ def main() -> int:
     return 0
 
 
-def _postgres(produced, tables, span_ns, queries, rng) -> dict:
+@contextlib.contextmanager
+def durable_postgres():
+    """A throwaway PostgreSQL with every durability setting on: yields (database url, postmaster
+    pid), or None when the server binaries are not installed."""
     from tests.pg_harness import PostgresServer, postgres_available
     if not postgres_available():
         print("postgresql: skipped (server binaries or the postgres user missing)")
-        return {"skipped": "PostgreSQL binaries not installed"}
+        yield None
+        return
     durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on", "shared_buffers": "256MB",
                "max_wal_size": "2GB"}
     with PostgresServer(extra_conf=durable) as pg:
         pg.psql_local("CREATE DATABASE warden")
-        url = f"postgresql://postgres@{pg.host}:{pg.port}/warden"
-        result = run_backend("postgresql", url, produced, tables, span_ns, queries, rng, server_pid=pg.pid)
-    result["settings"] = "fsync=on synchronous_commit=on shared_buffers=256MB"
-    return result
+        yield f"postgresql://postgres@{pg.host}:{pg.port}/warden", pg.pid
+
+
+POSTGRES_SETTINGS = "fsync=on synchronous_commit=on shared_buffers=256MB"
+POSTGRES_SKIPPED = {"skipped": "PostgreSQL binaries not installed"}
+
+
+def _postgres(produced, tables, span_ns, queries, rng) -> dict:
+    with durable_postgres() as server:
+        if server is None:
+            return dict(POSTGRES_SKIPPED)
+        url, pid = server
+        result = run_backend("postgresql", url, produced, tables, span_ns, queries, rng, server_pid=pid)
+    return dict(result, settings=POSTGRES_SETTINGS)
 
 
 if __name__ == "__main__":

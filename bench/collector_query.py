@@ -44,10 +44,9 @@ from records.batch import BatchBuilder  # noqa: E402
 from records.codec import GENESIS_HASH  # noqa: E402
 from records.signing import public_key_bytes  # noqa: E402
 
-DAY_NS = 86400 * 10**9
-WINDOW_NS = 600 * 10**9
-START_NS = 1_714_521_600 * 10**9  # 2024-05-01T00:00:00Z
-EVENTS_PER_DAY = 1_000_000
+from bench.collector import (DAY_NS, EVENTS_PER_DAY, POSTGRES_SETTINGS, POSTGRES_SKIPPED,  # noqa: E402
+                             START_NS, WINDOW_NS, durable_postgres)
+
 IDENTITIES = [f"svc-{i}" for i in range(20)]
 
 
@@ -221,18 +220,11 @@ def main() -> int:
 
 
 def _postgres(produced, tables, span_ns, queries, rng) -> dict:
-    from tests.pg_harness import PostgresServer, postgres_available
-    if not postgres_available():
-        print("postgresql: skipped (server binaries or the postgres user missing)")
-        return {"skipped": "PostgreSQL binaries not installed"}
-    durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on", "shared_buffers": "256MB",
-               "max_wal_size": "2GB"}
-    with PostgresServer(extra_conf=durable) as pg:
-        pg.psql_local("CREATE DATABASE warden")
-        result = run_backend("postgresql", f"postgresql://postgres@{pg.host}:{pg.port}/warden", produced, tables,
-                             span_ns, queries, rng)
-    result["settings"] = "fsync=on synchronous_commit=on shared_buffers=256MB"
-    return result
+    with durable_postgres() as server:
+        if server is None:
+            return dict(POSTGRES_SKIPPED)
+        result = run_backend("postgresql", server[0], produced, tables, span_ns, queries, rng)
+    return dict(result, settings=POSTGRES_SETTINGS)
 
 
 if __name__ == "__main__":
