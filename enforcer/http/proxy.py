@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 from enforcer.context import ConnectionContext, UpstreamTLS
 
+from ..masking.pgrow import MaskingRefused
 from ..relay import relay
 from ..tlslayer import TlsServerTransport
 from .clienttls import HTTP_ALPNS, leaf_context, name_allowed
@@ -982,9 +983,8 @@ class HttpSession(asyncio.Protocol):
         content_type = find_header(headers, "content-type") or ""
         try:
             masked, counts = self.masker(body, content_type)
-        except RecursionError:
-            raise _UpstreamGone("the JSON response nests too deeply for Warden to mask it, so it is not sent "
-                                "unmasked", False, status=502, code="unmaskable_response") from None
+        except MaskingRefused as exc:
+            raise _UpstreamGone(str(exc), False, status=502, code="unmaskable_response") from None
         total = _count(counts)
         if total:
             self.ctx.emit("mask.applied", {"method": "http.response_body", "fields": counts,

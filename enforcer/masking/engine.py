@@ -296,7 +296,12 @@ class SessionMasker:
         if is_json:
             # a body that turns out not to be JSON goes to the text detectors below; with none in
             # use it would come back unchanged, so the JSON masker may skip parsing it
-            result = self.ruleset.json.mask_body(body, may_skip_parse=not self.ruleset.text_scanner.detectors)
+            try:
+                result = self.ruleset.json.mask_body(body, may_skip_parse=not self.ruleset.text_scanner.detectors)
+            except RecursionError:
+                # deeper than Python's parser goes: its keys cannot be found, so it cannot leave
+                raise MaskingRefused("the JSON body nests too deeply for Warden to mask it, so it is not sent "
+                                     "unmasked") from None
             if result is not None:
                 masked, counts = result
                 for k, v in counts.items():

@@ -23,6 +23,7 @@ import pytest
 
 from enforcer.context import ConnectionContext, TargetInfo, UpstreamTLS
 from enforcer.http.proxy import serve_http
+from enforcer.masking import MaskingRefused
 
 ROOT = Path(__file__).resolve().parents[2]
 CARD = "4111 1111 1111 1111"
@@ -381,15 +382,23 @@ def test_masking_hook_rewrites_json_bodies_including_gzip(upstream, enforcer):
     assert [a["request_index"] for a in applied] == [1, 2] and applied[0]["values_masked"] == 1
 
 
-class _TooDeepMasker:
-    """As the real masking layer on a JSON document nested deeper than Python's parser goes."""
+class _Refusing:
+    """The real masking layer, fed a document too deep for it whatever the upstream sent."""
+
+    def __init__(self, masker):
+        self.masker = masker
 
     def mask_json_body(self, body: bytes, content_type: str):
-        raise RecursionError("maximum recursion depth exceeded")
+        return self.masker.mask_json_body(b"[" * 5000 + body + b"]" * 5000, content_type)
 
 
 def test_a_response_too_deep_to_mask_is_refused_not_sent_raw(upstream, enforcer):
-    enforcer.configure(upstream, masking=_TooDeepMasker())
+    from enforcer.masking import load_masking
+    masker = load_masking({"rules": [{"json_key": "card", "strategy": "partial"}]}).for_session("svc", {}, "api")
+    too_deep = b"[" * 5000 + b'{"card": "4111 1111 1111 1111"}' + b"]" * 5000
+    with pytest.raises(MaskingRefused, match="nests too deeply"):
+        masker.mask_json_body(too_deep, "application/json")
+    enforcer.configure(upstream, masking=_Refusing(masker))
     with httpx.Client(base_url=enforcer.url, headers={"Host": "api"}) as client:
         refused = client.get("/json")
     assert refused.status_code == 502
