@@ -109,15 +109,16 @@ def _cache_base(ctx, policy) -> tuple:
 DECIDED, CACHED_TEXT, CACHED_SHAPE = "decided", "text", "shape"
 
 
-def decide_now(ctx, req: DecisionRequest):
+def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None):
     """The synchronous part of `decide`: (verdicts, how) when no approval is needed (how is
     DECIDED, CACHED_TEXT or CACHED_SHAPE), else (None, decisions) for `decide` to ask the
     approval service. A new text of a known shape (`WHERE id = 42` after `WHERE id = 41`) is
-    decided like it without asking the policy engine."""
+    decided like it without asking the policy engine. `base`: the cache key prefix
+    (_cache_base), when the caller already has it."""
     policy = ctx.policy
     if policy is None:
         return [Verdict(True, req.sql, reason="no policy configured for this target")], DECIDED
-    base = _cache_base(ctx, policy)
+    base = base or _cache_base(ctx, policy)    # callers that computed it pass it in
     sql = req.sql
     cached = decision_cache.get((*base, sql))
     if cached is not None:
@@ -282,7 +283,7 @@ class _Connection:
         self._sleg: Optional[_Leg] = None
         self._paused = ({}, {})                    # (server leg, client leg): reasons reading is paused
         # per-connection decision cache in front of the shared one: sql -> verdicts, valid for
-        # one (policy, version, identity, hour)
+        # one shared-cache key prefix (policy, version, principal, target, hour)
         self._verdicts: dict = {}
         self._verdicts_key = None
         self._client_detached = False              # a failed direct-SSL handshake left no client stream
@@ -781,15 +782,18 @@ class _Connection:
         else the shared cache or the policy itself; (None, None) when an approval is needed."""
         ctx = self.ctx
         policy = ctx.policy
+        base = None
         if policy is not None:
-            vkey = (id(policy), getattr(policy, "version", None), _principal_key(ctx), int(time.time() // 3600))
-            if vkey != self._verdicts_key:
-                self._verdicts_key = vkey
+            # the shared cache's key prefix; a change of it (new policy, principal, hour)
+            # empties this connection's own verdicts
+            base = _cache_base(ctx, policy)
+            if base != self._verdicts_key:
+                self._verdicts_key = base
                 self._verdicts = {}
             hit = self._verdicts.get(req.sql)
             if hit is not None:
                 return hit, True
-        verdicts, how = decide_now(ctx, req)
+        verdicts, how = decide_now(ctx, req, base)
         if verdicts is None:
             return None, None
         if how == CACHED_TEXT and policy is not None:
