@@ -34,6 +34,12 @@ def build_wheels(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     subprocess.run(pip + ["wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir", out, ROOT], check=True)
+    # Warden's own wheel is built twice: with the native sealing module for this CPython, and
+    # pure Python (same records, slower) for the others; pip picks the closer match on install.
+    shutil.rmtree(os.path.join(ROOT, "build"), ignore_errors=True)
+    subprocess.run(pip + ["wheel", "--quiet", "--disable-pip-version-check", "--no-deps", "--wheel-dir", out, ROOT],
+                   check=True, env=dict(os.environ, WARDEN_PURE="1"))
+    shutil.rmtree(os.path.join(ROOT, "build"), ignore_errors=True)
     pins = []
     for whl in glob.glob(os.path.join(out, "*.whl")):
         name, ver = os.path.basename(whl).split("-")[:2]

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey
 
 from records import dictionary as dictionaries
 from records.codec import (EncodingError, canonical_encode, encode_fields,
-                           event_hash, event_head, event_tail)
+                           event_head, event_hash, seal_parts)
 from records.schema import SCHEMA_VERSION
 
 WIRE_FORMAT = 1
@@ -228,7 +228,7 @@ class BatchBuilder:
         self.prev_hash = prev_hash
         self.first_seq = first_seq
         self.last_hash = prev_hash
-        self._head_state = _sha256(event_head(agent_id))   # primed; copied per event
+        self._head = event_head(agent_id)
         self._last_ts = 0
         self._ts_deltas: list[int] = []
         self._sids: dict = {}
@@ -250,14 +250,8 @@ class BatchBuilder:
     def add(self, ts: int, sid: str | None, event_type: str, fields: dict) -> bytes:
         """Seal the next event; returns its hash."""
         seq = self.first_seq + len(self._hashes)
-        encoded_fields = encode_fields(fields)
-        tail = event_tail(seq, sid, ts, event_type, SCHEMA_VERSION)
-        state = self._head_state.copy()
-        state.update(encoded_fields)
-        state.update(tail)
-        tag = state.copy().digest()[:TAG_BYTES]     # SHA-256(encoding)[:8]
-        state.update(self.last_hash)                # SHA-256(encoding || prev)
-        digest = state.digest()
+        encoded_fields, tag, digest = seal_parts(self._head, fields, seq, sid, ts, event_type,
+                                                 SCHEMA_VERSION, self.last_hash)
         self._ts_deltas.append(ts - self._last_ts)
         self._last_ts = ts
         sids = self._sids
@@ -336,14 +330,12 @@ def decode_batch(data: bytes) -> Batch:
     append = events.append
     previous = body["prev"]
     seq, ts = body["first"], 0
-    # Each event's hash is computed exactly once, incrementally over the same three parts
-    # canonical_encode joins (head, field map, tail) followed by the previous hash:
-    # SHA-256(canonical_encode(event) || prev), without building the joined bytes.
+    # Each event's hash is computed exactly once, by the same seal_parts the writer used:
+    # SHA-256(canonical_encode(event) || prev).
     try:
-        head_state = _sha256(event_head(agent))
+        head = event_head(agent)
     except EncodingError as exc:
         raise BatchFormatError(str(exc)) from exc
-    copy_head = head_state.copy
     try:
         for index in range(count):
             seq_delta, ts_delta = seq_column[index], ts_column[index]
@@ -357,15 +349,7 @@ def decode_batch(data: bytes) -> Batch:
             if not (sid is None or type(sid) is str) or type(event_type) is not str \
                     or type(fields) is not dict:
                 raise BatchFormatError(f"event {index}: malformed session id, type or fields")
-            try:
-                encoded_fields = encode_fields(fields)
-            except EncodingError as exc:
-                raise EncodingError(f"event seq={seq} type={event_type}: {exc}") from exc
-            state = copy_head()
-            state.update(encoded_fields)
-            state.update(event_tail(seq, sid, ts, event_type, version))
-            state.update(previous)
-            digest = state.digest()
+            digest = seal_parts(head, fields, seq, sid, ts, event_type, version, previous)[2]
             append({"v": version, "agent": agent, "seq": seq, "ts": ts, "sid": sid,
                     "type": event_type, "f": fields, "prev": previous, "hash": digest})
             previous = digest

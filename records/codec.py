@@ -16,10 +16,20 @@ The first event of an agent chains from GENESIS_HASH (32 zero bytes).
 from __future__ import annotations
 
 import hashlib
+import os
 
 import msgpack
 
 from records.schema import SCHEMA_VERSION
+
+try:
+    # records/_seal.c: the same bytes and hashes, several times faster (see seal_parts)
+    from records import _seal as _native
+except ImportError:     # a pure-Python install (no compiler, another CPython): same results
+    _native = None
+if os.environ.get("WARDEN_PURE_PYTHON") == "1":
+    _native = None
+NATIVE = _native is not None
 
 GENESIS_HASH = bytes(32)
 
@@ -32,19 +42,24 @@ class EncodingError(ValueError):
 
 
 _SIMPLE = frozenset((str, int, float, bool, type(None), bytes))
+# Field maps nest a few levels (headers, process records); a limit both encoders share keeps
+# deeper input a clear EncodingError instead of a RecursionError (records/_seal.c: MAX_DEPTH).
+MAX_DEPTH = 64
 _key_orders: dict[tuple, tuple] = {}
 
 
-def _canon_map(value: dict) -> dict:
+def _canon_map(value: dict, depth: int = 0) -> dict:
+    if depth > MAX_DEPTH:
+        raise EncodingError(f"values nest deeper than {MAX_DEPTH} levels")
     # Producers build field dicts with the same keys over and over, so the sorted
     # order is cached per key tuple; maps of plain values skip the recursive rebuild.
     keys = tuple(value)
     order = _key_orders.get(keys)
     if order is None:
-        try:
-            order = tuple(sorted(keys))
-        except TypeError as exc:
-            raise EncodingError("map keys must all be strings") from exc
+        # non-str keys would not survive the collector's decoder (strict map keys)
+        if not all(isinstance(key, str) for key in keys):
+            raise EncodingError("map keys must all be strings")
+        order = tuple(sorted(keys))
         if len(_key_orders) < 4096:
             _key_orders[keys] = order
     plain = True
@@ -61,31 +76,48 @@ def _canon_map(value: dict) -> dict:
                 continue
         plain = False
         break
-    if plain:
+    if plain and depth < MAX_DEPTH:     # (else its lists of plain values are too deep)
         return value if order == keys else {key: value[key] for key in order}
     # only the nested values need the recursive pass (header maps, process records)
     out = {}
     for key in order:
         item = value[key]
-        out[key] = item if type(item) in _SIMPLE else _canon(item)
+        out[key] = item if type(item) in _SIMPLE else _canon(item, depth + 1)
     return out
 
 
-def _canon(value):
-    kind = type(value)
-    if kind is dict:
-        return _canon_map(value)
-    if kind is list or kind is tuple:
-        return [_canon(item) for item in value]
+def _canon(value, depth: int):
+    # subclasses too: msgpack would pack a dict subclass unsorted, and the decoder's plain
+    # dict would then hash differently
+    if isinstance(value, dict):
+        return _canon_map(value, depth)
+    if isinstance(value, (list, tuple)):
+        if depth > MAX_DEPTH:
+            raise EncodingError(f"values nest deeper than {MAX_DEPTH} levels")
+        return [_canon(item, depth + 1) for item in value]
     return value
 
 
-def encode_fields(fields: dict) -> bytes:
-    """The canonical encoding of a field map: the "f" entry of canonical_encode."""
+def py_encode_fields(fields: dict) -> bytes:
+    """The reference (pure-Python) canonical encoding of a field map."""
+    if not isinstance(fields, dict):
+        raise EncodingError(f"fields must be a dict, got {type(fields).__name__}")
     try:
         return _packb(_canon_map(fields))
     except (TypeError, OverflowError, ValueError) as exc:
         raise EncodingError(f"cannot encode fields: {exc}") from exc
+
+
+def _native_encode_fields(fields: dict) -> bytes:
+    try:
+        return _native.encode_fields(fields)
+    except (TypeError, OverflowError, ValueError) as exc:
+        raise EncodingError(f"cannot encode fields: {exc}") from exc
+
+
+# encode_fields(fields) -> bytes: the canonical encoding of a field map, the "f" entry of
+# canonical_encode
+encode_fields = _native_encode_fields if NATIVE else py_encode_fields
 
 
 _heads: dict[str, bytes] = {}
@@ -112,6 +144,29 @@ def event_tail(seq: int, sid, ts: int, type: str, version: int) -> bytes:
         return _packb({"seq": seq, "sid": sid, "ts": ts, "type": type, "v": version})[1:]
     except (TypeError, OverflowError, ValueError) as exc:
         raise EncodingError(f"event seq={seq} type={type}: cannot encode: {exc}") from exc
+
+
+def py_seal_parts(head: bytes, fields: dict, seq: int, sid, ts: int, type: str, version: int,
+                  prev: bytes) -> tuple[bytes, bytes, bytes]:
+    """Reference for seal_parts."""
+    encoded_fields = py_encode_fields(fields)
+    encoded = head + encoded_fields + event_tail(seq, sid, ts, type, version)
+    return encoded_fields, _sha256(encoded).digest()[:8], _sha256(encoded + prev).digest()
+
+
+def _native_seal_parts(head: bytes, fields: dict, seq: int, sid, ts: int, type: str,
+                       version: int, prev: bytes) -> tuple[bytes, bytes, bytes]:
+    try:
+        return _native.seal(head, fields, seq, sid, ts, type, version, prev)
+    except (TypeError, OverflowError, ValueError) as exc:
+        raise EncodingError(f"event seq={seq} type={type}: cannot encode: {exc}") from exc
+
+
+# seal_parts(head, fields, seq, sid, ts, type, version, prev) -> one event sealed:
+# (encoded field map, 8-byte content tag, event hash), where the encoding is
+# head + encoded fields + event_tail(...) with head = event_head(agent), the tag is
+# SHA-256(encoding)[:8] and the hash SHA-256(encoding || prev)
+seal_parts = _native_seal_parts if NATIVE else py_seal_parts
 
 
 def canonical_encode(event: dict) -> bytes:

@@ -24,7 +24,7 @@ import time
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from records.batch import CURRENT_DICTIONARY, BatchBuilder, BatchFormatError, decode_batch
-from records.codec import GENESIS_HASH
+from records.codec import GENESIS_HASH, MAX_DEPTH
 from records.schema import validate_fields
 from records.spool import Spool, SpoolFull
 
@@ -275,14 +275,16 @@ class RecordWriter:
         return full_since
 
 
-def _encodable(value):
+def _encodable(value, depth: int = 0):
     """The same data with anything msgpack cannot carry turned into plain types or text."""
+    if depth >= MAX_DEPTH and isinstance(value, (dict, list, tuple, set, frozenset)):
+        return f"<{type(value).__name__} nested deeper than {MAX_DEPTH} levels, not recorded>"
     if isinstance(value, dict):
-        return {str(k): _encodable(v) for k, v in value.items()}
+        return {str(k): _encodable(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_encodable(v) for v in value]
+        return [_encodable(v, depth + 1) for v in value]
     if isinstance(value, (set, frozenset)):
-        return sorted((_encodable(v) for v in value), key=repr)
+        return sorted((_encodable(v, depth + 1) for v in value), key=repr)
     if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, float)):
         return value
     if isinstance(value, int):

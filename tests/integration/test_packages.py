@@ -43,6 +43,9 @@ def test_deb_metadata_and_contents(packages):
         assert script in info
     listing = run(["dpkg-deb", "-c", agent]).stdout
     assert re.search(r"-rw-r--r-- .*\./opt/warden/agent/wheels/warden-\d", listing)
+    # Warden's wheel twice: native for the build's CPython, pure Python for the others
+    assert re.search(r"/wheels/warden-[\d.]+-cp3\d+-cp3\d+-linux_\w+\.whl", listing), listing
+    assert re.search(r"/wheels/warden-[\d.]+-py3-none-any\.whl", listing), listing
     assert re.search(r"-rw-r----- .*\./etc/warden/agent\.yaml", listing)
     assert re.search(r"-rw-r----- .*\./etc/warden/policy\.cedar", listing)
     assert re.search(r"drwx------ .*\./var/lib/warden/", listing)
@@ -87,6 +90,9 @@ def test_agent_deb_installs_checks_and_removes(packages):
         assert "config /etc/warden/agent.yaml is valid" in check.stdout, check.stdout + check.stderr
         assert check.returncode == 0, check.stdout
         assert run(["/usr/bin/warden-agent", "--help"]).returncode == 0
+        # the venv took the wheel with the native sealing module (this CPython), not the pure one
+        native = run(["/opt/warden/agent/venv/bin/python", "-c", "import records.codec as c; print(c.NATIVE)"])
+        assert native.stdout.strip() == "True", native.stdout + native.stderr
     finally:
         removed = run(["dpkg", "-r", "warden-agent"], timeout=300)
     assert removed.returncode == 0, removed.stderr

@@ -156,3 +156,32 @@ def test_an_idle_open_batch_is_cut_after_the_delay(tmp_path):
         time.sleep(0.02)
     assert [decode_batch(f).last_seq for f in frames(spool)] == [1]     # no flush was needed
     writer.close()
+
+
+def test_too_deeply_nested_value_is_recorded_cut_short_and_the_writer_keeps_going(tmp_path):
+    """Bug fix: a value nested thousands deep raised RecursionError out of emit()."""
+    from records.batch import decode_batch
+    from records.codec import MAX_DEPTH
+    from records.signing import load_or_create_key
+    from records.spool import Spool
+    from records.verifier import verify_batches
+    from records.writer import RecordWriter
+    key = load_or_create_key(str(tmp_path / "k"))
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("a1", key, str(tmp_path / "state"), spool, batch_max_delay=0.05)
+    deep = leaf = {}
+    for _ in range(3000):
+        leaf["n"] = {}
+        leaf = leaf["n"]
+    writer.emit("agent.alert", {"kind": "deep", "detail": deep})
+    writer.emit("agent.alert", {"kind": "after"})
+    writer.close()
+    frames = [data for _ref, data in spool.pending()]
+    events = [e for f in frames for e in decode_batch(f).events]
+    assert [e["f"]["kind"] for e in events] == ["deep", "unencodable_event", "after"]
+    cursor, levels = events[0]["f"]["detail"], 1
+    while isinstance(cursor, dict):
+        cursor, levels = cursor["n"], levels + 1
+    assert levels <= MAX_DEPTH + 1 and "nested deeper than" in cursor
+    assert verify_batches(frames, key.public_key()).ok
+    spool.close()

@@ -1,0 +1,169 @@
+"""records/_seal.c against the pure-Python reference: the same bytes, tags and hashes for any
+field map, the same refusals, and the chain a writer builds verifies with either."""
+import hashlib
+import math
+import os
+import sys
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from records import codec
+from records.batch import BatchBuilder, decode_batch
+from records.codec import EncodingError, event_head, event_tail, py_encode_fields, py_seal_parts
+
+try:
+    from records import _seal as native
+except ImportError:
+    if os.environ.get("CI") == "true":
+        raise   # make setup builds the module: a missing one in CI is a build bug, not a skip
+    pytest.skip("records._seal is not built (pip install -e .)", allow_module_level=True)
+
+HEAD = event_head("agent-1")
+PREV = hashlib.sha256(b"previous").digest()
+
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+           | st.floats(allow_nan=False) | st.text(max_size=300) | st.binary(max_size=300))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=20)
+                      | st.tuples(inner, inner)
+                      | st.dictionaries(st.text(max_size=12), inner, max_size=20), max_leaves=60)
+field_maps = st.dictionaries(st.text(max_size=40), values, max_size=40)
+
+
+@settings(max_examples=600, deadline=None)
+@given(field_maps)
+def test_native_encoding_is_byte_identical_to_the_reference(fields):
+    assert native.encode_fields(fields) == py_encode_fields(fields)
+
+
+@settings(max_examples=300, deadline=None)
+@given(field_maps, st.integers(min_value=1, max_value=(1 << 64) - 1), st.none() | st.text(max_size=40),
+       st.integers(min_value=0, max_value=(1 << 63) - 1), st.sampled_from(["pg.statement", "session.start", "é"]))
+def test_native_seal_matches_the_reference(fields, seq, sid, ts, event_type):
+    assert native.seal(HEAD, fields, seq, sid, ts, event_type, 1, PREV) == \
+        py_seal_parts(HEAD, fields, seq, sid, ts, event_type, 1, PREV)
+
+
+def test_seal_parts_follow_the_hash_rule():
+    fields = {"text": "select 1", "rows": 1, "params": None}
+    encoded_fields, tag, digest = native.seal(HEAD, fields, 7, "sid-1", 123, "pg.statement", 1, PREV)
+    encoding = HEAD + py_encode_fields(fields) + event_tail(7, "sid-1", 123, "pg.statement", 1)
+    assert encoded_fields == py_encode_fields(fields)
+    assert tag == hashlib.sha256(encoding).digest()[:8]
+    assert digest == hashlib.sha256(encoding + PREV).digest()
+
+
+@pytest.mark.parametrize("value", [
+    0, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32, (1 << 64) - 1,
+    -1, -32, -33, -128, -129, -32768, -32769, -(1 << 31), -(1 << 31) - 1, -(1 << 63),
+    0.0, -0.0, math.inf, -math.inf, 1.5, "", "x" * 31, "x" * 32, "x" * 255, "x" * 256, "x" * 65536,
+    b"", b"x" * 255, b"x" * 256, b"x" * 65536, bytearray(b"ab"), [1] * 15, [1] * 16, [1] * 65536,
+    {f"k{i}": i for i in range(15)}, {f"k{i}": i for i in range(16)}, {f"k{i:05}": i for i in range(70000)},
+    True, False, None, "é☃\U0001F600", ("a", 1),
+])
+def test_boundaries_of_every_msgpack_form(value):
+    encoded = native.encode_fields({"v": value})
+    assert encoded == py_encode_fields({"v": value})
+    decoded = msgpack.unpackb(encoded, raw=False, strict_map_key=True)["v"]
+    expected = list(value) if isinstance(value, tuple) else bytes(value) if isinstance(value, bytearray) else value
+    assert decoded == expected and type(decoded) is type(expected)
+
+
+def test_keys_are_sorted_by_code_point_at_every_depth():
+    fields = {"b": {"z": 1, "a": [{"y": 2, "x": 3}]}, "a": 1, "é": 2, "Z": 3, "\U0001F600": 4, "ÿ": 5}
+    out = msgpack.unpackb(native.encode_fields(fields), raw=False)
+    assert list(out) == sorted(fields)
+    assert list(out["b"]) == ["a", "z"] and list(out["b"]["a"][0]) == ["x", "y"]
+    assert native.encode_fields(fields) == py_encode_fields(fields)
+
+
+def test_subclasses_encode_as_their_base_types_with_sorted_maps():
+    import collections
+    import enum
+
+    class Kind(str, enum.Enum):
+        READ = "read"
+
+    fields = {"o": collections.OrderedDict([("b", 1), ("a", 2)]), "k": Kind.READ, "n": True}
+    assert native.encode_fields(fields) == py_encode_fields(fields)
+    assert list(msgpack.unpackb(native.encode_fields(fields), raw=False)["o"]) == ["a", "b"]
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"v": object()}, TypeError),
+    ({"v": {1: "int key"}}, TypeError),
+    ({"v": 1 << 64}, OverflowError),
+    ({"v": -(1 << 63) - 1}, OverflowError),
+    ({"v": "\ud800"}, UnicodeEncodeError),
+    ({"v": {1, 2}}, TypeError),
+])
+def test_unencodable_values_are_refused_by_both(fields, error):
+    with pytest.raises(error):
+        native.encode_fields(fields)
+    with pytest.raises(EncodingError):
+        py_encode_fields(fields)
+
+
+def _nested(levels: int, leaf, container: str):
+    value = leaf
+    for _ in range(levels):
+        value = {"n": value} if container == "map" else [value]
+    return {"top": value}
+
+
+@pytest.mark.parametrize("container", ["map", "list"])
+@pytest.mark.parametrize("leaf", [1, [1, 2], {"k": "v"}])
+def test_both_encoders_draw_the_nesting_limit_at_the_same_depth(container, leaf):
+    """Bug fix: the Python encoder hit a RecursionError (escaping the writer's repair path) on
+    deep values; both now refuse containers deeper than MAX_DEPTH, and agree exactly where."""
+    for levels in range(codec.MAX_DEPTH - 3, codec.MAX_DEPTH + 3):
+        fields = _nested(levels, leaf, container)
+        try:
+            expected = py_encode_fields(fields)
+        except EncodingError:
+            with pytest.raises(ValueError, match="nest deeper"):
+                native.encode_fields(fields)
+        else:
+            assert native.encode_fields(fields) == expected
+    with pytest.raises(EncodingError):
+        py_encode_fields(_nested(5000, 1, container))
+    with pytest.raises(ValueError):
+        native.encode_fields(_nested(5000, 1, container))
+
+
+def test_codec_uses_the_native_module_when_built():
+    if os.environ.get("WARDEN_PURE_PYTHON") == "1":
+        assert not codec.NATIVE
+    else:
+        assert codec.NATIVE and codec.seal_parts is codec._native_seal_parts
+
+
+def test_a_batch_sealed_natively_decodes_and_verifies_with_the_python_reference(monkeypatch):
+    builder = BatchBuilder("agent-1", PREV, 41)
+    for i in range(50):
+        builder.add(1_700_000_000_000_000_000 + i, "sid", "pg.result",
+                    {"rows": i, "command_tag": f"SELECT {i}", "x_nested": {"b": [i, {"d": 1, "c": 2}], "a": None}})
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    wire = builder.finish(Ed25519PrivateKey.generate())
+    native_decoded = decode_batch(wire)
+    monkeypatch.setattr("records.batch.seal_parts", py_seal_parts)
+    python_decoded = decode_batch(wire)
+    assert [e["hash"] for e in native_decoded.events] == [e["hash"] for e in python_decoded.events]
+    assert python_decoded.events[-1]["hash"] == builder.last_hash
+    assert python_decoded.tags == b"".join(builder._tags)
+
+
+def test_no_reference_leaks_when_encoding_repeatedly():
+    fields = {"text": "select 1", "tables": ["a", "b"], "x": {"k": [1, 2.5, b"z"]}}
+    for _ in range(1000):
+        native.seal(HEAD, fields, 1, "s", 2, "t", 1, PREV)
+    before = sys.getrefcount(fields["text"]), sys.getrefcount(fields["tables"])
+    for _ in range(10000):
+        native.seal(HEAD, fields, 1, "s", 2, "t", 1, PREV)
+        try:
+            native.encode_fields({"bad": object(), "a": fields["text"]})
+        except TypeError:
+            pass
+    assert (sys.getrefcount(fields["text"]), sys.getrefcount(fields["tables"])) == before
