@@ -12,7 +12,7 @@ setup: $(STAMP)
 	@sh packaging/scripts/setup-host.sh
 	@$(PY) -m agent.bccfind --link $(VENV)
 
-$(STAMP): pyproject.toml setup.py records/_seal.c
+$(STAMP): pyproject.toml setup.py $(wildcard records/*.c enforcer/masking/*.c)
 	@sh packaging/scripts/setup-host.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install -q --disable-pip-version-check --upgrade pip wheel setuptools

@@ -1,8 +1,9 @@
-"""Build hook for the optional native sealing module (records/_seal.c).
+"""Build hook for the optional native modules: records/_seal.c (event sealing) and
+enforcer/masking/_pgrows.c (the DataRow masking loop).
 
 Everything else lives in pyproject.toml. WARDEN_PURE=1 builds a pure-Python wheel (used by
-`make packages` for Pythons it cannot compile for); without the module, records.codec falls
-back to its Python encoder, which produces the same bytes.
+`make packages` for Pythons it cannot compile for); without the modules, records.codec and
+enforcer.masking.pgrow fall back to their Python code, which gives the same results.
 """
 import os
 
@@ -13,5 +14,9 @@ if os.environ.get("WARDEN_PURE") != "1":
     ext_modules.append(Extension(
         "records._seal", ["records/_seal.c"], libraries=["crypto"],
         extra_compile_args=["-O2", "-Wall", "-Wno-deprecated-declarations"]))
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "enforcer/masking/_pgrows.c")):
+        ext_modules.append(Extension(
+            "enforcer.masking._pgrows", ["enforcer/masking/_pgrows.c"],
+            extra_compile_args=["-O2", "-Wall"]))
 
 setup(ext_modules=ext_modules)
