@@ -522,8 +522,19 @@ _CONSTANT_MARK = "\x01"
 # Non-ASCII text goes to the lexer too: Postgres takes letters like é or ٣ as identifier
 # characters, where the regex would see a word boundary and take `é5`'s digit for a literal.
 _FAST_UNSAFE = re.compile(r"--|/\*|\\|\$(?!\d)|\0|\x01|[^\x00-\x7f]")
-_FAST_LITERAL = re.compile(r"""("(?:[^"]|"")*")|([\w$&]')|'[^']*'"""
-                           r"""|(?<![\w$.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])""", re.ASCII)
+_NAMED_DOLLAR = re.compile(r"\$(?!\d)")
+_NUMBER = r"""(?<![\w$.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])"""
+_FAST_LITERAL = re.compile(r"""("(?:[^"]|"")*")|([\w$&]')|'[^']*'|""" + _NUMBER, re.ASCII)
+# without any quote character only the number alternative of _FAST_LITERAL can match, and a
+# plain replacement string spares a Python callback per literal
+_FAST_NUMBER = re.compile(_NUMBER, re.ASCII)
+
+
+def _fast_path_safe(sql: str) -> bool:
+    """_FAST_UNSAFE finds nothing in sql (the same test, as cheaper substring checks)."""
+    return (sql.isascii() and "--" not in sql and "/*" not in sql and "\\" not in sql
+            and "\0" not in sql and "\x01" not in sql
+            and ("$" not in sql or _NAMED_DOLLAR.search(sql) is None))
 
 
 class _NeedsLexer(Exception):
@@ -540,7 +551,9 @@ def statement_shape(sql: str) -> Optional[str]:
     """The text with every literal replaced by one mark: texts with the same shape differ only
     in their constants. Postgres's own lexer decides where the fast regex path may not.
     None when the text does not scan."""
-    if _FAST_UNSAFE.search(sql) is None:
+    if _fast_path_safe(sql):
+        if "'" not in sql and '"' not in sql:
+            return "F" + _FAST_NUMBER.sub(_CONSTANT_MARK, sql)
         try:
             return "F" + _FAST_LITERAL.sub(_literal_mark, sql)
         except _NeedsLexer:

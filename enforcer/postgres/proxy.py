@@ -16,7 +16,6 @@ session, whose startup continues inside TLS.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import ssl
 import time
@@ -127,7 +126,7 @@ def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None):
     if shape is not None:
         template = decision_cache.get((*base, None, shape))
         if template is not None:
-            return [dataclasses.replace(template, text=single_statement_text(sql))], CACHED_SHAPE
+            return [template.with_text(single_statement_text(sql))], CACHED_SHAPE
     try:
         decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, sql)
     except Exception as e:  # a broken policy must not let statements through

@@ -452,3 +452,16 @@ def test_masking_plan_applies_to_data_rows_and_unmasked_rows_are_untouched():
     d.reset()
     d.server(plain)
     assert d.to_client == plain
+
+
+def test_verdict_with_text_copies_every_other_field():
+    """with_text replaces dataclasses.replace on the decision path: a field added to Verdict
+    later must be carried over too."""
+    import dataclasses
+    values = {f.name: (f"v-{f.name}" if f.type in ("str", "Optional[str]") else (f.name,) if f.type == "tuple"
+                       else False) for f in dataclasses.fields(Verdict)}
+    original = Verdict(**values)
+    copy = original.with_text("select 2")
+    assert copy.text == "select 2"
+    assert {k: v for k, v in dataclasses.asdict(copy).items() if k != "text"} == \
+        {k: v for k, v in dataclasses.asdict(original).items() if k != "text"}

@@ -390,3 +390,27 @@ def test_equal_shapes_classify_alike(template, slots):
     if any(s.parse_error for s in first):
         return        # a text that does not parse is never reused by shape
     assert _signature(first) == _signature(classify_sql(b)), (a, b)
+
+
+_SQLISH = st.text(alphabet=st.sampled_from(list("SELECT a1.$&_ '\"-/*\\\0\x01é٣()=,;e+E9")) , max_size=60)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(_SQLISH)
+def test_fast_path_checks_agree_with_their_regex_spec(sql):
+    """_fast_path_safe (substring checks) and the quote-free number-only substitution are
+    shortcuts for _FAST_UNSAFE and _FAST_LITERAL: same answers on any text."""
+    from enforcer import sqlclass
+    assert sqlclass._fast_path_safe(sql) == (sqlclass._FAST_UNSAFE.search(sql) is None)
+    if "'" not in sql and '"' not in sql:
+        assert sqlclass._FAST_NUMBER.sub(sqlclass._CONSTANT_MARK, sql) == \
+            sqlclass._FAST_LITERAL.sub(sqlclass._literal_mark, sql)
+
+
+def test_quote_free_text_takes_the_number_only_path_with_the_same_shape():
+    from enforcer.sqlclass import statement_shape
+    a = statement_shape("SELECT abalance FROM pgbench_accounts WHERE aid = 41;")
+    b = statement_shape("SELECT abalance FROM pgbench_accounts WHERE aid = 4242;")
+    assert a == b and a.startswith("F") and "41" not in a
+    assert statement_shape("SELECT x1 FROM t2 WHERE a = 1.5e3") == "FSELECT x1 FROM t2 WHERE a = \x01"
+    assert statement_shape("SELECT $1 FROM t WHERE a = 7") == "FSELECT $1 FROM t WHERE a = \x01"
