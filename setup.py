@@ -14,9 +14,8 @@ if os.environ.get("WARDEN_PURE") != "1":
     ext_modules.append(Extension(
         "records._seal", ["records/_seal.c"], libraries=["crypto"],
         extra_compile_args=["-O2", "-Wall", "-Wno-deprecated-declarations"]))
-    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "enforcer/masking/_pgrows.c")):
-        ext_modules.append(Extension(
-            "enforcer.masking._pgrows", ["enforcer/masking/_pgrows.c"],
-            extra_compile_args=["-O2", "-Wall"]))
+    ext_modules.append(Extension(
+        "enforcer.masking._pgrows", ["enforcer/masking/_pgrows.c"],
+        extra_compile_args=["-O2", "-Wall"]))
 
 setup(ext_modules=ext_modules)

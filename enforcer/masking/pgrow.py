@@ -7,6 +7,7 @@ which nothing changed is returned as the very same object.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Callable, Optional
 
@@ -122,6 +123,16 @@ DETECT = 2       # fn(value bytes) -> (bytes | None | UNCHANGED, values masked, 
 CACHE_ENTRIES = 4096        # masked outputs remembered per column of a plan
 CACHE_VALUE_BYTES = 256     # longer values are not worth keeping (memory, rarely repeated)
 _MISS = object()
+
+try:
+    # enforcer/masking/_pgrows.c: RowPlan.py_mask_rows without the interpreter per row
+    from . import _pgrows as _native
+except ImportError:     # a pure-Python install (no compiler, another CPython): same results
+    _native = None
+if _native is not None and tuple(getattr(_native, k, None) for k in ("WHOLE", "CONSTANT", "DETECT")) \
+        != (WHOLE, CONSTANT, DETECT):
+    _native = None      # a stale build: its step kinds would not mean ours
+NATIVE = _native is not None and os.environ.get("WARDEN_PURE_PYTHON") != "1"
 
 
 class ColumnStep:
@@ -273,7 +284,11 @@ class RowPlan:
     is parsed only up to its last masked column (other columns skipped by their length, never
     sliced), and masked values are spliced between untouched slices of the original bytes; a
     value of unchanged length keeps its length word, and the message length is rewritten only
-    when the row's size changed. Rows between masked ones are copied in one slice."""
+    when the row's size changed. Rows between masked ones are copied in one slice.
+
+    `py_mask_rows` is that loop in Python and the reference; `mask_rows` is its C twin
+    (enforcer/masking/_pgrows.c) when built, which calls back here for everything but the byte
+    work (step fns, _fill, mask_data_row, _tally)."""
 
     def __init__(self, steps: list[ColumnStep], counters: list[Counter]):
         self.steps = sorted(steps, key=lambda s: s.index)
@@ -352,7 +367,7 @@ class RowPlan:
         parts.append(payload[last:])
         return b"".join(parts)
 
-    def mask_rows(self, buf: bytes, pos: int, n: int) -> tuple:
+    def py_mask_rows(self, buf: bytes, pos: int, n: int) -> tuple:
         """Mask the run of complete DataRow messages in buf[pos:n] (it stops at the first other or
         incomplete message, or an invalid length). Returns (data, last, end, rows, nbytes): `data`
         replaces buf[pos:last] (None when no row changed; buf[last:end] is forwarded unchanged),
@@ -384,6 +399,7 @@ class RowPlan:
                         append(buf[last:pos])
                         append(b"D" + pack_i32(len(new) + 4) + new)
                         last = end
+                    plan = self._plan   # mask_data_row may have switched a cache off
                     pos = end
                     continue
                 append(buf[last:pos + 1])
@@ -459,6 +475,13 @@ class RowPlan:
         if not out:
             return None, last, pos, rows, pos - start - rows
         return b"".join(out), last, pos, rows, pos - start - rows
+
+    def native_mask_rows(self, buf: bytes, pos: int, n: int) -> tuple:
+        """py_mask_rows in C (enforcer/masking/_pgrows.c): the same results, counts and errors."""
+        return _native.mask_rows(self, buf, pos, n, UNCHANGED, CACHE_VALUE_BYTES)
+
+    # mask_rows(buf, pos, n): see py_mask_rows; WARDEN_PURE_PYTHON=1 keeps the Python loop
+    mask_rows = native_mask_rows if NATIVE else py_mask_rows
 
     def _tally(self, rows: int, regular: int, changed: int) -> None:
         """Counts for a run: whole-value columns masked every non-NULL value of its regular rows."""
