@@ -17,6 +17,8 @@
 #include <openssl/sha.h>
 #include <string.h>
 
+static PyObject *EncodingErrorType;    /* records.codec.EncodingError, registered at import */
+
 #define MAX_DEPTH 64            /* as records.codec.MAX_DEPTH: deeper input is refused by both */
 #define STACK_BYTES 1024
 
@@ -251,47 +253,289 @@ static int pack_tail(Buf *b, PyObject *seq, PyObject *sid, PyObject *ts, PyObjec
     return 0;
 }
 
+/* One event sealed into `fields_out` (the encoded field map), `tag` (8 bytes) and `digest`
+   (32 bytes); `head`/`prev` are bytes. */
+static int seal_core(PyObject *head, PyObject *fields, PyObject *seq, PyObject *sid, PyObject *ts,
+                     PyObject *type, PyObject *version, PyObject *prev, PyObject **fields_out,
+                     unsigned char tag[8], unsigned char digest[SHA256_DIGEST_LENGTH]) {
+    if (!PyBytes_Check(head) || !PyBytes_Check(prev)) {
+        PyErr_SetString(PyExc_TypeError, "head and prev must be bytes");
+        return -1;
+    }
+    Buf b;
+    buf_init(&b);
+    int rc = -1;
+    Py_ssize_t fields_at, fields_end;
+    if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))) goto done;
+    fields_at = b.len;
+    if (pack_field_map(&b, fields)) goto done;
+    fields_end = b.len;
+    if (pack_tail(&b, seq, sid, ts, type, version)) goto done;
+    {
+        SHA256_CTX ctx, tag_ctx;
+        unsigned char full_tag[SHA256_DIGEST_LENGTH];
+        SHA256_Init(&ctx);
+        SHA256_Update(&ctx, b.data, (size_t)b.len);
+        tag_ctx = ctx;
+        SHA256_Final(full_tag, &tag_ctx);
+        memcpy(tag, full_tag, 8);
+        SHA256_Update(&ctx, PyBytes_AS_STRING(prev), (size_t)PyBytes_GET_SIZE(prev));
+        SHA256_Final(digest, &ctx);
+    }
+    *fields_out = PyBytes_FromStringAndSize(b.data + fields_at, fields_end - fields_at);
+    if (*fields_out) rc = 0;
+done:
+    buf_free(&b);
+    return rc;
+}
+
 static PyObject *seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 8) {
         PyErr_SetString(PyExc_TypeError,
                         "seal(head, fields, seq, sid, ts, type, version, prev) takes 8 arguments");
         return NULL;
     }
-    PyObject *head = args[0], *fields = args[1], *prev = args[7];
-    if (!PyBytes_Check(head) || !PyBytes_Check(prev)) {
-        PyErr_SetString(PyExc_TypeError, "head and prev must be bytes");
+    PyObject *encoded;
+    unsigned char tag[8], digest[SHA256_DIGEST_LENGTH];
+    if (seal_core(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7],
+                  &encoded, tag, digest))
         return NULL;
-    }
-    Buf b;
-    buf_init(&b);
-    PyObject *out = NULL;
-    Py_ssize_t fields_at, fields_end;
-    if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))) goto done;
-    fields_at = b.len;
-    if (pack_field_map(&b, fields)) goto done;
-    fields_end = b.len;
-    if (pack_tail(&b, args[2], args[3], args[4], args[5], args[6])) goto done;
-    {
-        SHA256_CTX ctx, tag_ctx;
-        unsigned char tag[SHA256_DIGEST_LENGTH], digest[SHA256_DIGEST_LENGTH];
-        SHA256_Init(&ctx);
-        SHA256_Update(&ctx, b.data, (size_t)b.len);
-        tag_ctx = ctx;
-        SHA256_Final(tag, &tag_ctx);
-        SHA256_Update(&ctx, PyBytes_AS_STRING(prev), (size_t)PyBytes_GET_SIZE(prev));
-        SHA256_Final(digest, &ctx);
-        out = Py_BuildValue("(y#y#y#)", b.data + fields_at, fields_end - fields_at,
-                            (const char *)tag, (Py_ssize_t)8,
-                            (const char *)digest, (Py_ssize_t)SHA256_DIGEST_LENGTH);
-    }
-done:
-    buf_free(&b);
+    PyObject *out = Py_BuildValue("(Ny#y#)", encoded, (const char *)tag, (Py_ssize_t)8,
+                                  (const char *)digest, (Py_ssize_t)SHA256_DIGEST_LENGTH);
     return out;
 }
+
+/* ---- Builder: the columns of one batch, filled one sealed event at a time -------------------
+ * records.batch.BatchBuilder derives from it (body/finish stay in Python); the pure-Python
+ * twin is records.batch._PyBuilderCore. add() changes nothing when it raises. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *agent_id, *head, *prev_hash, *last_hash, *version;
+    PyObject *first_seq;           /* int */
+    PyObject *last_ts;             /* int */
+    PyObject *ts_deltas, *sid_index, *type_index, *fields, *hashes;   /* lists */
+    PyObject *sids, *types;        /* dict: value -> index in first-seen order */
+    PyObject *tags;                /* bytearray: 8 bytes per event */
+} Builder;
+
+static int Builder_traverse(Builder *self, visitproc visit, void *arg) {
+    Py_VISIT(self->ts_deltas); Py_VISIT(self->sid_index); Py_VISIT(self->type_index);
+    Py_VISIT(self->fields); Py_VISIT(self->hashes); Py_VISIT(self->sids); Py_VISIT(self->types);
+    return 0;
+}
+
+static int Builder_clear(Builder *self) {
+    Py_CLEAR(self->agent_id); Py_CLEAR(self->head); Py_CLEAR(self->prev_hash);
+    Py_CLEAR(self->last_hash); Py_CLEAR(self->version); Py_CLEAR(self->first_seq);
+    Py_CLEAR(self->last_ts); Py_CLEAR(self->ts_deltas); Py_CLEAR(self->sid_index);
+    Py_CLEAR(self->type_index); Py_CLEAR(self->fields); Py_CLEAR(self->hashes);
+    Py_CLEAR(self->sids); Py_CLEAR(self->types); Py_CLEAR(self->tags);
+    return 0;
+}
+
+static void Builder_dealloc(Builder *self) {
+    PyObject_GC_UnTrack(self);
+    Builder_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Builder_init(Builder *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"agent_id", "prev_hash", "first_seq", "head", "version", NULL};
+    PyObject *agent_id, *prev_hash, *first_seq, *head, *version;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "UO!O!O!O!", names, &agent_id, &PyBytes_Type,
+                                     &prev_hash, &PyLong_Type, &first_seq, &PyBytes_Type, &head,
+                                     &PyLong_Type, &version))
+        return -1;
+    Builder_clear(self);
+    Py_INCREF(agent_id); self->agent_id = agent_id;
+    Py_INCREF(head); self->head = head;
+    Py_INCREF(prev_hash); self->prev_hash = prev_hash;
+    Py_INCREF(prev_hash); self->last_hash = prev_hash;
+    Py_INCREF(version); self->version = version;
+    Py_INCREF(first_seq); self->first_seq = first_seq;
+    self->last_ts = PyLong_FromLong(0);
+    self->ts_deltas = PyList_New(0); self->sid_index = PyList_New(0);
+    self->type_index = PyList_New(0); self->fields = PyList_New(0); self->hashes = PyList_New(0);
+    self->sids = PyDict_New(); self->types = PyDict_New();
+    self->tags = PyByteArray_FromStringAndSize(NULL, 0);
+    if (!self->last_ts || !self->ts_deltas || !self->sid_index || !self->type_index
+        || !self->fields || !self->hashes || !self->sids || !self->types || !self->tags)
+        return -1;
+    return 0;
+}
+
+/* index of `value` in `table` (dict in first-seen order), adding it if new */
+static PyObject *column_index(PyObject *table, PyObject *value) {
+    PyObject *index = PyDict_GetItemWithError(table, value);
+    if (index) { Py_INCREF(index); return index; }
+    if (PyErr_Occurred()) return NULL;
+    index = PyLong_FromSsize_t(PyDict_GET_SIZE(table));
+    if (!index || PyDict_SetItem(table, value, index)) { Py_XDECREF(index); return NULL; }
+    return index;
+}
+
+/* A value msgpack cannot carry becomes records.codec.EncodingError naming the event, with the
+   original error as its cause (as records.codec.seal_parts raises it). */
+static void encoding_error(PyObject *seq, PyObject *type) {
+    if (!EncodingErrorType || !(PyErr_ExceptionMatches(PyExc_TypeError)
+                                || PyErr_ExceptionMatches(PyExc_ValueError)
+                                || PyErr_ExceptionMatches(PyExc_OverflowError)))
+        return;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb) PyException_SetTraceback(v, tb);
+    PyErr_Format(EncodingErrorType, "event seq=%S type=%S: cannot encode: %S", seq, type, v);
+    PyObject *t2, *v2, *tb2;
+    PyErr_Fetch(&t2, &v2, &tb2);
+    PyErr_NormalizeException(&t2, &v2, &tb2);
+    Py_INCREF(v);
+    PyException_SetCause(v2, v);
+    PyException_SetContext(v2, v);
+    PyErr_Restore(t2, v2, tb2);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+}
+
+static PyObject *set_encoding_error(PyObject *self, PyObject *cls) {
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_ValueError)) {
+        PyErr_SetString(PyExc_TypeError, "the encoding error must be a ValueError subclass");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XSETREF(EncodingErrorType, cls);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Builder_add(Builder *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "add(ts, sid, event_type, fields) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *ts = args[0], *sid = args[1], *type = args[2], *fields = args[3];
+    if (!PyLong_Check(ts)) {
+        PyErr_SetString(PyExc_TypeError, "ts must be an int (nanoseconds)");
+        return NULL;
+    }
+    PyObject *count = PyLong_FromSsize_t(PyList_GET_SIZE(self->hashes));
+    PyObject *seq = count ? PyNumber_Add(self->first_seq, count) : NULL;
+    Py_XDECREF(count);
+    if (!seq) return NULL;
+    PyObject *encoded = NULL, *delta = NULL, *sid_at = NULL, *type_at = NULL, *digest_obj = NULL;
+    unsigned char tag[8], digest[SHA256_DIGEST_LENGTH];
+    int sealed = seal_core(self->head, fields, seq, sid, ts, type, self->version, self->last_hash,
+                           &encoded, tag, digest);
+    if (sealed) {
+        encoding_error(seq, type);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    Py_DECREF(seq);
+    /* everything that can fail is prepared before the first column changes */
+    delta = PyNumber_Subtract(ts, self->last_ts);
+    digest_obj = PyBytes_FromStringAndSize((const char *)digest, SHA256_DIGEST_LENGTH);
+    if (!delta || !digest_obj) goto fail;
+    Py_ssize_t sids_before = PyDict_GET_SIZE(self->sids);
+    sid_at = column_index(self->sids, sid);
+    if (!sid_at) goto fail;
+    type_at = column_index(self->types, type);
+    if (!type_at) {
+        if (PyDict_GET_SIZE(self->sids) != sids_before) PyDict_DelItem(self->sids, sid);
+        goto fail;
+    }
+    if (PyList_Append(self->ts_deltas, delta) || PyList_Append(self->sid_index, sid_at)
+        || PyList_Append(self->type_index, type_at) || PyList_Append(self->fields, encoded)
+        || PyList_Append(self->hashes, digest_obj)
+        || PyByteArray_Resize(self->tags, PyByteArray_GET_SIZE(self->tags) + 8)) {
+        /* out of memory half-way: the batch is no longer consistent; say so loudly */
+        PyErr_SetString(PyExc_MemoryError, "out of memory while adding an event to a batch");
+        goto fail;
+    }
+    memcpy(PyByteArray_AS_STRING(self->tags) + PyByteArray_GET_SIZE(self->tags) - 8, tag, 8);
+    Py_INCREF(ts);
+    Py_SETREF(self->last_ts, ts);
+    Py_INCREF(digest_obj);
+    Py_SETREF(self->last_hash, digest_obj);
+    Py_DECREF(encoded); Py_DECREF(delta); Py_DECREF(sid_at); Py_DECREF(type_at);
+    return digest_obj;
+fail:
+    Py_XDECREF(encoded); Py_XDECREF(delta); Py_XDECREF(sid_at); Py_XDECREF(type_at);
+    Py_XDECREF(digest_obj);
+    return NULL;
+}
+
+static PyObject *Builder_columns(Builder *self, PyObject *unused) {
+    PyObject *sids = PyDict_Keys(self->sids), *types = PyDict_Keys(self->types);
+    PyObject *tags = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self->tags),
+                                               PyByteArray_GET_SIZE(self->tags));
+    PyObject *out = NULL;
+    if (sids && types && tags)
+        out = PyTuple_Pack(8, self->ts_deltas, sids, self->sid_index, types, self->type_index,
+                           self->fields, tags, self->hashes);
+    Py_XDECREF(sids); Py_XDECREF(types); Py_XDECREF(tags);
+    return out;
+}
+
+static PyObject *Builder_get_count(Builder *self, void *unused) {
+    return PyLong_FromSsize_t(PyList_GET_SIZE(self->hashes));
+}
+
+static PyObject *Builder_get_last_seq(Builder *self, void *unused) {
+    PyObject *count = PyLong_FromSsize_t(PyList_GET_SIZE(self->hashes) - 1);
+    if (!count) return NULL;
+    PyObject *out = PyNumber_Add(self->first_seq, count);
+    Py_DECREF(count);
+    return out;
+}
+
+#define GETTER(name) \
+    static PyObject *Builder_get_##name(Builder *self, void *unused) { \
+        if (!self->name) { PyErr_SetString(PyExc_AttributeError, #name); return NULL; } \
+        Py_INCREF(self->name); return self->name; }
+GETTER(agent_id)
+GETTER(prev_hash)
+GETTER(last_hash)
+GETTER(first_seq)
+
+static PyGetSetDef Builder_getset[] = {
+    {"count", (getter)Builder_get_count, NULL, "events sealed so far", NULL},
+    {"last_seq", (getter)Builder_get_last_seq, NULL, "sequence number of the last event", NULL},
+    {"agent_id", (getter)Builder_get_agent_id, NULL, NULL, NULL},
+    {"prev_hash", (getter)Builder_get_prev_hash, NULL, "hash the batch chains from", NULL},
+    {"last_hash", (getter)Builder_get_last_hash, NULL, "hash of the last event", NULL},
+    {"first_seq", (getter)Builder_get_first_seq, NULL, NULL, NULL},
+    {NULL},
+};
+
+static PyMethodDef Builder_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Builder_add, METH_FASTCALL,
+     "add(ts, sid, event_type, fields) -> hash: seal the next event into the columns"},
+    {"columns", (PyCFunction)Builder_columns, METH_NOARGS,
+     "(ts deltas, sids, sid index, types, type index, encoded fields, tags, hashes)"},
+    {NULL},
+};
+
+static PyTypeObject BuilderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "records._seal.Builder",
+    .tp_basicsize = sizeof(Builder),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The columns of one batch, filled one sealed event at a time.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Builder_init,
+    .tp_dealloc = (destructor)Builder_dealloc,
+    .tp_traverse = (traverseproc)Builder_traverse,
+    .tp_clear = (inquiry)Builder_clear,
+    .tp_methods = Builder_methods,
+    .tp_getset = Builder_getset,
+};
 
 static PyMethodDef methods[] = {
     {"encode_fields", (PyCFunction)encode_fields, METH_O,
      "Canonical msgpack of a field map (keys sorted at every depth)."},
+    {"set_encoding_error", (PyCFunction)set_encoding_error, METH_O,
+     "Register the exception Builder.add raises for values it cannot encode."},
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
      "seal(head, fields, seq, sid, ts, type, version, prev) -> (fields bytes, tag, hash)"},
     {NULL, NULL, 0, NULL},
@@ -302,4 +546,15 @@ static struct PyModuleDef module = {
     "Native canonical encoding and chain hashing of events (see records/codec.py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__seal(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__seal(void) {
+    if (PyType_Ready(&BuilderType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&BuilderType);
+    if (PyModule_AddObject(m, "Builder", (PyObject *)&BuilderType) < 0) {
+        Py_DECREF(&BuilderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey
                                                                Ed25519PublicKey)
 
 from records import dictionary as dictionaries
-from records.codec import (EncodingError, canonical_encode, encode_fields,
-                           event_head, event_hash, seal_parts)
+from records.codec import (NATIVE, EncodingError, _native, canonical_encode,
+                           encode_fields, event_hash, event_head, py_seal_parts, seal_parts)
 from records.schema import SCHEMA_VERSION
 
 WIRE_FORMAT = 1
@@ -215,20 +215,18 @@ def encode_batch(batch: Batch, dictionary=CURRENT_DICTIONARY) -> bytes:
     return compress_body(_pack_body(header, fields), dictionary)
 
 
-class BatchBuilder:
-    """Seals events straight into the columns of one batch: the writer's hot path.
+class _PyBuilderCore:
+    """The columns of one batch, filled one sealed event at a time: the reference for (and
+    the fallback of) records/_seal.c's Builder, which BatchBuilder derives from when built.
+    ``add`` changes nothing when it raises (an unencodable event leaves no trace)."""
 
-    Same result as seal_event + build_batch + encode_batch, without the per-event
-    dicts, the second hashing pass for content tags and the second packing of fields.
-    ``add`` changes nothing when it raises (an unencodable event leaves no trace).
-    """
-
-    def __init__(self, agent_id: str, prev_hash: bytes, first_seq: int):
+    def __init__(self, agent_id: str, prev_hash: bytes, first_seq: int, head: bytes, version: int):
         self.agent_id = agent_id
         self.prev_hash = prev_hash
         self.first_seq = first_seq
         self.last_hash = prev_hash
-        self._head = event_head(agent_id)
+        self._head = head
+        self._version = version
         self._last_ts = 0
         self._ts_deltas: list[int] = []
         self._sids: dict = {}
@@ -250,41 +248,60 @@ class BatchBuilder:
     def add(self, ts: int, sid: str | None, event_type: str, fields: dict) -> bytes:
         """Seal the next event; returns its hash."""
         seq = self.first_seq + len(self._hashes)
-        encoded_fields, tag, digest = seal_parts(self._head, fields, seq, sid, ts, event_type,
-                                                 SCHEMA_VERSION, self.last_hash)
-        self._ts_deltas.append(ts - self._last_ts)
+        encoded_fields, tag, digest = py_seal_parts(self._head, fields, seq, sid, ts, event_type,
+                                                    self._version, self.last_hash)
+        delta = ts - self._last_ts
+        sids, types = self._sids, self._types
+        sid_at = sids.get(sid, len(sids))
+        type_at = types.get(event_type, len(types))
+        sids.setdefault(sid, sid_at)
+        types.setdefault(event_type, type_at)
+        self._ts_deltas.append(delta)
         self._last_ts = ts
-        sids = self._sids
-        index = sids.get(sid)
-        if index is None:
-            index = sids[sid] = len(sids)
-        self._sid_index.append(index)
-        types = self._types
-        index = types.get(event_type)
-        if index is None:
-            index = types[event_type] = len(types)
-        self._type_index.append(index)
+        self._sid_index.append(sid_at)
+        self._type_index.append(type_at)
         self._fields.append(encoded_fields)
         self._tags.append(tag)
         self._hashes.append(digest)
         self.last_hash = digest
         return digest
 
+    def columns(self) -> tuple:
+        """(ts deltas, sids, sid index, types, type index, encoded fields, tags, hashes)"""
+        return (self._ts_deltas, list(self._sids), self._sid_index, list(self._types),
+                self._type_index, self._fields, b"".join(self._tags), self._hashes)
+
+
+_BuilderCore = _native.Builder if NATIVE else _PyBuilderCore
+
+
+class BatchBuilder(_BuilderCore):
+    """Seals events straight into the columns of one batch: the writer's hot path.
+
+    Same result as seal_event + build_batch + encode_batch, without the per-event
+    dicts, the second hashing pass for content tags and the second packing of fields.
+    ``add(ts, sid, event_type, fields) -> hash`` seals the next event and changes nothing
+    when it raises (an unencodable event leaves no trace); ``count``, ``last_seq`` and
+    ``last_hash`` follow it.
+    """
+
+    def __init__(self, agent_id: str, prev_hash: bytes, first_seq: int):
+        super().__init__(agent_id, prev_hash, first_seq, event_head(agent_id), SCHEMA_VERSION)
+
     def body(self, key: Ed25519PrivateKey, created_ns: int | None = None) -> bytes:
         """The signed, uncompressed msgpack body."""
-        if not self._hashes:
+        ts_deltas, sids, sid_index, types, type_index, fields, tags, hashes = self.columns()
+        if not hashes:
             raise ValueError("a batch needs at least one event")
         created_ns = time.time_ns() if created_ns is None else created_ns
         last_seq = self.last_seq
         digest = signing_digest(self.agent_id, self.first_seq, last_seq, self.prev_hash,
-                                self.last_hash, created_ns, SCHEMA_VERSION, self._hashes)
-        count = len(self._hashes)
+                                self.last_hash, created_ns, SCHEMA_VERSION, hashes)
         header = _header(self.agent_id, self.first_seq, last_seq, self.prev_hash,
                          self.last_hash, created_ns, key.sign(digest), SCHEMA_VERSION,
-                         SCHEMA_VERSION, [0] + [1] * (count - 1), self._ts_deltas,
-                         list(self._sids), self._sid_index, list(self._types),
-                         self._type_index, b"".join(self._tags))
-        return _pack_body(header, self._fields)
+                         SCHEMA_VERSION, [0] + [1] * (len(hashes) - 1), ts_deltas, sids,
+                         sid_index, types, type_index, tags)
+        return _pack_body(header, fields)
 
     def finish(self, key: Ed25519PrivateKey, created_ns: int | None = None,
                dictionary=CURRENT_DICTIONARY) -> bytes:

@@ -24,11 +24,10 @@ from records.schema import SCHEMA_VERSION
 
 try:
     # records/_seal.c: the same bytes and hashes, several times faster (see seal_parts)
-    from records import _seal as _native
+    from records import _seal as _native_module
 except ImportError:     # a pure-Python install (no compiler, another CPython): same results
-    _native = None
-if os.environ.get("WARDEN_PURE_PYTHON") == "1":
-    _native = None
+    _native_module = None
+_native = None if os.environ.get("WARDEN_PURE_PYTHON") == "1" else _native_module
 NATIVE = _native is not None
 
 GENESIS_HASH = bytes(32)
@@ -39,6 +38,10 @@ _sha256 = hashlib.sha256
 
 class EncodingError(ValueError):
     """A value cannot be encoded canonically."""
+
+
+if _native_module is not None:
+    _native_module.set_encoding_error(EncodingError)
 
 
 _SIMPLE = frozenset((str, int, float, bool, type(None), bytes))
@@ -149,7 +152,10 @@ def event_tail(seq: int, sid, ts: int, type: str, version: int) -> bytes:
 def py_seal_parts(head: bytes, fields: dict, seq: int, sid, ts: int, type: str, version: int,
                   prev: bytes) -> tuple[bytes, bytes, bytes]:
     """Reference for seal_parts."""
-    encoded_fields = py_encode_fields(fields)
+    try:
+        encoded_fields = py_encode_fields(fields)
+    except EncodingError as exc:
+        raise EncodingError(f"event seq={seq} type={type}: cannot encode: {exc}") from exc
     encoded = head + encoded_fields + event_tail(seq, sid, ts, type, version)
     return encoded_fields, _sha256(encoded).digest()[:8], _sha256(encoded + prev).digest()
 

@@ -152,7 +152,7 @@ def test_a_batch_sealed_natively_decodes_and_verifies_with_the_python_reference(
     python_decoded = decode_batch(wire)
     assert [e["hash"] for e in native_decoded.events] == [e["hash"] for e in python_decoded.events]
     assert python_decoded.events[-1]["hash"] == builder.last_hash
-    assert python_decoded.tags == b"".join(builder._tags)
+    assert python_decoded.tags == builder.columns()[6]
 
 
 def test_no_reference_leaks_when_encoding_repeatedly():
@@ -167,3 +167,60 @@ def test_no_reference_leaks_when_encoding_repeatedly():
         except TypeError:
             pass
     assert (sys.getrefcount(fields["text"]), sys.getrefcount(fields["tables"])) == before
+
+
+events = st.lists(st.tuples(st.integers(min_value=0, max_value=(1 << 63) - 1), st.none() | st.sampled_from(["s1", "s2", "s3"]),
+                            st.sampled_from(["pg.statement", "pg.result", "agent.alert"]), field_maps), max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events, st.integers(min_value=1, max_value=1 << 40))
+def test_native_builder_fills_the_same_columns_as_the_python_core(sequence, first_seq):
+    from records.batch import _PyBuilderCore
+    from records.schema import SCHEMA_VERSION
+    cores = [native.Builder("agent-1", PREV, first_seq, HEAD, SCHEMA_VERSION),
+             _PyBuilderCore("agent-1", PREV, first_seq, HEAD, SCHEMA_VERSION)]
+    for ts, sid, event_type, fields in sequence:
+        assert cores[0].add(ts, sid, event_type, fields) == cores[1].add(ts, sid, event_type, fields)
+    a, b = cores
+    assert a.columns() == b.columns()
+    assert (a.count, a.last_seq, a.last_hash, a.first_seq, a.prev_hash, a.agent_id) == \
+        (b.count, b.last_seq, b.last_hash, b.first_seq, b.prev_hash, b.agent_id)
+
+
+@pytest.mark.parametrize("core", ["native", "python"])
+@pytest.mark.parametrize("bad", [{"kind": object()}, {"kind": 1 << 70}, {"kind": {3: 4}}])
+def test_a_failed_add_leaves_every_column_as_it_was(core, bad):
+    from records.batch import _PyBuilderCore
+    from records.schema import SCHEMA_VERSION
+    make = native.Builder if core == "native" else _PyBuilderCore
+    builder = make("agent-1", PREV, 5, HEAD, SCHEMA_VERSION)
+    builder.add(10, "s1", "agent.alert", {"kind": "first"})
+    before = (builder.columns(), builder.count, builder.last_hash, builder.last_seq)
+    with pytest.raises(EncodingError, match="seq=6"):
+        builder.add(11, "s-new", "type-new", bad)
+    assert (builder.columns(), builder.count, builder.last_hash, builder.last_seq) == before
+    builder.add(12, "s-new", "agent.alert", {"kind": "after"})
+    assert builder.columns()[1] == ["s1", "s-new"] and builder.columns()[0] == [10, 2]
+
+
+def test_native_builder_keeps_no_stray_references():
+    from records.schema import SCHEMA_VERSION
+    fields = {"text": "select 1", "tables": ["a"]}
+    sid = "session-refcount"
+    for _ in range(3):
+        builder = native.Builder("agent-1", PREV, 1, HEAD, SCHEMA_VERSION)
+        for i in range(2000):
+            builder.add(i, sid, "pg.statement", fields)
+            try:
+                builder.add(i, sid, "pg.statement", {"bad": object()})
+            except EncodingError:
+                pass
+        del builder
+    before = sys.getrefcount(sid), sys.getrefcount(fields)
+    builder = native.Builder("agent-1", PREV, 1, HEAD, SCHEMA_VERSION)
+    for i in range(5000):
+        builder.add(i, sid, "pg.statement", fields)
+    assert sys.getrefcount(sid) == before[0] + 1       # one key in the session table
+    del builder
+    assert (sys.getrefcount(sid), sys.getrefcount(fields)) == before
