@@ -19,8 +19,10 @@ class SpoolSink:
         self._owned = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="warden-bench-spool-")
         self.spool = Spool(os.path.join(self.dir, "spool"), max_bytes=8 << 30)
+        # batches cut as often as the agent's default spool.flush_interval makes them
+        from agent.config import SpoolConfig
         self.writer = RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(self.dir, "state"),
-                                   self.spool)
+                                   self.spool, batch_max_delay=SpoolConfig(path="").flush_interval)
         self.count = 0
 
     def emit(self, event_type, fields, session_id=None):

@@ -1,6 +1,6 @@
 """Records pipeline benchmark: encode + chain + sign + compress + spool on one core.
 
-Run: .venv/bin/python bench/records.py [--events N] [--batches 64,512] [--runs 3]
+Run: .venv/bin/python bench/records.py [--events N] [--batches 64,512,8192] [--runs 3]
 
 The timed loop is the writer's own path (records.batch.BatchBuilder: canonical
 encoding, hash chain, content tags, columns, Ed25519 signature, zstd, spool append with
@@ -35,6 +35,7 @@ from records.batch import BatchBuilder  # noqa: E402
 from records.codec import GENESIS_HASH, seal_event  # noqa: E402
 from records.schema import new_session_id  # noqa: E402
 from records.spool import Spool  # noqa: E402
+from records.writer import DEFAULT_BATCH_EVENTS  # noqa: E402
 
 TABLES = ["customers", "accounts", "orders", "order_items", "payments", "invoices",
           "ledger_entries", "users", "sessions", "audit_log", "addresses", "cards"]
@@ -138,7 +139,8 @@ def sealed_events(agent, inputs):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--batches", default="64,512", help="batch sizes, comma-separated")
+    parser.add_argument("--batches", default=f"64,512,{DEFAULT_BATCH_EVENTS}",
+                        help="batch sizes, comma-separated (the last is the writer's default)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cpu", type=int, default=0, help="core to pin to")
     args = parser.parse_args()
@@ -189,7 +191,7 @@ def main() -> None:
                   f"({row['json_gzip_bytes_per_event']} B/ev)  content-only "
                   f"{row['ratio_vs_json_gzip_content_only']:.3f} "
                   f"({row['json_gzip_content_only_bytes_per_event']} B/ev)")
-    main_row = next((r for r in results if r["batch_events"] == 512
+    main_row = next((r for r in results if r["batch_events"] == DEFAULT_BATCH_EVENTS
                      and r["dictionary"] == modes[-1][0]), results[-1])
     print(f"targets: >= 100,000 events/s ({main_row['events_per_s_cpu']:,} CPU, "
           f"{main_row['events_per_s_wall']:,} wall at batch {main_row['batch_events']}, "

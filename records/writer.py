@@ -35,6 +35,7 @@ from records.spool import Spool, SpoolFull
 log = logging.getLogger("warden.records")
 
 DEFAULT_BACKLOG_CAP = 2_000_000
+DEFAULT_BATCH_EVENTS = 8192
 _RETRY_FULL_S = 0.2
 _STATE_FILE = "chain-head"
 
@@ -61,7 +62,7 @@ class _OpenBatch:
 
 class RecordWriter:
     def __init__(self, agent_id: str, key: Ed25519PrivateKey, state_dir: str, spool: Spool,
-                 batch_max_events: int = 8192, batch_max_delay: float = 0.5,
+                 batch_max_events: int = DEFAULT_BATCH_EVENTS, batch_max_delay: float = 0.5,
                  backlog_cap: int = DEFAULT_BACKLOG_CAP, dictionary=CURRENT_DICTIONARY):
         self.agent_id = agent_id
         self.dictionary = dictionary     # zstd dictionary for new batches (None: none)
