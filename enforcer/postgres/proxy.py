@@ -16,6 +16,7 @@ session, whose startup continues inside TLS.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 import time
@@ -85,16 +86,29 @@ def _frozen(value):
     return value
 
 
-def _principal_key(ctx) -> tuple:
-    """The identity with its attributes, hashable: policies may read any attribute (unit, user,
-    token claims), so two connections of one identity name can be decided differently. Kept
-    on the context until its identity or attributes are replaced (brokered login does that)."""
+# principal (identity, frozen attributes) -> a number that stands for it in cache keys, so the
+# keys hash a small int instead of the whole attribute tuple on every lookup; numbers are never
+# reused, so clearing the table only orphans old cache entries (the LRU evicts them)
+_principal_ids: dict = {}
+_principal_counter = itertools.count(1)
+_PRINCIPAL_IDS_MAX = 100_000
+
+
+def _principal_key(ctx) -> int:
+    """The identity with its attributes, as a number: policies may read any attribute (unit,
+    user, token claims), so two connections of one identity name can be decided differently.
+    Kept on the context until its identity or attributes are replaced (brokered login does that)."""
     memo = ctx.extra.get("principal_key")
     if memo is not None and memo[0] is ctx.identity_attrs and memo[1] == ctx.identity:
         return memo[2]
-    key = (ctx.identity, _frozen(ctx.identity_attrs or {}))
-    ctx.extra["principal_key"] = (ctx.identity_attrs, ctx.identity, key)
-    return key
+    principal = (ctx.identity, _frozen(ctx.identity_attrs or {}))
+    number = _principal_ids.get(principal)
+    if number is None:
+        if len(_principal_ids) >= _PRINCIPAL_IDS_MAX:
+            _principal_ids.clear()
+        number = _principal_ids[principal] = next(_principal_counter)
+    ctx.extra["principal_key"] = (ctx.identity_attrs, ctx.identity, number)
+    return number
 
 
 def _cache_base(ctx, policy) -> tuple:
@@ -108,12 +122,15 @@ def _cache_base(ctx, policy) -> tuple:
 DECIDED, CACHED_TEXT, CACHED_SHAPE = "decided", "text", "shape"
 
 
-def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None):
+_UNKNOWN = object()
+
+
+def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None, shape=_UNKNOWN):
     """The synchronous part of `decide`: (verdicts, how) when no approval is needed (how is
     DECIDED, CACHED_TEXT or CACHED_SHAPE), else (None, decisions) for `decide` to ask the
     approval service. A new text of a known shape (`WHERE id = 42` after `WHERE id = 41`) is
-    decided like it without asking the policy engine. `base`: the cache key prefix
-    (_cache_base), when the caller already has it."""
+    decided like it without asking the policy engine. `base` (_cache_base) and `shape`
+    (statement_shape of the text): when the caller already has them."""
     policy = ctx.policy
     if policy is None:
         return [Verdict(True, req.sql, reason="no policy configured for this target")], DECIDED
@@ -122,7 +139,8 @@ def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None):
     cached = decision_cache.get((*base, sql))
     if cached is not None:
         return cached, CACHED_TEXT
-    shape = statement_shape(sql)
+    if shape is _UNKNOWN:
+        shape = statement_shape(sql)
     if shape is not None:
         template = decision_cache.get((*base, None, shape))
         if template is not None:
@@ -283,7 +301,8 @@ class _Connection:
         self._paused = ({}, {})                    # (server leg, client leg): reasons reading is paused
         # per-connection decision cache in front of the shared one: sql -> verdicts, valid for
         # one shared-cache key prefix (policy, version, principal, target, hour)
-        self._verdicts: dict = {}
+        self._verdicts: dict = {}           # statement text -> verdicts, for this principal/policy/hour
+        self._shape_verdicts: dict = {}     # statement shape -> verdict template, likewise
         self._verdicts_key = None
         self._client_detached = False              # a failed direct-SSL handshake left no client stream
 
@@ -789,17 +808,35 @@ class _Connection:
             if base != self._verdicts_key:
                 self._verdicts_key = base
                 self._verdicts = {}
-            hit = self._verdicts.get(req.sql)
+                self._shape_verdicts = {}
+            sql = req.sql
+            hit = self._verdicts.get(sql)
             if hit is not None:
                 return hit, True
-        verdicts, how = decide_now(ctx, req, base)
+            # a new text of a shape this connection has decided: no shared-cache lookups
+            # (their keys hash the whole principal each time)
+            shape = statement_shape(sql)
+            template = self._shape_verdicts.get(shape) if shape is not None else None
+            if template is not None:
+                return [template.with_text(single_statement_text(sql))], True
+            verdicts, how = decide_now(ctx, req, base, shape)
+        else:
+            verdicts, how = decide_now(ctx, req)
         if verdicts is None:
             return None, None
-        if how == CACHED_TEXT and policy is not None:
-            # this exact text was seen twice: worth keeping for this connection
-            if len(self._verdicts) >= 1000:
-                self._verdicts = {}
-            self._verdicts[req.sql] = verdicts
+        if policy is not None:
+            if how == CACHED_TEXT:
+                # this exact text was seen twice: worth keeping for this connection
+                if len(self._verdicts) >= 1000:
+                    self._verdicts = {}
+                self._verdicts[sql] = verdicts
+            elif shape is not None:
+                # decide_now keeps a shape's verdict only when every text of it decides alike
+                template = decision_cache.get((*base, None, shape))
+                if template is not None:
+                    if len(self._shape_verdicts) >= 1000:
+                        self._shape_verdicts = {}
+                    self._shape_verdicts[shape] = template
         return verdicts, how != DECIDED
 
     async def _decide_slow(self, req: DecisionRequest, rest: list) -> None:

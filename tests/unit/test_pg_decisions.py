@@ -60,3 +60,54 @@ def test_shape_reuse_never_crosses_tables_or_kinds():
     _decide(ctx, "SET search_path = 'a'")
     _, how = _decide(ctx, "SET search_path = 'b'")
     assert how == DECIDED
+
+
+def _connection(ctx):
+    from enforcer.postgres.proxy import _Connection
+    conn = object.__new__(_Connection)      # only the decision state, no sockets
+    conn.ctx, conn._verdicts, conn._shape_verdicts, conn._verdicts_key = ctx, {}, {}, None
+    return conn
+
+
+def test_connection_keeps_shape_verdicts_and_drops_them_when_the_principal_changes():
+    from enforcer.postgres.proxy import decision_cache
+    policy = PolicyEngine.from_text(POLICY)
+    ctx = _ctx(policy, "app")
+    conn = _connection(ctx)
+    first, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 1", "simple", None))
+    assert first[0].allowed and not cached
+    second, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 2", "simple", None))
+    assert second[0].allowed and cached
+    decision_cache._entries.clear()         # from now on only the connection's own memo knows
+    third, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 3", "simple", None))
+    assert cached and third[0].allowed and third[0].text == "SELECT balance FROM accounts WHERE id = 3"
+    assert third[0].policy_ids == ("app-user-reads",)
+    # brokered login replaces the attributes: the memo must not answer for the new principal
+    ctx.identity_attrs = {"user": "intruder"}
+    fourth, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 4", "simple", None))
+    assert not fourth[0].allowed and not cached
+
+
+def test_connection_shape_memo_never_answers_for_another_table_or_kind():
+    policy = PolicyEngine.from_text(POLICY)
+    conn = _connection(_ctx(policy, "app"))
+    for sql in ("SELECT * FROM accounts WHERE id = 1", "SELECT * FROM accounts WHERE id = 2"):
+        conn._decide_fast(DecisionRequest(sql, "simple", None))
+    other, _ = conn._decide_fast(DecisionRequest("SELECT * FROM private.accounts WHERE id = 3", "simple", None))
+    assert other[0].tables == ("private.accounts",)
+    write, _ = conn._decide_fast(DecisionRequest("DELETE FROM accounts WHERE id = 3", "simple", None))
+    assert not write[0].allowed
+
+
+def test_principal_numbers_tell_attribute_sets_apart_and_survive_a_full_table(monkeypatch):
+    from enforcer.postgres import proxy
+    policy = PolicyEngine.from_text(POLICY)
+    app, again, intruder = _ctx(policy, "app"), _ctx(policy, "app"), _ctx(policy, "intruder")
+    assert proxy._principal_key(app) == proxy._principal_key(again) != proxy._principal_key(intruder)
+    before = proxy._principal_key(intruder)
+    monkeypatch.setattr(proxy, "_PRINCIPAL_IDS_MAX", 0)     # the next new principal empties the table
+    newcomer = _ctx(policy, "newcomer")
+    assert proxy._principal_key(newcomer) not in (before, proxy._principal_key(app))
+    # a context that learned its number before the table was emptied keeps it; a fresh one
+    # for the same principal gets a new number, never another principal's
+    assert proxy._principal_key(_ctx(policy, "intruder")) != proxy._principal_key(newcomer)
