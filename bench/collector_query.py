@@ -45,7 +45,7 @@ from records.codec import GENESIS_HASH  # noqa: E402
 from records.signing import public_key_bytes  # noqa: E402
 
 from bench.collector import (DAY_NS, EVENTS_PER_DAY, POSTGRES_SETTINGS, POSTGRES_SKIPPED,  # noqa: E402
-                             START_NS, WINDOW_NS, durable_postgres)
+                             START_NS, WINDOW_NS, durable_postgres, percentile, timed_window_query)
 
 IDENTITIES = [f"svc-{i}" for i in range(20)]
 
@@ -123,21 +123,13 @@ def load(store: Store, produced) -> float:
     return elapsed
 
 
-def _p(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[max(0, int(len(ordered) * q) - 1)], 2)
-
-
 def measure(store: Store, tables: list[str], span_ns: int, queries: int, rng: random.Random) -> dict:
     window_ms, around_ms, sessions_ms, rows_seen = [], [], [], []
     for _ in range(queries):
+        ms, rows = timed_window_query(store, tables, span_ns, rng)
+        window_ms.append(ms)
+        rows_seen.append(rows)
         table = rng.choice(tables)
-        since = START_NS + rng.randrange(0, span_ns - WINDOW_NS)
-        t0 = time.perf_counter()
-        with store.read() as connection:
-            page = list_events(connection, table=table, since=since, until=since + WINDOW_NS, limit=1000)
-        window_ms.append((time.perf_counter() - t0) * 1000)
-        rows_seen.append(len(page.items))
         at = START_NS + rng.randrange(0, span_ns)
         t0 = time.perf_counter()
         with store.read() as connection:
@@ -149,12 +141,12 @@ def measure(store: Store, tables: list[str], span_ns: int, queries: int, rng: ra
             list_sessions(connection, table=table, since=at - WINDOW_NS // 2, until=at + WINDOW_NS // 2, limit=100)
         sessions_ms.append((time.perf_counter() - t0) * 1000)
     return {"table_window_10m_p50_ms": round(statistics.median(window_ms), 2),
-            "table_window_10m_p95_ms": _p(window_ms, 0.95),
+            "table_window_10m_p95_ms": percentile(window_ms, 0.95),
             "rows_per_window_avg": round(statistics.mean(rows_seen), 1),
             "who_touched_unqualified_10m_p50_ms": round(statistics.median(around_ms), 2),
-            "who_touched_unqualified_10m_p95_ms": _p(around_ms, 0.95),
+            "who_touched_unqualified_10m_p95_ms": percentile(around_ms, 0.95),
             "sessions_by_table_10m_p50_ms": round(statistics.median(sessions_ms), 2),
-            "sessions_by_table_10m_p95_ms": _p(sessions_ms, 0.95)}
+            "sessions_by_table_10m_p95_ms": percentile(sessions_ms, 0.95)}
 
 
 def run_backend(name: str, url: str, produced, tables, span_ns, queries, rng) -> dict:
