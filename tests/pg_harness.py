@@ -337,3 +337,24 @@ class EnforcerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def cancel_a_long_query(conn, after_s: float) -> float:
+    """Run pg_sleep(20) on a psycopg connection, cancel it after `after_s` with libpq's
+    non-blocking cancel and return the seconds until the client got QueryCanceled.
+
+    cancel_safe(), not the blocking conn.cancel(): that one holds the GIL inside libpq, which
+    would deadlock with an enforcer running in the same process (not an issue in real use)."""
+    import threading
+
+    import psycopg
+    timer = threading.Timer(after_s, conn.cancel_safe)
+    timer.start()
+    started = time.monotonic()
+    try:
+        conn.execute("SELECT pg_sleep(20)")
+    except psycopg.errors.QueryCanceled:
+        return time.monotonic() - started
+    finally:
+        timer.join()
+    raise AssertionError("pg_sleep(20) was not cancelled")

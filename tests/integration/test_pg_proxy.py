@@ -2,14 +2,13 @@
 import asyncio
 import os
 import subprocess
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 
 from records.schema import validate_fields
-from tests.pg_harness import EnforcerThread, PostgresServer, postgres_available
+from tests.pg_harness import EnforcerThread, PostgresServer, cancel_a_long_query, postgres_available
 
 pytestmark = [pytest.mark.postgres,
               pytest.mark.skipif(not postgres_available(), reason="PostgreSQL 15 binaries or the postgres user missing")]
@@ -181,15 +180,7 @@ def test_psycopg_pipeline_copy_binary_cursor(enforcer, pg):
 
 def test_psycopg_cancel_reaches_upstream(enforcer, pg):
     with psycopg.connect(enforcer.dsn(pg, user="alice")) as conn:
-        # cancel_safe(): libpq's non-blocking cancel. The blocking conn.cancel() holds the GIL inside
-        # libpq, which would deadlock with the enforcer running in this same process (not in real use).
-        timer = threading.Timer(0.5, conn.cancel_safe)
-        timer.start()
-        t0 = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            conn.execute("SELECT pg_sleep(20)")
-        timer.join()
-        assert time.monotonic() - t0 < 10
+        assert cancel_a_long_query(conn, 0.5) < 10
         conn.rollback()
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
