@@ -134,11 +134,12 @@ class RecordWriter:
                 batch = self._open = BatchBuilder(self.agent_id, self.last_hash, self.last_seq + 1)
                 self._open_since = time.monotonic()
                 self._queue.put(_OpenBatch(self._open_since + self.batch_max_delay))
+            ts = time.time_ns()
             try:    # _seal, inlined: this is the enforcers' per-event path
-                self.last_hash = batch.add(time.time_ns(), session_id, event_type, fields)
+                self.last_hash = batch.add(ts, session_id, event_type, fields)
                 self.last_seq = batch.last_seq
-            except (TypeError, ValueError, OverflowError):
-                self._seal(batch, time.time_ns(), session_id, event_type, fields)
+            except (TypeError, ValueError, OverflowError) as exc:
+                self._seal_repaired(batch, ts, session_id, event_type, fields, exc)
             if batch.count >= self.batch_max_events:
                 self._cut_locked()
 
@@ -180,18 +181,22 @@ class RecordWriter:
     def _seal(self, batch: BatchBuilder, ts: int, sid, event_type: str, fields: dict) -> None:
         try:
             self.last_hash = batch.add(ts, sid, event_type, fields)
-        except (TypeError, ValueError, OverflowError) as exc:
-            # A producer handed us a value msgpack cannot encode. Losing the event (or, worse,
-            # every event after it) is not an option: record it with such values in their
-            # text form, and say so in the chain.
-            safe = _encodable(fields)
-            safe["x_encoding_repaired"] = True
-            self.last_hash = batch.add(ts, sid, event_type, safe)
             self.last_seq = batch.last_seq
-            self.last_hash = batch.add(time.time_ns(), sid, "agent.alert", {
-                "kind": "unencodable_event", "severity": "error",
-                "message": f"{event_type} carried a value that could not be encoded ({exc}); "
-                           f"it was recorded in text form"})
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._seal_repaired(batch, ts, sid, event_type, fields, exc)
+
+    def _seal_repaired(self, batch: BatchBuilder, ts: int, sid, event_type: str, fields: dict,
+                       exc: Exception) -> None:
+        # A producer handed us a value msgpack cannot encode. Losing the event (or, worse,
+        # every event after it) is not an option: record it with such values in their
+        # text form, and say so in the chain.
+        safe = _encodable(fields)
+        safe["x_encoding_repaired"] = True
+        self.last_hash = batch.add(ts, sid, event_type, safe)
+        self.last_hash = batch.add(time.time_ns(), sid, "agent.alert", {
+            "kind": "unencodable_event", "severity": "error",
+            "message": f"{event_type} carried a value that could not be encoded ({exc}); "
+                       f"it was recorded in text form"})
         self.last_seq = batch.last_seq
 
     def _cut_locked(self) -> None:
