@@ -521,7 +521,6 @@ _CONSTANT_MARK = "\x01"
 # something else); a quote glued to a name (E'', B'', U&'', date'...') goes to the lexer.
 # Non-ASCII text goes to the lexer too: Postgres takes letters like é or ٣ as identifier
 # characters, where the regex would see a word boundary and take `é5`'s digit for a literal.
-_FAST_UNSAFE = re.compile(r"--|/\*|\\|\$(?!\d)|\0|\x01|[^\x00-\x7f]")
 _NAMED_DOLLAR = re.compile(r"\$(?!\d)")
 _NUMBER = r"""(?<![\w$.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.])"""
 _FAST_LITERAL = re.compile(r"""("(?:[^"]|"")*")|([\w$&]')|'[^']*'|""" + _NUMBER, re.ASCII)
@@ -531,7 +530,8 @@ _FAST_NUMBER = re.compile(_NUMBER, re.ASCII)
 
 
 def _fast_path_safe(sql: str) -> bool:
-    """_FAST_UNSAFE finds nothing in sql (the same test, as cheaper substring checks)."""
+    """No comment, backslash, named dollar quote ($ not followed by a digit), NUL, \\x01 (our
+    constant mark) or non-ASCII character in sql: the regex path may shape it."""
     return (sql.isascii() and "--" not in sql and "/*" not in sql and "\\" not in sql
             and "\0" not in sql and "\x01" not in sql
             and ("$" not in sql or _NAMED_DOLLAR.search(sql) is None))
