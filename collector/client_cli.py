@@ -123,8 +123,11 @@ def replay_steps(items: list[dict]) -> list[dict]:
                 query = f"?{f['query']}" if f.get("query") else ""
                 text = f"{f.get('method', '')} {f.get('host', '')}{f.get('path', '')}{query}"
                 detail = ""
+            if f.get("reason"):
+                detail = (detail + " " if detail else "") + f"reason: {f['reason']}"
             current = {"ts": e["ts"], "step": "SQL" if kind == "pg.statement" else "HTTP", "text": text,
-                       "detail": detail, "decision": f.get("decision") or e.get("decision"), "policies": [],
+                       "detail": detail, "decision": f.get("decision") or e.get("decision"),
+                       "policies": list(f.get("policy_ids") or []),
                        "result": None, "masking": [], "seq": e["seq"]}
             steps.append(current)
             if _index_of(f) is not None:

@@ -246,14 +246,23 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
             decision = decision if type(decision) is str else str(decision)
         elif event_type.startswith("approval."):
             decision = decision_of(event_type, f)
-        if sid is not None and event_type == "policy.decision" and decision and sid in last_request:
-            # The decision is its own event; copy it onto the statement it decided: the
-            # pending one, unless that carries its own decision (Postgres records the
-            # decision first, so the pending statement is the previous one) or names
-            # another statement/request index.
-            pending, pending_fields = last_request.pop(sid)
-            if pending[_DECISION] is None and _same_step(pending_fields, f):
-                pending[_DECISION] = decision
+        denied = False
+        if event_type == "policy.decision":
+            # A statement or request carries its own decision; a policy.decision event is the
+            # outcome of one held for approval (or, from older agents, a request's decision):
+            # copy it onto the pending statement/request it decided, unless that is already
+            # decided or names another statement/request index. Denials are counted once:
+            # on the statement/request, else on a decision with nothing to attach to
+            # (an SNI-only TLS stream). A Postgres statement always carries its decision.
+            denied = decision in ("deny", "denied") and "statement_index" not in f
+            if sid is not None and decision and sid in last_request:
+                pending, pending_fields = last_request.pop(sid)
+                if pending[_DECISION] in (None, "approval") and _same_step(pending_fields, f):
+                    pending[_DECISION] = decision
+                elif pending[_DECISION] is not None:
+                    denied = False          # counted on the statement it came with
+        elif event_type == "pg.statement" or event_type == "http.request":
+            denied = decision in ("deny", "denied")
         row = [agent_id, seq, ts, sid, event_type, identity, target, summary_of(event_type, f), decision,
                batch_id, ev["hash"].hex(), to_json(f)]
         append_event(row)
@@ -288,7 +297,7 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
             delta.statements += 1
         elif event_type == "http.request":
             delta.requests += 1
-        if decision in ("deny", "denied") and event_type == "policy.decision":
+        if denied:
             delta.denied += 1
     return index
 

@@ -105,7 +105,9 @@ def list_sessions(connection: Connection, *, identity=None, target=None, host=No
             touched = touched.where(event_tables.c.ts <= until)
         conditions.append(sessions.c.sid.in_(touched))
     if decision:
-        decided = select(events.c.sid).where(events.c.type == "policy.decision", events.c.decision == decision)
+        # statements and requests carry their decision; policy.decision holds approval outcomes
+        decided = select(events.c.sid).where(
+            events.c.type.in_(("pg.statement", "http.request", "policy.decision")), events.c.decision == decision)
         conditions.append(sessions.c.sid.in_(decided))
     if cursor:
         start_ns, sid = decode_cursor(cursor, 2)

@@ -48,7 +48,8 @@ class SimulatedAgent:
     def session(self, *, identity: str, target: str, statements: list[tuple[str, list[str]]],
                 start_ns: int | None = None, step_ns: int = 1_000_000, decision: str = "allow",
                 pid: int = 4242, exe: str = "/usr/bin/psql", unit: str = "billing.service") -> tuple[str, list[dict]]:
-        """A Postgres session: start, (statement, decision, result) per statement, end."""
+        """A Postgres session as an agent records it: start, (statement with its decision,
+        result) per statement, end."""
         sid = uuid.uuid4().hex
         ts = start_ns if start_ns is not None else time.time_ns()
         out = [self.event("session.start", {
@@ -59,9 +60,8 @@ class SimulatedAgent:
             ts += step_ns
             kind = text.split()[0].lower()
             out.append(self.event("pg.statement", {"text": text, "params": [], "kind": kind, "tables": tables,
-                                                    "functions": []}, sid, ts))
-            ts += step_ns
-            out.append(self.event("policy.decision", {"decision": decision, "policy_ids": ["p1"]}, sid, ts))
+                                                    "functions": [], "decision": decision, "policy_ids": ["p1"]},
+                                  sid, ts))
             ts += step_ns
             out.append(self.event("pg.result", {"command_tag": f"{kind.upper()} 1", "rows": 1, "bytes": 64},
                                   sid, ts))

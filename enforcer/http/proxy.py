@@ -495,16 +495,17 @@ class HttpSession(asyncio.Protocol):
         fields = template.copy()
         fields["headers"] = template["headers"].copy()
         fields["request_index"] = index
-        ctx.emit("http.request", fields)
         if self.client_sni is not None and not connect and _host_name(host) != self.client_sni:
             # the leaf and the upstream's certificate were for the SNI: another Host would be
             # served under a name nobody verified (domain fronting)
+            ctx.emit("http.request", fields)
             self._refuse(exchange, _Refusal(421, {
                 "error": "misdirected_request", "identity": ctx.identity,
                 "request_id": f"{ctx.session_id}-{index}",
                 "reason": f"Host {host!r} does not match the TLS server name {self.client_sni!r}"}))
             return
         if connect and not self.allow_connect:
+            ctx.emit("http.request", fields)
             self._refuse(exchange, _Refusal(405, {
                 "error": "connect_not_allowed", "identity": ctx.identity, "action": "http:CONNECT",
                 "request_id": f"{ctx.session_id}-{index}",
@@ -513,11 +514,20 @@ class HttpSession(asyncio.Protocol):
             return
         kind, action, policy_ids, reason, resources, decision = _decide(
             ctx, request.method, host, path, request.headers)
+        resource = resources[0] if resources else f"{host}{path}"
+        # the decision is recorded on the request itself (one event, not two); one held for
+        # approval says "approval" here and gets its own policy.decision once decided
+        fields["decision"] = kind
+        fields["policy_ids"] = list(policy_ids)
+        fields["reason"] = reason
+        fields["action"] = action
+        fields["resource"] = resource
+        ctx.emit("http.request", fields)
         if kind == "approval":
             self._wait()
-            self._spawn(self._await_approval(exchange, decision, resources))
+            self._spawn(self._await_approval(exchange, decision, resource))
             return
-        self._decided(exchange, kind, action, policy_ids, reason, resources)
+        self._decided(exchange, kind, action, policy_ids, reason, resource)
 
     def _wait(self) -> None:
         self.phase = _WAITING
@@ -529,20 +539,20 @@ class HttpSession(asyncio.Protocol):
         if self.phase != _ENDED:
             self._pump_client()
 
-    async def _await_approval(self, exchange: _Exchange, decision, resources) -> None:
+    async def _await_approval(self, exchange: _Exchange, decision, resource: str) -> None:
         kind, policy_ids, reason = await _approve(self.ctx, decision, exchange.request.method, exchange.host,
                                                   exchange.path)
         if self.phase == _ENDED:
             return
-        self._decided(exchange, kind, decision.action, policy_ids, reason, resources)
+        ctx = self.ctx
+        ctx.emit("policy.decision", {"decision": kind, "policy_ids": list(policy_ids), "reason": reason,
+                                     "identity": ctx.identity, "action": decision.action, "resource": resource,
+                                     "request_index": exchange.index})
+        self._decided(exchange, kind, decision.action, policy_ids, reason, resource)
         self._unwait()
 
-    def _decided(self, exchange: _Exchange, kind: str, action: str, policy_ids, reason: str, resources) -> None:
+    def _decided(self, exchange: _Exchange, kind: str, action: str, policy_ids, reason: str, resource: str) -> None:
         ctx = self.ctx
-        resource = resources[0] if resources else f"{exchange.host}{exchange.path}"
-        ctx.emit("policy.decision", {"decision": kind, "policy_ids": list(policy_ids), "reason": reason,
-                                     "identity": ctx.identity, "action": action, "resource": resource,
-                                     "request_index": exchange.index})
         if kind != "allow":
             self._refuse(exchange, _Refusal(403, {
                 "error": "forbidden", "identity": ctx.identity, "action": action, "resource": resource,

@@ -409,8 +409,8 @@ class _Connection:
             elif kind == EVENT:
                 self.ctx.emit(payload[0], payload[1])
             elif kind == DECIDE:
-                verdicts, cached = await decide(self.ctx, payload)
-                await self._run_actions(self.session.resume(verdicts, cached))
+                verdicts, _ = await decide(self.ctx, payload)
+                await self._run_actions(self.session.resume(verdicts))
             elif kind == CONNECT_UPSTREAM:
                 await self._connect_upstream(payload)
             elif kind == START_CLIENT_TLS:
@@ -759,14 +759,14 @@ class _Connection:
             elif kind == EVENT:
                 emit(payload[0], payload[1])
             elif kind == DECIDE:
-                verdicts, cached = self._decide_fast(payload)
+                verdicts, _ = self._decide_fast(payload)
                 if verdicts is None:
                     # an approval is needed: hold the client until it is answered
                     self._write(to_server, to_client)
                     self._pause_reading(True, "decision")
                     asyncio.get_running_loop().create_task(self._decide_slow(payload, actions[i:]))
                     return
-                actions = self.session.resume(verdicts, cached) + actions[i:]
+                actions = self.session.resume(verdicts) + actions[i:]
                 i = 0
             elif kind == CLOSE:
                 close = True
@@ -841,10 +841,10 @@ class _Connection:
 
     async def _decide_slow(self, req: DecisionRequest, rest: list) -> None:
         try:
-            verdicts, cached = await decide(self.ctx, req)
+            verdicts, _ = await decide(self.ctx, req)
             if self._done.done():
                 return
-            self._apply(self.session.resume(verdicts, cached) + rest)
+            self._apply(self.session.resume(verdicts) + rest)
             if not self.session.waiting_for_decision:
                 self._resume_reading(True, "decision")
         except Exception as e:

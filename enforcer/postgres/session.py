@@ -381,9 +381,8 @@ class PostgresSession:
             return self._process_client()
         return []
 
-    def resume(self, verdicts: list[Verdict], cached: bool = False) -> list:
-        """Continue after a DECIDE action with the final verdict per statement (`cached`: the
-        verdicts came from the decision cache, recorded on policy.decision)."""
+    def resume(self, verdicts: list[Verdict]) -> list:
+        """Continue after a DECIDE action with the final verdict per statement."""
         pending = self._pending
         if pending is None:
             raise RuntimeError("resume() without a pending decision")
@@ -391,9 +390,9 @@ class PostgresSession:
         out: list = []
         kind = pending[0]
         if kind == "Q":
-            self._resume_query(pending, verdicts, out, cached)
+            self._resume_query(pending, verdicts, out)
         else:
-            self._resume_parse(pending, verdicts, out, cached)
+            self._resume_parse(pending, verdicts, out)
         if self.phase != CLOSED and self._pending is None:
             out += self._process_client()
         return out
@@ -714,26 +713,17 @@ class PostgresSession:
                   "statement_index": index}
         if portal:
             fields["portal"] = portal
+        # the statement's record carries its decision (no separate policy.decision event)
         if verdict is None:
             fields.update({"kind": None, "action": None, "tables": [], "functions": [], "decision": "allow",
-                           "policy_ids": []})
+                           "policy_ids": [], "reason": ""})
         else:
             fields.update({"kind": verdict.kind, "action": verdict.action, "tables": list(verdict.tables),
                            "functions": list(verdict.functions), "decision": verdict.decision,
-                           "policy_ids": list(verdict.policy_ids)})
+                           "policy_ids": list(verdict.policy_ids), "reason": verdict.reason})
         return fields
 
-    def _decision_event(self, verdict: Verdict, cached: bool, index: Optional[int], name=None) -> tuple:
-        fields = {"decision": verdict.decision, "policy_ids": list(verdict.policy_ids),
-                  "reason": verdict.reason, "identity": self.identity, "action": verdict.action,
-                  "resource": self.target, "cached": cached}
-        if index is not None:
-            fields["statement_index"] = index
-        if name is not None:
-            fields["x_statement_name"] = name
-        return (EVENT, ("policy.decision", fields))
-
-    def _resume_query(self, pending, verdicts: list[Verdict], out: list, cached: bool) -> None:
+    def _resume_query(self, pending, verdicts: list[Verdict], out: list) -> None:
         _, msg, sql = pending
         denied = next((v for v in verdicts if not v.allowed), None)
         batch = self._client_batch
@@ -745,7 +735,6 @@ class PostgresSession:
         for v in verdicts:
             self.statements += 1
             index = self.statements
-            out.append(self._decision_event(v, cached, index))
             out.append((EVENT, ("pg.statement", self._statement_fields(v.text, None, v, "simple", None, index))))
             if v is denied:
                 break
@@ -758,21 +747,19 @@ class PostgresSession:
         self._results.append(_Result(denied.text, now, batch, denied=True, index=self.statements))
         out.append((TO_SERVER, P.build_query(denial_do_block(message))))
 
-    def _resume_parse(self, pending, verdicts: list[Verdict], out: list, cached: bool) -> None:
+    def _resume_parse(self, pending, verdicts: list[Verdict], out: list) -> None:
         _, msg, parse = pending
         if not verdicts:
             verdicts = [Verdict(True, parse.query)]
         denied = next((v for v in verdicts if not v.allowed), None)
         verdict = denied or verdicts[0]
         if denied is None:
-            # the executions (Bind) are the recorded statements; the decision is made once here
-            out.append(self._decision_event(verdict, cached, None, parse.name))
+            # the executions (Bind) are the recorded statements, each carrying this decision
             self._statements[parse.name] = _Statement(parse.query, verdict)
             self._expect.append((49, False))
             out.append((TO_SERVER, msg))
             return
         self.statements += 1
-        out.append(self._decision_event(denied, cached, self.statements, parse.name))
         out.append((EVENT, ("pg.statement", self._statement_fields(parse.query, None, denied, "extended",
                                                                      parse.name, self.statements))))
         message = denial_message(self.identity, self.target, denied)

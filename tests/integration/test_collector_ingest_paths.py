@@ -78,7 +78,7 @@ def enroll(store: Store, agent: SimulatedAgent) -> None:
 
 def workload(agent: SimulatedAgent) -> list[bytes]:
     """Sessions spanning batches, many tables (one qualified, one not, one odd), and a
-    policy decision per statement: three batches."""
+    decision on each statement: three batches."""
     batches, pending = [], []
     for n in range(30):
         _, evs = agent.session(identity=f"svc-{n % 3}", target="crm", start_ns=T0 + n * 10**9,
@@ -109,7 +109,7 @@ def snapshot(store: Store) -> dict:
             "unqualified": list_events(c, table="T3", **window).as_dict(),
             "odd": list_events(c, table='"Public".Odd', **window).as_dict(),
             "identity": list_events(c, identity="svc-1", **window).as_dict(),
-            "type": list_events(c, event_type="policy.*", **window).as_dict(),
+            "type": list_events(c, event_type="pg.*", **window).as_dict(),
             "sessions": list_sessions(c, table="public.t3", **window).as_dict(),
             "denied": list_sessions(c, decision="deny", limit=1000).as_dict(),
             "one_session": session_events(c, session_rows[0][0]).as_dict(),
@@ -144,9 +144,9 @@ def test_bulk_insert_stores_what_build_index_produced(make_store):
     assert q["qualified"]["count"] and q["unqualified"]["count"] == q["qualified"]["count"]
     assert q["odd"]["count"] == 30 and all(len(e["tables"]) == 2 for e in q["odd"]["items"])
     assert all(e["identity"] == "svc-1" for e in q["identity"]["items"]) and q["identity"]["count"]
-    assert {e["type"] for e in q["type"]["items"]} == {"policy.decision"}
+    assert {e["type"] for e in q["type"]["items"]} == {"pg.statement", "pg.result"}
     assert q["denied"]["count"] == 6
-    assert {s["event_count"] for s in q["sessions"]["items"]} == {11}
+    assert {s["event_count"] for s in q["sessions"]["items"]} == {8}
 
 
 def test_worker_processes_store_the_same_as_inline(make_store, workers):

@@ -161,6 +161,9 @@ def test_held_request_runs_when_approved_and_gets_403_when_denied(upstream, enfo
     assert "not during the freeze" in body["reason"] and "alice.approver" in body["reason"]
     assert result["after"].count("POST /refunds") == 1   # only the approved one got through
 
+    # the request is recorded as held; the approval's outcome is its own policy.decision
+    held = [r for r in enforcer.sink.of("http.request") if r["method"] == "POST"]
+    assert held and all(r["decision"] == "approval" for r in held)
     decisions = enforcer.sink.of("policy.decision")
     assert decisions[0]["decision"] == "deny" and "not during the freeze" in decisions[0]["reason"]
     decided = enforcer.sink.of("approval.decided")

@@ -128,7 +128,7 @@ def test_intercept_httpx_with_policy_masking_and_brokered_credentials(tls_upstre
     assert masked.json() == {"id": 7, "card": "****", "name": "Ada"}
     assert denied.status_code == 403 and denied.json()["policy"] == ["no-deletes"]
     assert _session_end(enforcer)["requests"] == 3                 # one TLS connection, kept alive
-    assert [d["decision"] for d in enforcer.sink.of("policy.decision")] == ["allow", "allow", "deny"]
+    assert [d["decision"] for d in enforcer.sink.of("http.request")] == ["allow", "allow", "deny"]
     assert enforcer.sink.of("http.request")[0]["headers"]["authorization"] == "[redacted]"
     assert "upstream-secret" not in json.dumps(enforcer.sink.events)
 

@@ -339,9 +339,12 @@ def test_policy_allows_and_denies_by_method_and_path(upstream, enforcer):
     assert not_permitted.json()["policy"] == []
     seen = after.json()
     assert "DELETE /echo/1" not in seen and "POST /other" not in seen
-    decisions = enforcer.sink.of("policy.decision")
+    # each request's record carries its decision
+    decisions = enforcer.sink.of("http.request")
     assert [d["decision"] for d in decisions] == ["allow", "allow", "deny", "deny", "allow"]
     assert decisions[2]["policy_ids"] == ["no-deletes"] and decisions[2]["request_index"] == 3
+    assert decisions[2]["action"] == "http:DELETE" and decisions[2]["reason"]
+    assert enforcer.sink.of("policy.decision") == []
 
 
 def test_brokered_credentials_reach_the_server_not_the_record(upstream, enforcer, tmp_path):

@@ -33,6 +33,8 @@ def test_postgres_decision_before_its_statement_does_not_overwrite_the_previous_
     )
     index = build_index("agent", "host", 1, events, {})
     assert _decisions_of(index, "pg.statement") == ["allow", "deny"]
+    # records of older agents: the deny is counted once, on its statement
+    assert index.sessions["s1"].denied == 1
 
 
 def test_http_decision_after_its_request_is_copied_onto_it():
@@ -46,3 +48,46 @@ def test_http_decision_after_its_request_is_copied_onto_it():
     )
     index = build_index("agent", "host", 1, events, {})
     assert _decisions_of(index, "http.request") == ["allow", "deny"]
+    assert index.sessions["s1"].denied == 1
+
+
+def test_decisions_carried_by_statements_and_requests_are_indexed_and_counted_once():
+    """What agents record now: the decision on the statement or request itself."""
+    events = _events(
+        ("session.start", {"identity": "svc", "target": "db"}),
+        ("pg.statement", {"text": "SELECT 1", "decision": "allow", "statement_index": 1}),
+        ("pg.result", {"rows": 1, "statement_index": 1}),
+        ("pg.statement", {"text": "DELETE FROM t", "decision": "deny", "statement_index": 2}),
+        ("pg.result", {"sqlstate": "42501", "statement_index": 2}),
+        ("http.request", {"method": "DELETE", "path": "/a", "request_index": 1, "decision": "deny"}),
+        ("http.response", {"status": 403, "request_index": 1}),
+    )
+    index = build_index("agent", "host", 1, events, {})
+    assert _decisions_of(index, "pg.statement") == ["allow", "deny"]
+    assert _decisions_of(index, "http.request") == ["deny"]
+    assert index.sessions["s1"].denied == 2
+
+
+def test_request_held_for_approval_gets_the_outcome_and_a_denial_counts_once():
+    events = _events(
+        ("session.start", {"identity": "svc", "target": "api"}),
+        ("http.request", {"method": "POST", "path": "/pay", "request_index": 1, "decision": "approval"}),
+        ("approval.requested", {"approval_id": "a1", "request_index": 1}),
+        ("approval.decided", {"approval_id": "a1", "decision": "deny"}),
+        ("policy.decision", {"decision": "deny", "policy_ids": ["pay-needs-approval"], "request_index": 1}),
+        ("http.response", {"status": 403, "request_index": 1}),
+        ("http.request", {"method": "POST", "path": "/pay", "request_index": 2, "decision": "approval"}),
+        ("policy.decision", {"decision": "allow", "request_index": 2}),
+    )
+    index = build_index("agent", "host", 1, events, {})
+    assert _decisions_of(index, "http.request") == ["deny", "allow"]
+    assert index.sessions["s1"].denied == 1
+
+
+def test_sni_only_decision_with_no_request_counts_its_denial():
+    events = _events(
+        ("session.start", {"identity": "svc", "target": "api"}),
+        ("policy.decision", {"decision": "deny", "request_index": 1}),
+        ("session.end", {"reason": "denied"}),
+    )
+    assert build_index("agent", "host", 1, events, {}).sessions["s1"].denied == 1

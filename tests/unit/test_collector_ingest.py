@@ -23,11 +23,11 @@ def test_session_spanning_batches_and_late_start(env):
     env.enroll(agent)
     sid, evs = agent.session(identity="billing", target="crm", statements=[("SELECT 1 FROM public.t", ["public.t"])])
     env.ingest(agent, evs[:2])   # start + statement
-    env.ingest(agent, evs[2:])   # decision, result, end: inherit identity from the stored session
+    env.ingest(agent, evs[2:])   # result, end: inherit identity from the stored session
     with env.store.read() as c:
         row = c.execute(select(sessions).where(sessions.c.sid == sid)).one()
         identities = set(c.execute(select(events.c.identity).where(events.c.sid == sid)).scalars())
-    assert (row.event_count, row.statement_count, row.identity) == (5, 1, "billing") and row.end_ns is not None
+    assert (row.event_count, row.statement_count, row.identity) == (4, 1, "billing") and row.end_ns is not None
     assert identities == {"billing"}
 
     # A statement stored before its session.start (recorded out of order by a writer).

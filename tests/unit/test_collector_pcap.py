@@ -100,9 +100,8 @@ def test_http_session_as_pcap_and_replay_steps(env, tmp_path):
            agent.event("http.request", {"method": "GET", "host": "billing.internal", "path": "/v1/invoices",
                                         "query": "limit=5", "headers": {"authorization": "[REDACTED]",
                                                                         "content-length": "0"},
-                                        "request_index": 1}, sid, ts + 1000),
-           agent.event("policy.decision", {"decision": "allow", "policy_ids": ["p"], "request_index": 1},
-                       sid, ts + 2000),
+                                        "request_index": 1, "decision": "allow", "policy_ids": ["p"],
+                                        "reason": "permitted by p", "action": "http:GET"}, sid, ts + 1000),
            agent.event("http.response", {"status": 200, "headers": {"content-type": "application/json"},
                                          "body_bytes": 512, "request_index": 1}, sid, ts + 3000),
            agent.event("mask.applied", {"method": "http.response_body", "fields": {"card": 2},
@@ -119,6 +118,7 @@ def test_http_session_as_pcap_and_replay_steps(env, tmp_path):
     steps = replay_steps(items)
     request = [s for s in steps if s["step"] == "HTTP"][0]
     assert request["decision"] == "allow" and request["result"].startswith("200")
+    assert request["policies"] == ["p"] and "reason: permitted by p" in request["detail"]
     assert request["masking"] == ["2 value(s) masked: card=2"]
 
     if shutil.which("tshark") is None:
