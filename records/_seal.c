@@ -133,14 +133,38 @@ static int compare_keys(PyObject *a, PyObject *b) {
     return PyUnicode_Compare(a, b);
 }
 
+/* The sorted key order of recently packed map shapes. Producers build the same shapes over
+   and over from the same key objects (literals, template copies), so a shape is recognised by
+   the identity of its keys in insertion order, which skips sorting them again. An entry holds
+   references to its keys: no other string can take one of their addresses while it exists. */
+#define ORDER_SLOTS 256
+#define ORDER_MAX_KEYS 32
+#define ORDER_MAX_KEY_LENGTH 128
+typedef struct {
+    Py_ssize_t n;
+    PyObject *keys[ORDER_MAX_KEYS];        /* strong references, insertion order */
+    unsigned char rank[ORDER_MAX_KEYS];    /* rank[i]: insertion index of the i-th smallest key */
+} KeyOrder;
+static KeyOrder *key_orders;               /* ORDER_SLOTS entries, allocated on first use */
+
+static KeyOrder *key_order_slot(PyObject **keys, Py_ssize_t n) {
+    if (key_orders == NULL) {
+        key_orders = PyMem_Calloc(ORDER_SLOTS, sizeof(KeyOrder));
+        if (key_orders == NULL) return NULL;     /* no cache: sort every time */
+    }
+    size_t h = (size_t)n;
+    for (Py_ssize_t i = 0; i < n; i++) h = (h * 1000003u) ^ ((size_t)keys[i] >> 4);
+    return &key_orders[(h ^ (h >> 17)) % ORDER_SLOTS];
+}
+
 static int pack_dict(Buf *b, PyObject *o, int depth) {
     if (depth > MAX_DEPTH) return too_deep();
     Py_ssize_t n = PyDict_GET_SIZE(o);
-    PyObject *small_keys[32];
-    PyObject *small_vals[32];
+    PyObject *small_keys[ORDER_MAX_KEYS], *small_vals[ORDER_MAX_KEYS];
+    PyObject *in_keys[ORDER_MAX_KEYS], *in_vals[ORDER_MAX_KEYS];
     PyObject **keys = small_keys, **vals = small_vals;
     int rc = -1;
-    if (n > 32) {
+    if (n > ORDER_MAX_KEYS) {
         keys = PyMem_Malloc(sizeof(PyObject *) * n);
         vals = PyMem_Malloc(sizeof(PyObject *) * n);
         if (!keys || !vals) { PyErr_NoMemory(); goto done; }
@@ -149,25 +173,79 @@ static int pack_dict(Buf *b, PyObject *o, int depth) {
        except str comparison, which cannot mutate it) */
     Py_ssize_t pos = 0, i = 0;
     PyObject *k, *v;
-    while (PyDict_Next(o, &pos, &k, &v)) {
-        if (!PyUnicode_Check(k)) {
-            PyErr_Format(PyExc_TypeError, "map keys must all be strings, got %.100s",
-                         Py_TYPE(k)->tp_name);
-            goto done;
+    if (n <= ORDER_MAX_KEYS) {
+        while (PyDict_Next(o, &pos, &k, &v)) {
+            if (!PyUnicode_Check(k)) {
+                PyErr_Format(PyExc_TypeError, "map keys must all be strings, got %.100s",
+                             Py_TYPE(k)->tp_name);
+                goto done;
+            }
+            in_keys[i] = k;
+            in_vals[i] = v;
+            i++;
         }
-        /* insertion sort: field maps are small and usually already nearly sorted */
-        Py_ssize_t j = i;
-        while (j > 0) {
-            int c = compare_keys(keys[j - 1], k);
-            if (c == -1 && PyErr_Occurred()) goto done;
-            if (c <= 0) break;
-            keys[j] = keys[j - 1];
-            vals[j] = vals[j - 1];
-            j--;
+        KeyOrder *slot = key_order_slot(in_keys, n);
+        if (slot != NULL && slot->n == n && n > 0
+                && memcmp(slot->keys, in_keys, sizeof(PyObject *) * n) == 0) {
+            for (i = 0; i < n; i++) {
+                keys[i] = in_keys[slot->rank[i]];
+                vals[i] = in_vals[slot->rank[i]];
+            }
+        } else {
+            /* insertion sort of the insertion indices: field maps are small */
+            unsigned char rank[ORDER_MAX_KEYS];
+            for (i = 0; i < n; i++) {
+                Py_ssize_t j = i;
+                while (j > 0) {
+                    int c = compare_keys(in_keys[rank[j - 1]], in_keys[i]);
+                    if (c == -1 && PyErr_Occurred()) goto done;
+                    if (c <= 0) break;
+                    rank[j] = rank[j - 1];
+                    j--;
+                }
+                rank[j] = (unsigned char)i;
+            }
+            for (i = 0; i < n; i++) {
+                keys[i] = in_keys[rank[i]];
+                vals[i] = in_vals[rank[i]];
+            }
+            int short_keys = 1;      /* what the cache keeps alive stays small */
+            for (i = 0; i < n && short_keys; i++)
+                short_keys = PyUnicode_GET_LENGTH(in_keys[i]) <= ORDER_MAX_KEY_LENGTH;
+            if (slot != NULL && n > 0 && short_keys) {
+                PyObject *old[ORDER_MAX_KEYS];
+                Py_ssize_t old_n = slot->n;
+                memcpy(old, slot->keys, sizeof(PyObject *) * old_n);
+                for (i = 0; i < n; i++) {
+                    Py_INCREF(in_keys[i]);
+                    slot->keys[i] = in_keys[i];
+                    slot->rank[i] = rank[i];
+                }
+                slot->n = n;
+                /* released last: freeing a key runs no Python code, but keep the slot whole */
+                for (i = 0; i < old_n; i++) Py_DECREF(old[i]);
+            }
         }
-        keys[j] = k;
-        vals[j] = v;
-        i++;
+    } else {
+        while (PyDict_Next(o, &pos, &k, &v)) {
+            if (!PyUnicode_Check(k)) {
+                PyErr_Format(PyExc_TypeError, "map keys must all be strings, got %.100s",
+                             Py_TYPE(k)->tp_name);
+                goto done;
+            }
+            Py_ssize_t j = i;
+            while (j > 0) {
+                int c = compare_keys(keys[j - 1], k);
+                if (c == -1 && PyErr_Occurred()) goto done;
+                if (c <= 0) break;
+                keys[j] = keys[j - 1];
+                vals[j] = vals[j - 1];
+                j--;
+            }
+            keys[j] = k;
+            vals[j] = v;
+            i++;
+        }
     }
     if (pack_len(b, n, 0x80, 15, 0, 0xde, 0xdf, "dict")) goto done;
     for (i = 0; i < n; i++) {

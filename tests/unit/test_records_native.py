@@ -79,6 +79,31 @@ def test_keys_are_sorted_by_code_point_at_every_depth():
     assert native.encode_fields(fields) == py_encode_fields(fields)
 
 
+def test_a_remembered_key_order_is_only_reused_for_the_same_keys_in_the_same_order():
+    """The encoder remembers the sorted order of map shapes by the identity of their keys in
+    insertion order; every other order of the same keys, or other keys, must still sort."""
+    import itertools
+    import random
+    names = ["method", "host", "path", "decision", "action", "b", "a", "é"]
+    for order in itertools.islice(itertools.permutations(names), 0, 5000, 7):
+        fields = {name: index for index, name in enumerate(order)}
+        for _ in range(2):     # the second time from the remembered order
+            assert list(msgpack.unpackb(native.encode_fields(fields), raw=False)) == sorted(names)
+            assert native.encode_fields(fields) == py_encode_fields(fields)
+    # many more shapes than the cache has slots, revisited in a shuffled order
+    rng = random.Random(7)
+    shapes = [{f"k{rng.randrange(10 ** 6)}": i for i in range(rng.randrange(1, 33))} for _ in range(3000)]
+    for fields in shapes + rng.sample(shapes, len(shapes)):
+        assert native.encode_fields(fields) == py_encode_fields(fields)
+    # long keys are sorted every time (not kept alive by the cache)
+    long_key = "z" * 1000
+    fields = {long_key: 1, "a": 2}
+    before = sys.getrefcount(long_key)
+    for _ in range(3):
+        assert native.encode_fields(fields) == py_encode_fields(fields)
+    assert sys.getrefcount(long_key) == before
+
+
 def test_subclasses_encode_as_their_base_types_with_sorted_maps():
     import collections
     import enum
