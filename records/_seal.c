@@ -16,6 +16,7 @@
 #include <Python.h>
 #include <openssl/sha.h>
 #include <string.h>
+#include <time.h>
 
 static PyObject *EncodingErrorType;    /* records.codec.EncodingError, registered at import */
 
@@ -136,7 +137,8 @@ static int compare_keys(PyObject *a, PyObject *b) {
 /* The sorted key order of recently packed map shapes. Producers build the same shapes over
    and over from the same key objects (literals, template copies), so a shape is recognised by
    the identity of its keys in insertion order, which skips sorting them again. An entry holds
-   references to its keys: no other string can take one of their addresses while it exists. */
+   references to its keys: no other string can take one of their addresses while it exists.
+   An entry also remembers the event type its keys were found valid for (Builder.emit). */
 #define ORDER_SLOTS 256
 #define ORDER_MAX_KEYS 32
 #define ORDER_MAX_KEY_LENGTH 128
@@ -144,6 +146,7 @@ typedef struct {
     Py_ssize_t n;
     PyObject *keys[ORDER_MAX_KEYS];        /* strong references, insertion order */
     unsigned char rank[ORDER_MAX_KEYS];    /* rank[i]: insertion index of the i-th smallest key */
+    PyObject *valid_type;                  /* strong reference or NULL */
 } KeyOrder;
 static KeyOrder *key_orders;               /* ORDER_SLOTS entries, allocated on first use */
 
@@ -157,76 +160,105 @@ static KeyOrder *key_order_slot(PyObject **keys, Py_ssize_t n) {
     return &key_orders[(h ^ (h >> 17)) % ORDER_SLOTS];
 }
 
+static int shape_matches(const KeyOrder *slot, PyObject **keys, Py_ssize_t n) {
+    return slot != NULL && slot->n == n && n > 0
+        && memcmp(slot->keys, keys, sizeof(PyObject *) * n) == 0;
+}
+
+/* The keys (and values, if `vals`) of a dict of at most ORDER_MAX_KEYS entries, in insertion
+   order; -1 with TypeError if a key is not a str. Borrowed references. */
+static int dict_items(PyObject *o, PyObject **keys, PyObject **vals) {
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(o, &pos, &k, &v)) {
+        if (!PyUnicode_Check(k)) {
+            PyErr_Format(PyExc_TypeError, "map keys must all be strings, got %.100s",
+                         Py_TYPE(k)->tp_name);
+            return -1;
+        }
+        keys[i] = k;
+        if (vals) vals[i] = v;
+        i++;
+    }
+    return 0;
+}
+
+/* insertion sort of the insertion indices: field maps are small */
+static int sort_ranks(PyObject **keys, Py_ssize_t n, unsigned char *rank) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t j = i;
+        while (j > 0) {
+            int c = compare_keys(keys[rank[j - 1]], keys[i]);
+            if (c == -1 && PyErr_Occurred()) return -1;
+            if (c <= 0) break;
+            rank[j] = rank[j - 1];
+            j--;
+        }
+        rank[j] = (unsigned char)i;
+    }
+    return 0;
+}
+
+/* Put a shape into its slot (replacing what was there); long keys are not kept alive. */
+static void remember_shape(KeyOrder *slot, PyObject **keys, Py_ssize_t n, const unsigned char *rank) {
+    if (slot == NULL || n <= 0) return;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyUnicode_GET_LENGTH(keys[i]) > ORDER_MAX_KEY_LENGTH) return;
+    PyObject *old[ORDER_MAX_KEYS];
+    Py_ssize_t old_n = slot->n;
+    PyObject *old_type = slot->valid_type;
+    memcpy(old, slot->keys, sizeof(PyObject *) * old_n);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_INCREF(keys[i]);
+        slot->keys[i] = keys[i];
+        slot->rank[i] = rank[i];
+    }
+    slot->n = n;
+    slot->valid_type = NULL;
+    /* released last: freeing a key runs no Python code, but keep the slot whole */
+    for (Py_ssize_t i = 0; i < old_n; i++) Py_DECREF(old[i]);
+    Py_XDECREF(old_type);
+}
+
+/* The slot holding this shape, filled if it was not; NULL if there is no cache or the shape
+   cannot be cached (the sort order is then in `rank`). -1 in *err on a comparison error. */
+static KeyOrder *shape_slot(PyObject **keys, Py_ssize_t n, unsigned char *rank, int *err) {
+    *err = 0;
+    KeyOrder *slot = key_order_slot(keys, n);
+    if (shape_matches(slot, keys, n)) {
+        memcpy(rank, slot->rank, n);
+        return slot;
+    }
+    if (sort_ranks(keys, n, rank)) { *err = -1; return NULL; }
+    remember_shape(slot, keys, n, rank);
+    return shape_matches(slot, keys, n) ? slot : NULL;
+}
+
 static int pack_dict(Buf *b, PyObject *o, int depth) {
     if (depth > MAX_DEPTH) return too_deep();
     Py_ssize_t n = PyDict_GET_SIZE(o);
     PyObject *small_keys[ORDER_MAX_KEYS], *small_vals[ORDER_MAX_KEYS];
-    PyObject *in_keys[ORDER_MAX_KEYS], *in_vals[ORDER_MAX_KEYS];
     PyObject **keys = small_keys, **vals = small_vals;
     int rc = -1;
-    if (n > ORDER_MAX_KEYS) {
+    /* borrowed references; the dict is not changed while we hold them (no Python code runs
+       except str comparison, which cannot mutate it) */
+    if (n <= ORDER_MAX_KEYS) {
+        PyObject *in_keys[ORDER_MAX_KEYS], *in_vals[ORDER_MAX_KEYS];
+        unsigned char rank[ORDER_MAX_KEYS];
+        int err;
+        if (dict_items(o, in_keys, in_vals)) goto done;
+        shape_slot(in_keys, n, rank, &err);
+        if (err) goto done;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            keys[i] = in_keys[rank[i]];
+            vals[i] = in_vals[rank[i]];
+        }
+    } else {
         keys = PyMem_Malloc(sizeof(PyObject *) * n);
         vals = PyMem_Malloc(sizeof(PyObject *) * n);
         if (!keys || !vals) { PyErr_NoMemory(); goto done; }
-    }
-    /* borrowed references; the dict is not changed while we hold them (no Python code runs
-       except str comparison, which cannot mutate it) */
-    Py_ssize_t pos = 0, i = 0;
-    PyObject *k, *v;
-    if (n <= ORDER_MAX_KEYS) {
-        while (PyDict_Next(o, &pos, &k, &v)) {
-            if (!PyUnicode_Check(k)) {
-                PyErr_Format(PyExc_TypeError, "map keys must all be strings, got %.100s",
-                             Py_TYPE(k)->tp_name);
-                goto done;
-            }
-            in_keys[i] = k;
-            in_vals[i] = v;
-            i++;
-        }
-        KeyOrder *slot = key_order_slot(in_keys, n);
-        if (slot != NULL && slot->n == n && n > 0
-                && memcmp(slot->keys, in_keys, sizeof(PyObject *) * n) == 0) {
-            for (i = 0; i < n; i++) {
-                keys[i] = in_keys[slot->rank[i]];
-                vals[i] = in_vals[slot->rank[i]];
-            }
-        } else {
-            /* insertion sort of the insertion indices: field maps are small */
-            unsigned char rank[ORDER_MAX_KEYS];
-            for (i = 0; i < n; i++) {
-                Py_ssize_t j = i;
-                while (j > 0) {
-                    int c = compare_keys(in_keys[rank[j - 1]], in_keys[i]);
-                    if (c == -1 && PyErr_Occurred()) goto done;
-                    if (c <= 0) break;
-                    rank[j] = rank[j - 1];
-                    j--;
-                }
-                rank[j] = (unsigned char)i;
-            }
-            for (i = 0; i < n; i++) {
-                keys[i] = in_keys[rank[i]];
-                vals[i] = in_vals[rank[i]];
-            }
-            int short_keys = 1;      /* what the cache keeps alive stays small */
-            for (i = 0; i < n && short_keys; i++)
-                short_keys = PyUnicode_GET_LENGTH(in_keys[i]) <= ORDER_MAX_KEY_LENGTH;
-            if (slot != NULL && n > 0 && short_keys) {
-                PyObject *old[ORDER_MAX_KEYS];
-                Py_ssize_t old_n = slot->n;
-                memcpy(old, slot->keys, sizeof(PyObject *) * old_n);
-                for (i = 0; i < n; i++) {
-                    Py_INCREF(in_keys[i]);
-                    slot->keys[i] = in_keys[i];
-                    slot->rank[i] = rank[i];
-                }
-                slot->n = n;
-                /* released last: freeing a key runs no Python code, but keep the slot whole */
-                for (i = 0; i < old_n; i++) Py_DECREF(old[i]);
-            }
-        }
-    } else {
+        Py_ssize_t pos = 0, i = 0;
+        PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v)) {
             if (!PyUnicode_Check(k)) {
                 PyErr_Format(PyExc_TypeError, "map keys must all be strings, got %.100s",
@@ -248,7 +280,7 @@ static int pack_dict(Buf *b, PyObject *o, int depth) {
         }
     }
     if (pack_len(b, n, 0x80, 15, 0, 0xde, 0xdf, "dict")) goto done;
-    for (i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         if (pack_str(b, keys[i])) goto done;
         if (pack(b, vals[i], depth + 1)) goto done;
     }
@@ -257,6 +289,65 @@ done:
     if (keys != small_keys) PyMem_Free(keys);
     if (vals != small_vals) PyMem_Free(vals);
     return rc;
+}
+
+/* ---- event validation (Builder.emit) ---------------------------------------------------------
+ * The schema's rules stay in Python (records.schema.validate_fields, registered at import);
+ * a field map whose shape was found valid for an event type is not checked again. */
+static PyObject *Validator;
+
+static PyObject *set_validator(PyObject *self, PyObject *fn) {
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "the validator must be callable or None");
+        return NULL;
+    }
+    if (fn == Py_None) {
+        Py_CLEAR(Validator);
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(fn);
+    Py_XSETREF(Validator, fn);
+    Py_RETURN_NONE;
+}
+
+static int call_validator(PyObject *type, PyObject *fields) {
+    PyObject *r = PyObject_CallFunctionObjArgs(Validator, type, fields, NULL);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* May run Python code (the validator): call it before touching any state that must change
+   atomically. */
+static int validate_event(PyObject *type, PyObject *fields) {
+    if (Validator == NULL) return 0;
+    Py_ssize_t n = PyDict_CheckExact(fields) ? PyDict_GET_SIZE(fields) : 0;
+    if (n == 0 || n > ORDER_MAX_KEYS || !PyUnicode_CheckExact(type))
+        return call_validator(type, fields);
+    PyObject *keys[ORDER_MAX_KEYS];
+    if (dict_items(fields, keys, NULL)) {
+        PyErr_Clear();                         /* the validator names the bad key */
+        return call_validator(type, fields);
+    }
+    KeyOrder *slot = key_order_slot(keys, n);
+    if (shape_matches(slot, keys, n) && slot->valid_type == type) return 0;
+    if (call_validator(type, fields)) return -1;
+    /* Python ran: remember the verdict only if the map still has these keys */
+    PyObject *again[ORDER_MAX_KEYS];
+    if (PyDict_GET_SIZE(fields) != n || dict_items(fields, again, NULL)
+            || memcmp(again, keys, sizeof(PyObject *) * n) != 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    unsigned char rank[ORDER_MAX_KEYS];
+    int err;
+    slot = shape_slot(keys, n, rank, &err);
+    if (err) { PyErr_Clear(); return 0; }
+    if (slot != NULL) {
+        Py_INCREF(type);
+        Py_XSETREF(slot->valid_type, type);
+    }
+    return 0;
 }
 
 static int too_deep(void) {
@@ -395,6 +486,8 @@ typedef struct {
     PyObject *ts_deltas, *sid_index, *type_index, *fields, *hashes;   /* lists */
     PyObject *sids, *types;        /* dict: value -> index in first-seen order */
     PyObject *tags;                /* bytearray: 8 bytes per event */
+    int closed;                    /* close() was called or `limit` reached: no more events */
+    Py_ssize_t limit;              /* emit() closes the batch at this many events (0: never) */
 } Builder;
 
 static int Builder_traverse(Builder *self, visitproc visit, void *arg) {
@@ -437,6 +530,8 @@ static int Builder_init(Builder *self, PyObject *args, PyObject *kwargs) {
     self->type_index = PyList_New(0); self->fields = PyList_New(0); self->hashes = PyList_New(0);
     self->sids = PyDict_New(); self->types = PyDict_New();
     self->tags = PyByteArray_FromStringAndSize(NULL, 0);
+    self->closed = 0;
+    self->limit = 0;
     if (!self->last_ts || !self->ts_deltas || !self->sid_index || !self->type_index
         || !self->fields || !self->hashes || !self->sids || !self->types || !self->tags)
         return -1;
@@ -486,14 +581,23 @@ static PyObject *set_encoding_error(PyObject *self, PyObject *cls) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Builder_add(Builder *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "add(ts, sid, event_type, fields) takes 4 arguments");
+static PyObject *now_ns(void) {
+    struct timespec t;
+    if (clock_gettime(CLOCK_REALTIME, &t)) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLongLong((long long)t.tv_sec * 1000000000LL + t.tv_nsec);
+}
+
+/* Seal one event into the columns; returns its hash (new reference). Runs no Python code, so
+   under the GIL it is atomic with respect to every other thread. */
+static PyObject *builder_seal(Builder *self, PyObject *ts, PyObject *sid, PyObject *type,
+                              PyObject *fields) {
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "the batch is closed: no event can be added");
         return NULL;
     }
-    PyObject *ts = args[0], *sid = args[1], *type = args[2], *fields = args[3];
-    if (!PyLong_Check(ts)) {
-        PyErr_SetString(PyExc_TypeError, "ts must be an int (nanoseconds)");
+    /* exact types: a str subclass could hash or compare in Python code in the lookups below */
+    if ((sid != Py_None && !PyUnicode_CheckExact(sid)) || !PyUnicode_CheckExact(type)) {
+        PyErr_SetString(PyExc_TypeError, "sid must be a str or None and event_type a str");
         return NULL;
     }
     PyObject *count = PyLong_FromSsize_t(PyList_GET_SIZE(self->hashes));
@@ -543,6 +647,81 @@ fail:
     return NULL;
 }
 
+static PyObject *Builder_add(Builder *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "add(ts, sid, event_type, fields) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *ts = args[0];
+    if (ts == Py_None) {
+        /* the clock is read inside the call: timestamps follow sequence numbers */
+        if (!(ts = now_ns())) return NULL;
+    } else if (!PyLong_Check(ts)) {
+        PyErr_SetString(PyExc_TypeError, "ts must be an int (nanoseconds) or None (now)");
+        return NULL;
+    } else {
+        Py_INCREF(ts);
+    }
+    PyObject *out = builder_seal(self, ts, args[1], args[2], args[3]);
+    Py_DECREF(ts);
+    return out;
+}
+
+/* The writer's lock-free path: validate, then seal stamped with the current time, unless the
+   batch is closed (False: the caller takes its locked path). Reaching `limit` closes it. */
+static PyObject *Builder_emit(Builder *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "emit(sid, event_type, fields) takes 3 arguments");
+        return NULL;
+    }
+    if (self->closed) Py_RETURN_FALSE;
+    if (validate_event(args[1], args[2])) return NULL;
+    if (self->closed) Py_RETURN_FALSE;          /* closed by another thread while Python ran */
+    PyObject *ts = now_ns();
+    if (!ts) return NULL;
+    PyObject *digest = builder_seal(self, ts, args[0], args[1], args[2]);
+    Py_DECREF(ts);
+    if (!digest) return NULL;
+    Py_DECREF(digest);
+    if (self->limit > 0 && PyList_GET_SIZE(self->hashes) >= self->limit) self->closed = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Builder_close(Builder *self, PyObject *unused) {
+    self->closed = 1;
+    Py_RETURN_NONE;
+}
+
+/* (last sequence number, last hash) read together */
+static PyObject *Builder_get_head(Builder *self, void *unused) {
+    PyObject *count = PyLong_FromSsize_t(PyList_GET_SIZE(self->hashes) - 1);
+    PyObject *seq = count ? PyNumber_Add(self->first_seq, count) : NULL;
+    Py_XDECREF(count);
+    if (!seq) return NULL;
+    PyObject *hash = self->last_hash;   /* taken before the tuple is allocated (GC may run) */
+    Py_INCREF(hash);
+    return Py_BuildValue("(NN)", seq, hash);
+}
+
+static PyObject *Builder_get_closed(Builder *self, void *unused) {
+    return PyBool_FromLong(self->closed);
+}
+
+static PyObject *Builder_get_limit(Builder *self, void *unused) {
+    return PyLong_FromSsize_t(self->limit);
+}
+
+static int Builder_set_limit(Builder *self, PyObject *value, void *unused) {
+    Py_ssize_t limit = value ? PyLong_AsSsize_t(value) : -1;
+    if (limit < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "limit must be an int >= 0");
+        return -1;
+    }
+    self->limit = limit;
+    if (limit > 0 && PyList_GET_SIZE(self->hashes) >= limit) self->closed = 1;
+    return 0;
+}
+
 static PyObject *Builder_columns(Builder *self, PyObject *unused) {
     PyObject *sids = PyDict_Keys(self->sids), *types = PyDict_Keys(self->types);
     PyObject *tags = PyBytes_FromStringAndSize(PyByteArray_AS_STRING(self->tags),
@@ -583,12 +762,20 @@ static PyGetSetDef Builder_getset[] = {
     {"prev_hash", (getter)Builder_get_prev_hash, NULL, "hash the batch chains from", NULL},
     {"last_hash", (getter)Builder_get_last_hash, NULL, "hash of the last event", NULL},
     {"first_seq", (getter)Builder_get_first_seq, NULL, NULL, NULL},
+    {"head", (getter)Builder_get_head, NULL, "(last_seq, last_hash), read together", NULL},
+    {"closed", (getter)Builder_get_closed, NULL, "no event can be added any more", NULL},
+    {"limit", (getter)Builder_get_limit, (setter)Builder_set_limit,
+     "emit() closes the batch when it holds this many events (0: never)", NULL},
     {NULL},
 };
 
 static PyMethodDef Builder_methods[] = {
     {"add", (PyCFunction)(void (*)(void))Builder_add, METH_FASTCALL,
-     "add(ts, sid, event_type, fields) -> hash: seal the next event into the columns"},
+     "add(ts, sid, event_type, fields) -> hash: seal the next event into the columns "
+     "(ts None: now)"},
+    {"emit", (PyCFunction)(void (*)(void))Builder_emit, METH_FASTCALL,
+     "emit(sid, event_type, fields) -> bool: validate and seal stamped now; False if closed"},
+    {"close", (PyCFunction)Builder_close, METH_NOARGS, "take no more events"},
     {"columns", (PyCFunction)Builder_columns, METH_NOARGS,
      "(ts deltas, sids, sid index, types, type index, encoded fields, tags, hashes)"},
     {NULL},
@@ -614,6 +801,9 @@ static PyMethodDef methods[] = {
      "Canonical msgpack of a field map (keys sorted at every depth)."},
     {"set_encoding_error", (PyCFunction)set_encoding_error, METH_O,
      "Register the exception Builder.add raises for values it cannot encode."},
+    {"set_validator", (PyCFunction)set_validator, METH_O,
+     "Register validator(event_type, fields), which Builder.emit calls for a field-map shape "
+     "it has not yet found valid for that type (None: no validation)."},
     {"seal", (PyCFunction)(void (*)(void))seal, METH_FASTCALL,
      "seal(head, fields, seq, sid, ts, type, version, prev) -> (fields bytes, tag, hash)"},
     {NULL, NULL, 0, NULL},

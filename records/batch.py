@@ -236,6 +236,8 @@ class _PyBuilderCore:
         self._fields: list[bytes] = []
         self._tags: list[bytes] = []
         self._hashes: list[bytes] = []
+        self.closed = False
+        self._limit = 0
 
     @property
     def count(self) -> int:
@@ -245,8 +247,33 @@ class _PyBuilderCore:
     def last_seq(self) -> int:
         return self.first_seq + len(self._hashes) - 1
 
-    def add(self, ts: int, sid: str | None, event_type: str, fields: dict) -> bytes:
-        """Seal the next event; returns its hash."""
+    @property
+    def head(self) -> tuple[int, bytes]:
+        return self.last_seq, self.last_hash
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int) -> None:
+        if not isinstance(value, int) or value < 0:
+            raise ValueError("limit must be an int >= 0")
+        self._limit = value
+        if value and len(self._hashes) >= value:
+            self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def add(self, ts: int | None, sid: str | None, event_type: str, fields: dict) -> bytes:
+        """Seal the next event (`ts` None: now); returns its hash."""
+        if self.closed:
+            raise RuntimeError("the batch is closed: no event can be added")
+        if (sid is not None and type(sid) is not str) or type(event_type) is not str:
+            raise TypeError("sid must be a str or None and event_type a str")
+        if ts is None:
+            ts = time.time_ns()
         seq = self.first_seq + len(self._hashes)
         encoded_fields, tag, digest = py_seal_parts(self._head, fields, seq, sid, ts, event_type,
                                                     self._version, self.last_hash)

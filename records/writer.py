@@ -2,10 +2,16 @@
 
 ``emit`` validates the event and seals it into the open batch right away: sequence number,
 canonical encoding and chain hash, a few microseconds of CPU on the caller's thread and no
-disk I/O (safe from asyncio code and any thread; a lock orders concurrent producers). A
-background thread signs, compresses and appends whole batches to the spool. Sealing on the
-producer's thread is cheaper than queueing every event to another thread: that handed the
-GIL back and forth once per event, which cost the enforcers more than the sealing itself.
+disk I/O (safe from asyncio code and any thread). A background thread signs, compresses and
+appends whole batches to the spool. Sealing on the producer's thread is cheaper than queueing
+every event to another thread: that handed the GIL back and forth once per event, which cost
+the enforcers more than the sealing itself.
+
+With the native builder, an event goes into the open batch in one C call (``Builder.emit``:
+validate, stamp, seal) that holds the GIL throughout, so concurrent producers need no lock;
+a batch the writer cut is closed first, and an emit into a closed batch returns False and
+takes the locked path, which opens the next batch. The chain head of the open batch is the
+batch's own (``Builder.head``); ``last_seq``/``last_hash`` are the head of what was cut.
 
 A batch is cut when it holds ``batch_max_events`` events, when it is ``batch_max_delay``
 seconds old, or on ``flush()``. The delay bounds how long an event waits for the disk; the
@@ -28,9 +34,12 @@ import time
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from records.batch import CURRENT_DICTIONARY, BatchBuilder, BatchFormatError, decode_batch
-from records.codec import GENESIS_HASH, MAX_DEPTH
+from records.codec import GENESIS_HASH, MAX_DEPTH, NATIVE, EncodingError, _native
 from records.schema import validate_fields
 from records.spool import Spool, SpoolFull
+
+if NATIVE:
+    _native.set_validator(validate_fields)
 
 log = logging.getLogger("warden.records")
 
@@ -119,11 +128,29 @@ class RecordWriter:
 
     # -- producer side -----------------------------------------------------------------
     def emit(self, event_type: str, fields: dict, session_id: str | None = None) -> None:
-        validate_fields(event_type, fields)
+        batch = self._open
+        if batch is not None and NATIVE:
+            try:
+                if batch.emit(session_id, event_type, fields):
+                    return
+            except EncodingError as exc:
+                self._emit_locked(event_type, fields, session_id, exc)
+                return
+        self._emit_locked(event_type, fields, session_id)
+
+    def _emit_locked(self, event_type: str, fields: dict, session_id: str | None,
+                     unencodable: Exception | None = None) -> None:
+        """Seal under the lock: no open batch, the open one is closed (cut or full), or no
+        native builder; `unencodable`: the event already failed to encode (repair it)."""
+        if unencodable is None:
+            validate_fields(event_type, fields)
         with self._lock:
             if self._closing:
                 raise RuntimeError("RecordWriter is closed")
             batch = self._open
+            if batch is not None and batch.closed:
+                self._cut_locked()           # it reached its limit
+                batch = None
             if self._held is not None:
                 backlog = self._unstored + (batch.count if batch is not None else 0)
                 if backlog >= self.backlog_cap:
@@ -131,22 +158,33 @@ class RecordWriter:
                         f"record backlog reached {self.backlog_cap} events while the spool "
                         f"{self.spool.path} is full; end the session (no evidence, no access)")
             if batch is None:
-                batch = self._open = BatchBuilder(self.agent_id, self.last_hash, self.last_seq + 1)
+                batch = BatchBuilder(self.agent_id, self.last_hash, self.last_seq + 1)
+                batch.limit = self._batch_limit()
+                self._open = batch
                 self._open_since = time.monotonic()
                 self._queue.put(_OpenBatch(self._open_since + self.batch_max_delay))
-            ts = time.time_ns()
-            try:    # _seal, inlined: this is the enforcers' per-event path
-                self.last_hash = batch.add(ts, session_id, event_type, fields)
-                self.last_seq = batch.last_seq
-            except (TypeError, ValueError, OverflowError) as exc:
-                self._seal_repaired(batch, ts, session_id, event_type, fields, exc)
-            if batch.count >= self.batch_max_events:
+            if unencodable is not None:
+                self._seal_repaired(batch, None, session_id, event_type, fields, unencodable)
+            else:
+                try:
+                    batch.add(None, session_id, event_type, fields)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    self._seal_repaired(batch, None, session_id, event_type, fields, exc)
+            if batch.count >= batch.limit:
                 self._cut_locked()
+
+    def _batch_limit(self) -> int:
+        """Events the next batch may take: fewer while the spool is full, so that the
+        backlog stops at its cap."""
+        if self._held is None:
+            return self.batch_max_events
+        return max(1, min(self.batch_max_events, self.backlog_cap - self._unstored))
 
     def chain_head(self) -> tuple[int, bytes]:
         """(last sequence number, its hash), read together: producers on other threads move both."""
         with self._lock:
-            return self.last_seq, self.last_hash
+            batch = self._open
+            return batch.head if batch is not None else (self.last_seq, self.last_hash)
 
     @property
     def full(self) -> bool:
@@ -171,7 +209,7 @@ class RecordWriter:
             with self._lock:
                 # an event another thread sealed after the flush still goes to the spool
                 self._closing = True
-                self._cut_locked()
+                self._cut_locked(final=True)
             self._queue.put(None)
             self._thread.join(timeout)
             if self._held is None:
@@ -180,29 +218,33 @@ class RecordWriter:
     # -- sealing (under the lock) -----------------------------------------------------------
     def _seal(self, batch: BatchBuilder, ts: int, sid, event_type: str, fields: dict) -> None:
         try:
-            self.last_hash = batch.add(ts, sid, event_type, fields)
-            self.last_seq = batch.last_seq
+            batch.add(ts, sid, event_type, fields)
         except (TypeError, ValueError, OverflowError) as exc:
             self._seal_repaired(batch, ts, sid, event_type, fields, exc)
 
-    def _seal_repaired(self, batch: BatchBuilder, ts: int, sid, event_type: str, fields: dict,
+    def _seal_repaired(self, batch: BatchBuilder, ts: int | None, sid, event_type: str, fields: dict,
                        exc: Exception) -> None:
         # A producer handed us a value msgpack cannot encode. Losing the event (or, worse,
         # every event after it) is not an option: record it with such values in their
         # text form, and say so in the chain.
         safe = _encodable(fields)
         safe["x_encoding_repaired"] = True
-        self.last_hash = batch.add(ts, sid, event_type, safe)
-        self.last_hash = batch.add(time.time_ns(), sid, "agent.alert", {
+        batch.add(ts, sid, event_type, safe)
+        batch.add(None, sid, "agent.alert", {
             "kind": "unencodable_event", "severity": "error",
             "message": f"{event_type} carried a value that could not be encoded ({exc}); "
                        f"it was recorded in text form"})
-        self.last_seq = batch.last_seq
 
-    def _cut_locked(self) -> None:
+    def _cut_locked(self, final: bool = False) -> None:
+        """Close the open batch and queue it for the spool; an empty one stays open unless
+        `final` (the writer is closing)."""
         batch = self._open
-        if batch is not None and batch.count:
-            self._open = None
+        if batch is None or not (batch.count or final):
+            return
+        batch.close()        # first: from here on no producer can add to it
+        self._open = None
+        if batch.count:
+            self.last_seq, self.last_hash = batch.head
             self._unstored += batch.count
             self._queue.put(batch)
 
@@ -254,10 +296,12 @@ class RecordWriter:
                 alerts = BatchBuilder(self.agent_id, self.last_hash, self.last_seq + 1)
                 self._seal(alerts, full_since[0], None, "agent.alert", {
                     "kind": "spool_full", "severity": "critical", "message": full_since[1]})
-                self._seal(alerts, time.time_ns(), None, "agent.alert", {
+                self._seal(alerts, None, None, "agent.alert", {
                     "kind": "spool_space_restored", "severity": "warning",
                     "message": "the record spool has space again; events "
                                "were held in memory meanwhile, none dropped"})
+                alerts.close()
+                self.last_seq, self.last_hash = alerts.head
                 self._unstored += alerts.count
                 self._alerts = alerts
                 self._queue.put(alerts)
@@ -272,7 +316,16 @@ class RecordWriter:
                 self.spool.append(data)
             except SpoolFull as exc:
                 if self._held is None:
-                    self._held = data
+                    with self._lock:
+                        self._held = data
+                        open_batch = self._open
+                        if open_batch is not None:
+                            # the open batch may only fill up to the backlog cap
+                            room = self.backlog_cap - self._unstored
+                            if room > open_batch.count:
+                                open_batch.limit = min(open_batch.limit or room, room)
+                            else:
+                                open_batch.close()
                     full_since = (time.time_ns(), str(exc))
                     log.error("%s", exc)
                 if self._closing:

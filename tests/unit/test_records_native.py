@@ -249,3 +249,93 @@ def test_native_builder_keeps_no_stray_references():
     assert sys.getrefcount(sid) == before[0] + 1       # one key in the session table
     del builder
     assert (sys.getrefcount(sid), sys.getrefcount(fields)) == before
+
+
+def _builder(core="native", first_seq=1):
+    from records.batch import _PyBuilderCore
+    from records.schema import SCHEMA_VERSION
+    make = native.Builder if core == "native" else _PyBuilderCore
+    return make("agent-1", PREV, first_seq, HEAD, SCHEMA_VERSION)
+
+
+def test_emit_validates_each_shape_once_per_event_type_and_refuses_unknown_fields():
+    import records.writer  # noqa: F401  (registers records.schema.validate_fields)
+    from records.schema import SchemaError, validate_fields
+    calls = []
+
+    def counting(event_type, fields):
+        calls.append(event_type)
+        validate_fields(event_type, fields)
+
+    native.set_validator(counting)
+    try:
+        builder = _builder()
+        for i in range(5):       # literal keys: the same key objects every time
+            assert builder.emit("s1", "pg.result", {"rows": i, "command_tag": "SELECT 1"}) is True
+        assert calls == ["pg.result"]
+        # the same keys under another event type are checked for that type
+        with pytest.raises(SchemaError, match="unknown field 'rows'"):
+            builder.emit("s1", "http.response", {"rows": 1, "command_tag": "x"})
+        with pytest.raises(SchemaError, match="unknown field 'txt'"):
+            builder.emit("s1", "pg.statement", {"txt": "select 1"})
+        with pytest.raises(SchemaError, match="unknown event type"):
+            builder.emit("s1", "pg.nothing", {"rows": 1})
+        with pytest.raises(SchemaError, match="fields must be a dict"):
+            builder.emit("s1", "pg.result", [("rows", 1)])
+        assert builder.count == 5 and builder.last_seq == 5
+        # a key order seen first for another type is not valid for this one by accident
+        calls.clear()
+        builder.emit("s1", "pg.result", {"x_extra": 1})
+        builder.emit("s1", "pg.result", {"x_extra": 2})
+        assert calls == ["pg.result"]
+    finally:
+        native.set_validator(validate_fields)
+
+
+def test_emit_stamps_the_time_inside_the_call_and_stops_at_its_limit():
+    import time as clock
+    builder = _builder(first_seq=10)
+    builder.limit = 3
+    before = clock.time_ns()
+    assert [builder.emit(None, "pg.result", {"rows": n}) for n in range(3)] == [True] * 3
+    after = clock.time_ns()
+    assert builder.closed and builder.count == 3 and builder.head == (12, builder.last_hash)
+    deltas = builder.columns()[0]
+    assert before <= deltas[0] <= after and all(d >= 0 for d in deltas[1:])
+    # closed: nothing is added, nothing changes
+    columns = builder.columns()
+    assert builder.emit(None, "pg.result", {"rows": 4}) is False
+    with pytest.raises(RuntimeError, match="closed"):
+        builder.add(None, None, "pg.result", {"rows": 4})
+    assert builder.columns() == columns
+
+
+@pytest.mark.parametrize("core", ["native", "python"])
+def test_limit_close_and_head_behave_alike_in_both_cores(core):
+    builder = _builder(core, first_seq=7)
+    assert builder.head == (6, PREV) and not builder.closed and builder.limit == 0
+    builder.add(None, "s", "pg.result", {"rows": 1})
+    builder.add(5, "s", "pg.result", {"rows": 2})
+    assert builder.head == (8, builder.last_hash)
+    builder.limit = 2          # at or under what it holds: closed at once
+    assert builder.closed
+    with pytest.raises(ValueError, match="limit"):
+        builder.limit = -1
+    other = _builder(core)
+    other.close()
+    assert other.closed and other.count == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        other.add(1, None, "pg.result", {})
+
+
+@pytest.mark.parametrize("core", ["native", "python"])
+def test_sid_and_type_must_be_plain_strings(core):
+    class Tricky(str):
+        def __hash__(self):
+            return 1
+
+    builder = _builder(core)
+    for sid, event_type in ((Tricky("s"), "pg.result"), (5, "pg.result"), ("s", Tricky("pg.result"))):
+        with pytest.raises(TypeError, match="sid must be a str or None"):
+            builder.add(1, sid, event_type, {})
+    assert builder.count == 0

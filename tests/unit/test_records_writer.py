@@ -185,3 +185,96 @@ def test_too_deeply_nested_value_is_recorded_cut_short_and_the_writer_keeps_goin
     assert levels <= MAX_DEPTH + 1 and "nested deeper than" in cursor
     assert verify_batches(frames, key.public_key()).ok
     spool.close()
+
+
+def test_producers_racing_deadline_cuts_flushes_and_chain_head_lose_nothing(tmp_path):
+    """The native path seals without the writer's lock: a batch the writer thread cuts (by its
+    deadline, by flush) while producers on other threads emit must not gain or lose an event.
+    Thread switches are forced every few microseconds to interleave the two as often as can be."""
+    import sys
+    import threading
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-r", key, str(tmp_path / "state"), spool, batch_max_events=37,
+                          batch_max_delay=0.001)
+    heads = []
+    stop = threading.Event()
+
+    def produce(n):
+        for i in range(3000):
+            writer.emit("pg.result", {"rows": i, "x_producer": n}, session_id=f"s{n}")
+            if i % 500 == 0:
+                writer.flush()
+
+    def watch():
+        while not stop.is_set():
+            heads.append(writer.chain_head())
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=produce, args=(n,)) for n in range(4)]
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        watcher.join()
+    finally:
+        sys.setswitchinterval(interval)
+    writer.flush()
+    assert writer.chain_head()[0] == 12000
+    report = verify_batches(frames(spool), key.public_key())
+    assert report.ok and report.last_seq == 12000, report.problems
+    seen, hashes, last_ts = {}, {}, 0
+    for frame in frames(spool):
+        for event in decode_batch(frame).events:
+            n, rows = event["f"]["x_producer"], event["f"]["rows"]
+            assert rows == seen.get(n, -1) + 1 and event["sid"] == f"s{n}"
+            seen[n] = rows
+            hashes[event["seq"]] = event["hash"]
+            assert event["ts"] >= last_ts      # stamped inside the sealing call: in sequence order
+            last_ts = event["ts"]
+    assert all(len(decode_batch(f).events) <= 37 for f in frames(spool))
+    # every head read while producers ran was a real (seq, hash) pair of the chain
+    assert heads and all(seq == 0 or hashes[seq] == digest for seq, digest in heads)
+    writer.close()
+
+
+def test_the_backlog_stops_at_its_cap_while_the_spool_is_full(tmp_path):
+    from records.writer import RecordBacklogFull
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"), max_bytes=150_000, segment_bytes=64 << 10)
+    writer = RecordWriter("agent-b", key, str(tmp_path / "state"), spool, batch_max_events=50,
+                          batch_max_delay=0.01, backlog_cap=120)
+    big = "y" * 2000
+    deadline = time.monotonic() + 10
+    n = 0
+    while not writer.full and time.monotonic() < deadline:
+        writer.emit("pg.statement", {"text": f"{n} {big}{n * 7919}"})
+        n += 1
+        if n % 25 == 0:
+            time.sleep(0.02)
+    assert writer.full
+    time.sleep(0.1)            # the writer thread has cut and tried to store what was open
+    accepted = 0
+    try:
+        for extra in range(500):
+            writer.emit("pg.statement", {"text": f"while full {extra}"})
+            accepted += 1
+            if extra % 10 == 0:
+                time.sleep(0.02)     # let the deadline cut the open batch now and then
+    except RecordBacklogFull as exc:
+        assert "no evidence, no access" in str(exc)
+    else:
+        raise AssertionError("the backlog grew past its cap")
+    assert writer._unstored + (writer._open.count if writer._open is not None else 0) <= 120
+    # space returns: everything accepted is stored, nothing refused appears
+    for ref, _ in list(spool.pending()):
+        spool.ack(ref)
+    writer.flush(timeout=10)
+    texts = [e["f"].get("text", "") for f in frames(spool) for e in decode_batch(f).events]
+    assert sum(t.startswith("while full") for t in texts) == accepted
+    writer.close()
