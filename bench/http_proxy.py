@@ -9,12 +9,13 @@ Loopback only: the server listens on 127.0.0.2, the relay, Warden and mitmproxy 
 Each component runs in its own process (this script with --role). Small JSON responses,
 keep-alive, 32 connections by default; a few seconds per run.
 
-    .venv/bin/python bench/http_proxy.py [--duration 3] [--connections 32] [--mitmdump PATH]
+    .venv/bin/python bench/http_proxy.py [--duration 3] [--rounds 3] [--connections 32] [--mitmdump PATH]
 
 Needs wrk (Debian package `wrk`). mitmproxy is not a Warden dependency: install it into a
 separate venv (`python3 -m venv /tmp/mitm && /tmp/mitm/bin/pip install mitmproxy`) and pass
 `--mitmdump /tmp/mitm/bin/mitmdump` (default: mitmdump on PATH, else not measured).
-Prints requests/s per path, the ratios, and a final `BENCH {json}` line. Targets: Warden
+Each path is measured --rounds times, in turns; prints the medians of requests/s per path, the
+medians of the per-round ratios, and a final `BENCH {json}` line. Targets: Warden
 >= 0.5x the bare relay and >= 30x mitmproxy; masking 1 MB of JSON <= 20 ms.
 """
 from __future__ import annotations
@@ -219,6 +220,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements per path, taken in turns; medians are reported (default 3)")
     parser.add_argument("--mitmdump", default=shutil.which("mitmdump"),
                         help="mitmdump to compare with (default: on PATH; not measured without one)")
     parser.add_argument("--sink", choices=("spool", "memory"), default="spool",
@@ -257,12 +260,19 @@ def main() -> int:
                 paths.append(("mitmproxy", PROXY_HOST, mitm_port))
             except (OSError, RuntimeError) as exc:
                 print(f"mitmproxy: not measured ({exc})", file=sys.stderr)
-        # warm up each path (connections, policy caches), then measure
-        results = {}
+        # warm up each path (connections, policy caches), then measure in rounds that visit
+        # every path in turn, so that a slow spell of this shared machine hits all of them
         for name, host, port in paths:
             _wrk(host, port, 1, args.connections)
-            results[name] = _wrk(host, port, args.duration, args.connections)
-            print(f"{name:>9}: {results[name]:>10.0f} requests/s", flush=True)
+        rounds: dict[str, list[float]] = {name: [] for name, _, _ in paths}
+        for round_no in range(1, args.rounds + 1):
+            for name, host, port in paths:
+                rounds[name].append(_wrk(host, port, args.duration, args.connections))
+            print(f"round {round_no}: " + "  ".join(f"{name} {rounds[name][-1]:.0f}" for name in rounds),
+                  flush=True)
+        results = {name: statistics.median(values) for name, values in rounds.items()}
+        for name, value in results.items():
+            print(f"{name:>9}: {value:>10.0f} requests/s (median of {args.rounds})", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
@@ -274,18 +284,19 @@ def main() -> int:
         shutil.rmtree(confdir, ignore_errors=True)
         shutil.rmtree(spool_dir, ignore_errors=True)
     mask_ms, masked_values = _masking_ms()
-    ratio_relay = results["warden"] / results["relay"]
-    ratio_direct = results["warden"] / results["direct"]
+    # ratios within a round (measured seconds apart), then their median
+    ratio_relay = statistics.median(w / r for w, r in zip(rounds["warden"], rounds["relay"]))
+    ratio_direct = statistics.median(w / d for w, d in zip(rounds["warden"], rounds["direct"]))
     print(f"warden / relay     = {ratio_relay:.2f}x (target >= 0.5x)")
     print(f"warden / direct    = {ratio_direct:.2f}x")
     summary = {
-        "name": "http", "connections": args.connections, "duration_s": args.duration,
+        "name": "http", "connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
         "direct_rps": round(results["direct"]), "relay_rps": round(results["relay"]),
         "warden_rps": round(results["warden"]), "warden_vs_relay": round(ratio_relay, 3),
         "warden_vs_direct": round(ratio_direct, 3), "target_vs_relay": 0.5,
         "policy": True, "recording": args.sink}
     if "mitmproxy" in results:
-        ratio_mitm = results["warden"] / results["mitmproxy"]
+        ratio_mitm = statistics.median(w / m for w, m in zip(rounds["warden"], rounds["mitmproxy"]))
         print(f"warden / mitmproxy = {ratio_mitm:.1f}x (target >= 30x)")
         summary.update(mitmproxy_rps=round(results["mitmproxy"]), warden_vs_mitmproxy=round(ratio_mitm, 1),
                        target_vs_mitmproxy=30)
