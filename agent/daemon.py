@@ -15,7 +15,7 @@ from typing import Optional
 from agent import cgroups, hostfacts, procinfo, sdnotify
 from agent.bpfmgr import BpfManager, Capture, TargetRule
 from agent.config import AgentConfig, TargetConfig, resolve_target_networks
-from agent.events import FanoutSink, JsonLinesSink
+from agent.events import JsonLinesSink, fanout
 from agent.identity import IdentityResolver
 from agent.inventory import Inventory
 from enforcer.context import Attribution, ConnectionContext, TargetInfo, UpstreamTLS
@@ -59,7 +59,7 @@ class Agent:
         self.target_ids = {t.name: i for i, t in self.targets_by_id.items()}
         json_sink = JsonLinesSink(config.event_log) if config.event_log else None
         self.records = None if sink is not None else RecordsPipeline(config, self.agent_id)
-        self.sink = FanoutSink(sink or self.records.writer, json_sink)
+        self.sink = fanout(sink or self.records.writer, json_sink)
         mount = cgroups.cgroup2_mount()
         self.scope_paths = [cgroups.abs_path(c, mount) for c in config.scope_cgroups]
         self.bpf = BpfManager(self.scope_paths)

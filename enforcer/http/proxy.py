@@ -38,6 +38,7 @@ from typing import Any, Optional
 from enforcer.context import ConnectionContext, UpstreamTLS
 
 from ..masking.pgrow import MaskingRefused
+from ..policy.cachekeys import cache_base
 from ..relay import relay
 from ..tlslayer import TlsServerTransport
 from .clienttls import HTTP_ALPNS, leaf_context, name_allowed
@@ -55,6 +56,7 @@ PIPELINE_BUFFER = 256 * 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # per-session caches of what a repeated head turns into (see HttpReader's memo)
 _MEMO_ENTRIES = 64
+_DECISIONS_MAX = 256          # per session: paths with ids in them must not grow it without bound
 _MASKABLE_TYPES = ("application/json", "text/")
 
 # session phases
@@ -256,6 +258,10 @@ class HttpSession(asyncio.Protocol):
         self._upstream_heads: dict = {}
         self._client_heads: dict = {}
         self._response_records: dict = {}
+        # allow/deny answers by (method, host, path) while cache_base (policy, version,
+        # principal, target, hour) stays what it was; never approvals or evaluation errors
+        self._decisions: dict = {}
+        self._decisions_key: Optional[tuple] = None
         self.phase = _IDLE
         self.exchange: Optional[_Exchange] = None
         self.upstream: Optional[_Upstream] = None
@@ -492,8 +498,7 @@ class HttpSession(asyncio.Protocol):
                 "body_bytes": request.content_length if request.framing != CHUNKED else None}
             if key is not None:
                 _memo_put(self._request_records, key, template)
-        fields = template.copy()
-        fields["headers"] = template["headers"].copy()
+        fields = template.copy()         # its nested headers map is shared: records are never changed
         fields["request_index"] = index
         if self.client_sni is not None and not connect and _host_name(host) != self.client_sni:
             # the leaf and the upstream's certificate were for the SNI: another Host would be
@@ -512,8 +517,7 @@ class HttpSession(asyncio.Protocol):
                 "reason": f"CONNECT is not allowed for target {ctx.target.name!r}; "
                           f"set allow_connect: true on the target to permit tunnels"}))
             return
-        kind, action, policy_ids, reason, resources, decision = _decide(
-            ctx, request.method, host, path, request.headers)
+        kind, action, policy_ids, reason, resources, decision = self._decision(request, host, path)
         resource = resources[0] if resources else f"{host}{path}"
         # the decision is recorded on the request itself (one event, not two); one held for
         # approval says "approval" here and gets its own policy.decision once decided
@@ -528,6 +532,25 @@ class HttpSession(asyncio.Protocol):
             self._spawn(self._await_approval(exchange, decision, resource))
             return
         self._decided(exchange, kind, action, policy_ids, reason, resource)
+
+    def _decision(self, request: Request, host: str, path: str) -> tuple:
+        """_decide's answer, from this session's memo when the policy reads no headers."""
+        policy = self.policy
+        if policy is None or _wants_headers(policy):
+            return _decide(self.ctx, request.method, host, path, request.headers)
+        base = cache_base(self.ctx, policy)
+        if base != self._decisions_key:
+            self._decisions_key = base
+            self._decisions = {}
+        key = (request.method, host, path)
+        found = self._decisions.get(key)
+        if found is None:
+            found = _decide(self.ctx, request.method, host, path, None)
+            if found[5] is not None and found[0] in ("allow", "deny"):
+                if len(self._decisions) >= _DECISIONS_MAX:
+                    self._decisions = {}
+                self._decisions[key] = found
+        return found
 
     def _wait(self) -> None:
         self.phase = _WAITING
@@ -919,7 +942,7 @@ class HttpSession(asyncio.Protocol):
             if key is not None:
                 _memo_put(self._response_records, key, headers)
         self.ctx.emit("http.response", {
-            "status": response.status, "headers": headers.copy(), "body_bytes": exchange.body_bytes,
+            "status": response.status, "headers": headers, "body_bytes": exchange.body_bytes,
             "duration_ns": time.monotonic_ns() - exchange.started, "request_index": exchange.index})
         keep = exchange.client_keep
         upstream = exchange.upstream

@@ -16,13 +16,13 @@ session, whose startup continues inside TLS.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import ssl
 import time
 from collections import OrderedDict
 from typing import Optional
 
+from ..policy.cachekeys import cache_base
 from ..sqlclass import reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
 from . import protocol as P
@@ -78,46 +78,6 @@ def _verdict_from(sd, final=None) -> Verdict:
         reason=d.reason or "")
 
 
-def _frozen(value):
-    if isinstance(value, dict):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-# principal (identity, frozen attributes) -> a number that stands for it in cache keys, so the
-# keys hash a small int instead of the whole attribute tuple on every lookup; numbers are never
-# reused, so clearing the table only orphans old cache entries (the LRU evicts them)
-_principal_ids: dict = {}
-_principal_counter = itertools.count(1)
-_PRINCIPAL_IDS_MAX = 100_000
-
-
-def _principal_key(ctx) -> int:
-    """The identity with its attributes, as a number: policies may read any attribute (unit,
-    user, token claims), so two connections of one identity name can be decided differently.
-    Kept on the context until its identity or attributes are replaced (brokered login does that)."""
-    memo = ctx.extra.get("principal_key")
-    if memo is not None and memo[0] is ctx.identity_attrs and memo[1] == ctx.identity:
-        return memo[2]
-    principal = (ctx.identity, _frozen(ctx.identity_attrs or {}))
-    number = _principal_ids.get(principal)
-    if number is None:
-        if len(_principal_ids) >= _PRINCIPAL_IDS_MAX:
-            _principal_ids.clear()
-        number = _principal_ids[principal] = next(_principal_counter)
-    ctx.extra["principal_key"] = (ctx.identity_attrs, ctx.identity, number)
-    return number
-
-
-def _cache_base(ctx, policy) -> tuple:
-    # the hour is part of the key because policies may depend on the time of day (the policy
-    # engine's own caches are per hour too)
-    return (id(policy), getattr(policy, "version", None), _principal_key(ctx), ctx.target.name,
-            int(time.time() // 3600))
-
-
 # how decide_now found its verdicts
 DECIDED, CACHED_TEXT, CACHED_SHAPE = "decided", "text", "shape"
 
@@ -129,12 +89,12 @@ def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None, shape=_U
     """The synchronous part of `decide`: (verdicts, how) when no approval is needed (how is
     DECIDED, CACHED_TEXT or CACHED_SHAPE), else (None, decisions) for `decide` to ask the
     approval service. A new text of a known shape (`WHERE id = 42` after `WHERE id = 41`) is
-    decided like it without asking the policy engine. `base` (_cache_base) and `shape`
+    decided like it without asking the policy engine. `base` (cache_base) and `shape`
     (statement_shape of the text): when the caller already has them."""
     policy = ctx.policy
     if policy is None:
         return [Verdict(True, req.sql, reason="no policy configured for this target")], DECIDED
-    base = base or _cache_base(ctx, policy)    # callers that computed it pass it in
+    base = base or cache_base(ctx, policy)    # callers that computed it pass it in
     sql = req.sql
     cached = decision_cache.get((*base, sql))
     if cached is not None:
@@ -804,7 +764,7 @@ class _Connection:
         if policy is not None:
             # the shared cache's key prefix; a change of it (new policy, principal, hour)
             # empties this connection's own verdicts
-            base = _cache_base(ctx, policy)
+            base = cache_base(ctx, policy)
             if base != self._verdicts_key:
                 self._verdicts_key = base
                 self._verdicts = {}

@@ -458,3 +458,32 @@ def test_connect_refused_unless_allowed(upstream, enforcer):
         sock.sendall(b"CONNECT api:443 HTTP/1.1\r\nHost: api:443\r\n\r\n")
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 405") and b"allow_connect" in answer
+
+
+class _CountingPolicy:
+    """A policy that changes its answers when its version moves, as PolicyStore on a reload."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.version = 1
+        self.calls = []
+
+    def decide_http(self, identity, attrs, target, method, host, path, headers=None, approved=False):
+        self.calls.append((method, path))
+        return self.engine.decide_http(identity, attrs, target, method, host, path, headers, approved)
+
+
+def test_a_session_remembers_decisions_until_the_policy_version_changes(upstream, enforcer):
+    from enforcer.policy.engine import PolicyEngine
+    policy = _CountingPolicy(PolicyEngine.from_text(POLICY))
+    enforcer.configure(upstream, policy=policy)
+    with httpx.Client(base_url=enforcer.url, headers={"Host": "api"}) as client:
+        codes = [client.get("/echo").status_code for _ in range(3)]
+        codes += [client.delete("/echo/1").status_code for _ in range(2)]
+        assert policy.calls == [("GET", "/echo"), ("DELETE", "/echo/1")]     # one each per session
+        policy.engine = PolicyEngine.from_text(POLICY.replace("http:read", "http:POST"))
+        policy.version = 2           # a reload: what was remembered is stale
+        codes.append(client.get("/echo").status_code)
+    assert codes == [200, 200, 200, 403, 403, 403]
+    assert [d["decision"] for d in enforcer.sink.of("http.request")] == ["allow"] * 3 + ["deny"] * 3
+    assert enforcer.sink.of("http.request")[3]["policy_ids"] == ["no-deletes"]

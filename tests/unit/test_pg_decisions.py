@@ -100,14 +100,14 @@ def test_connection_shape_memo_never_answers_for_another_table_or_kind():
 
 
 def test_principal_numbers_tell_attribute_sets_apart_and_survive_a_full_table(monkeypatch):
-    from enforcer.postgres import proxy
+    from enforcer.policy import cachekeys
     policy = PolicyEngine.from_text(POLICY)
     app, again, intruder = _ctx(policy, "app"), _ctx(policy, "app"), _ctx(policy, "intruder")
-    assert proxy._principal_key(app) == proxy._principal_key(again) != proxy._principal_key(intruder)
-    before = proxy._principal_key(intruder)
-    monkeypatch.setattr(proxy, "_PRINCIPAL_IDS_MAX", 0)     # the next new principal empties the table
+    assert cachekeys.principal_key(app) == cachekeys.principal_key(again) != cachekeys.principal_key(intruder)
+    before = cachekeys.principal_key(intruder)
+    monkeypatch.setattr(cachekeys, "PRINCIPAL_IDS_MAX", 0)     # the next new principal empties the table
     newcomer = _ctx(policy, "newcomer")
-    assert proxy._principal_key(newcomer) not in (before, proxy._principal_key(app))
+    assert cachekeys.principal_key(newcomer) not in (before, cachekeys.principal_key(app))
     # a context that learned its number before the table was emptied keeps it; a fresh one
     # for the same principal gets a new number, never another principal's
-    assert proxy._principal_key(_ctx(policy, "intruder")) != proxy._principal_key(newcomer)
+    assert cachekeys.principal_key(_ctx(policy, "intruder")) != cachekeys.principal_key(newcomer)
