@@ -330,7 +330,11 @@ static int validate_event(PyObject *type, PyObject *fields) {
         return call_validator(type, fields);
     }
     KeyOrder *slot = key_order_slot(keys, n);
-    if (shape_matches(slot, keys, n) && slot->valid_type == type) return 0;
+    /* equal, not only identical: a type name with a dot is not interned, so each call site
+       may pass its own copy */
+    if (shape_matches(slot, keys, n) && slot->valid_type != NULL
+            && (slot->valid_type == type || PyUnicode_Compare(slot->valid_type, type) == 0))
+        return 0;
     if (call_validator(type, fields)) return -1;
     /* Python ran: remember the verdict only if the map still has these keys */
     PyObject *again[ORDER_MAX_KEYS];

@@ -283,6 +283,10 @@ def test_emit_validates_each_shape_once_per_event_type_and_refuses_unknown_field
         with pytest.raises(SchemaError, match="fields must be a dict"):
             builder.emit("s1", "pg.result", [("rows", 1)])
         assert builder.count == 5 and builder.last_seq == 5
+        # an equal type name from another call site (names with a dot are not interned)
+        calls.clear()
+        builder.emit("s1", "".join(["pg.", "result"]), {"rows": 9, "command_tag": "SELECT 1"})
+        assert calls == []
         # a key order seen first for another type is not valid for this one by accident
         calls.clear()
         builder.emit("s1", "pg.result", {"x_extra": 1})
