@@ -278,3 +278,28 @@ def test_the_backlog_stops_at_its_cap_while_the_spool_is_full(tmp_path):
     texts = [e["f"].get("text", "") for f in frames(spool) for e in decode_batch(f).events]
     assert sum(t.startswith("while full") for t in texts) == accepted
     writer.close()
+
+
+def test_an_event_outside_the_schema_is_refused_on_either_path_and_leaves_no_gap(tmp_path):
+    """The caller (the agent) repairs such an event; the writer must refuse it whole, whether it
+    arrives with no open batch (locked path) or into an open one (the native one-call path)."""
+    import pytest
+
+    from records.schema import SchemaError
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-s", key, str(tmp_path / "state"), spool, batch_max_delay=5)
+    with pytest.raises(SchemaError, match="unknown field 'bogus'"):
+        writer.emit("pg.result", {"bogus": 1})           # no batch open yet
+    writer.emit("pg.result", {"rows": 1})
+    for _ in range(2):                                     # into the open batch, twice (shape memo)
+        with pytest.raises(SchemaError, match="unknown field 'bogus'"):
+            writer.emit("pg.result", {"rows": 2, "bogus": 1})
+    with pytest.raises(SchemaError, match="unknown event type"):
+        writer.emit("pg.nothing", {"rows": 1})
+    writer.emit("pg.result", {"rows": 3, "x_bogus": 1})
+    writer.flush()
+    events = [e for f in frames(spool) for e in decode_batch(f).events]
+    assert [e["f"] for e in events] == [{"rows": 1}, {"rows": 3, "x_bogus": 1}]
+    assert verify_batches(frames(spool), key.public_key()).ok
+    writer.close()
