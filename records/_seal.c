@@ -165,8 +165,8 @@ static int shape_matches(const KeyOrder *slot, PyObject **keys, Py_ssize_t n) {
         && memcmp(slot->keys, keys, sizeof(PyObject *) * n) == 0;
 }
 
-/* The keys (and values, if `vals`) of a dict of at most ORDER_MAX_KEYS entries, in insertion
-   order; -1 with TypeError if a key is not a str. Borrowed references. */
+/* The keys (and values, if `vals`) of a dict, in insertion order, into arrays of its size;
+   -1 with TypeError if a key is not a str. Borrowed references. */
 static int dict_items(PyObject *o, PyObject **keys, PyObject **vals) {
     Py_ssize_t pos = 0, i = 0;
     PyObject *k, *v;
@@ -184,7 +184,7 @@ static int dict_items(PyObject *o, PyObject **keys, PyObject **vals) {
 }
 
 /* insertion sort of the insertion indices: field maps are small */
-static int sort_ranks(PyObject **keys, Py_ssize_t n, unsigned char *rank) {
+static int sort_ranks(PyObject **keys, Py_ssize_t n, Py_ssize_t *rank) {
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_ssize_t j = i;
         while (j > 0) {
@@ -194,14 +194,14 @@ static int sort_ranks(PyObject **keys, Py_ssize_t n, unsigned char *rank) {
             rank[j] = rank[j - 1];
             j--;
         }
-        rank[j] = (unsigned char)i;
+        rank[j] = i;
     }
     return 0;
 }
 
 /* Put a shape into its slot (replacing what was there); long keys are not kept alive. */
-static void remember_shape(KeyOrder *slot, PyObject **keys, Py_ssize_t n, const unsigned char *rank) {
-    if (slot == NULL || n <= 0) return;
+static void remember_shape(KeyOrder *slot, PyObject **keys, Py_ssize_t n, const Py_ssize_t *rank) {
+    if (slot == NULL || n <= 0 || n > ORDER_MAX_KEYS) return;
     for (Py_ssize_t i = 0; i < n; i++)
         if (PyUnicode_GET_LENGTH(keys[i]) > ORDER_MAX_KEY_LENGTH) return;
     PyObject *old[ORDER_MAX_KEYS];
@@ -211,7 +211,7 @@ static void remember_shape(KeyOrder *slot, PyObject **keys, Py_ssize_t n, const 
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_INCREF(keys[i]);
         slot->keys[i] = keys[i];
-        slot->rank[i] = rank[i];
+        slot->rank[i] = (unsigned char)rank[i];
     }
     slot->n = n;
     slot->valid_type = NULL;
@@ -222,11 +222,11 @@ static void remember_shape(KeyOrder *slot, PyObject **keys, Py_ssize_t n, const 
 
 /* The slot holding this shape, filled if it was not; NULL if there is no cache or the shape
    cannot be cached (the sort order is then in `rank`). -1 in *err on a comparison error. */
-static KeyOrder *shape_slot(PyObject **keys, Py_ssize_t n, unsigned char *rank, int *err) {
+static KeyOrder *shape_slot(PyObject **keys, Py_ssize_t n, Py_ssize_t *rank, int *err) {
     *err = 0;
-    KeyOrder *slot = key_order_slot(keys, n);
+    KeyOrder *slot = n <= ORDER_MAX_KEYS ? key_order_slot(keys, n) : NULL;
     if (shape_matches(slot, keys, n)) {
-        memcpy(rank, slot->rank, n);
+        for (Py_ssize_t i = 0; i < n; i++) rank[i] = slot->rank[i];
         return slot;
     }
     if (sort_ranks(keys, n, rank)) { *err = -1; return NULL; }
@@ -237,57 +237,31 @@ static KeyOrder *shape_slot(PyObject **keys, Py_ssize_t n, unsigned char *rank, 
 static int pack_dict(Buf *b, PyObject *o, int depth) {
     if (depth > MAX_DEPTH) return too_deep();
     Py_ssize_t n = PyDict_GET_SIZE(o);
-    PyObject *small_keys[ORDER_MAX_KEYS], *small_vals[ORDER_MAX_KEYS];
-    PyObject **keys = small_keys, **vals = small_vals;
-    int rc = -1;
     /* borrowed references; the dict is not changed while we hold them (no Python code runs
        except str comparison, which cannot mutate it) */
-    if (n <= ORDER_MAX_KEYS) {
-        PyObject *in_keys[ORDER_MAX_KEYS], *in_vals[ORDER_MAX_KEYS];
-        unsigned char rank[ORDER_MAX_KEYS];
-        int err;
-        if (dict_items(o, in_keys, in_vals)) goto done;
-        shape_slot(in_keys, n, rank, &err);
-        if (err) goto done;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            keys[i] = in_keys[rank[i]];
-            vals[i] = in_vals[rank[i]];
-        }
-    } else {
-        keys = PyMem_Malloc(sizeof(PyObject *) * n);
-        vals = PyMem_Malloc(sizeof(PyObject *) * n);
-        if (!keys || !vals) { PyErr_NoMemory(); goto done; }
-        Py_ssize_t pos = 0, i = 0;
-        PyObject *k, *v;
-        while (PyDict_Next(o, &pos, &k, &v)) {
-            if (!PyUnicode_Check(k)) {
-                PyErr_Format(PyExc_TypeError, "map keys must all be strings, got %.100s",
-                             Py_TYPE(k)->tp_name);
-                goto done;
-            }
-            Py_ssize_t j = i;
-            while (j > 0) {
-                int c = compare_keys(keys[j - 1], k);
-                if (c == -1 && PyErr_Occurred()) goto done;
-                if (c <= 0) break;
-                keys[j] = keys[j - 1];
-                vals[j] = vals[j - 1];
-                j--;
-            }
-            keys[j] = k;
-            vals[j] = v;
-            i++;
-        }
+    PyObject *small_items[2 * ORDER_MAX_KEYS];
+    Py_ssize_t small_rank[ORDER_MAX_KEYS];
+    PyObject **items = small_items;
+    Py_ssize_t *rank = small_rank;
+    int rc = -1, err;
+    if (n > ORDER_MAX_KEYS) {
+        items = PyMem_Malloc(sizeof(PyObject *) * 2 * n);
+        rank = PyMem_Malloc(sizeof(Py_ssize_t) * n);
+        if (!items || !rank) { PyErr_NoMemory(); goto done; }
     }
+    PyObject **keys = items, **vals = items + n;      /* insertion order */
+    if (dict_items(o, keys, vals)) goto done;
+    shape_slot(keys, n, rank, &err);
+    if (err) goto done;
     if (pack_len(b, n, 0x80, 15, 0, 0xde, 0xdf, "dict")) goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (pack_str(b, keys[i])) goto done;
-        if (pack(b, vals[i], depth + 1)) goto done;
+        if (pack_str(b, keys[rank[i]])) goto done;
+        if (pack(b, vals[rank[i]], depth + 1)) goto done;
     }
     rc = 0;
 done:
-    if (keys != small_keys) PyMem_Free(keys);
-    if (vals != small_vals) PyMem_Free(vals);
+    if (items != small_items) PyMem_Free(items);
+    if (rank != small_rank) PyMem_Free(rank);
     return rc;
 }
 
@@ -343,7 +317,7 @@ static int validate_event(PyObject *type, PyObject *fields) {
         PyErr_Clear();
         return 0;
     }
-    unsigned char rank[ORDER_MAX_KEYS];
+    Py_ssize_t rank[ORDER_MAX_KEYS];
     int err;
     slot = shape_slot(keys, n, rank, &err);
     if (err) { PyErr_Clear(); return 0; }
