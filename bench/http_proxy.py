@@ -1,4 +1,5 @@
-"""HTTP enforcer throughput: wrk against a small server directly, through a bare uvloop byte
+"""HTTP enforcer throughput: wrk against a small server (nginx with one worker when installed, as
+in the issue's measurements; else a canned asyncio server) directly, through a bare uvloop byte
 relay (the Python ceiling), through Warden's serve_http with policy and recording on (the real
 Cedar engine; records sealed by the real RecordWriter into a spool in a temp dir, or
 `--sink memory` to see what recording costs), and
@@ -11,7 +12,8 @@ keep-alive, 32 connections by default; a few seconds per run.
 
     .venv/bin/python bench/http_proxy.py [--duration 3] [--rounds 3] [--connections 32] [--mitmdump PATH]
 
-Needs wrk (Debian package `wrk`). mitmproxy is not a Warden dependency: install it into a
+Needs wrk (Debian package `wrk`); nginx from `nginx-light` (on a systemd host the package
+also starts a service on port 80: `systemctl disable --now nginx`). mitmproxy is not a Warden dependency: install it into a
 separate venv (`python3 -m venv /tmp/mitm && /tmp/mitm/bin/pip install mitmproxy`) and pass
 `--mitmdump /tmp/mitm/bin/mitmdump` (default: mitmdump on PATH, else not measured).
 Each path is measured --rounds times, in turns; prints the medians of requests/s per path, the
@@ -186,6 +188,50 @@ def _start_mitmdump(mitmdump: str, listen_port: int, server_port: int, confdir: 
     raise RuntimeError("mitmdump did not listen within 30 s")
 
 
+_NGINX_CONF = """daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen {host}:{port};
+        location / {{
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+}}
+"""
+
+
+def _start_nginx(nginx: str, port: int, workdir: str) -> subprocess.Popen:
+    """nginx (one worker, its files in workdir) answering every request with BODY."""
+    conf = os.path.join(workdir, "nginx.conf")
+    with open(conf, "w") as handle:
+        handle.write(_NGINX_CONF.format(dir=workdir, host=SERVER_HOST, port=port, body=BODY.decode()))
+    proc = subprocess.Popen([nginx, "-p", workdir, "-c", conf], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nginx exited with {proc.returncode}: {proc.stderr.read()[-500:]}")
+        try:
+            with socket.create_connection((SERVER_HOST, port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("nginx did not listen within 10 s")
+
+
 def _masking_ms(size: int = 1024 * 1024, rounds: int = 7) -> tuple[float, int]:
     """Median time to mask a ~1 MB JSON response (the real engine, one json_key rule)."""
     from enforcer.masking.config import load_masking
@@ -220,6 +266,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per wrk run (default 3)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--server", choices=("nginx", "asyncio"), default="nginx",
+                        help="what answers: nginx when installed (the issue's reference), else a "
+                             "canned asyncio server (default nginx)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="measurements per path, taken in turns; medians are reported (default 3)")
     parser.add_argument("--mitmdump", default=shutil.which("mitmdump"),
@@ -244,13 +293,19 @@ def main() -> int:
         print("BENCH " + json.dumps({"name": "http", "skipped": "wrk not installed"}))
         return 0
     server_port = _free_port(SERVER_HOST)
+    nginx = shutil.which("nginx") if args.server == "nginx" else None
+    if args.server == "nginx" and nginx is None:
+        print("nginx is not installed (apt-get install nginx-light); the server is the canned "
+              "asyncio one", file=sys.stderr)
     paths = [("direct", SERVER_HOST, server_port), ("relay", PROXY_HOST, _free_port(PROXY_HOST)),
              ("warden", PROXY_HOST, _free_port(PROXY_HOST))]
     procs = []
     confdir = tempfile.mkdtemp(prefix="warden-bench-mitm-")
     spool_dir = tempfile.mkdtemp(prefix="warden-bench-http-spool-")
+    server_dir = tempfile.mkdtemp(prefix="warden-bench-nginx-")
     try:
-        procs.append(_start("server", server_port))
+        procs.append(_start_nginx(nginx, server_port, server_dir) if nginx else _start("server", server_port))
+        print(f"   server: {'nginx (1 worker)' if nginx else 'canned asyncio server'} on {SERVER_HOST}", flush=True)
         procs.append(_start("relay", paths[1][2], server_port))
         procs.append(_start("warden", paths[2][2], server_port, spool_dir if args.sink == "spool" else ""))
         if args.mitmdump:
@@ -282,6 +337,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(confdir, ignore_errors=True)
+        shutil.rmtree(server_dir, ignore_errors=True)
         shutil.rmtree(spool_dir, ignore_errors=True)
     mask_ms, masked_values = _masking_ms()
     # ratios within a round (measured seconds apart), then their median
@@ -294,7 +350,7 @@ def main() -> int:
         "direct_rps": round(results["direct"]), "relay_rps": round(results["relay"]),
         "warden_rps": round(results["warden"]), "warden_vs_relay": round(ratio_relay, 3),
         "warden_vs_direct": round(ratio_direct, 3), "target_vs_relay": 0.5,
-        "policy": True, "recording": args.sink}
+        "policy": True, "recording": args.sink, "server": "nginx" if nginx else "asyncio"}
     if "mitmproxy" in results:
         ratio_mitm = statistics.median(w / m for w, m in zip(rounds["warden"], rounds["mitmproxy"]))
         print(f"warden / mitmproxy = {ratio_mitm:.1f}x (target >= 30x)")
