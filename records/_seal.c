@@ -234,6 +234,17 @@ static KeyOrder *shape_slot(PyObject **keys, Py_ssize_t n, Py_ssize_t *rank, int
     return shape_matches(slot, keys, n) ? slot : NULL;
 }
 
+/* a map from its items in insertion order and their sorted ranks */
+static int pack_sorted(Buf *b, PyObject **keys, PyObject **vals, const Py_ssize_t *rank,
+                       Py_ssize_t n, int depth) {
+    if (pack_len(b, n, 0x80, 15, 0, 0xde, 0xdf, "dict")) return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (pack_str(b, keys[rank[i]])) return -1;
+        if (pack(b, vals[rank[i]], depth + 1)) return -1;
+    }
+    return 0;
+}
+
 static int pack_dict(Buf *b, PyObject *o, int depth) {
     if (depth > MAX_DEPTH) return too_deep();
     Py_ssize_t n = PyDict_GET_SIZE(o);
@@ -253,12 +264,7 @@ static int pack_dict(Buf *b, PyObject *o, int depth) {
     if (dict_items(o, keys, vals)) goto done;
     shape_slot(keys, n, rank, &err);
     if (err) goto done;
-    if (pack_len(b, n, 0x80, 15, 0, 0xde, 0xdf, "dict")) goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (pack_str(b, keys[rank[i]])) goto done;
-        if (pack(b, vals[rank[i]], depth + 1)) goto done;
-    }
-    rc = 0;
+    rc = pack_sorted(b, keys, vals, rank, n, depth);
 done:
     if (items != small_items) PyMem_Free(items);
     if (rank != small_rank) PyMem_Free(rank);
@@ -291,40 +297,51 @@ static int call_validator(PyObject *type, PyObject *fields) {
     return 0;
 }
 
-/* May run Python code (the validator): call it before touching any state that must change
-   atomically. */
-static int validate_event(PyObject *type, PyObject *fields) {
-    if (Validator == NULL) return 0;
+/* An event's top-level field map, collected and sorted once for both its validation and its
+   packing; n < 0: not prepared (the map is packed the ordinary way). */
+typedef struct {
+    Py_ssize_t n;
+    PyObject *keys[ORDER_MAX_KEYS], *vals[ORDER_MAX_KEYS];   /* borrowed, insertion order */
+    Py_ssize_t rank[ORDER_MAX_KEYS];
+} SortedMap;
+
+static int collect_sorted(PyObject *fields, Py_ssize_t n, SortedMap *top, KeyOrder **slot) {
+    int err;
+    if (PyDict_GET_SIZE(fields) != n || dict_items(fields, top->keys, top->vals)) return -1;
+    *slot = shape_slot(top->keys, n, top->rank, &err);
+    return err;
+}
+
+/* Validate an event (the registered validator, unless its field-map shape was already found
+   valid for that type) and prepare its field map in `top`. May run Python code (the
+   validator): call it before touching any state that must change atomically. */
+static int prepare_event(PyObject *type, PyObject *fields, SortedMap *top) {
+    top->n = -1;
     Py_ssize_t n = PyDict_CheckExact(fields) ? PyDict_GET_SIZE(fields) : 0;
-    if (n == 0 || n > ORDER_MAX_KEYS || !PyUnicode_CheckExact(type))
-        return call_validator(type, fields);
-    PyObject *keys[ORDER_MAX_KEYS];
-    if (dict_items(fields, keys, NULL)) {
-        PyErr_Clear();                         /* the validator names the bad key */
-        return call_validator(type, fields);
+    KeyOrder *slot = NULL;
+    int sortable = n > 0 && n <= ORDER_MAX_KEYS && PyUnicode_CheckExact(type);
+    if (sortable && collect_sorted(fields, n, top, &slot)) {
+        PyErr_Clear();                       /* a non-str key: the validator names it */
+        sortable = 0;
     }
-    KeyOrder *slot = key_order_slot(keys, n);
     /* equal, not only identical: a type name with a dot is not interned, so each call site
        may pass its own copy */
-    if (shape_matches(slot, keys, n) && slot->valid_type != NULL
-            && (slot->valid_type == type || PyUnicode_Compare(slot->valid_type, type) == 0))
-        return 0;
-    if (call_validator(type, fields)) return -1;
-    /* Python ran: remember the verdict only if the map still has these keys */
-    PyObject *again[ORDER_MAX_KEYS];
-    if (PyDict_GET_SIZE(fields) != n || dict_items(fields, again, NULL)
-            || memcmp(again, keys, sizeof(PyObject *) * n) != 0) {
-        PyErr_Clear();
-        return 0;
+    int known_valid = slot != NULL && slot->valid_type != NULL
+        && (slot->valid_type == type || PyUnicode_Compare(slot->valid_type, type) == 0);
+    if (Validator != NULL && !known_valid) {
+        if (call_validator(type, fields)) return -1;
+        if (!sortable) return 0;
+        /* Python ran: the map or the cache may have changed since; collect again */
+        if (collect_sorted(fields, n, top, &slot)) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (slot != NULL) {
+            Py_INCREF(type);
+            Py_XSETREF(slot->valid_type, type);
+        }
     }
-    Py_ssize_t rank[ORDER_MAX_KEYS];
-    int err;
-    slot = shape_slot(keys, n, rank, &err);
-    if (err) { PyErr_Clear(); return 0; }
-    if (slot != NULL) {
-        Py_INCREF(type);
-        Py_XSETREF(slot->valid_type, type);
-    }
+    if (sortable) top->n = n;
     return 0;
 }
 
@@ -402,8 +419,9 @@ static int pack_tail(Buf *b, PyObject *seq, PyObject *sid, PyObject *ts, PyObjec
 
 /* One event sealed into `fields_out` (the encoded field map), `tag` (8 bytes) and `digest`
    (32 bytes); `head`/`prev` are bytes. */
-static int seal_core(PyObject *head, PyObject *fields, PyObject *seq, PyObject *sid, PyObject *ts,
-                     PyObject *type, PyObject *version, PyObject *prev, PyObject **fields_out,
+static int seal_core(PyObject *head, PyObject *fields, const SortedMap *top, PyObject *seq,
+                     PyObject *sid, PyObject *ts, PyObject *type, PyObject *version, PyObject *prev,
+                     PyObject **fields_out,
                      unsigned char tag[8], unsigned char digest[SHA256_DIGEST_LENGTH]) {
     if (!PyBytes_Check(head) || !PyBytes_Check(prev)) {
         PyErr_SetString(PyExc_TypeError, "head and prev must be bytes");
@@ -415,7 +433,10 @@ static int seal_core(PyObject *head, PyObject *fields, PyObject *seq, PyObject *
     Py_ssize_t fields_at, fields_end;
     if (put(&b, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head))) goto done;
     fields_at = b.len;
-    if (pack_field_map(&b, fields)) goto done;
+    if (top != NULL && top->n >= 0 ? pack_sorted(&b, (PyObject **)top->keys, (PyObject **)top->vals,
+                                                 top->rank, top->n, 0)
+                                   : pack_field_map(&b, fields))
+        goto done;
     fields_end = b.len;
     if (pack_tail(&b, seq, sid, ts, type, version)) goto done;
     {
@@ -444,7 +465,7 @@ static PyObject *seal(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     }
     PyObject *encoded;
     unsigned char tag[8], digest[SHA256_DIGEST_LENGTH];
-    if (seal_core(args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7],
+    if (seal_core(args[0], args[1], NULL, args[2], args[3], args[4], args[5], args[6], args[7],
                   &encoded, tag, digest))
         return NULL;
     PyObject *out = Py_BuildValue("(Ny#y#)", encoded, (const char *)tag, (Py_ssize_t)8,
@@ -568,7 +589,7 @@ static PyObject *now_ns(void) {
 /* Seal one event into the columns; returns its hash (new reference). Runs no Python code, so
    under the GIL it is atomic with respect to every other thread. */
 static PyObject *builder_seal(Builder *self, PyObject *ts, PyObject *sid, PyObject *type,
-                              PyObject *fields) {
+                              PyObject *fields, const SortedMap *top) {
     if (self->closed) {
         PyErr_SetString(PyExc_RuntimeError, "the batch is closed: no event can be added");
         return NULL;
@@ -584,7 +605,7 @@ static PyObject *builder_seal(Builder *self, PyObject *ts, PyObject *sid, PyObje
     if (!seq) return NULL;
     PyObject *encoded = NULL, *delta = NULL, *sid_at = NULL, *type_at = NULL, *digest_obj = NULL;
     unsigned char tag[8], digest[SHA256_DIGEST_LENGTH];
-    int sealed = seal_core(self->head, fields, seq, sid, ts, type, self->version, self->last_hash,
+    int sealed = seal_core(self->head, fields, top, seq, sid, ts, type, self->version, self->last_hash,
                            &encoded, tag, digest);
     if (sealed) {
         encoding_error(seq, type);
@@ -640,7 +661,7 @@ static PyObject *Builder_add(Builder *self, PyObject *const *args, Py_ssize_t na
     } else {
         Py_INCREF(ts);
     }
-    PyObject *out = builder_seal(self, ts, args[1], args[2], args[3]);
+    PyObject *out = builder_seal(self, ts, args[1], args[2], args[3], NULL);
     Py_DECREF(ts);
     return out;
 }
@@ -653,11 +674,12 @@ static PyObject *Builder_emit(Builder *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     if (self->closed) Py_RETURN_FALSE;
-    if (validate_event(args[1], args[2])) return NULL;
+    SortedMap top;
+    if (prepare_event(args[1], args[2], &top)) return NULL;
     if (self->closed) Py_RETURN_FALSE;          /* closed by another thread while Python ran */
     PyObject *ts = now_ns();
     if (!ts) return NULL;
-    PyObject *digest = builder_seal(self, ts, args[0], args[1], args[2]);
+    PyObject *digest = builder_seal(self, ts, args[0], args[1], args[2], &top);
     Py_DECREF(ts);
     if (!digest) return NULL;
     Py_DECREF(digest);
