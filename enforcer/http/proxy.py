@@ -262,6 +262,7 @@ class HttpSession(asyncio.Protocol):
         # principal, target, hour) stays what it was; never approvals or evaluation errors
         self._decisions: dict = {}
         self._decisions_key: Optional[tuple] = None
+        self._decisions_memo = False    # the policy reads no headers: answers can be remembered
         self.phase = _IDLE
         self.exchange: Optional[_Exchange] = None
         self.upstream: Optional[_Upstream] = None
@@ -536,12 +537,16 @@ class HttpSession(asyncio.Protocol):
     def _decision(self, request: Request, host: str, path: str) -> tuple:
         """_decide's answer, from this session's memo when the policy reads no headers."""
         policy = self.policy
-        if policy is None or _wants_headers(policy):
+        if policy is None:
             return _decide(self.ctx, request.method, host, path, request.headers)
         base = cache_base(self.ctx, policy)
         if base != self._decisions_key:
+            # a new policy version may read headers where the old one did not
             self._decisions_key = base
             self._decisions = {}
+            self._decisions_memo = not _wants_headers(policy)
+        if not self._decisions_memo:
+            return _decide(self.ctx, request.method, host, path, request.headers)
         key = (request.method, host, path)
         found = self._decisions.get(key)
         if found is None:
