@@ -119,12 +119,11 @@ def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None, shape=_U
     return verdicts, DECIDED
 
 
-async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
-    """Policy decision for one Query/Parse, with approvals; fails closed on policy errors.
-    Returns (verdicts, whether they came from the decision cache)."""
+async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
+    """Policy decision for one Query/Parse, with approvals; fails closed on policy errors."""
     verdicts, extra = decide_now(ctx, req)
     if verdicts is not None:
-        return verdicts, extra != DECIDED
+        return verdicts
     # an approval is needed: never cached, each statement asks again
     verdicts = []
     for sd in extra:
@@ -144,7 +143,7 @@ async def decide(ctx, req: DecisionRequest) -> tuple[list[Verdict], bool]:
                     verdicts.append(v)
         else:
             verdicts.append(_verdict_from(sd))
-    return verdicts, False
+    return verdicts
 
 
 def _upstream_ssl_context(tls, target_name: str) -> ssl.SSLContext:
@@ -369,7 +368,7 @@ class _Connection:
             elif kind == EVENT:
                 self.ctx.emit(payload[0], payload[1])
             elif kind == DECIDE:
-                verdicts, _ = await decide(self.ctx, payload)
+                verdicts = await decide(self.ctx, payload)
                 await self._run_actions(self.session.resume(verdicts))
             elif kind == CONNECT_UPSTREAM:
                 await self._connect_upstream(payload)
@@ -801,7 +800,7 @@ class _Connection:
 
     async def _decide_slow(self, req: DecisionRequest, rest: list) -> None:
         try:
-            verdicts, _ = await decide(self.ctx, req)
+            verdicts = await decide(self.ctx, req)
             if self._done.done():
                 return
             self._apply(self.session.resume(verdicts) + rest)
