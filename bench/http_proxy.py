@@ -169,23 +169,29 @@ def _start(role: str, listen_port: int, server_port: int = 0, spool_dir: str = "
     return proc
 
 
+def _listening(proc: subprocess.Popen, name: str, host: str, port: int, timeout: float) -> subprocess.Popen:
+    """`proc` once it accepts connections on host:port; killed, with the reason, if it does not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            detail = proc.stderr.read()[-500:] if proc.stderr is not None else ""
+            raise RuntimeError(f"{name} exited with {proc.returncode} {detail}".strip())
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{name} did not listen on {host}:{port} within {timeout:g} s")
+
+
 def _start_mitmdump(mitmdump: str, listen_port: int, server_port: int, confdir: str) -> subprocess.Popen:
     """mitmproxy as a reverse proxy in front of the same server (its state kept in confdir)."""
     proc = subprocess.Popen([mitmdump, "--mode", f"reverse:http://{SERVER_HOST}:{server_port}",
                              "--listen-host", PROXY_HOST, "--listen-port", str(listen_port),
                              "--set", f"confdir={confdir}", "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mitmdump exited with {proc.returncode}")
-        try:
-            with socket.create_connection((PROXY_HOST, listen_port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("mitmdump did not listen within 30 s")
+    return _listening(proc, "mitmdump", PROXY_HOST, listen_port, 30)
 
 
 _NGINX_CONF = """daemon off;
@@ -219,17 +225,7 @@ def _start_nginx(nginx: str, port: int, workdir: str) -> subprocess.Popen:
         handle.write(_NGINX_CONF.format(dir=workdir, host=SERVER_HOST, port=port, body=BODY.decode()))
     proc = subprocess.Popen([nginx, "-p", workdir, "-c", conf], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited with {proc.returncode}: {proc.stderr.read()[-500:]}")
-        try:
-            with socket.create_connection((SERVER_HOST, port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("nginx did not listen within 10 s")
+    return _listening(proc, "nginx", SERVER_HOST, port, 10)
 
 
 def _masking_ms(size: int = 1024 * 1024, rounds: int = 7) -> tuple[float, int]:
