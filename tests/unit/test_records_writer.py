@@ -56,20 +56,26 @@ def test_emit_from_asyncio_does_not_wait_for_disk(tmp_path):
     writer.close()
 
 
-def test_full_spool_holds_events_and_records_alerts(tmp_path):
-    key = Ed25519PrivateKey.generate()
-    spool = Spool(str(tmp_path / "spool"), max_bytes=150_000, segment_bytes=64 << 10)
-    writer = RecordWriter("agent-f", key, str(tmp_path / "state"), spool,
-                          batch_max_events=50, batch_max_delay=0.01)
-    big = "x" * 2000
+def fill_until_full(writer, text: str, pause_every: int) -> int:
+    """Emit big statements until the writer reports its spool full; how many it took."""
+    big = text * 2000
     deadline = time.monotonic() + 10
     n = 0
     while not writer.full and time.monotonic() < deadline:
         writer.emit("pg.statement", {"text": f"{n} {big}{n * 7919}"})
         n += 1
-        if n % 50 == 0:
-            time.sleep(0.02)
+        if n % pause_every == 0:
+            time.sleep(0.02)       # let the writer thread store batches
     assert writer.full
+    return n
+
+
+def test_full_spool_holds_events_and_records_alerts(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"), max_bytes=150_000, segment_bytes=64 << 10)
+    writer = RecordWriter("agent-f", key, str(tmp_path / "state"), spool,
+                          batch_max_events=50, batch_max_delay=0.01)
+    n = fill_until_full(writer, "x", 50)
     for extra in range(10):
         writer.emit("pg.statement", {"text": f"while full {extra}"})
     # Ship (acknowledge) everything durable so far: space returns.
@@ -249,15 +255,7 @@ def test_the_backlog_stops_at_its_cap_while_the_spool_is_full(tmp_path):
     spool = Spool(str(tmp_path / "spool"), max_bytes=150_000, segment_bytes=64 << 10)
     writer = RecordWriter("agent-b", key, str(tmp_path / "state"), spool, batch_max_events=50,
                           batch_max_delay=0.01, backlog_cap=120)
-    big = "y" * 2000
-    deadline = time.monotonic() + 10
-    n = 0
-    while not writer.full and time.monotonic() < deadline:
-        writer.emit("pg.statement", {"text": f"{n} {big}{n * 7919}"})
-        n += 1
-        if n % 25 == 0:
-            time.sleep(0.02)
-    assert writer.full
+    fill_until_full(writer, "y", 25)
     time.sleep(0.1)            # the writer thread has cut and tried to store what was open
     accepted = 0
     try:
