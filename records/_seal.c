@@ -485,8 +485,8 @@ typedef struct {
     PyObject *ts_deltas, *sid_index, *type_index, *fields, *hashes;   /* lists */
     PyObject *sids, *types;        /* dict: value -> index in first-seen order */
     PyObject *tags;                /* bytearray: 8 bytes per event */
-    int closed;                    /* close() was called or `limit` reached: no more events */
-    Py_ssize_t limit;              /* emit() closes the batch at this many events (0: never) */
+    int closed;                    /* close() was called: no more events */
+    Py_ssize_t limit;              /* emit() takes no more events at this many (0: no limit) */
 } Builder;
 
 static int Builder_traverse(Builder *self, visitproc visit, void *arg) {
@@ -666,24 +666,29 @@ static PyObject *Builder_add(Builder *self, PyObject *const *args, Py_ssize_t na
     return out;
 }
 
+static int builder_full(Builder *self) {
+    return self->closed || (self->limit > 0 && PyList_GET_SIZE(self->hashes) >= self->limit);
+}
+
 /* The writer's lock-free path: validate, then seal stamped with the current time, unless the
-   batch is closed (False: the caller takes its locked path). Reaching `limit` closes it. */
+   batch is closed or holds `limit` events (False: the caller takes its locked path). It never
+   closes the batch itself: only the writer does, under its lock, so an event the locked path
+   is adding can never find its batch closed half-way. */
 static PyObject *Builder_emit(Builder *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "emit(sid, event_type, fields) takes 3 arguments");
         return NULL;
     }
-    if (self->closed) Py_RETURN_FALSE;
+    if (builder_full(self)) Py_RETURN_FALSE;
     SortedMap top;
     if (prepare_event(args[1], args[2], &top)) return NULL;
-    if (self->closed) Py_RETURN_FALSE;          /* closed by another thread while Python ran */
+    if (builder_full(self)) Py_RETURN_FALSE;    /* closed or filled by another thread while Python ran */
     PyObject *ts = now_ns();
     if (!ts) return NULL;
     PyObject *digest = builder_seal(self, ts, args[0], args[1], args[2], &top);
     Py_DECREF(ts);
     if (!digest) return NULL;
     Py_DECREF(digest);
-    if (self->limit > 0 && PyList_GET_SIZE(self->hashes) >= self->limit) self->closed = 1;
     Py_RETURN_TRUE;
 }
 
@@ -718,7 +723,6 @@ static int Builder_set_limit(Builder *self, PyObject *value, void *unused) {
         return -1;
     }
     self->limit = limit;
-    if (limit > 0 && PyList_GET_SIZE(self->hashes) >= limit) self->closed = 1;
     return 0;
 }
 
@@ -765,7 +769,7 @@ static PyGetSetDef Builder_getset[] = {
     {"head", (getter)Builder_get_head, NULL, "(last_seq, last_hash), read together", NULL},
     {"closed", (getter)Builder_get_closed, NULL, "no event can be added any more", NULL},
     {"limit", (getter)Builder_get_limit, (setter)Builder_set_limit,
-     "emit() closes the batch when it holds this many events (0: never)", NULL},
+     "emit() takes no more events once the batch holds this many (0: no limit)", NULL},
     {NULL},
 };
 
@@ -774,7 +778,8 @@ static PyMethodDef Builder_methods[] = {
      "add(ts, sid, event_type, fields) -> hash: seal the next event into the columns "
      "(ts None: now)"},
     {"emit", (PyCFunction)(void (*)(void))Builder_emit, METH_FASTCALL,
-     "emit(sid, event_type, fields) -> bool: validate and seal stamped now; False if closed"},
+     "emit(sid, event_type, fields) -> bool: validate and seal stamped now; False if closed "
+     "or at its limit"},
     {"close", (PyCFunction)Builder_close, METH_NOARGS, "take no more events"},
     {"columns", (PyCFunction)Builder_columns, METH_NOARGS,
      "(ts deltas, sids, sid index, types, type index, encoded fields, tags, hashes)"},

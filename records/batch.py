@@ -260,8 +260,6 @@ class _PyBuilderCore:
         if not isinstance(value, int) or value < 0:
             raise ValueError("limit must be an int >= 0")
         self._limit = value
-        if value and len(self._hashes) >= value:
-            self.closed = True
 
     def close(self) -> None:
         self.closed = True

@@ -9,8 +9,9 @@ the enforcers more than the sealing itself.
 
 With the native builder, an event goes into the open batch in one C call (``Builder.emit``:
 validate, stamp, seal) that holds the GIL throughout, so concurrent producers need no lock;
-a batch the writer cut is closed first, and an emit into a closed batch returns False and
-takes the locked path, which opens the next batch. The chain head of the open batch is the
+a batch the writer cut is closed first, and an emit into a closed or full batch returns False
+and takes the locked path, which cuts it and seals the event into the next batch before any
+other thread can see that one. Only the writer closes a batch, under its lock. The chain head of the open batch is the
 batch's own (``Builder.head``); ``last_seq``/``last_hash`` are the head of what was cut.
 
 A batch is cut when it holds ``batch_max_events`` events, when it is ``batch_max_delay``
@@ -140,16 +141,29 @@ class RecordWriter:
 
     def _emit_locked(self, event_type: str, fields: dict, session_id: str | None,
                      unencodable: Exception | None = None) -> None:
-        """Seal under the lock: no open batch, the open one is closed (cut or full), or no
-        native builder; `unencodable`: the event already failed to encode (repair it)."""
+        """Seal under the lock: no open batch, the open one is closed or full, or no native
+        builder; `unencodable`: the event already failed to encode (repair it).
+
+        Native emits add to the open batch without this lock, so here an event goes into it
+        only through the same atomic emit; otherwise into a new batch that no other thread
+        sees until the event is in it. A batch never holds more than its limit."""
         if unencodable is None:
             validate_fields(event_type, fields)
         with self._lock:
             if self._closing:
                 raise RuntimeError("RecordWriter is closed")
             batch = self._open
-            if batch is not None and batch.closed:
-                self._cut_locked()           # it reached its limit
+            if batch is not None and NATIVE:
+                if unencodable is None:
+                    try:        # another producer may have opened it since this one looked
+                        if batch.emit(session_id, event_type, fields):
+                            return
+                    except EncodingError as exc:
+                        unencodable = exc
+                self._cut_locked(close_empty=True)
+                batch = None
+            elif batch is not None and batch.count >= batch.limit:
+                self._cut_locked()
                 batch = None
             if self._held is not None:
                 backlog = self._unstored + (batch.count if batch is not None else 0)
@@ -157,12 +171,10 @@ class RecordWriter:
                     raise RecordBacklogFull(
                         f"record backlog reached {self.backlog_cap} events while the spool "
                         f"{self.spool.path} is full; end the session (no evidence, no access)")
-            if batch is None:
+            fresh = batch is None
+            if fresh:
                 batch = BatchBuilder(self.agent_id, self.last_hash, self.last_seq + 1)
                 batch.limit = self._batch_limit()
-                self._open = batch
-                self._open_since = time.monotonic()
-                self._queue.put(_OpenBatch(self._open_since + self.batch_max_delay))
             if unencodable is not None:
                 self._seal_repaired(batch, None, session_id, event_type, fields, unencodable)
             else:
@@ -170,6 +182,10 @@ class RecordWriter:
                     batch.add(None, session_id, event_type, fields)
                 except (TypeError, ValueError, OverflowError) as exc:
                     self._seal_repaired(batch, None, session_id, event_type, fields, exc)
+            if fresh:           # published only now, with its first event in it
+                self._open = batch
+                self._open_since = time.monotonic()
+                self._queue.put(_OpenBatch(self._open_since + self.batch_max_delay))
             if batch.count >= batch.limit:
                 self._cut_locked()
 
@@ -209,7 +225,7 @@ class RecordWriter:
             with self._lock:
                 # an event another thread sealed after the flush still goes to the spool
                 self._closing = True
-                self._cut_locked(final=True)
+                self._cut_locked(close_empty=True)
             self._queue.put(None)
             self._thread.join(timeout)
             if self._held is None:
@@ -235,11 +251,11 @@ class RecordWriter:
             "message": f"{event_type} carried a value that could not be encoded ({exc}); "
                        f"it was recorded in text form"})
 
-    def _cut_locked(self, final: bool = False) -> None:
+    def _cut_locked(self, close_empty: bool = False) -> None:
         """Close the open batch and queue it for the spool; an empty one stays open unless
-        `final` (the writer is closing)."""
+        `close_empty`."""
         batch = self._open
-        if batch is None or not (batch.count or final):
+        if batch is None or not (batch.count or close_empty):
             return
         batch.close()        # first: from here on no producer can add to it
         self._open = None

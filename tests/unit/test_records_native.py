@@ -303,14 +303,22 @@ def test_emit_stamps_the_time_inside_the_call_and_stops_at_its_limit():
     before = clock.time_ns()
     assert [builder.emit(None, "pg.result", {"rows": n}) for n in range(3)] == [True] * 3
     after = clock.time_ns()
-    assert builder.closed and builder.count == 3 and builder.head == (12, builder.last_hash)
+    assert builder.count == 3 and builder.head == (12, builder.last_hash)
     deltas = builder.columns()[0]
     assert before <= deltas[0] <= after and all(d >= 0 for d in deltas[1:])
-    # closed: nothing is added, nothing changes
+    # at its limit: emit takes nothing and changes nothing, but never closes the batch itself
+    # (only the writer does, under its lock: its locked path may still be adding)
     columns = builder.columns()
     assert builder.emit(None, "pg.result", {"rows": 4}) is False
+    assert builder.columns() == columns and not builder.closed
+    builder.add(None, None, "pg.result", {"rows": 4})
+    assert builder.count == 4
+    # closed: nothing is added, nothing changes
+    builder.close()
+    columns = builder.columns()
+    assert builder.emit(None, "pg.result", {"rows": 5}) is False
     with pytest.raises(RuntimeError, match="closed"):
-        builder.add(None, None, "pg.result", {"rows": 4})
+        builder.add(None, None, "pg.result", {"rows": 5})
     assert builder.columns() == columns
 
 
@@ -321,8 +329,8 @@ def test_limit_close_and_head_behave_alike_in_both_cores(core):
     builder.add(None, "s", "pg.result", {"rows": 1})
     builder.add(5, "s", "pg.result", {"rows": 2})
     assert builder.head == (8, builder.last_hash)
-    builder.limit = 2          # at or under what it holds: closed at once
-    assert builder.closed
+    builder.limit = 2          # at or under what it holds: full, but closing is the writer's
+    assert builder.limit == 2 and not builder.closed
     with pytest.raises(ValueError, match="limit"):
         builder.limit = -1
     other = _builder(core)
