@@ -10,7 +10,7 @@ Loopback only: the server listens on 127.0.0.2, the relay, Warden and mitmproxy 
 Each component runs in its own process (this script with --role). Small JSON responses,
 keep-alive, 32 connections by default; a few seconds per run.
 
-    .venv/bin/python bench/http_proxy.py [--duration 3] [--rounds 3] [--connections 32] [--mitmdump PATH]
+    .venv/bin/python bench/http_proxy.py [--duration 3] [--rounds 5] [--connections 32] [--mitmdump PATH]
 
 Needs wrk (Debian package `wrk`); nginx from `nginx-light` (on a systemd host the package
 also starts a service on port 80: `systemctl disable --now nginx`). mitmproxy is not a Warden dependency: install it into a
@@ -265,8 +265,9 @@ def main() -> int:
     parser.add_argument("--server", choices=("nginx", "asyncio"), default="nginx",
                         help="what answers: nginx when installed (the issue's reference), else a "
                              "canned asyncio server (default nginx)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="measurements per path, taken in turns; medians are reported (default 3)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="measurements per path, taken in turns; medians are reported (default 5: "
+                             "single runs swing by 15%% on a shared 2-core machine)")
     parser.add_argument("--mitmdump", default=shutil.which("mitmdump"),
                         help="mitmdump to compare with (default: on PATH; not measured without one)")
     parser.add_argument("--sink", choices=("spool", "memory"), default="spool",
