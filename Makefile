@@ -5,7 +5,7 @@ SHELL := /bin/bash
 # such as a pyenv shim earlier on PATH), else the first Python >= 3.11 on PATH.
 PYTHON ?= $(shell for p in /usr/bin/python3.12 /usr/bin/python3.11 /usr/bin/python3 python3; do \
 	"$$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo "$$p"; break; }; done)
-PYTHON_REAL := $(shell readlink -f "$$(command -v $(PYTHON))")
+PYTHON_REAL := $(shell $(PYTHON) -c 'import os, sys; print(os.path.realpath(sys.executable))' 2>/dev/null)
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
