@@ -14,21 +14,63 @@ from enforcer.context import ConnectionContext
 CHUNK = 64 * 1024
 
 
+_SIDES = ("client", "upstream")     # pumps[i] reads from _SIDES[i] and writes to the other
+
+
+class _PumpFailed(Exception):
+    """A pump's connection error, with whether it came from reading its source or writing
+    to its peer (the record says which side went away)."""
+
+    def __init__(self, writing: bool, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.writing = writing
+
+
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: list, index: int) -> None:
+    writing = False
     try:
         while True:
+            writing = False
             data = await reader.read(CHUNK)
             if not data:
                 break
             counts[index] += len(data)
+            writing = True
             writer.write(data)
             await writer.drain()        # backpressure: never buffer more than one chunk per side
+    except ConnectionError as exc:
+        raise _PumpFailed(writing, exc) from exc
     finally:
         try:
             if not writer.is_closing() and writer.can_write_eof():
                 writer.write_eof()
         except (OSError, RuntimeError):
             pass
+
+
+def _outcome(pumps: list) -> tuple[str, Optional[str]]:
+    """The end reason once both pumps ended or one failed (the other would wait forever on a
+    peer that keeps quiet). A connection error after the other direction had ended normally
+    is the end of a finished exchange, not a reset: e.g. a client that closes right after
+    its last response resets the connection when the server's TLS close_notify reaches it."""
+    for index, task in enumerate(pumps):
+        if not task.done() or task.cancelled() or task.exception() is None:
+            continue
+        exc = task.exception()
+        if not isinstance(exc, _PumpFailed):
+            return "reset", f"{type(exc).__name__}: {exc}"
+        source, peer = _SIDES[index], _SIDES[1 - index]
+        other = pumps[1 - index]
+        other_ended = other.done() and not other.cancelled() and other.exception() is None
+        if exc.writing:
+            if other_ended:
+                return "closed", (f"the {peer} had closed its side and went away before the last bytes "
+                                  f"from the {source} reached it ({exc})")
+            return "reset", f"the {peer} went away before bytes from the {source} reached it ({exc})"
+        if other_ended:
+            return "closed", f"the {source} reset the connection after the {peer} had closed its side ({exc})"
+        return "reset", f"the {source} reset the connection ({exc})"
+    return "closed", None
 
 
 async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
@@ -46,13 +88,8 @@ async def relay(client_reader: asyncio.StreamReader, client_writer: asyncio.Stre
              asyncio.ensure_future(_pump(upstream_reader, client_writer, counts, 1))]
     reason, error = "closed", None
     try:
-        done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            exc = task.exception()
-            if exc is not None:
-                # one side failed: the other would wait forever on a peer that keeps quiet
-                reason, error = "reset", f"{type(exc).__name__}: {exc}"
-                break
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_EXCEPTION)
+        reason, error = _outcome(pumps)
     finally:
         upstream_writer.close()
         client_writer.close()
