@@ -518,15 +518,11 @@ class HttpSession(asyncio.Protocol):
                 "reason": f"CONNECT is not allowed for target {ctx.target.name!r}; "
                           f"set allow_connect: true on the target to permit tunnels"}))
             return
-        kind, action, policy_ids, reason, resources, decision = self._decision(request, host, path)
-        resource = resources[0] if resources else f"{host}{path}"
+        (kind, action, policy_ids, reason, _, decision), recorded = self._decision(request, host, path)
+        resource = recorded["resource"]
         # the decision is recorded on the request itself (one event, not two); one held for
         # approval says "approval" here and gets its own policy.decision once decided
-        fields["decision"] = kind
-        fields["policy_ids"] = list(policy_ids)
-        fields["reason"] = reason
-        fields["action"] = action
-        fields["resource"] = resource
+        fields.update(recorded)
         ctx.emit("http.request", fields)
         if kind == "approval":
             self._wait()
@@ -535,27 +531,30 @@ class HttpSession(asyncio.Protocol):
         self._decided(exchange, kind, action, policy_ids, reason, resource)
 
     def _decision(self, request: Request, host: str, path: str) -> tuple:
-        """_decide's answer, from this session's memo when the policy reads no headers."""
+        """(_decide's answer, the fields it adds to the request's record), from this session's
+        memo when the policy reads no headers."""
         policy = self.policy
-        if policy is None:
-            return _decide(self.ctx, request.method, host, path, request.headers)
-        base = cache_base(self.ctx, policy)
-        if base != self._decisions_key:
-            # a new policy version may read headers where the old one did not
-            self._decisions_key = base
-            self._decisions = {}
-            self._decisions_memo = not _wants_headers(policy)
-        if not self._decisions_memo:
-            return _decide(self.ctx, request.method, host, path, request.headers)
-        key = (request.method, host, path)
-        found = self._decisions.get(key)
-        if found is None:
-            found = _decide(self.ctx, request.method, host, path, None)
-            if found[5] is not None and found[0] in ("allow", "deny"):
-                if len(self._decisions) >= _DECISIONS_MAX:
-                    self._decisions = {}
-                self._decisions[key] = found
-        return found
+        if policy is not None:
+            base = cache_base(self.ctx, policy)
+            if base != self._decisions_key:
+                # a new policy version may read headers where the old one did not
+                self._decisions_key = base
+                self._decisions = {}
+                self._decisions_memo = not _wants_headers(policy)
+            if self._decisions_memo:
+                key = (request.method, host, path)
+                found = self._decisions.get(key)
+                if found is None:
+                    answer = _decide(self.ctx, request.method, host, path, None)
+                    found = (answer, _decision_fields(answer, host, path))
+                    kind, decision = answer[0], answer[5]
+                    if decision is not None and kind in ("allow", "deny"):
+                        if len(self._decisions) >= _DECISIONS_MAX:
+                            self._decisions = {}
+                        self._decisions[key] = found
+                return found
+        answer = _decide(self.ctx, request.method, host, path, request.headers)
+        return answer, _decision_fields(answer, host, path)
 
     def _wait(self) -> None:
         self.phase = _WAITING
@@ -1141,6 +1140,14 @@ def _decide(ctx: ConnectionContext, method: str, host: str, path: str,
             "approval required but no approval service is configured; the agent needs a collector "
             "(collector.url in agent.yaml) to ask approvers"), resources, None
     return kind, decision.action, decision.policy_ids, decision.reason, resources, decision
+
+
+def _decision_fields(answer: tuple, host: str, path: str) -> dict:
+    """What a _decide answer adds to the http.request record (shared by the records of every
+    request the session memo answers alike: records are never changed)."""
+    kind, action, policy_ids, reason, resources, _ = answer
+    return {"decision": kind, "policy_ids": list(policy_ids), "reason": reason, "action": action,
+            "resource": resources[0] if resources else f"{host}{path}"}
 
 
 def _wants_headers(policy) -> bool:
