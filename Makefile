@@ -20,7 +20,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py $(wildcard records/*.c enforcer/masking/*.c)
 	@sh packaging/scripts/setup-host.sh
-	@test -n "$(PYTHON_REAL)" || { echo "setup: Python 3.11 or newer is required" >&2; exit 1; }
+	@test -n "$(PYTHON_REAL)" || { echo "setup: no usable Python (PYTHON='$(PYTHON)'; left unset, it is the first" \
+		"Python >= 3.11 of /usr/bin/python3.12, /usr/bin/python3.11, /usr/bin/python3, python3 on PATH):" \
+		"install python3 >= 3.11, or pass PYTHON=/path/to/python3" >&2; exit 1; }
 	@if [ -x $(PY) ] && [ "$$(readlink -f $(VENV)/bin/python3)" != "$(PYTHON_REAL)" ]; then \
 		echo "setup: rebuilding $(VENV) on $(PYTHON_REAL)"; rm -rf $(VENV); fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

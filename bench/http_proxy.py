@@ -337,9 +337,12 @@ def main() -> int:
         shutil.rmtree(server_dir, ignore_errors=True)
         shutil.rmtree(spool_dir, ignore_errors=True)
     mask_ms, masked_values = _masking_ms()
-    # ratios within a round (measured seconds apart), then their median
-    ratio_relay = statistics.median(w / r for w, r in zip(rounds["warden"], rounds["relay"]))
-    ratio_direct = statistics.median(w / d for w, d in zip(rounds["warden"], rounds["direct"]))
+    def ratio(path: str, other: str) -> float:
+        # ratios within a round (measured seconds apart), then their median
+        return statistics.median(a / b for a, b in zip(rounds[path], rounds[other]))
+
+    ratio_relay = ratio("warden", "relay")
+    ratio_direct = ratio("warden", "direct")
     print(f"warden / relay     = {ratio_relay:.2f}x (target >= 0.5x)")
     print(f"warden / direct    = {ratio_direct:.2f}x")
     summary = {
@@ -349,7 +352,7 @@ def main() -> int:
         "warden_vs_direct": round(ratio_direct, 3), "target_vs_relay": 0.5,
         "policy": True, "recording": args.sink, "server": "nginx" if nginx else "asyncio"}
     if "mitmproxy" in results:
-        ratio_mitm = statistics.median(w / m for w, m in zip(rounds["warden"], rounds["mitmproxy"]))
+        ratio_mitm = ratio("warden", "mitmproxy")
         print(f"warden / mitmproxy = {ratio_mitm:.1f}x (target >= 30x)")
         summary.update(mitmproxy_rps=round(results["mitmproxy"]), warden_vs_mitmproxy=round(ratio_mitm, 1),
                        target_vs_mitmproxy=30)

@@ -27,7 +27,6 @@ class _PumpFailed(Exception):
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, counts: list, index: int) -> None:
-    writing = False
     try:
         while True:
             writing = False

@@ -11,8 +11,9 @@ With the native builder, an event goes into the open batch in one C call (``Buil
 validate, stamp, seal) that holds the GIL throughout, so concurrent producers need no lock;
 a batch the writer cut is closed first, and an emit into a closed or full batch returns False
 and takes the locked path, which cuts it and seals the event into the next batch before any
-other thread can see that one. Only the writer closes a batch, under its lock. The chain head of the open batch is the
-batch's own (``Builder.head``); ``last_seq``/``last_hash`` are the head of what was cut.
+other thread can see that one. Only the writer closes a batch, under its lock. The chain head
+of the open batch is the batch's own (``Builder.head``); ``last_seq``/``last_hash`` are the
+head of what was cut.
 
 A batch is cut when it holds ``batch_max_events`` events, when it is ``batch_max_delay``
 seconds old, or on ``flush()``. The delay bounds how long an event waits for the disk; the
