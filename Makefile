@@ -18,7 +18,7 @@ setup: $(STAMP)
 	@sh packaging/scripts/setup-host.sh
 	@$(PY) -m agent.bccfind --link $(VENV)
 
-$(STAMP): pyproject.toml setup.py $(wildcard records/*.c enforcer/masking/*.c)
+$(STAMP): pyproject.toml setup.py $(wildcard records/*.c enforcer/masking/*.c enforcer/postgres/*.c)
 	@sh packaging/scripts/setup-host.sh
 	@test -n "$(PYTHON_REAL)" || { echo "setup: no usable Python (PYTHON='$(PYTHON)'; left unset, it is the first" \
 		"Python >= 3.11 of /usr/bin/python3.12, /usr/bin/python3.11, /usr/bin/python3, python3 on PATH):" \

@@ -73,7 +73,9 @@ _CLIENT_FORWARD_TYPES = frozenset(b"HDCdcfF")
 # the withholding; ParameterStatus, NotificationResponse and NoticeResponse are asynchronous
 _PASS_WHILE_WITHHELD = frozenset(b"ZSAN")
 _BIND_EXPECT = (50, False)    # BindComplete expected, not injected by us
+_SYNC_EXPECT = (90, False)    # ReadyForQuery expected (Sync, Query, FunctionCall)
 _DESCRIBE_REPLY = 84         # expectation marker for the RowDescription/NoData answering a Describe
+_NOT_EXECUTED = "not executed: an earlier statement in the same batch failed"
 
 
 @dataclasses.dataclass
@@ -521,6 +523,9 @@ class PostgresSession:
         limit = self.max_message_bytes
         expect = self._expect
         ready = self.phase == READY
+        if ready and _lanes is not None and self.masking is None and not self._discard_until_sync:
+            # the executions of prepared statements in C, up to the first message that needs more
+            pos = _lanes.client_lane(self, buf, 0, limit, out)
         while n - pos >= 5:
             t = buf[pos]
             length = _unpack_i32(buf, pos + 1)[0]
@@ -542,7 +547,7 @@ class PostgresSession:
                     out.append((TO_SERVER, buf[run:pos]))
                 if t == 83:  # 'S' Sync: forwarded so the server answers ReadyForQuery with the true status
                     self._discard_until_sync = False
-                    expect.append((90, False))
+                    expect.append(_SYNC_EXPECT)
                     self._client_batch += 1
                     run = pos
                 else:
@@ -625,7 +630,7 @@ class PostgresSession:
                 else:
                     self._unnamed_portal = None
             elif t == 83:        # 'S' Sync
-                expect.append((90, False))
+                expect.append(_SYNC_EXPECT)
                 self._client_batch += 1
             elif t == 81 or t == 80:   # 'Q' Query, 'P' Parse: need a decision
                 if run < pos:
@@ -648,7 +653,7 @@ class PostgresSession:
             elif t == 88:        # 'X' Terminate
                 self._terminated = True
             elif t == 70:        # 'F' FunctionCall: answered with ReadyForQuery like a simple query
-                expect.append((90, False))
+                expect.append(_SYNC_EXPECT)
                 self._client_batch += 1
                 self._results.append(_Result("<function call>", self.clock(), self._client_batch - 1))
             elif t not in _CLIENT_FORWARD_TYPES:
@@ -728,7 +733,7 @@ class PostgresSession:
         denied = next((v for v in verdicts if not v.allowed), None)
         batch = self._client_batch
         self._client_batch += 1
-        self._expect.append((90, False))
+        self._expect.append(_SYNC_EXPECT)
         now = self.clock()
         if not verdicts:
             verdicts = [Verdict(True, sql)]
@@ -783,6 +788,9 @@ class PostgresSession:
         results = self._results
         masking = self.masking
         plan = self._mask_plan
+        if masking is None and _lanes is not None and self.phase == READY and not self._withhold:
+            # results with nothing to mask in C, up to the first message that needs more
+            pos = _lanes.server_lane(self, buf, 0, out)
         while n - pos >= 5:
             t = buf[pos]
             length = _unpack_i32(buf, pos + 1)[0]
@@ -900,8 +908,7 @@ class PostgresSession:
                         break
                 # statements of this batch skipped after an error never produce a result
                 while results and results[0].batch < self._server_batch:
-                    self._emit_result(out, results.popleft(), None, "not executed: an earlier statement "
-                                      "in the same batch failed", None)
+                    self._emit_result(out, results.popleft(), None, _NOT_EXECUTED, None)
                 if self.phase == AUTH:
                     self.phase = READY
                     if run < pos:
@@ -1129,3 +1136,15 @@ class PostgresSession:
     @property
     def terminated(self) -> bool:
         return self._terminated
+
+
+# enforcer/postgres/_pglanes.c: the steady-state loops above without the interpreter per message;
+# WARDEN_PURE_PYTHON=1 keeps the Python loops
+try:
+    from . import _pglanes as _lanes
+except ImportError:
+    _lanes = None
+if _lanes is not None and os.environ.get("WARDEN_PURE_PYTHON") == "1":
+    _lanes = None
+if _lanes is not None:
+    _lanes.configure(_Portal, _Result, _BIND_EXPECT, _SYNC_EXPECT, EVENT, _NOT_EXECUTED)

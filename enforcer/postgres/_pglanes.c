@@ -1,0 +1,776 @@
+/* The steady-state message loops of enforcer/postgres/session.py without the interpreter per
+ * message: the Bind/Execute/Sync a client sends for each execution of a prepared statement,
+ * and the BindComplete/DataRow/CommandComplete/ReadyForQuery the server answers with.
+ *
+ * client_lane(session, buf, pos, limit, out) -> pos
+ * server_lane(session, buf, pos, out) -> pos
+ *
+ * Each takes over PostgresSession._process_messages / _process_server only for messages that
+ * are forwarded unchanged when the target has no masking rules, and returns at the first
+ * message it leaves to the Python loop (anything else, anything malformed, anything needing a
+ * decision, an error or an injected reply), which then goes on from there. The Python loop is
+ * the reference: same actions in `out`, same records (fields in the same order), the same
+ * session state and the same calls of session.clock(); tests/unit/test_pg_lanes.py drives both
+ * with the same byte streams. The caller checks the session-wide preconditions (ready phase,
+ * no masking, nothing withheld or discarded).
+ *
+ * The GIL is held throughout: the session's objects are ordinary Python objects. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* set by configure(): session.py's classes and constants */
+static PyObject *Portal, *Result, *BindExpect, *SyncExpect, *EventKind, *NotExecuted,
+    *PgStatement, *PgResult, *PortalSuspendedTag, *EmptyTag;
+
+static PyObject *s_statements, *s_client_batch, *s_server_batch, *s_statements_map, *s_portals,
+    *s_unnamed_portal, *s_expect, *s_results, *s_clock, *s_record, *s_text, *s_statement,
+    *s_index, *s_rows, *s_nbytes, *s_start_ns, *s_batch, *s_refusal, *s_transaction_status,
+    *s_append, *s_popleft, *s_params, *s_statement_index, *s_portal, *s_command_tag, *s_bytes,
+    *s_duration_ns, *s_sqlstate, *s_error;
+
+static inline int32_t read_i32(const unsigned char *p) {
+    return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
+}
+
+static inline int16_t read_i16(const unsigned char *p) {
+    return (int16_t)(((uint16_t)p[0] << 8) | p[1]);
+}
+
+/* the session's instance dict (a new reference): its attributes are read and written there */
+static PyObject *session_dict(PyObject *session) {
+    PyObject *d = PyObject_GenericGetDict(session, NULL);
+    if (d != NULL && !PyDict_CheckExact(d)) {
+        Py_DECREF(d);
+        PyErr_SetString(PyExc_TypeError, "session has no instance dict");
+        return NULL;
+    }
+    return d;
+}
+
+static PyObject *dict_item(PyObject *d, PyObject *key) {
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    if (v == NULL && !PyErr_Occurred())
+        PyErr_Format(PyExc_AttributeError, "session has no attribute %R", key);
+    return v;   /* borrowed */
+}
+
+static int append_event(PyObject *out, PyObject *event_type, PyObject *fields) {
+    PyObject *payload = PyTuple_Pack(2, event_type, fields);
+    if (payload == NULL)
+        return -1;
+    PyObject *action = PyTuple_Pack(2, EventKind, payload);
+    Py_DECREF(payload);
+    if (action == NULL)
+        return -1;
+    int rc = PyList_Append(out, action);
+    Py_DECREF(action);
+    return rc;
+}
+
+/* _render(values, fmts, None) for one value */
+static PyObject *render_value(const unsigned char *p, Py_ssize_t len, int fmt) {
+    if (fmt == 0)
+        return PyUnicode_DecodeUTF8((const char *)p, len, "replace");
+    static const char hexdigits[] = "0123456789abcdef";
+    PyObject *s = PyUnicode_New(2 + 2 * len, 127);
+    if (s == NULL)
+        return NULL;
+    Py_UCS1 *d = PyUnicode_1BYTE_DATA(s);
+    d[0] = '\\';
+    d[1] = 'x';
+    for (Py_ssize_t i = 0; i < len; i++) {
+        d[2 + 2 * i] = hexdigits[p[i] >> 4];
+        d[3 + 2 * i] = hexdigits[p[i] & 15];
+    }
+    return s;
+}
+
+/* ---- client -------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject *dict, *statements_map, *portals, *expect_append, *results_append, *clock;
+    long long statements, batch;
+    int counters_read;
+} ClientState;
+
+/* Bind at buf[pos:end]: 1 handled, 0 left to the reference, -1 error */
+static int client_bind(ClientState *st, const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end,
+                       PyObject *out) {
+    Py_ssize_t p = pos + 5, q;
+    /* the reference parses the whole message before looking at anything */
+    const unsigned char *nul1 = memchr(buf + p, 0, (size_t)(end - p));
+    if (nul1 == NULL)
+        return 0;
+    Py_ssize_t i = nul1 - buf;
+    const unsigned char *nul2 = memchr(buf + i + 1, 0, (size_t)(end - i - 1));
+    if (nul2 == NULL)
+        return 0;
+    Py_ssize_t j = nul2 - buf;
+    q = j + 1;
+    if (q + 2 > end)
+        return 0;
+    int nf = read_i16(buf + q);
+    q += 2;
+    if (nf < 0 || q + 2 * (Py_ssize_t)nf + 2 > end)
+        return 0;
+    Py_ssize_t fmts_at = q;
+    q += 2 * (Py_ssize_t)nf;
+    int np = read_i16(buf + q);
+    q += 2;
+    if (np < 0)
+        return 0;
+    Py_ssize_t params_at = q;
+    for (int k = 0; k < np; k++) {
+        if (q + 4 > end)
+            return 0;
+        int32_t ln = read_i32(buf + q);
+        q += 4;
+        if (ln == -1)
+            continue;
+        if (ln < 0 || q + ln > end)
+            return 0;
+        q += ln;
+    }
+    if (q + 2 > end)
+        return 0;
+    int nr = read_i16(buf + q);
+    q += 2;
+    if (nr < 0 || q + 2 * (Py_ssize_t)nr != end)
+        return 0;
+    Py_ssize_t rfmts_at = q;
+
+    /* only a statement this session prepared and has a record template for */
+    PyObject *name = PyUnicode_DecodeUTF8((const char *)buf + i + 1, j - i - 1, "replace");
+    if (name == NULL)
+        return -1;
+    PyObject *statement = PyDict_GetItemWithError(st->statements_map, name);   /* borrowed */
+    if (statement == NULL) {
+        Py_DECREF(name);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *template = PyObject_GetAttr(statement, s_record);
+    Py_DECREF(name);
+    if (template == NULL)
+        return -1;
+    if (!PyDict_CheckExact(template)) {
+        Py_DECREF(template);
+        return 0;
+    }
+
+    int rc = -1;
+    PyObject *portal_name = NULL, *rfmts = NULL, *index = NULL, *portal = NULL, *fields = NULL,
+             *params = NULL;
+    PyObject *appended = PyObject_CallOneArg(st->expect_append, BindExpect);
+    if (appended == NULL)
+        goto done;
+    Py_DECREF(appended);
+    portal_name = PyUnicode_DecodeUTF8((const char *)buf + pos + 5, i - pos - 5, "replace");
+    if (portal_name == NULL)
+        goto done;
+    rfmts = PyList_New(nr);
+    if (rfmts == NULL)
+        goto done;
+    for (int k = 0; k < nr; k++) {
+        PyObject *v = PyLong_FromLong(read_i16(buf + rfmts_at + 2 * k));
+        if (v == NULL)
+            goto done;
+        PyList_SET_ITEM(rfmts, k, v);
+    }
+    st->statements += 1;
+    index = PyLong_FromLongLong(st->statements);
+    if (index == NULL)
+        goto done;
+    if (PyDict_SetItem(st->dict, s_statements, index) < 0)
+        goto done;
+    portal = PyObject_CallFunctionObjArgs(Portal, statement, rfmts, index, NULL);
+    if (portal == NULL)
+        goto done;
+    if (PyUnicode_GET_LENGTH(portal_name)) {
+        if (PyDict_SetItem(st->portals, portal_name, portal) < 0)
+            goto done;
+    } else if (PyDict_SetItem(st->dict, s_unnamed_portal, portal) < 0) {
+        goto done;
+    }
+    fields = PyDict_Copy(template);
+    if (fields == NULL)
+        goto done;
+    params = PyList_New(np);
+    if (params == NULL)
+        goto done;
+    q = params_at;
+    for (int k = 0; k < np; k++) {
+        int32_t ln = read_i32(buf + q);
+        q += 4;
+        PyObject *v;
+        if (ln == -1) {
+            v = Py_NewRef(Py_None);
+        } else {
+            int fmt = nf == 0 ? 0 : nf == 1 ? read_i16(buf + fmts_at) : k < nf ? read_i16(buf + fmts_at + 2 * k) : 0;
+            v = render_value(buf + q, ln, fmt);
+            q += ln;
+            if (v == NULL)
+                goto done;
+        }
+        PyList_SET_ITEM(params, k, v);
+    }
+    if (PyDict_SetItem(fields, s_params, params) < 0 || PyDict_SetItem(fields, s_statement_index, index) < 0)
+        goto done;
+    if (PyUnicode_GET_LENGTH(portal_name) && PyDict_SetItem(fields, s_portal, portal_name) < 0)
+        goto done;
+    if (append_event(out, PgStatement, fields) < 0)
+        goto done;
+    rc = 1;
+done:
+    Py_DECREF(template);
+    Py_XDECREF(portal_name);
+    Py_XDECREF(rfmts);
+    Py_XDECREF(index);
+    Py_XDECREF(portal);
+    Py_XDECREF(fields);
+    Py_XDECREF(params);
+    return rc;
+}
+
+/* Execute at buf[pos:end]: the result it will produce */
+static int client_execute(ClientState *st, const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end) {
+    PyObject *portal;     /* borrowed */
+    const unsigned char *nul = memchr(buf + pos + 5, 0, (size_t)(end - pos - 5));
+    Py_ssize_t nlen = nul == NULL ? 0 : (nul - buf) - (pos + 5);
+    if (nlen > 0) {
+        PyObject *name = PyUnicode_DecodeUTF8((const char *)buf + pos + 5, nlen, "replace");
+        if (name == NULL)
+            return -1;
+        portal = PyDict_GetItemWithError(st->portals, name);
+        Py_DECREF(name);
+        if (portal == NULL && PyErr_Occurred())
+            return -1;
+    } else {
+        portal = PyDict_GetItemWithError(st->dict, s_unnamed_portal);
+        if (portal == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_AttributeError, "session has no attribute '_unnamed_portal'");
+            return -1;
+        }
+        if (portal == Py_None)
+            portal = NULL;
+    }
+    PyObject *batch = PyLong_FromLongLong(st->batch);
+    if (batch == NULL)
+        return -1;
+    PyObject *result = NULL, *text = NULL, *now = NULL, *index = NULL;
+    int rc = -1;
+    if (portal == NULL) {
+        now = PyObject_CallNoArgs(st->clock);
+        if (now == NULL)
+            goto done;
+        result = PyObject_CallFunctionObjArgs(Result, Py_None, now, batch, NULL);
+    } else {
+        /* _Portal.text: its statement's text */
+        PyObject *statement = PyObject_GetAttr(portal, s_statement);
+        if (statement == NULL)
+            goto done;
+        text = statement == Py_None ? Py_NewRef(Py_None) : PyObject_GetAttr(statement, s_text);
+        Py_DECREF(statement);
+        if (text == NULL)
+            goto done;
+        now = PyObject_CallNoArgs(st->clock);
+        if (now == NULL)
+            goto done;
+        index = PyObject_GetAttr(portal, s_index);
+        if (index == NULL)
+            goto done;
+        result = PyObject_CallFunctionObjArgs(Result, text, now, batch, Py_False, index, portal, NULL);
+    }
+    if (result == NULL)
+        goto done;
+    PyObject *r = PyObject_CallOneArg(st->results_append, result);
+    if (r == NULL)
+        goto done;
+    Py_DECREF(r);
+    rc = 1;
+done:
+    Py_DECREF(batch);
+    Py_XDECREF(result);
+    Py_XDECREF(text);
+    Py_XDECREF(now);
+    Py_XDECREF(index);
+    return rc;
+}
+
+static PyObject *client_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "client_lane(session, buf: bytes, pos, limit, out: list)");
+        return NULL;
+    }
+    PyObject *session = args[0], *out = args[4];
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    long long limit = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    ClientState st = {0};
+    st.dict = session_dict(session);
+    if (st.dict == NULL)
+        return NULL;
+    PyObject *expect, *results, *v;
+    int failed = 0, dirty_batch = 0;
+    if ((v = dict_item(st.dict, s_statements)) == NULL || (st.statements = PyLong_AsLongLong(v), PyErr_Occurred()) ||
+        (v = dict_item(st.dict, s_client_batch)) == NULL || (st.batch = PyLong_AsLongLong(v), PyErr_Occurred()) ||
+        (st.statements_map = dict_item(st.dict, s_statements_map)) == NULL ||
+        (st.portals = dict_item(st.dict, s_portals)) == NULL || (st.clock = dict_item(st.dict, s_clock)) == NULL ||
+        (expect = dict_item(st.dict, s_expect)) == NULL || (results = dict_item(st.dict, s_results)) == NULL) {
+        Py_DECREF(st.dict);
+        return NULL;
+    }
+    if (!PyDict_CheckExact(st.statements_map) || !PyDict_CheckExact(st.portals)) {
+        Py_DECREF(st.dict);
+        PyErr_SetString(PyExc_TypeError, "session state of an unexpected type");
+        return NULL;
+    }
+    /* held across the Python calls below (the classes' __init__, the clock) */
+    Py_INCREF(st.statements_map);
+    Py_INCREF(st.portals);
+    Py_INCREF(st.clock);
+    st.expect_append = PyObject_GetAttr(expect, s_append);
+    st.results_append = st.expect_append == NULL ? NULL : PyObject_GetAttr(results, s_append);
+    if (st.results_append == NULL) {
+        failed = 1;
+        goto finish;
+    }
+    while (n - pos >= 5) {
+        int t = buf[pos];
+        int32_t length = read_i32(buf + pos + 1);
+        if (length < 4 || length > limit)
+            break;
+        Py_ssize_t end = pos + 1 + (Py_ssize_t)length;
+        if (end > n)
+            break;
+        int rc = 1;
+        if (t == 'B') {
+            rc = client_bind(&st, buf, pos, end, out);
+        } else if (t == 'E') {
+            rc = client_execute(&st, buf, pos, end);
+        } else if (t == 'S') {
+            PyObject *r = PyObject_CallOneArg(st.expect_append, SyncExpect);
+            if (r == NULL) {
+                rc = -1;
+            } else {
+                Py_DECREF(r);
+                st.batch += 1;
+                dirty_batch = 1;
+            }
+        } else if (!(t == 'H' || t == 'D' || t == 'd' || t == 'c' || t == 'f')) {
+            rc = 0;     /* Parse, Query, Close, Terminate, FunctionCall, unknown: the reference's */
+        }
+        if (rc < 0) {
+            failed = 1;
+            break;
+        }
+        if (rc == 0)
+            break;
+        pos = end;
+    }
+    if (dirty_batch) {
+        PyObject *b = PyLong_FromLongLong(st.batch);
+        if (b == NULL || PyDict_SetItem(st.dict, s_client_batch, b) < 0)
+            failed = 1;
+        Py_XDECREF(b);
+    }
+finish:
+    Py_XDECREF(st.expect_append);
+    Py_XDECREF(st.results_append);
+    Py_DECREF(st.statements_map);
+    Py_DECREF(st.portals);
+    Py_DECREF(st.clock);
+    Py_DECREF(st.dict);
+    if (failed)
+        return NULL;
+    return PyLong_FromSsize_t(pos);
+}
+
+/* ---- server -------------------------------------------------------------------------------- */
+
+static int add_to_attr(PyObject *obj, PyObject *name, long long delta) {
+    PyObject *old = PyObject_GetAttr(obj, name);
+    if (old == NULL)
+        return -1;
+    PyObject *d = PyLong_FromLongLong(delta);
+    if (d == NULL) {
+        Py_DECREF(old);
+        return -1;
+    }
+    PyObject *sum = PyNumber_Add(old, d);
+    Py_DECREF(old);
+    Py_DECREF(d);
+    if (sum == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+/* rows_from_tag for an ASCII tag: the number after the last space; 0 when there is none.
+ * -2: a number too long for this code (the reference's int() decides) */
+static long long rows_from_ascii_tag(const unsigned char *tag, Py_ssize_t len) {
+    Py_ssize_t s = len;
+    while (s > 0 && tag[s - 1] != ' ')
+        s--;
+    Py_ssize_t digits = len - s;
+    if (digits == 0)
+        return 0;
+    if (digits > 18)
+        return -2;
+    long long v = 0;
+    for (Py_ssize_t k = s; k < len; k++) {
+        if (tag[k] < '0' || tag[k] > '9')
+            return 0;
+        v = v * 10 + (tag[k] - '0');
+    }
+    return v;
+}
+
+/* _emit_result(out, r, tag, error, None) of a session without masking; `tag_rows` is the tag's
+ * row count (used when no DataRow was counted) */
+static int emit_result(PyObject *out, PyObject *clock, PyObject *r, PyObject *tag, long long tag_rows,
+                       PyObject *error) {
+    int rc = -1;
+    PyObject *rows = NULL, *nbytes = NULL, *start = NULL, *now = NULL, *duration = NULL, *index = NULL,
+             *fields = NULL;
+    if ((rows = PyObject_GetAttr(r, s_rows)) == NULL)
+        goto done;
+    if (tag != Py_None && PyUnicode_GET_LENGTH(tag)) {
+        int truth = PyObject_IsTrue(rows);
+        if (truth < 0)
+            goto done;
+        if (!truth) {
+            Py_SETREF(rows, PyLong_FromLongLong(tag_rows));
+            if (rows == NULL)
+                goto done;
+        }
+    }
+    if ((nbytes = PyObject_GetAttr(r, s_nbytes)) == NULL || (start = PyObject_GetAttr(r, s_start_ns)) == NULL)
+        goto done;
+    if ((now = PyObject_CallNoArgs(clock)) == NULL || (duration = PyNumber_Subtract(now, start)) == NULL)
+        goto done;
+    if ((fields = PyDict_New()) == NULL)
+        goto done;
+    if (PyDict_SetItem(fields, s_command_tag, tag) < 0 || PyDict_SetItem(fields, s_rows, rows) < 0 ||
+        PyDict_SetItem(fields, s_bytes, nbytes) < 0 || PyDict_SetItem(fields, s_duration_ns, duration) < 0 ||
+        PyDict_SetItem(fields, s_sqlstate, Py_None) < 0 || PyDict_SetItem(fields, s_error, error) < 0)
+        goto done;
+    if ((index = PyObject_GetAttr(r, s_index)) == NULL)
+        goto done;
+    if (index != Py_None && PyDict_SetItem(fields, s_statement_index, index) < 0)
+        goto done;
+    if (append_event(out, PgResult, fields) < 0)
+        goto done;
+    rc = 0;
+done:
+    Py_XDECREF(rows);
+    Py_XDECREF(nbytes);
+    Py_XDECREF(start);
+    Py_XDECREF(now);
+    Py_XDECREF(duration);
+    Py_XDECREF(index);
+    Py_XDECREF(fields);
+    return rc;
+}
+
+static PyObject *call_method0(PyObject *obj, PyObject *name) {
+    return PyObject_CallMethodNoArgs(obj, name);
+}
+
+/* the first result still expected (borrowed from the deque), NULL without an exception when none */
+static PyObject *first(PyObject *deque) {
+    Py_ssize_t len = PyObject_Length(deque);
+    if (len <= 0)
+        return NULL;
+    PyObject *item = PySequence_GetItem(deque, 0);
+    if (item == NULL)
+        return NULL;
+    Py_DECREF(item);      /* the deque still holds it */
+    return item;
+}
+
+static PyObject *server_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "server_lane(session, buf: bytes, pos, out: list)");
+        return NULL;
+    }
+    PyObject *session = args[0], *out = args[3];
+    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *dict = session_dict(session);
+    if (dict == NULL)
+        return NULL;
+    PyObject *results = dict_item(dict, s_results), *expect = results ? dict_item(dict, s_expect) : NULL;
+    PyObject *clock = expect ? dict_item(dict, s_clock) : NULL;
+    if (clock == NULL) {
+        Py_DECREF(dict);
+        return NULL;
+    }
+    Py_INCREF(results);
+    Py_INCREF(expect);
+    Py_INCREF(clock);
+    int failed = 0;
+    while (n - pos >= 5) {
+        int t = buf[pos];
+        int32_t length = read_i32(buf + pos + 1);
+        if (length < 4 || (long long)length > (1LL << 30) + 1024)
+            break;
+        Py_ssize_t end = pos + 1 + (Py_ssize_t)length;
+        if (end > n)
+            break;
+        if (t == 'D' || t == 'd') {
+            /* the run of DataRows (CopyData) is counted and stays in the forwarded slice */
+            long long rows = 0, nbytes = 0;
+            Py_ssize_t stop = pos;
+            while (n - stop >= 5 && buf[stop] == t) {
+                int32_t ln = read_i32(buf + stop + 1);
+                if (ln < 4 || stop + 1 + (Py_ssize_t)ln > n)
+                    break;
+                rows += 1;
+                nbytes += ln;
+                stop += 1 + (Py_ssize_t)ln;
+            }
+            PyObject *r = first(results);
+            if (r == NULL && PyErr_Occurred()) {
+                failed = 1;
+                break;
+            }
+            if (r != NULL && ((t == 'D' && add_to_attr(r, s_rows, rows) < 0) || add_to_attr(r, s_nbytes, nbytes) < 0)) {
+                failed = 1;
+                break;
+            }
+            pos = stop;
+            continue;
+        }
+        if (t == 'C' || t == 'I' || t == 's') {
+            PyObject *r = first(results);
+            if (r == NULL && PyErr_Occurred()) {
+                failed = 1;
+                break;
+            }
+            if (r != NULL) {
+                PyObject *refusal = PyObject_GetAttr(r, s_refusal);
+                if (refusal == NULL) {
+                    failed = 1;
+                    break;
+                }
+                Py_DECREF(refusal);
+                if (refusal != Py_None)
+                    break;
+                PyObject *tag;
+                long long tag_rows = 0;
+                if (t == 'C') {
+                    /* one NUL-terminated ASCII string filling the body; anything else is the reference's */
+                    const unsigned char *body = buf + pos + 5;
+                    Py_ssize_t blen = end - pos - 5;
+                    if (blen < 1 || body[blen - 1] != 0 || memchr(body, 0, (size_t)(blen - 1)) != NULL)
+                        break;
+                    int ascii = 1;
+                    for (Py_ssize_t k = 0; k < blen - 1; k++)
+                        if (body[k] >= 128) {
+                            ascii = 0;
+                            break;
+                        }
+                    if (!ascii)
+                        break;
+                    tag_rows = rows_from_ascii_tag(body, blen - 1);
+                    if (tag_rows == -2)
+                        break;
+                    tag = PyUnicode_DecodeASCII((const char *)body, blen - 1, NULL);
+                } else {
+                    tag = Py_NewRef(t == 'I' ? EmptyTag : PortalSuspendedTag);
+                }
+                if (tag == NULL) {
+                    failed = 1;
+                    break;
+                }
+                PyObject *popped = call_method0(results, s_popleft);
+                int rc = popped == NULL ? -1 : emit_result(out, clock, popped, tag, tag_rows, Py_None);
+                Py_XDECREF(popped);
+                Py_DECREF(tag);
+                if (rc < 0) {
+                    failed = 1;
+                    break;
+                }
+            }
+        } else if (t == 'Z') {
+            PyObject *status = length == 5 ? PyUnicode_FromOrdinal(buf[pos + 5]) : PyUnicode_FromString("?");
+            if (status == NULL || PyDict_SetItem(dict, s_transaction_status, status) < 0) {
+                Py_XDECREF(status);
+                failed = 1;
+                break;
+            }
+            Py_DECREF(status);
+            PyObject *sb = dict_item(dict, s_server_batch);
+            PyObject *one = sb == NULL ? NULL : PyLong_FromLong(1);
+            PyObject *next = one == NULL ? NULL : PyNumber_Add(sb, one);
+            Py_XDECREF(one);
+            if (next == NULL || PyDict_SetItem(dict, s_server_batch, next) < 0) {
+                Py_XDECREF(next);
+                failed = 1;
+                break;
+            }
+            while (PyObject_Length(expect) > 0) {
+                PyObject *e = call_method0(expect, s_popleft);
+                if (e == NULL) {
+                    failed = 1;
+                    break;
+                }
+                PyObject *head = PySequence_GetItem(e, 0);
+                Py_DECREF(e);
+                if (head == NULL) {
+                    failed = 1;
+                    break;
+                }
+                int is_z = PyLong_CheckExact(head) && PyLong_AsLong(head) == 'Z';
+                Py_DECREF(head);
+                if (is_z)
+                    break;
+            }
+            /* statements of this batch skipped after an error never produce a result */
+            while (!failed) {
+                PyObject *r = first(results);
+                if (r == NULL) {
+                    failed = PyErr_Occurred() != NULL;
+                    break;
+                }
+                PyObject *batch = PyObject_GetAttr(r, s_batch);
+                int older = batch == NULL ? -1 : PyObject_RichCompareBool(batch, next, Py_LT);
+                Py_XDECREF(batch);
+                if (older < 0) {
+                    failed = 1;
+                    break;
+                }
+                if (!older)
+                    break;
+                PyObject *popped = call_method0(results, s_popleft);
+                if (popped == NULL || emit_result(out, clock, popped, Py_None, 0, NotExecuted) < 0)
+                    failed = 1;
+                Py_XDECREF(popped);
+            }
+            Py_DECREF(next);
+            if (failed)
+                break;
+        } else if (t == '1' || t == '2') {
+            PyObject *e = first(expect);
+            if (e == NULL && PyErr_Occurred()) {
+                failed = 1;
+                break;
+            }
+            if (e != NULL) {
+                if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) < 2)
+                    break;
+                PyObject *head = PyTuple_GET_ITEM(e, 0);
+                if (PyLong_CheckExact(head) && PyLong_AsLong(head) == t) {
+                    int injected = PyObject_IsTrue(PyTuple_GET_ITEM(e, 1));
+                    if (injected < 0) {
+                        failed = 1;
+                        break;
+                    }
+                    if (injected)
+                        break;     /* a reply to our own message: the reference swallows it */
+                    PyObject *popped = call_method0(expect, s_popleft);
+                    if (popped == NULL) {
+                        failed = 1;
+                        break;
+                    }
+                    Py_DECREF(popped);
+                }
+            }
+        } else if (t == 'E' || t == 'K' || t == 'R') {
+            break;      /* errors, keys and authentication: the reference's */
+        }
+        /* anything else (RowDescription, NoData, notices, ParameterStatus, notifications, copy
+         * responses) passes unchanged with nothing to note when nothing is masked */
+        pos = end;
+    }
+    Py_DECREF(results);
+    Py_DECREF(expect);
+    Py_DECREF(clock);
+    Py_DECREF(dict);
+    if (failed)
+        return NULL;
+    return PyLong_FromSsize_t(pos);
+}
+
+/* ---- module -------------------------------------------------------------------------------- */
+
+static PyObject *configure(PyObject *module, PyObject *args) {
+    PyObject *portal, *result, *bind_expect, *sync_expect, *event_kind, *not_executed;
+    if (!PyArg_ParseTuple(args, "OOO!O!OU", &portal, &result, &PyTuple_Type, &bind_expect, &PyTuple_Type,
+                          &sync_expect, &event_kind, &not_executed))
+        return NULL;
+    Py_XSETREF(Portal, Py_NewRef(portal));
+    Py_XSETREF(Result, Py_NewRef(result));
+    Py_XSETREF(BindExpect, Py_NewRef(bind_expect));
+    Py_XSETREF(SyncExpect, Py_NewRef(sync_expect));
+    Py_XSETREF(EventKind, Py_NewRef(event_kind));
+    Py_XSETREF(NotExecuted, Py_NewRef(not_executed));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(Portal, Result, bind_expect, sync_expect, EVENT, not_executed_message)"},
+    {"client_lane", (PyCFunction)(void (*)(void))client_lane, METH_FASTCALL,
+     "client_lane(session, buf, pos, limit, out) -> position of the first message left to Python"},
+    {"server_lane", (PyCFunction)(void (*)(void))server_lane, METH_FASTCALL,
+     "server_lane(session, buf, pos, out) -> position of the first message left to Python"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_pglanes", "Steady-state Postgres message loops (see session.py).", -1, methods,
+};
+
+#define INTERN(var, text)                                  \
+    do {                                                   \
+        if ((var = PyUnicode_InternFromString(text)) == NULL) \
+            return NULL;                                   \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__pglanes(void) {
+    INTERN(s_statements, "statements");
+    INTERN(s_client_batch, "_client_batch");
+    INTERN(s_server_batch, "_server_batch");
+    INTERN(s_statements_map, "_statements");
+    INTERN(s_portals, "_portals");
+    INTERN(s_unnamed_portal, "_unnamed_portal");
+    INTERN(s_expect, "_expect");
+    INTERN(s_results, "_results");
+    INTERN(s_clock, "clock");
+    INTERN(s_record, "record");
+    INTERN(s_text, "text");
+    INTERN(s_statement, "statement");
+    INTERN(s_index, "index");
+    INTERN(s_rows, "rows");
+    INTERN(s_nbytes, "nbytes");
+    INTERN(s_start_ns, "start_ns");
+    INTERN(s_batch, "batch");
+    INTERN(s_refusal, "refusal");
+    INTERN(s_transaction_status, "transaction_status");
+    INTERN(s_append, "append");
+    INTERN(s_popleft, "popleft");
+    INTERN(s_params, "params");
+    INTERN(s_statement_index, "statement_index");
+    INTERN(s_portal, "portal");
+    INTERN(s_command_tag, "command_tag");
+    INTERN(s_bytes, "bytes");
+    INTERN(s_duration_ns, "duration_ns");
+    INTERN(s_sqlstate, "sqlstate");
+    INTERN(s_error, "error");
+    INTERN(PgStatement, "pg.statement");
+    INTERN(PgResult, "pg.result");
+    INTERN(PortalSuspendedTag, "PORTAL SUSPENDED");
+    INTERN(EmptyTag, "");
+    return PyModule_Create(&module_def);
+}

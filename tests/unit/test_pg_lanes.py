@@ -1,0 +1,284 @@
+"""enforcer/postgres/_pglanes.c against the Python loops it stands in for: for any byte stream,
+cut anywhere, a session with the C lanes gives the same actions (bytes, records with their
+fields in the same order, decisions), the same clock readings and the same state as one
+without them."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enforcer.postgres import protocol as P
+from enforcer.postgres import session as S
+from enforcer.postgres.protocol import FieldDescription
+from enforcer.postgres.session import DECIDE, EVENT, TO_CLIENT, TO_SERVER, PostgresSession, Verdict
+
+try:
+    from enforcer.postgres import _pglanes as native
+except ImportError:
+    if os.environ.get("CI") == "true":
+        raise   # make setup builds the module: a missing one in CI is a build bug, not a skip
+    pytest.skip("enforcer.postgres._pglanes is not built (pip install -e .)", allow_module_level=True)
+
+LANES = S._lanes
+
+
+@contextlib.contextmanager
+def lanes(enabled: bool):
+    saved = S._lanes
+    S._lanes = LANES if enabled else None
+    try:
+        yield
+    finally:
+        S._lanes = saved
+
+
+def new_session() -> PostgresSession:
+    ticks = itertools.count(1_000, 7)
+    keys = itertools.count(1)
+    s = PostgresSession(identity="svc", target="db", clock=lambda: next(ticks),
+                        random_bytes=lambda n: next(keys).to_bytes(n, "big"))
+    s.feed_client(P.build_startup_message({"user": "alice", "database": "app"}))
+    s.feed_server(P.build_authentication_ok() + P.build_ready_for_query("I"))
+    assert s.phase == "ready"
+    return s
+
+
+def verdicts_for(sql: str) -> list:
+    if "forbidden" in sql:
+        return [Verdict(False, sql, action="pg:delete", kind="delete", tables=("t",), decision="deny",
+                        policy_ids=("deny-1",), reason="denied by deny-1")]
+    return [Verdict(True, sql, action="pg:select", kind="select", tables=("t",), policy_ids=("p1",))]
+
+
+def normal(actions: list, session: PostgresSession) -> list:
+    """Actions as comparable values (record fields with their order); decisions answered."""
+    out = []
+    for kind, payload in actions:
+        if kind in (TO_CLIENT, TO_SERVER):
+            out.append((kind, bytes(payload)))
+        elif kind == EVENT:
+            out.append((kind, payload[0], list(payload[1].items())))
+        elif kind == DECIDE:
+            out.append((kind, payload.sql, payload.protocol, payload.statement_name))
+            out += normal(session.resume(verdicts_for(payload.sql)), session)
+        else:
+            out.append((kind, payload))
+    return out
+
+
+def state(s: PostgresSession) -> dict:
+    def portal(p):
+        return None if p is None else (p.index, p.formats, p.statement.text if p.statement else None,
+                                       p.described)
+    return {
+        "phase": s.phase, "statements": s.statements, "client_batch": s._client_batch,
+        "server_batch": s._server_batch, "status": s.transaction_status, "expect": list(s._expect),
+        "results": [(r.text, r.start_ns, r.rows, r.nbytes, r.batch, r.denied, r.index, portal(r.portal))
+                    for r in s._results],
+        "portals": {k: portal(v) for k, v in s._portals.items()}, "unnamed": portal(s._unnamed_portal),
+        "prepared": sorted(s._statements), "bytes": (s.bytes_in, s.bytes_out), "cbuf": s._cbuf,
+        "sbuf": s._sbuf, "discard": s._discard_until_sync, "sqlstate": s.last_sqlstate,
+        "terminated": s.terminated, "end": s.end_reason,
+    }
+
+
+def replay(steps: list, enabled: bool) -> tuple[list, dict]:
+    with lanes(enabled):
+        s = new_session()
+        seen = []
+        for side, data in steps:
+            actions = s.feed_client(data) if side == "c" else s.feed_server(data)
+            seen.append(normal(actions, s))
+        return seen, state(s)
+
+
+def assert_same(steps: list) -> None:
+    got, got_state = replay(steps, True)
+    want, want_state = replay(steps, False)
+    assert got == want
+    assert got_state == want_state
+
+
+# ---- message vocabularies -------------------------------------------------------------------
+
+names = st.sampled_from(["", "s1", "s2", "nope", "sé"])
+portals = st.sampled_from(["", "p1", "p2"])
+values = st.one_of(st.none(), st.binary(max_size=12), st.sampled_from([b"12345", "é".encode(), b"\xff\xfe"]))
+formats = st.lists(st.sampled_from([0, 1]), max_size=3)
+
+
+def _cstr_msg(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 4).to_bytes(4, "big") + body
+
+
+client_message = st.one_of(
+    st.builds(lambda n, q: P.build_parse(n, q), names,
+              st.sampled_from(["SELECT $1::int", "SELECT a FROM t WHERE b = $1", "DELETE FROM forbidden"])),
+    st.builds(lambda p, n, v, f, r: P.build_bind(p, n, v, param_formats=f, result_formats=r),
+              portals, names, st.lists(values, max_size=4), formats, formats),
+    st.builds(lambda p, m: P.build_execute(p, m), portals, st.sampled_from([0, 1])),
+    st.builds(lambda k, n: P.build_describe(k, n), st.sampled_from(["S", "P"]), names),
+    st.builds(lambda k, n: P.build_close(k, n), st.sampled_from(["S", "P"]), names),
+    st.just(P.SYNC), st.just(P.SYNC), st.just(b"H\0\0\0\4"),
+    st.builds(P.build_query, st.sampled_from(["SELECT 1", "SELECT 1; SELECT 2", "DELETE FROM forbidden"])),
+    st.just(_cstr_msg(b"E", b"p1")),                      # Execute without its NUL
+    st.just(b"B\0\0\0\x0b\0s1\0\xff\xff\0"),              # malformed Bind
+    st.just(b"d\0\0\0\x06ab"), st.just(b"c\0\0\0\4"),
+    st.just(b"?\0\0\0\4"),                                # unknown type
+    st.just(b"S\0\0\0\3"),                                # invalid length
+)
+
+FIELDS = [FieldDescription("a", 0, 0, 23, 4, -1, 0)]
+server_message = st.one_of(
+    st.just(P.build_parse_complete()), st.just(P.build_bind_complete()), st.just(P.build_bind_complete()),
+    st.builds(lambda vs: P.build_data_row(vs), st.lists(values, max_size=3)),
+    st.builds(P.build_copy_data, st.binary(max_size=8)),
+    st.builds(P.build_command_complete, st.sampled_from([
+        "SELECT 1", "SELECT 0", "INSERT 0 3", "UPDATE 12", "COPY 99999999999999999999", "BEGIN", "",
+        "SELECT 1x", "SÉLECT 2", "UPDATE ²", "DELETE 007", "SELECT " + "9" * 30, "A  5"])),
+    st.just(b"C\0\0\0\x07ab"),                            # tag without its NUL
+    st.just(b"C\0\0\0\x08a\0b\0"),                        # two strings
+    st.just(b"I\0\0\0\4"), st.just(b"s\0\0\0\4"),
+    st.builds(P.build_ready_for_query, st.sampled_from(["I", "T", "E"])),
+    st.just(b"Z\0\0\0\x06IX"), st.just(b"Z\0\0\0\4"),
+    st.builds(lambda c: P.build_error_response(c, "boom"), st.sampled_from(["42601", "57014"])),
+    st.just(P.build_notice_response({"S": "NOTICE", "C": "00000", "M": "hi"})),
+    st.just(P.build_row_description(FIELDS)), st.just(b"n\0\0\0\4"),
+    st.just(b"S\0\0\0\x0ba\0b\0c\0"[:5] + b"a\0b\0"),    # ParameterStatus (length ignored below)
+    st.just(P.build_backend_key_data(7, b"\0\0\0\x09")),
+    st.just(b"D\0\0\0\2"),                                # invalid length
+)
+
+
+@st.composite
+def streams(draw):
+    steps = []
+    for _ in range(draw(st.integers(1, 8))):
+        side = draw(st.sampled_from("cs"))
+        msgs = draw(st.lists(client_message if side == "c" else server_message, min_size=1, max_size=8))
+        data = b"".join(msgs)
+        # cut the side's bytes into reads anywhere
+        cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=2)))
+        prev = 0
+        for c in cuts + [len(data)]:
+            if c > prev:
+                steps.append((side, data[prev:c]))
+            prev = c
+    return steps
+
+
+@settings(max_examples=1500, deadline=None)
+@given(streams())
+def test_lanes_match_the_python_loops(steps):
+    assert_same(steps)
+
+
+@st.composite
+def executions(draw):
+    """A statement prepared and bound once (its record template built), then reads of further
+    executions with any parameters and formats, and the server's answers: what the lanes take."""
+    steps = [("c", PREPARE), ("s", PREPARED_REPLY), ("c", execution(b"1")), ("s", answer(1))]
+    for _ in range(draw(st.integers(1, 6))):
+        msgs = []
+        for _ in range(draw(st.integers(1, 4))):
+            portal = draw(portals)
+            msgs += [P.build_bind(portal, draw(st.sampled_from(["s1", "s1", "s2"])), draw(st.lists(values, max_size=4)),
+                                  param_formats=draw(formats), result_formats=draw(formats)),
+                     P.build_execute(draw(st.sampled_from([portal, portal, "p9"])), 0)]
+            if draw(st.booleans()):
+                msgs.append(P.SYNC)
+        steps.append(("c", b"".join(msgs)))
+        steps.append(("s", b"".join(draw(st.lists(server_message, max_size=6)))))
+    return steps
+
+
+@settings(max_examples=1000, deadline=None)
+@given(executions())
+def test_lanes_match_the_python_loops_on_executions(steps):
+    assert_same(steps)
+
+
+# ---- the cycles the lanes exist for, spelled out ----------------------------------------------
+
+PREPARE = P.build_parse("s1", "SELECT a FROM t WHERE b = $1", [23]) + P.build_describe("S", "s1") + P.SYNC
+PREPARED_REPLY = (P.build_parse_complete() + P.build_parameter_description([23]) + P.build_row_description(FIELDS)
+                  + P.build_ready_for_query("I"))
+
+
+def execution(value: bytes, portal: str = "") -> bytes:
+    return P.build_bind(portal, "s1", [value]) + P.build_execute(portal, 0) + P.SYNC
+
+
+def answer(rows: int) -> bytes:
+    return (P.build_bind_complete() + b"".join(P.build_data_row([str(i).encode()]) for i in range(rows))
+            + P.build_command_complete(f"SELECT {rows}") + P.build_ready_for_query("I"))
+
+
+def test_prepared_cycle_is_taken_whole_by_the_lanes():
+    s = new_session()
+    normal(s.feed_client(PREPARE), s)
+    normal(s.feed_server(PREPARED_REPLY), s)
+    normal(s.feed_client(execution(b"1")), s)    # the first Bind builds the statement's record template
+    normal(s.feed_server(answer(1)), s)
+    data = execution(b"42") + execution(b"43", "p1")
+    out = []
+    assert native.client_lane(s, data, 0, S.DEFAULT_MAX_MESSAGE_BYTES, out) == len(data)
+    assert [(t, f["params"], f["statement_index"], f.get("portal")) for _, (t, f) in out] == [
+        ("pg.statement", ["42"], 2, None), ("pg.statement", ["43"], 3, "p1")]
+    reply = answer(3) + answer(0)
+    out = []
+    assert native.server_lane(s, reply, 0, out) == len(reply)
+    assert [(f["command_tag"], f["rows"], f["statement_index"]) for _, (_, f) in out] == [
+        ("SELECT 3", 3, 2), ("SELECT 0", 0, 3)]
+    assert s._server_batch == s._client_batch and not s._results and not s._expect
+
+
+def test_lanes_stop_at_what_they_leave_to_python():
+    s = new_session()
+    normal(s.feed_client(PREPARE), s)
+    normal(s.feed_server(PREPARED_REPLY), s)
+    normal(s.feed_client(execution(b"1")), s)
+    normal(s.feed_server(answer(1)), s)
+    first = execution(b"2")
+    for rest in (P.build_query("SELECT 1"), P.build_parse("", "SELECT 1"), P.build_close("S", "s1"),
+                 P.build_bind("", "unknown"), b"X\0\0\0\4", first[:7]):
+        assert native.client_lane(s, first + rest, 0, S.DEFAULT_MAX_MESSAGE_BYTES, []) == len(first)
+    for rest in (P.build_error_response("42601", "boom"), P.build_backend_key_data(1, b"1234"),
+                 P.build_command_complete("SÉLECT 1"), b"C\0\0\0\x05x", b"D\0\0\0\3"):
+        s2 = new_session()
+        normal(s2.feed_client(PREPARE), s2)
+        normal(s2.feed_server(PREPARED_REPLY), s2)
+        normal(s2.feed_client(execution(b"1")), s2)     # a result is pending
+        reply = P.build_bind_complete()
+        assert native.server_lane(s2, reply + rest, 0, []) == len(reply)
+
+
+def test_denied_statement_in_a_transaction_still_aborts_it_with_the_lanes():
+    steps = [("c", P.build_query("BEGIN")), ("s", P.build_command_complete("BEGIN") + P.build_ready_for_query("T")),
+             ("c", PREPARE), ("s", PREPARED_REPLY.replace(b"Z\0\0\0\5I", b"Z\0\0\0\5T")),
+             ("c", execution(b"1") + P.build_parse("", "DELETE FROM forbidden") + P.build_bind("", "")
+              + P.build_execute("", 0) + P.SYNC),
+             ("s", answer(1)[:-6] + P.build_parse_complete() + P.build_bind_complete()
+              + P.build_error_response("42501", "denied") + P.build_ready_for_query("E"))]
+    assert_same(steps)
+    seen, end = replay(steps, True)
+    assert end["status"] == "E"
+    assert [f for a in seen for f in a if f[0] == EVENT and f[1] == "pg.result"][-1][2][-2:] == [
+        ("error", "denied"), ("statement_index", 3)]
+
+
+def test_pure_python_switch_turns_the_lanes_off(tmp_path):
+    import subprocess
+    import sys
+    code = "from enforcer.postgres import session; print(session._lanes is None)"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for env_value, want in (("1", "True"), ("0", "False")):
+        env = dict(os.environ, WARDEN_PURE_PYTHON=env_value)
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == want
