@@ -350,6 +350,10 @@ class PostgresSession:
         self._cbuf = self._cbuf + data if self._cbuf else bytes(data)
         if self._pending is not None:
             return []          # held until resume()
+        if self.phase == READY:
+            out: list = []
+            self._process_messages(out)
+            return out
         if self.phase == TLS_HANDSHAKE:
             # bytes after SSLRequest and before the handshake: a known injection (CVE-2021-23214)
             return self._fatal("08P01", "received unencrypted data after SSL request", "tls_injection")
