@@ -21,14 +21,16 @@
 #include <string.h>
 
 /* set by configure(): session.py's classes and constants */
-static PyObject *Portal, *Result, *BindExpect, *SyncExpect, *EventKind, *NotExecuted,
-    *PgStatement, *PgResult, *PortalSuspendedTag, *EmptyTag;
+static PyObject *Portal, *Result, *BindExpect, *SyncExpect, *EventKind, *NotExecuted, *ToServer, *ToClient,
+    *Ready, *PgStatement, *PgResult, *PortalSuspendedTag, *EmptyTag;
 
 static PyObject *s_statements, *s_client_batch, *s_server_batch, *s_statements_map, *s_portals,
     *s_unnamed_portal, *s_expect, *s_results, *s_clock, *s_record, *s_text, *s_statement,
     *s_index, *s_rows, *s_nbytes, *s_start_ns, *s_batch, *s_refusal, *s_transaction_status,
     *s_append, *s_popleft, *s_params, *s_statement_index, *s_portal, *s_command_tag, *s_bytes,
-    *s_duration_ns, *s_sqlstate, *s_error;
+    *s_duration_ns, *s_sqlstate, *s_error, *s_phase, *s_masking, *s_pending, *s_cbig, *s_cbuf, *s_sbig, *s_sbuf,
+    *s_discard_until_sync, *s_withhold, *s_max_message_bytes, *s_bytes_in, *s_bytes_out, *s_process_messages,
+    *s_server_from;
 
 static inline int32_t read_i32(const unsigned char *p) {
     return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
@@ -299,22 +301,12 @@ done:
     return rc;
 }
 
-static PyObject *client_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[4])) {
-        PyErr_SetString(PyExc_TypeError, "client_lane(session, buf: bytes, pos, limit, out: list)");
-        return NULL;
-    }
-    PyObject *session = args[0], *out = args[4];
-    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[1]);
-    Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    long long limit = PyLong_AsLongLong(args[3]);
-    if (PyErr_Occurred())
-        return NULL;
+/* the client lane over buf[pos:n] of the session whose instance dict is `dict`: the position of
+ * the first message it leaves to Python, -1 on error */
+static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos,
+                                  long long limit, PyObject *out) {
     ClientState st = {0};
-    st.dict = session_dict(session);
-    if (st.dict == NULL)
-        return NULL;
+    st.dict = Py_NewRef(dict);
     PyObject *expect, *results, *v;
     int failed = 0, dirty_batch = 0;
     if ((v = dict_item(st.dict, s_statements)) == NULL || (st.statements = PyLong_AsLongLong(v), PyErr_Occurred()) ||
@@ -323,12 +315,12 @@ static PyObject *client_lane(PyObject *module, PyObject *const *args, Py_ssize_t
         (st.portals = dict_item(st.dict, s_portals)) == NULL || (st.clock = dict_item(st.dict, s_clock)) == NULL ||
         (expect = dict_item(st.dict, s_expect)) == NULL || (results = dict_item(st.dict, s_results)) == NULL) {
         Py_DECREF(st.dict);
-        return NULL;
+        return -1;
     }
     if (!PyDict_CheckExact(st.statements_map) || !PyDict_CheckExact(st.portals)) {
         Py_DECREF(st.dict);
         PyErr_SetString(PyExc_TypeError, "session state of an unexpected type");
-        return NULL;
+        return -1;
     }
     /* held across the Python calls below (the classes' __init__, the clock) */
     Py_INCREF(st.statements_map);
@@ -386,9 +378,25 @@ finish:
     Py_DECREF(st.portals);
     Py_DECREF(st.clock);
     Py_DECREF(st.dict);
-    if (failed)
+    return failed ? -1 : pos;
+}
+
+static PyObject *client_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "client_lane(session, buf: bytes, pos, limit, out: list)");
         return NULL;
-    return PyLong_FromSsize_t(pos);
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    long long limit = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    PyObject *dict = session_dict(args[0]);
+    if (dict == NULL)
+        return NULL;
+    pos = run_client_lane(dict, (const unsigned char *)PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), pos,
+                          limit, args[4]);
+    Py_DECREF(dict);
+    return pos < 0 ? NULL : PyLong_FromSsize_t(pos);
 }
 
 /* ---- server -------------------------------------------------------------------------------- */
@@ -495,26 +503,13 @@ static PyObject *first(PyObject *deque) {
     return item;
 }
 
-static PyObject *server_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "server_lane(session, buf: bytes, pos, out: list)");
-        return NULL;
-    }
-    PyObject *session = args[0], *out = args[3];
-    const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(args[1]);
-    Py_ssize_t n = PyBytes_GET_SIZE(args[1]);
-    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
-    if (pos == -1 && PyErr_Occurred())
-        return NULL;
-    PyObject *dict = session_dict(session);
-    if (dict == NULL)
-        return NULL;
+/* the server lane over buf[pos:n]; as run_client_lane */
+static Py_ssize_t run_server_lane(PyObject *dict, const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos,
+                                  PyObject *out) {
     PyObject *results = dict_item(dict, s_results), *expect = results ? dict_item(dict, s_expect) : NULL;
     PyObject *clock = expect ? dict_item(dict, s_clock) : NULL;
-    if (clock == NULL) {
-        Py_DECREF(dict);
-        return NULL;
-    }
+    if (clock == NULL)
+        return -1;
     Py_INCREF(results);
     Py_INCREF(expect);
     Py_INCREF(clock);
@@ -696,18 +691,187 @@ static PyObject *server_lane(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_DECREF(results);
     Py_DECREF(expect);
     Py_DECREF(clock);
-    Py_DECREF(dict);
-    if (failed)
+    return failed ? -1 : pos;
+}
+
+static PyObject *server_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "server_lane(session, buf: bytes, pos, out: list)");
         return NULL;
-    return PyLong_FromSsize_t(pos);
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[2]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *dict = session_dict(args[0]);
+    if (dict == NULL)
+        return NULL;
+    pos = run_server_lane(dict, (const unsigned char *)PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1]), pos,
+                          args[3]);
+    Py_DECREF(dict);
+    return pos < 0 ? NULL : PyLong_FromSsize_t(pos);
+}
+
+/* ---- whole reads ----------------------------------------------------------------------------- */
+
+/* 1 when the session's `key` holds `want` (identical, or an equal str), 0 when not, -1 on error */
+static int holds(PyObject *dict, PyObject *key, PyObject *want) {
+    PyObject *v = PyDict_GetItemWithError(dict, key);
+    if (v == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (v == want)
+        return 1;
+    if (PyUnicode_CheckExact(v) && PyUnicode_CheckExact(want))
+        return PyUnicode_Compare(v, want) == 0;
+    return 0;
+}
+
+/* 1 when the session's `key` holds an empty bytes object */
+static int holds_empty_bytes(PyObject *dict, PyObject *key) {
+    PyObject *v = PyDict_GetItemWithError(dict, key);
+    return v != NULL && PyBytes_CheckExact(v) && PyBytes_GET_SIZE(v) == 0;
+}
+
+static int add_to_item(PyObject *dict, PyObject *key, Py_ssize_t delta) {
+    PyObject *old = dict_item(dict, key);
+    if (old == NULL)
+        return -1;
+    PyObject *d = PyLong_FromSsize_t(delta);
+    PyObject *sum = d == NULL ? NULL : PyNumber_Add(old, d);
+    Py_XDECREF(d);
+    if (sum == NULL)
+        return -1;
+    int rc = PyDict_SetItem(dict, key, sum);
+    Py_DECREF(sum);
+    return rc;
+}
+
+static int append_write(PyObject *out, PyObject *kind, PyObject *data) {
+    PyObject *action = PyTuple_Pack(2, kind, data);
+    if (action == NULL)
+        return -1;
+    int rc = PyList_Append(out, action);
+    Py_DECREF(action);
+    return rc;
+}
+
+/* feed_client(session, data) -> actions, or None when the read is not one the lane starts on
+ * (then nothing was changed): a ready session without masking, nothing buffered, held or
+ * discarded. Messages the lane leaves are handed to session._process_messages. */
+static PyObject *feed_client(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "feed_client(session, data)");
+        return NULL;
+    }
+    PyObject *session = args[0], *data = args[1];
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
+        Py_RETURN_NONE;
+    PyObject *dict = session_dict(session);
+    if (dict == NULL)
+        return NULL;
+    PyObject *out = NULL, *result = NULL;
+    int ok = holds(dict, s_phase, Ready);
+    if (ok > 0)
+        ok = holds(dict, s_masking, Py_None);
+    if (ok > 0)
+        ok = holds(dict, s_pending, Py_None);
+    if (ok > 0)
+        ok = holds(dict, s_cbig, Py_None);
+    if (ok > 0)
+        ok = holds(dict, s_discard_until_sync, Py_False);
+    if (ok > 0)
+        ok = holds_empty_bytes(dict, s_cbuf);
+    PyObject *limit_obj = ok > 0 ? dict_item(dict, s_max_message_bytes) : NULL;
+    long long limit = limit_obj == NULL ? -1 : PyLong_AsLongLong(limit_obj);
+    if (ok < 0 || PyErr_Occurred())
+        goto done;
+    if (ok == 0 || limit_obj == NULL) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (add_to_item(dict, s_bytes_in, n) < 0 || (out = PyList_New(0)) == NULL)
+        goto done;
+    Py_ssize_t pos = run_client_lane(dict, (const unsigned char *)PyBytes_AS_STRING(data), n, 0, limit, out);
+    if (pos < 0)
+        goto done;
+    if (pos == n) {
+        if (append_write(out, ToServer, data) < 0)
+            goto done;
+    } else {
+        /* the rest is the Python loop's, from where the lane stopped */
+        if (PyDict_SetItem(dict, s_cbuf, data) < 0)
+            goto done;
+        PyObject *start = PyLong_FromSsize_t(pos);
+        PyObject *r = start == NULL ? NULL : PyObject_CallMethodObjArgs(session, s_process_messages, out, start, NULL);
+        Py_XDECREF(start);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    result = Py_NewRef(out);
+done:
+    Py_XDECREF(out);
+    Py_DECREF(dict);
+    return result;
+}
+
+/* feed_server(session, data) -> actions, or None as feed_client; what the lane leaves goes to
+ * session._server_from */
+static PyObject *feed_server(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "feed_server(session, data)");
+        return NULL;
+    }
+    PyObject *session = args[0], *data = args[1];
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
+        Py_RETURN_NONE;
+    PyObject *dict = session_dict(session);
+    if (dict == NULL)
+        return NULL;
+    PyObject *out = NULL, *result = NULL;
+    int ok = holds(dict, s_phase, Ready);
+    if (ok > 0)
+        ok = holds(dict, s_masking, Py_None);
+    if (ok > 0)
+        ok = holds(dict, s_withhold, Py_False);
+    if (ok > 0)
+        ok = holds(dict, s_sbig, Py_None);
+    if (ok > 0)
+        ok = holds_empty_bytes(dict, s_sbuf);
+    if (ok < 0)
+        goto done;
+    if (ok == 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if ((out = PyList_New(0)) == NULL)
+        goto done;
+    Py_ssize_t pos = run_server_lane(dict, (const unsigned char *)PyBytes_AS_STRING(data), n, 0, out);
+    if (pos < 0)
+        goto done;
+    if (pos == n) {
+        if (append_write(out, ToClient, data) < 0 || add_to_item(dict, s_bytes_out, n) < 0)
+            goto done;
+        result = Py_NewRef(out);
+    } else {
+        PyObject *start = PyLong_FromSsize_t(pos);
+        result = start == NULL ? NULL : PyObject_CallMethodObjArgs(session, s_server_from, data, out, start, NULL);
+        Py_XDECREF(start);
+    }
+done:
+    Py_XDECREF(out);
+    Py_DECREF(dict);
+    return result;
 }
 
 /* ---- module -------------------------------------------------------------------------------- */
 
 static PyObject *configure(PyObject *module, PyObject *args) {
-    PyObject *portal, *result, *bind_expect, *sync_expect, *event_kind, *not_executed;
-    if (!PyArg_ParseTuple(args, "OOO!O!OU", &portal, &result, &PyTuple_Type, &bind_expect, &PyTuple_Type,
-                          &sync_expect, &event_kind, &not_executed))
+    PyObject *portal, *result, *bind_expect, *sync_expect, *event_kind, *not_executed, *to_server, *to_client,
+        *ready;
+    if (!PyArg_ParseTuple(args, "OOO!O!OUOOU", &portal, &result, &PyTuple_Type, &bind_expect, &PyTuple_Type,
+                          &sync_expect, &event_kind, &not_executed, &to_server, &to_client, &ready))
         return NULL;
     Py_XSETREF(Portal, Py_NewRef(portal));
     Py_XSETREF(Result, Py_NewRef(result));
@@ -715,12 +879,19 @@ static PyObject *configure(PyObject *module, PyObject *args) {
     Py_XSETREF(SyncExpect, Py_NewRef(sync_expect));
     Py_XSETREF(EventKind, Py_NewRef(event_kind));
     Py_XSETREF(NotExecuted, Py_NewRef(not_executed));
+    Py_XSETREF(ToServer, Py_NewRef(to_server));
+    Py_XSETREF(ToClient, Py_NewRef(to_client));
+    Py_XSETREF(Ready, Py_NewRef(ready));
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(Portal, Result, bind_expect, sync_expect, EVENT, not_executed_message)"},
+     "configure(Portal, Result, bind_expect, sync_expect, EVENT, not_executed_message, TO_SERVER, TO_CLIENT, READY)"},
+    {"feed_client", (PyCFunction)(void (*)(void))feed_client, METH_FASTCALL,
+     "feed_client(session, data) -> actions, or None when the read is not one the lane starts on"},
+    {"feed_server", (PyCFunction)(void (*)(void))feed_server, METH_FASTCALL,
+     "feed_server(session, data) -> actions, or None when the read is not one the lane starts on"},
     {"client_lane", (PyCFunction)(void (*)(void))client_lane, METH_FASTCALL,
      "client_lane(session, buf, pos, limit, out) -> position of the first message left to Python"},
     {"server_lane", (PyCFunction)(void (*)(void))server_lane, METH_FASTCALL,
@@ -768,6 +939,20 @@ PyMODINIT_FUNC PyInit__pglanes(void) {
     INTERN(s_duration_ns, "duration_ns");
     INTERN(s_sqlstate, "sqlstate");
     INTERN(s_error, "error");
+    INTERN(s_phase, "phase");
+    INTERN(s_masking, "masking");
+    INTERN(s_pending, "_pending");
+    INTERN(s_cbig, "_cbig");
+    INTERN(s_cbuf, "_cbuf");
+    INTERN(s_sbig, "_sbig");
+    INTERN(s_sbuf, "_sbuf");
+    INTERN(s_discard_until_sync, "_discard_until_sync");
+    INTERN(s_withhold, "_withhold");
+    INTERN(s_max_message_bytes, "max_message_bytes");
+    INTERN(s_bytes_in, "bytes_in");
+    INTERN(s_bytes_out, "bytes_out");
+    INTERN(s_process_messages, "_process_messages");
+    INTERN(s_server_from, "_server_from");
     INTERN(PgStatement, "pg.statement");
     INTERN(PgResult, "pg.result");
     INTERN(PortalSuspendedTag, "PORTAL SUSPENDED");

@@ -336,6 +336,10 @@ class PostgresSession:
     # public API
     # ================================================================================
     def feed_client(self, data: bytes) -> list:
+        if _lanes is not None:
+            out = _lanes.feed_client(self, data)    # None: not a read the C lane starts on
+            if out is not None:
+                return out
         self.bytes_in += len(data)
         if self.phase == CLOSED:
             return []
@@ -360,6 +364,10 @@ class PostgresSession:
         return self._process_client()
 
     def feed_server(self, data: bytes) -> list:
+        if _lanes is not None:
+            out = _lanes.feed_server(self, data)    # None: not a read the C lane starts on
+            if out is not None:
+                return out
         if self.phase == CLOSED:
             return []
         big = self._sbig
@@ -373,8 +381,12 @@ class PostgresSession:
         else:
             buf = self._sbuf + data if self._sbuf else bytes(data)
         self._sbuf = b""
+        return self._server_from(buf, [], 0)
+
+    def _server_from(self, buf: bytes, out: list, pos: int) -> list:
+        """The server's bytes from `pos` on (those before it were taken by the C lane into `out`)."""
         try:
-            return self._process_server(buf)
+            return self._process_server(buf, out, pos)
         except (P.ProtocolError, ValueError, IndexError, struct.error) as exc:
             # a malformed message from the server ends this one connection, never the enforcer
             return self._fatal("08P01", f"Warden closed the connection: the server sent a malformed "
@@ -519,15 +531,15 @@ class PostgresSession:
         out.append((CONNECT_UPSTREAM, bytes(packet)))
         return False
 
-    def _process_messages(self, out: list) -> None:
+    def _process_messages(self, out: list, pos: int = 0) -> None:
+        """The client's messages in self._cbuf from `pos` on (those before it were taken by the C lane)."""
         buf = self._cbuf
         n = len(buf)
-        pos = 0
         run = 0          # start of the pending forward run
         limit = self.max_message_bytes
         expect = self._expect
         ready = self.phase == READY
-        if ready and _lanes is not None and self.masking is None and not self._discard_until_sync:
+        if not pos and ready and _lanes is not None and self.masking is None and not self._discard_until_sync:
             # the executions of prepared statements in C, up to the first message that needs more
             pos = _lanes.client_lane(self, buf, 0, limit, out)
         while n - pos >= 5:
@@ -784,15 +796,13 @@ class PostgresSession:
     # ================================================================================
     # server side
     # ================================================================================
-    def _process_server(self, buf: bytes) -> list:
-        out: list = []
+    def _process_server(self, buf: bytes, out: list, pos: int) -> list:
         n = len(buf)
-        pos = 0
         run = 0
         results = self._results
         masking = self.masking
         plan = self._mask_plan
-        if masking is None and _lanes is not None and self.phase == READY and not self._withhold:
+        if not pos and masking is None and _lanes is not None and self.phase == READY and not self._withhold:
             # results with nothing to mask in C, up to the first message that needs more
             pos = _lanes.server_lane(self, buf, 0, out)
         while n - pos >= 5:
@@ -1151,4 +1161,5 @@ except ImportError:
 if _lanes is not None and os.environ.get("WARDEN_PURE_PYTHON") == "1":
     _lanes = None
 if _lanes is not None:
-    _lanes.configure(_Portal, _Result, _BIND_EXPECT, _SYNC_EXPECT, EVENT, _NOT_EXECUTED)
+    _lanes.configure(_Portal, _Result, _BIND_EXPECT, _SYNC_EXPECT, EVENT, _NOT_EXECUTED, TO_SERVER, TO_CLIENT,
+                     READY)

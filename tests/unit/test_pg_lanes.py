@@ -282,3 +282,25 @@ def test_pure_python_switch_turns_the_lanes_off(tmp_path):
         out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                              check=True)
         assert out.stdout.strip() == want
+
+
+@pytest.mark.parametrize("attr, value", [("phase", "auth"), ("masking", object()), ("_pending", ("Q", b"", "")),
+                                         ("_cbig", [[b"x"], 1, 9]), ("_discard_until_sync", True),
+                                         ("_cbuf", b"B\0")])
+def test_client_reads_outside_the_steady_state_are_left_to_python(attr, value):
+    s = new_session()
+    setattr(s, attr, value)
+    before = state(s)
+    assert native.feed_client(s, execution(b"1")) is None
+    assert state(s) == before
+
+
+@pytest.mark.parametrize("attr, value", [("phase", "auth"), ("masking", object()), ("_withhold", True),
+                                         ("_sbig", [[b"x"], 1, 9]), ("_sbuf", b"D\0")])
+def test_server_reads_outside_the_steady_state_are_left_to_python(attr, value):
+    s = new_session()
+    normal(s.feed_client(execution(b"1")), s)
+    setattr(s, attr, value)
+    before = state(s)
+    assert native.feed_server(s, answer(1)) is None
+    assert state(s) == before
