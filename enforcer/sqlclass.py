@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -513,6 +514,15 @@ _CONSTANT_TOKENS = frozenset({"ICONST", "FCONST", "SCONST", "BCONST", "XCONST"})
 # cannot contain it, quoted identifiers keep their quotes)
 _CONSTANT_MARK = "\x01"
 
+# enforcer/postgres/_pglanes.c shapes the quote-free texts of the regex path without the regex
+# engine; WARDEN_PURE_PYTHON=1 keeps the regex
+try:
+    from .postgres._pglanes import number_shape as _number_shape
+except ImportError:
+    _number_shape = None
+if os.environ.get("WARDEN_PURE_PYTHON") == "1":
+    _number_shape = None
+
 
 # The common case without a lexer pass: texts with no comment, dollar quote or backslash are
 # shaped by one regex substitution over the raw text, which keeps every character but the
@@ -551,6 +561,10 @@ def statement_shape(sql: str) -> Optional[str]:
     """The text with every literal replaced by one mark: texts with the same shape differ only
     in their constants. Postgres's own lexer decides where the fast regex path may not.
     None when the text does not scan."""
+    if _number_shape is not None:
+        shape = _number_shape(sql)     # the quote-free case in C; None: not that case
+        if shape is not None:
+            return shape
     if _fast_path_safe(sql):
         if "'" not in sql and '"' not in sql:
             return "F" + _FAST_NUMBER.sub(_CONSTANT_MARK, sql)

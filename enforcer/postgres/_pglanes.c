@@ -865,6 +865,78 @@ done:
     return result;
 }
 
+/* ---- statement shapes ------------------------------------------------------------------------ */
+
+static inline int is_digit(int c) { return c >= '0' && c <= '9'; }
+static inline int is_word(int c) { return is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
+
+/* number_shape(sql) -> sqlclass.statement_shape(sql) for a text its regex path takes with no
+ * quote character (every number literal replaced by the constant mark, "F" in front), or None
+ * for any other text (non-ASCII, quotes, comments, backslashes, named dollar quotes, NUL, the
+ * mark itself): sqlclass then shapes it in Python. The number rule is sqlclass._NUMBER:
+ * (?<![\w$.])(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?![\w.]) with ASCII classes. Shorter
+ * matches than the longest one all end before a digit, '.', 'e' or 'E', which the lookahead
+ * refuses, so the longest one decides. */
+static PyObject *number_shape(PyObject *module, PyObject *sql) {
+    if (!PyUnicode_CheckExact(sql) || !PyUnicode_IS_ASCII(sql))
+        Py_RETURN_NONE;
+    const unsigned char *s = PyUnicode_1BYTE_DATA(sql);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(sql);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int c = s[i];
+        if (c == '\'' || c == '"' || c == '\\' || c == 0 || c == 1 ||
+            (c == '-' && i + 1 < n && s[i + 1] == '-') || (c == '/' && i + 1 < n && s[i + 1] == '*') ||
+            (c == '$' && !(i + 1 < n && is_digit(s[i + 1]))))
+            Py_RETURN_NONE;
+    }
+    PyObject *out = PyUnicode_New(n + 1, 127);
+    if (out == NULL)
+        return NULL;
+    Py_UCS1 *o = PyUnicode_1BYTE_DATA(out);
+    Py_ssize_t len = 0, i = 0;
+    o[len++] = 'F';
+    while (i < n) {
+        int c = s[i];
+        int starts = is_digit(c) || (c == '.' && i + 1 < n && is_digit(s[i + 1]));
+        if (starts && i > 0) {
+            int b = s[i - 1];
+            starts = !(is_word(b) || b == '$' || b == '.');
+        }
+        if (starts) {
+            Py_ssize_t j = i + 1;
+            while (j < n && is_digit(s[j]))
+                j++;
+            if (is_digit(c) && j < n && s[j] == '.') {
+                j++;
+                while (j < n && is_digit(s[j]))
+                    j++;
+            }
+            if (j < n && (s[j] == 'e' || s[j] == 'E')) {
+                Py_ssize_t k = j + 1;
+                if (k < n && (s[k] == '+' || s[k] == '-'))
+                    k++;
+                if (k < n && is_digit(s[k])) {
+                    while (k < n && is_digit(s[k]))
+                        k++;
+                    j = k;
+                }
+            }
+            if (j == n || !(is_word(s[j]) || s[j] == '.')) {
+                o[len++] = 1;
+                i = j;
+                continue;
+            }
+        }
+        o[len++] = (Py_UCS1)c;
+        i++;
+    }
+    if (len == n + 1)
+        return out;
+    PyObject *shaped = PyUnicode_Substring(out, 0, len);
+    Py_DECREF(out);
+    return shaped;
+}
+
 /* ---- module -------------------------------------------------------------------------------- */
 
 static PyObject *configure(PyObject *module, PyObject *args) {
@@ -888,6 +960,8 @@ static PyObject *configure(PyObject *module, PyObject *args) {
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(Portal, Result, bind_expect, sync_expect, EVENT, not_executed_message, TO_SERVER, TO_CLIENT, READY)"},
+    {"number_shape", number_shape, METH_O,
+     "number_shape(sql) -> sqlclass.statement_shape(sql) for a quote-free ASCII text, else None"},
     {"feed_client", (PyCFunction)(void (*)(void))feed_client, METH_FASTCALL,
      "feed_client(session, data) -> actions, or None when the read is not one the lane starts on"},
     {"feed_server", (PyCFunction)(void (*)(void))feed_server, METH_FASTCALL,

@@ -97,12 +97,15 @@ class Verdict:
     decision: str = "allow"        # allow | deny
     policy_ids: tuple = ()
     reason: str = ""
+    # the simple protocol's pg.statement fields for this decision, built on first use and shared
+    # with every with_text copy (one list): a shape's texts differ only in text and index
+    simple_record: list = dataclasses.field(default_factory=lambda: [None], compare=False, repr=False)
 
     def with_text(self, text: str) -> "Verdict":
         """The same verdict for another text of the statement's shape (dataclasses.replace
         costs several times more on the decision path)."""
         return Verdict(self.allowed, text, self.action, self.kind, self.tables, self.functions,
-                       self.decision, self.policy_ids, self.reason)
+                       self.decision, self.policy_ids, self.reason, self.simple_record)
 
 
 class _Statement:
@@ -381,10 +384,10 @@ class PostgresSession:
         else:
             buf = self._sbuf + data if self._sbuf else bytes(data)
         self._sbuf = b""
-        return self._server_from(buf, [], 0)
+        return self._server_from(buf, [], None)
 
-    def _server_from(self, buf: bytes, out: list, pos: int) -> list:
-        """The server's bytes from `pos` on (those before it were taken by the C lane into `out`)."""
+    def _server_from(self, buf: bytes, out: list, pos: Optional[int]) -> list:
+        """The server's bytes; from `pos` on when the C lane took those before it into `out`."""
         try:
             return self._process_server(buf, out, pos)
         except (P.ProtocolError, ValueError, IndexError, struct.error) as exc:
@@ -411,7 +414,7 @@ class PostgresSession:
             self._resume_query(pending, verdicts, out)
         else:
             self._resume_parse(pending, verdicts, out)
-        if self.phase != CLOSED and self._pending is None:
+        if self._cbuf and self.phase != CLOSED and self._pending is None:
             out += self._process_client()
         return out
 
@@ -531,17 +534,19 @@ class PostgresSession:
         out.append((CONNECT_UPSTREAM, bytes(packet)))
         return False
 
-    def _process_messages(self, out: list, pos: int = 0) -> None:
-        """The client's messages in self._cbuf from `pos` on (those before it were taken by the C lane)."""
+    def _process_messages(self, out: list, pos: Optional[int] = None) -> None:
+        """The client's messages in self._cbuf; from `pos` on when the C lane took those before it."""
         buf = self._cbuf
         n = len(buf)
         run = 0          # start of the pending forward run
         limit = self.max_message_bytes
         expect = self._expect
         ready = self.phase == READY
-        if not pos and ready and _lanes is not None and self.masking is None and not self._discard_until_sync:
-            # the executions of prepared statements in C, up to the first message that needs more
-            pos = _lanes.client_lane(self, buf, 0, limit, out)
+        if pos is None:
+            pos = 0
+            if ready and _lanes is not None and self.masking is None and not self._discard_until_sync:
+                # the executions of prepared statements in C, up to the first message that needs more
+                pos = _lanes.client_lane(self, buf, 0, limit, out)
         while n - pos >= 5:
             t = buf[pos]
             length = _unpack_i32(buf, pos + 1)[0]
@@ -746,17 +751,31 @@ class PostgresSession:
 
     def _resume_query(self, pending, verdicts: list[Verdict], out: list) -> None:
         _, msg, sql = pending
-        denied = next((v for v in verdicts if not v.allowed), None)
+        denied = None
+        for v in verdicts:
+            if not v.allowed:
+                denied = v
+                break
         batch = self._client_batch
         self._client_batch += 1
         self._expect.append(_SYNC_EXPECT)
         now = self.clock()
         if not verdicts:
             verdicts = [Verdict(True, sql)]
+        masking = self.masking
         for v in verdicts:
             self.statements += 1
             index = self.statements
-            out.append((EVENT, ("pg.statement", self._statement_fields(v.text, None, v, "simple", None, index))))
+            if masking is None:
+                template = v.simple_record[0]
+                if template is None:
+                    template = v.simple_record[0] = self._statement_fields(v.text, None, v, "simple", None, 0)
+                fields = template.copy()
+                fields["text"] = v.text
+                fields["statement_index"] = index
+            else:
+                fields = self._statement_fields(v.text, None, v, "simple", None, index)
+            out.append((EVENT, ("pg.statement", fields)))
             if v is denied:
                 break
             if denied is None:
@@ -796,15 +815,17 @@ class PostgresSession:
     # ================================================================================
     # server side
     # ================================================================================
-    def _process_server(self, buf: bytes, out: list, pos: int) -> list:
+    def _process_server(self, buf: bytes, out: list, pos: Optional[int]) -> list:
         n = len(buf)
         run = 0
         results = self._results
         masking = self.masking
         plan = self._mask_plan
-        if not pos and masking is None and _lanes is not None and self.phase == READY and not self._withhold:
-            # results with nothing to mask in C, up to the first message that needs more
-            pos = _lanes.server_lane(self, buf, 0, out)
+        if pos is None:
+            pos = 0
+            if masking is None and _lanes is not None and self.phase == READY and not self._withhold:
+                # results with nothing to mask in C, up to the first message that needs more
+                pos = _lanes.server_lane(self, buf, 0, out)
         while n - pos >= 5:
             t = buf[pos]
             length = _unpack_i32(buf, pos + 1)[0]

@@ -304,3 +304,43 @@ def test_server_reads_outside_the_steady_state_are_left_to_python(attr, value):
     before = state(s)
     assert native.feed_server(s, answer(1)) is None
     assert state(s) == before
+
+
+# ---- statement shapes -------------------------------------------------------------------------
+
+from enforcer import sqlclass  # noqa: E402
+
+SQL_CHARS = "0123456789.eE+-$_ aZx(),;=*/'\"\\\x01\0é\n"
+
+
+def python_shape(sql: str):
+    saved = sqlclass._number_shape
+    sqlclass._number_shape = None
+    try:
+        return sqlclass.statement_shape(sql)
+    finally:
+        sqlclass._number_shape = saved
+
+
+@settings(max_examples=4000, deadline=None)
+@given(st.text(alphabet=SQL_CHARS, max_size=40))
+def test_number_shape_matches_the_regex_path(sql):
+    shape = native.number_shape(sql)
+    if shape is not None:
+        assert shape == python_shape(sql)
+    quote_free = sql.isascii() and not any(c in sql for c in "'\"\\\0\x01") and "--" not in sql \
+        and "/*" not in sql and sqlclass._NAMED_DOLLAR.search(sql) is None
+    # every text the regex path would take without quotes, C takes too
+    assert (shape is not None) == quote_free
+
+
+@pytest.mark.parametrize("sql, want", [
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 4242;", "FSELECT abalance FROM pgbench_accounts WHERE aid = \x01;"),
+    ("select 1.5e3, .5, 12., 1e+7, 2e-5, 1E-2x", "Fselect \x01, \x01, \x01, \x01, \x01, 1E-2x"),
+    ("select 1e, a1, $1, 1.2.3, x.5, t.1, 1..2", "Fselect 1e, a1, $1, 1.2.3, x.5, t.1, 1..2"),
+    ("select 'a', 1", None), ("select 1 -- c", None), ("select $x$1$x$", None), ("sélect 1", None),
+])
+def test_number_shape_cases(sql, want):
+    assert native.number_shape(sql) == want
+    if want is not None:
+        assert python_shape(sql) == want
