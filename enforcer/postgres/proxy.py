@@ -85,7 +85,7 @@ DECIDED, CACHED_TEXT, CACHED_SHAPE = "decided", "text", "shape"
 _UNKNOWN = object()
 
 
-def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None, shape=_UNKNOWN):
+def decide_now(ctx, sql: str, base: Optional[tuple] = None, shape=_UNKNOWN):
     """The synchronous part of `decide`: (verdicts, how) when no approval is needed (how is
     DECIDED, CACHED_TEXT or CACHED_SHAPE), else (None, decisions) for `decide` to ask the
     approval service. A new text of a known shape (`WHERE id = 42` after `WHERE id = 41`) is
@@ -93,9 +93,8 @@ def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None, shape=_U
     (statement_shape of the text): when the caller already has them."""
     policy = ctx.policy
     if policy is None:
-        return [Verdict(True, req.sql, reason="no policy configured for this target")], DECIDED
+        return [Verdict(True, sql, reason="no policy configured for this target")], DECIDED
     base = base or cache_base(ctx, policy)    # callers that computed it pass it in
-    sql = req.sql
     cached = decision_cache.get((*base, sql))
     if cached is not None:
         return cached, CACHED_TEXT
@@ -121,7 +120,7 @@ def decide_now(ctx, req: DecisionRequest, base: Optional[tuple] = None, shape=_U
 
 async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
     """Policy decision for one Query/Parse, with approvals; fails closed on policy errors."""
-    verdicts, extra = decide_now(ctx, req)
+    verdicts, extra = decide_now(ctx, req.sql)
     if verdicts is not None:
         return verdicts
     # an approval is needed: never cached, each statement asks again
@@ -238,7 +237,7 @@ class _Connection:
             identity=ctx.identity, target=ctx.target.name,
             max_message_bytes=int(opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
             client_tls_available=self.server_ssl is not None, masking=ctx.masking,
-            start_fields=_start_fields(ctx))
+            start_fields=_start_fields(ctx), decide=self._decide_inline)
         self.closing = False
         self.started = time.monotonic()            # the startup timeout counts from here
         self.last_activity = self.started
@@ -715,15 +714,12 @@ class _Connection:
             elif kind == EVENT:
                 emit(payload[0], payload[1])
             elif kind == DECIDE:
-                verdicts, _ = self._decide_fast(payload)
-                if verdicts is None:
-                    # an approval is needed: hold the client until it is answered
-                    self._write(to_server, to_client)
-                    self._pause_reading(True, "decision")
-                    asyncio.get_running_loop().create_task(self._decide_slow(payload, actions[i:]))
-                    return
-                actions = self.session.resume(verdicts) + actions[i:]
-                i = 0
+                # the session decided what it could (_decide_inline): this statement needs an
+                # approval, so hold the client until it is answered
+                self._write(to_server, to_client)
+                self._pause_reading(True, "decision")
+                asyncio.get_running_loop().create_task(self._decide_slow(payload, actions[i:]))
+                return
             elif kind == CLOSE:
                 close = True
             elif kind == REGISTER_CANCEL_KEY:
@@ -751,7 +747,12 @@ class _Connection:
         if not transport.is_closing():
             transport.write(P.build_notice_response({"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": message}))
 
-    def _decide_fast(self, req: DecisionRequest):
+    def _decide_inline(self, sql: str) -> Optional[list]:
+        """The session's synchronous decision (PostgresSession.decide): verdicts, or None when an
+        approval is needed."""
+        return self._decide_fast(sql)[0]
+
+    def _decide_fast(self, sql: str):
         """Verdicts without awaiting: a dict lookup for a statement this connection saw before,
         else the shared cache or the policy itself; (None, None) when an approval is needed."""
         ctx = self.ctx
@@ -765,7 +766,6 @@ class _Connection:
                 self._verdicts_key = base
                 self._verdicts = {}
                 self._shape_verdicts = {}
-            sql = req.sql
             hit = self._verdicts.get(sql)
             if hit is not None:
                 return hit, True
@@ -775,9 +775,9 @@ class _Connection:
             template = self._shape_verdicts.get(shape) if shape is not None else None
             if template is not None:
                 return [template.with_text(single_statement_text(sql))], True
-            verdicts, how = decide_now(ctx, req, base, shape)
+            verdicts, how = decide_now(ctx, sql, base, shape)
         else:
-            verdicts, how = decide_now(ctx, req)
+            verdicts, how = decide_now(ctx, sql)
         if verdicts is None:
             return None, None
         if policy is not None:

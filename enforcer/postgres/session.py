@@ -6,7 +6,9 @@ Actions are `(kind, payload)` tuples, executed in order by the asyncio shell (pr
     TO_CLIENT  bytes                      write to the client
     EVENT      (event_type, fields)       record an event
     DECIDE     DecisionRequest            ask policy; then call `resume(verdicts)` and run its actions.
-                                          Client input is held (not processed) until then.
+                                          Client input is held (not processed) until then. A session
+                                          given `decide` asks it first and sends DECIDE only for what
+                                          it could not answer at once (approvals).
     CONNECT_UPSTREAM  bytes               open the upstream (TLS per target), then send these startup bytes
     START_CLIENT_TLS  None                run the TLS handshake on the client leg, then `client_tls_established()`
     CANCEL     (pid, key)                 the client sent a CancelRequest carrying this (client-facing) key
@@ -284,7 +286,8 @@ class PostgresSession:
                  client_tls_available: bool = False, masking: Any = None,
                  clock: Callable[[], int] = time.perf_counter_ns,
                  random_bytes: Callable[[int], bytes] = os.urandom,
-                 start_fields: Optional[dict] = None):
+                 start_fields: Optional[dict] = None,
+                 decide: Optional[Callable[[str], Optional[list]]] = None):
         self.identity = identity
         self.target = target
         self.max_message_bytes = max_message_bytes
@@ -293,6 +296,9 @@ class PostgresSession:
         self.clock = clock
         self.random_bytes = random_bytes
         self.start_fields = dict(start_fields or {})
+        # the shell's synchronous decision for a statement text: its verdicts, or None when it
+        # cannot decide at once (an approval is needed); then the session asks with DECIDE
+        self.decide = decide
 
         self.phase = STARTUP
         self.tls_client = False
@@ -657,19 +663,29 @@ class PostgresSession:
                 if run < pos:
                     out.append((TO_SERVER, buf[run:pos]))
                 msg = buf[pos:end]
-                self._cbuf = buf[end:]
                 try:
                     if t == 81:
                         sql = P.parse_query(msg[5:])
-                        self._pending = ("Q", msg, sql)
-                        out.append((DECIDE, DecisionRequest(sql, "simple", None)))
+                        pending = ("Q", msg, sql)
                     else:
                         parse = P.parse_parse(msg[5:])
-                        self._pending = ("P", msg, parse)
-                        out.append((DECIDE, DecisionRequest(parse.query, "extended", parse.name)))
+                        sql = parse.query
+                        pending = ("P", msg, parse)
                 except P.ProtocolError as e:
-                    self._pending = None
                     return self._client_protocol_error(out, msg, 0, 0, e)
+                verdicts = self.decide(sql) if self.decide is not None else None
+                if verdicts is not None:
+                    # decided at once: the loop goes on with the next message
+                    if t == 81:
+                        self._resume_query(pending, verdicts, out)
+                    else:
+                        self._resume_parse(pending, verdicts, out)
+                    run = pos = end
+                    continue
+                self._cbuf = buf[end:]
+                self._pending = pending
+                out.append((DECIDE, DecisionRequest(sql, "simple", None) if t == 81
+                            else DecisionRequest(sql, "extended", parse.name)))
                 return
             elif t == 88:        # 'X' Terminate
                 self._terminated = True

@@ -4,7 +4,6 @@ from __future__ import annotations
 from enforcer.context import ConnectionContext, TargetInfo
 from enforcer.policy.engine import PolicyEngine
 from enforcer.postgres.proxy import CACHED_SHAPE, CACHED_TEXT, DECIDED, decide_now
-from enforcer.postgres.session import DecisionRequest
 
 POLICY = """
 @id("app-user-reads")
@@ -20,7 +19,7 @@ def _ctx(policy, user: str) -> ConnectionContext:
 
 
 def _decide(ctx, sql):
-    return decide_now(ctx, DecisionRequest(sql, "simple", None))
+    return decide_now(ctx, sql)
 
 
 def test_same_identity_with_other_attributes_is_decided_again():
@@ -74,17 +73,17 @@ def test_connection_keeps_shape_verdicts_and_drops_them_when_the_principal_chang
     policy = PolicyEngine.from_text(POLICY)
     ctx = _ctx(policy, "app")
     conn = _connection(ctx)
-    first, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 1", "simple", None))
+    first, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 1")
     assert first[0].allowed and not cached
-    second, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 2", "simple", None))
+    second, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 2")
     assert second[0].allowed and cached
     decision_cache._entries.clear()         # from now on only the connection's own memo knows
-    third, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 3", "simple", None))
+    third, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 3")
     assert cached and third[0].allowed and third[0].text == "SELECT balance FROM accounts WHERE id = 3"
     assert third[0].policy_ids == ("app-user-reads",)
     # brokered login replaces the attributes: the memo must not answer for the new principal
     ctx.identity_attrs = {"user": "intruder"}
-    fourth, cached = conn._decide_fast(DecisionRequest("SELECT balance FROM accounts WHERE id = 4", "simple", None))
+    fourth, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 4")
     assert not fourth[0].allowed and not cached
 
 
@@ -92,10 +91,10 @@ def test_connection_shape_memo_never_answers_for_another_table_or_kind():
     policy = PolicyEngine.from_text(POLICY)
     conn = _connection(_ctx(policy, "app"))
     for sql in ("SELECT * FROM accounts WHERE id = 1", "SELECT * FROM accounts WHERE id = 2"):
-        conn._decide_fast(DecisionRequest(sql, "simple", None))
-    other, _ = conn._decide_fast(DecisionRequest("SELECT * FROM private.accounts WHERE id = 3", "simple", None))
+        conn._decide_fast(sql)
+    other, _ = conn._decide_fast("SELECT * FROM private.accounts WHERE id = 3")
     assert other[0].tables == ("private.accounts",)
-    write, _ = conn._decide_fast(DecisionRequest("DELETE FROM accounts WHERE id = 3", "simple", None))
+    write, _ = conn._decide_fast("DELETE FROM accounts WHERE id = 3")
     assert not write[0].allowed
 
 

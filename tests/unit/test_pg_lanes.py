@@ -37,11 +37,12 @@ def lanes(enabled: bool):
         S._lanes = saved
 
 
-def new_session() -> PostgresSession:
+def new_session(inline: bool = False) -> PostgresSession:
     ticks = itertools.count(1_000, 7)
     keys = itertools.count(1)
     s = PostgresSession(identity="svc", target="db", clock=lambda: next(ticks),
-                        random_bytes=lambda n: next(keys).to_bytes(n, "big"))
+                        random_bytes=lambda n: next(keys).to_bytes(n, "big"),
+                        decide=verdicts_for if inline else None)
     s.feed_client(P.build_startup_message({"user": "alice", "database": "app"}))
     s.feed_server(P.build_authentication_ok() + P.build_ready_for_query("I"))
     assert s.phase == "ready"
@@ -64,7 +65,7 @@ def normal(actions: list, session: PostgresSession) -> list:
         elif kind == EVENT:
             out.append((kind, payload[0], list(payload[1].items())))
         elif kind == DECIDE:
-            out.append((kind, payload.sql, payload.protocol, payload.statement_name))
+            # answered like the shell does; the same as a session deciding inline gives
             out += normal(session.resume(verdicts_for(payload.sql)), session)
         else:
             out.append((kind, payload))
@@ -87,9 +88,9 @@ def state(s: PostgresSession) -> dict:
     }
 
 
-def replay(steps: list, enabled: bool) -> tuple[list, dict]:
+def replay(steps: list, enabled: bool, inline: bool = False) -> tuple[list, dict]:
     with lanes(enabled):
-        s = new_session()
+        s = new_session(inline)
         seen = []
         for side, data in steps:
             actions = s.feed_client(data) if side == "c" else s.feed_server(data)
@@ -98,10 +99,12 @@ def replay(steps: list, enabled: bool) -> tuple[list, dict]:
 
 
 def assert_same(steps: list) -> None:
-    got, got_state = replay(steps, True)
+    """The lanes and the Python loops agree, with decisions as DECIDE actions and inline."""
     want, want_state = replay(steps, False)
-    assert got == want
-    assert got_state == want_state
+    for enabled, inline in ((True, False), (True, True), (False, True)):
+        got, got_state = replay(steps, enabled, inline)
+        assert got == want
+        assert got_state == want_state
 
 
 # ---- message vocabularies -------------------------------------------------------------------

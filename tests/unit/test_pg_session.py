@@ -465,3 +465,46 @@ def test_verdict_with_text_copies_every_other_field():
     assert copy.text == "select 2"
     assert {k: v for k, v in dataclasses.asdict(copy).items() if k != "text"} == \
         {k: v for k, v in dataclasses.asdict(original).items() if k != "text"}
+
+
+def _verdicts_denying_forbidden(sql):
+    if "forbidden" in sql:
+        return [Verdict(False, sql, action="pg:delete", kind="delete", decision="deny", policy_ids=("no",),
+                        reason="denied")]
+    return [Verdict(True, sql, action="pg:select", kind="select", policy_ids=("yes",))]
+
+
+INLINE_STREAM = (P.build_query("SELECT 1") + P.build_query("DELETE FROM forbidden")
+                 + P.build_parse("s", "SELECT $1::int") + P.build_bind("", "s", [b"7"]) + P.build_execute("", 0)
+                 + P.SYNC + P.build_parse("", "DELETE FROM forbidden") + P.build_bind("", "")
+                 + P.build_execute("", 0) + P.SYNC + P.build_query("SELECT 2"))
+
+
+@pytest.mark.parametrize("cut", [None, 9, 40, 77])
+def test_inline_decisions_give_what_decide_round_trips_give(cut):
+    """A session given `decide` answers statements itself and goes on with the same read; the
+    bytes, denials and records are those of DECIDE actions answered by the shell."""
+    round_trips = ready_driver(decider=lambda req: _verdicts_denying_forbidden(req.sql))
+    inline = ready_driver(decide=_verdicts_denying_forbidden)
+    for d in (round_trips, inline):
+        if cut is None:
+            d.client(INLINE_STREAM)
+        else:
+            d.client(INLINE_STREAM[:cut]).client(INLINE_STREAM[cut:])
+    assert len(round_trips.requests) == 5 and inline.requests == []
+    assert inline.to_server == round_trips.to_server
+    assert inline.to_client == round_trips.to_client
+    assert inline.events == round_trips.events
+    assert b"DELETE FROM forbidden" not in inline.to_server and b"42501" in inline.to_server
+    assert [f["decision"] for t, f in inline.events if t == "pg.statement"] == ["allow", "deny", "allow", "deny",
+                                                                                  "allow"]
+
+
+def test_inline_decider_without_an_answer_asks_with_decide_and_holds_the_rest():
+    held = ready_driver(decide=lambda sql: None if "approve" in sql else [Verdict(True, sql)],
+                        decider=lambda req: [Verdict(True, req.sql)])
+    held.client(P.build_query("SELECT 1") + P.build_query("DELETE approve") + P.build_query("SELECT 2"))
+    assert [r.sql for r in held.requests] == ["DELETE approve"]
+    assert held.to_server == (P.build_query("SELECT 1") + P.build_query("DELETE approve")
+                              + P.build_query("SELECT 2"))
+    assert [f["statement_index"] for _, f in held.events] == [1, 2, 3]
