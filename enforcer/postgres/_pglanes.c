@@ -30,7 +30,7 @@ static PyObject *s_statements, *s_client_batch, *s_server_batch, *s_statements_m
     *s_append, *s_popleft, *s_params, *s_statement_index, *s_portal, *s_command_tag, *s_bytes,
     *s_duration_ns, *s_sqlstate, *s_error, *s_phase, *s_masking, *s_pending, *s_cbig, *s_cbuf, *s_sbig, *s_sbuf,
     *s_discard_until_sync, *s_withhold, *s_max_message_bytes, *s_bytes_in, *s_bytes_out, *s_process_messages,
-    *s_server_from;
+    *s_server_from, *s_decide, *s_allowed, *s_simple_record;
 
 static inline int32_t read_i32(const unsigned char *p) {
     return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
@@ -92,9 +92,9 @@ static PyObject *render_value(const unsigned char *p, Py_ssize_t len, int fmt) {
 /* ---- client -------------------------------------------------------------------------------- */
 
 typedef struct {
-    PyObject *dict, *statements_map, *portals, *expect_append, *results_append, *clock;
+    PyObject *dict, *statements_map, *portals, *expect_append, *results_append, *clock, *decide;
     long long statements, batch;
-    int counters_read;
+    int batch_changed;
 } ClientState;
 
 /* Bind at buf[pos:end]: 1 handled, 0 left to the reference, -1 error */
@@ -301,6 +301,77 @@ done:
     return rc;
 }
 
+/* Query at buf[pos:end], decided by session.decide: the lane takes a one-statement text its
+ * decider allows at once and whose simple-protocol record template exists (_resume_query's
+ * common case); anything else is left to the reference, which asks the decider again (its
+ * memo answers) */
+static int client_query(ClientState *st, const unsigned char *buf, Py_ssize_t pos, Py_ssize_t end, PyObject *out) {
+    if (st->decide == Py_None)
+        return 0;
+    const unsigned char *body = buf + pos + 5;
+    Py_ssize_t blen = end - pos - 5;
+    if (blen < 1 || body[blen - 1] != 0 || memchr(body, 0, (size_t)(blen - 1)) != NULL)
+        return 0;       /* malformed: the reference's protocol error */
+    PyObject *sql = PyUnicode_DecodeUTF8((const char *)body, blen - 1, "replace");
+    if (sql == NULL)
+        return -1;
+    PyObject *verdicts = PyObject_CallOneArg(st->decide, sql);
+    Py_DECREF(sql);
+    if (verdicts == NULL)
+        return -1;
+    int rc = -1;
+    PyObject *allowed = NULL, *box = NULL, *text = NULL, *batch = NULL, *now = NULL, *index = NULL,
+             *fields = NULL, *result = NULL, *r;
+    if (!PyList_CheckExact(verdicts) || PyList_GET_SIZE(verdicts) != 1) {
+        rc = 0;
+        goto done;
+    }
+    PyObject *verdict = PyList_GET_ITEM(verdicts, 0);
+    if ((allowed = PyObject_GetAttr(verdict, s_allowed)) == NULL || (box = PyObject_GetAttr(verdict, s_simple_record)) == NULL)
+        goto done;
+    if (allowed != Py_True || !PyList_CheckExact(box) || PyList_GET_SIZE(box) < 1 ||
+        !PyDict_CheckExact(PyList_GET_ITEM(box, 0))) {
+        rc = 0;     /* a denial, or no template yet: the reference's */
+        goto done;
+    }
+    PyObject *template = PyList_GET_ITEM(box, 0);
+    if ((text = PyObject_GetAttr(verdict, s_text)) == NULL || (batch = PyLong_FromLongLong(st->batch)) == NULL)
+        goto done;
+    st->batch += 1;
+    st->batch_changed = 1;
+    if ((r = PyObject_CallOneArg(st->expect_append, SyncExpect)) == NULL)
+        goto done;
+    Py_DECREF(r);
+    if ((now = PyObject_CallNoArgs(st->clock)) == NULL)
+        goto done;
+    st->statements += 1;
+    if ((index = PyLong_FromLongLong(st->statements)) == NULL || PyDict_SetItem(st->dict, s_statements, index) < 0)
+        goto done;
+    Py_INCREF(template);     /* copied below; the box is the verdict's */
+    fields = PyDict_Copy(template);
+    Py_DECREF(template);
+    if (fields == NULL || PyDict_SetItem(fields, s_text, text) < 0 ||
+        PyDict_SetItem(fields, s_statement_index, index) < 0 || append_event(out, PgStatement, fields) < 0)
+        goto done;
+    if ((result = PyObject_CallFunctionObjArgs(Result, text, now, batch, Py_False, index, NULL)) == NULL)
+        goto done;
+    if ((r = PyObject_CallOneArg(st->results_append, result)) == NULL)
+        goto done;
+    Py_DECREF(r);
+    rc = 1;
+done:
+    Py_DECREF(verdicts);
+    Py_XDECREF(allowed);
+    Py_XDECREF(box);
+    Py_XDECREF(text);
+    Py_XDECREF(batch);
+    Py_XDECREF(now);
+    Py_XDECREF(index);
+    Py_XDECREF(fields);
+    Py_XDECREF(result);
+    return rc;
+}
+
 /* the client lane over buf[pos:n] of the session whose instance dict is `dict`: the position of
  * the first message it leaves to Python, -1 on error */
 static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_ssize_t n, Py_ssize_t pos,
@@ -308,11 +379,12 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
     ClientState st = {0};
     st.dict = Py_NewRef(dict);
     PyObject *expect, *results, *v;
-    int failed = 0, dirty_batch = 0;
+    int failed = 0;
     if ((v = dict_item(st.dict, s_statements)) == NULL || (st.statements = PyLong_AsLongLong(v), PyErr_Occurred()) ||
         (v = dict_item(st.dict, s_client_batch)) == NULL || (st.batch = PyLong_AsLongLong(v), PyErr_Occurred()) ||
         (st.statements_map = dict_item(st.dict, s_statements_map)) == NULL ||
         (st.portals = dict_item(st.dict, s_portals)) == NULL || (st.clock = dict_item(st.dict, s_clock)) == NULL ||
+        (st.decide = dict_item(st.dict, s_decide)) == NULL ||
         (expect = dict_item(st.dict, s_expect)) == NULL || (results = dict_item(st.dict, s_results)) == NULL) {
         Py_DECREF(st.dict);
         return -1;
@@ -326,6 +398,7 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
     Py_INCREF(st.statements_map);
     Py_INCREF(st.portals);
     Py_INCREF(st.clock);
+    Py_INCREF(st.decide);
     st.expect_append = PyObject_GetAttr(expect, s_append);
     st.results_append = st.expect_append == NULL ? NULL : PyObject_GetAttr(results, s_append);
     if (st.results_append == NULL) {
@@ -345,6 +418,8 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
             rc = client_bind(&st, buf, pos, end, out);
         } else if (t == 'E') {
             rc = client_execute(&st, buf, pos, end);
+        } else if (t == 'Q') {
+            rc = client_query(&st, buf, pos, end, out);
         } else if (t == 'S') {
             PyObject *r = PyObject_CallOneArg(st.expect_append, SyncExpect);
             if (r == NULL) {
@@ -352,7 +427,7 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
             } else {
                 Py_DECREF(r);
                 st.batch += 1;
-                dirty_batch = 1;
+                st.batch_changed = 1;
             }
         } else if (!(t == 'H' || t == 'D' || t == 'd' || t == 'c' || t == 'f')) {
             rc = 0;     /* Parse, Query, Close, Terminate, FunctionCall, unknown: the reference's */
@@ -365,7 +440,7 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
             break;
         pos = end;
     }
-    if (dirty_batch) {
+    if (st.batch_changed) {
         PyObject *b = PyLong_FromLongLong(st.batch);
         if (b == NULL || PyDict_SetItem(st.dict, s_client_batch, b) < 0)
             failed = 1;
@@ -377,6 +452,7 @@ finish:
     Py_DECREF(st.statements_map);
     Py_DECREF(st.portals);
     Py_DECREF(st.clock);
+    Py_DECREF(st.decide);
     Py_DECREF(st.dict);
     return failed ? -1 : pos;
 }
@@ -1027,6 +1103,9 @@ PyMODINIT_FUNC PyInit__pglanes(void) {
     INTERN(s_bytes_out, "bytes_out");
     INTERN(s_process_messages, "_process_messages");
     INTERN(s_server_from, "_server_from");
+    INTERN(s_decide, "decide");
+    INTERN(s_allowed, "allowed");
+    INTERN(s_simple_record, "simple_record");
     INTERN(PgStatement, "pg.statement");
     INTERN(PgResult, "pg.result");
     INTERN(PortalSuspendedTag, "PORTAL SUSPENDED");

@@ -703,22 +703,21 @@ class _Connection:
         to_client: list = []
         emit = self.ctx.emit
         close = False
-        i = 0
-        while i < len(actions):
-            kind, payload = actions[i]
-            i += 1
-            if kind == TO_CLIENT:
-                to_client.append(payload)
+        done = 0
+        for kind, payload in actions:
+            done += 1
+            if kind == EVENT:
+                emit(payload[0], payload[1])
             elif kind == TO_SERVER:
                 to_server.append(payload)
-            elif kind == EVENT:
-                emit(payload[0], payload[1])
+            elif kind == TO_CLIENT:
+                to_client.append(payload)
             elif kind == DECIDE:
                 # the session decided what it could (_decide_inline): this statement needs an
                 # approval, so hold the client until it is answered
                 self._write(to_server, to_client)
                 self._pause_reading(True, "decision")
-                asyncio.get_running_loop().create_task(self._decide_slow(payload, actions[i:]))
+                asyncio.get_running_loop().create_task(self._decide_slow(payload, actions[done:]))
                 return
             elif kind == CLOSE:
                 close = True

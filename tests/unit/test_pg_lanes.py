@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from enforcer import sqlclass
 from enforcer.postgres import protocol as P
 from enforcer.postgres import session as S
 from enforcer.postgres.protocol import FieldDescription
@@ -50,6 +51,20 @@ def new_session(inline: bool = False) -> PostgresSession:
 
 
 def verdicts_for(sql: str) -> list:
+    """As the shell's memo answers: one-statement texts of a shape get copies of one verdict
+    (Verdict.with_text, sharing the record template it keeps once used); others a fresh decision."""
+    if ";" in sql:
+        return _decide(sql)
+    shape = sqlclass.statement_shape(sql)
+    if shape not in _templates:
+        _templates[shape] = _decide(sql)[0]
+    return [_templates[shape].with_text(sql)]
+
+
+_templates: dict = {}
+
+
+def _decide(sql: str) -> list:
     if "forbidden" in sql:
         return [Verdict(False, sql, action="pg:delete", kind="delete", tables=("t",), decision="deny",
                         policy_ids=("deny-1",), reason="denied by deny-1")]
@@ -57,7 +72,15 @@ def verdicts_for(sql: str) -> list:
 
 
 def normal(actions: list, session: PostgresSession) -> list:
-    """Actions as comparable values (record fields with their order); decisions answered."""
+    """Actions as comparable values (record fields with their order); decisions answered. Writes
+    are compared as the bytes each leg gets in order (the shell issues them after the records,
+    however they are cut into actions): one entry per leg, last."""
+    out = _actions(actions, session)
+    writes = [(kind, b"".join(a[1] for a in out if a[0] == kind)) for kind in (TO_SERVER, TO_CLIENT)]
+    return [a for a in out if a[0] not in (TO_SERVER, TO_CLIENT)] + writes
+
+
+def _actions(actions: list, session: PostgresSession) -> list:
     out = []
     for kind, payload in actions:
         if kind in (TO_CLIENT, TO_SERVER):
@@ -66,7 +89,7 @@ def normal(actions: list, session: PostgresSession) -> list:
             out.append((kind, payload[0], list(payload[1].items())))
         elif kind == DECIDE:
             # answered like the shell does; the same as a session deciding inline gives
-            out += normal(session.resume(verdicts_for(payload.sql)), session)
+            out += _actions(session.resume(verdicts_for(payload.sql)), session)
         else:
             out.append((kind, payload))
     return out
@@ -128,7 +151,7 @@ client_message = st.one_of(
     st.builds(lambda k, n: P.build_describe(k, n), st.sampled_from(["S", "P"]), names),
     st.builds(lambda k, n: P.build_close(k, n), st.sampled_from(["S", "P"]), names),
     st.just(P.SYNC), st.just(P.SYNC), st.just(b"H\0\0\0\4"),
-    st.builds(P.build_query, st.sampled_from(["SELECT 1", "SELECT 1; SELECT 2", "DELETE FROM forbidden"])),
+    st.builds(P.build_query, st.sampled_from(["SELECT 1", "SELECT 2", "SELECT 1; SELECT 2", "DELETE FROM forbidden"])),
     st.just(_cstr_msg(b"E", b"p1")),                      # Execute without its NUL
     st.just(b"B\0\0\0\x0b\0s1\0\xff\xff\0"),              # malformed Bind
     st.just(b"d\0\0\0\x06ab"), st.just(b"c\0\0\0\4"),
@@ -310,8 +333,6 @@ def test_server_reads_outside_the_steady_state_are_left_to_python(attr, value):
 
 
 # ---- statement shapes -------------------------------------------------------------------------
-
-from enforcer import sqlclass  # noqa: E402
 
 SQL_CHARS = "0123456789.eE+-$_ aZx(),;=*/'\"\\\x01\0é\n"
 
