@@ -23,8 +23,10 @@ class SpoolSink:
         from agent.config import SpoolConfig
         self.writer = RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(self.dir, "state"),
                                    self.spool, batch_max_delay=SpoolConfig(path="").flush_interval)
-        # the writer's own emit, as the agent hands it to the enforcers (agent.events.fanout)
+        # the writer's own emit and per-session emitter, as the agent hands them to the
+        # enforcers (agent.events.fanout gives them the writer itself)
         self.emit = self.writer.emit
+        self.emitter = self.writer.emitter
 
     @property
     def count(self) -> int:

@@ -82,9 +82,11 @@ class ConnectionContext:
 
     def __post_init__(self) -> None:
         if self.sink is not None:
-            # emit() as a C-level partial: no Python frame between the enforcer and its sink on
-            # a call made for every statement and request
-            self.emit = functools.partial(self.sink.emit, session_id=self.session_id)
+            # emit() bound in C (the record writer's own emitter, else a partial): no Python
+            # frame between the enforcer and its sink on a call made for every statement and request
+            emitter = getattr(self.sink, "emitter", None)
+            self.emit = (emitter(self.session_id) if emitter is not None
+                         else functools.partial(self.sink.emit, session_id=self.session_id))
 
     def emit(self, event_type: str, fields: dict) -> None:
         self.sink.emit(event_type, fields, session_id=self.session_id)

@@ -814,18 +814,128 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* ---- Emitter: RecordWriter.emit bound to one session, for the enforcers' per-event calls ----
+ * Emitter(writer, session_id)(event_type, fields) seals into writer._open (a Builder) as the
+ * writer's own emit does, without a Python frame; whenever that batch does not take the event
+ * (closed, full, none open, not native, an encoding to repair) it calls writer.emit, which
+ * decides everything else. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *writer, *sid;
+    vectorcallfunc vectorcall;
+} Emitter;
+
+static PyObject *str_open, *str_emit, *str_session_id;
+
+static PyObject *Emitter_vectorcall(Emitter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "emit(event_type, fields) takes 2 positional arguments");
+        return NULL;
+    }
+    PyObject *batch = PyObject_GetAttr(self->writer, str_open);
+    if (!batch) return NULL;
+    if (PyObject_TypeCheck(batch, &BuilderType)) {
+        PyObject *call[3] = {self->sid, args[0], args[1]};
+        PyObject *taken = Builder_emit((Builder *)batch, call, 3);
+        Py_DECREF(batch);
+        if (taken == Py_True) {
+            Py_DECREF(taken);
+            Py_RETURN_NONE;
+        }
+        if (!taken) {
+            if (!EncodingErrorType || !PyErr_ExceptionMatches(EncodingErrorType)) return NULL;
+            PyErr_Clear();      /* the writer repairs what cannot be encoded */
+        } else {
+            Py_DECREF(taken);
+        }
+    } else {
+        Py_DECREF(batch);
+    }
+    PyObject *emit = PyObject_GetAttr(self->writer, str_emit);
+    if (!emit) return NULL;
+    PyObject *call[4] = {NULL, args[0], args[1], self->sid};
+    PyObject *names = PyTuple_Pack(1, str_session_id);
+    PyObject *out = names ? PyObject_Vectorcall(emit, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, names) : NULL;
+    Py_XDECREF(names);
+    Py_DECREF(emit);
+    return out;
+}
+
+static PyObject *Emitter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *writer, *sid;
+    if (!PyArg_ParseTuple(args, "OO:Emitter", &writer, &sid)) return NULL;
+    Emitter *self = (Emitter *)type->tp_alloc(type, 0);
+    if (!self) return NULL;
+    Py_INCREF(writer); self->writer = writer;
+    Py_INCREF(sid); self->sid = sid;
+    self->vectorcall = (vectorcallfunc)Emitter_vectorcall;
+    return (PyObject *)self;
+}
+
+static int Emitter_traverse(Emitter *self, visitproc visit, void *arg) {
+    Py_VISIT(self->writer); Py_VISIT(self->sid);
+    return 0;
+}
+
+static int Emitter_clear(Emitter *self) {
+    Py_CLEAR(self->writer); Py_CLEAR(self->sid);
+    return 0;
+}
+
+static void Emitter_dealloc(Emitter *self) {
+    PyObject_GC_UnTrack(self);
+    Emitter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Emitter_get_session_id(Emitter *self, void *unused) {
+    Py_INCREF(self->sid);
+    return self->sid;
+}
+
+static PyGetSetDef Emitter_getset[] = {
+    {"session_id", (getter)Emitter_get_session_id, NULL, "the session every event is recorded under", NULL},
+    {NULL},
+};
+
+static PyTypeObject EmitterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "records._seal.Emitter",
+    .tp_basicsize = sizeof(Emitter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Emitter(writer, session_id)(event_type, fields): writer.emit(..., session_id=session_id).",
+    .tp_new = Emitter_new,
+    .tp_dealloc = (destructor)Emitter_dealloc,
+    .tp_traverse = (traverseproc)Emitter_traverse,
+    .tp_clear = (inquiry)Emitter_clear,
+    .tp_vectorcall_offset = offsetof(Emitter, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getset = Emitter_getset,
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "records._seal",
     "Native canonical encoding and chain hashing of events (see records/codec.py).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__seal(void) {
-    if (PyType_Ready(&BuilderType) < 0) return NULL;
+    if (PyType_Ready(&BuilderType) < 0 || PyType_Ready(&EmitterType) < 0) return NULL;
+    if (!(str_open = PyUnicode_InternFromString("_open")) || !(str_emit = PyUnicode_InternFromString("emit"))
+        || !(str_session_id = PyUnicode_InternFromString("session_id")))
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     Py_INCREF(&BuilderType);
     if (PyModule_AddObject(m, "Builder", (PyObject *)&BuilderType) < 0) {
         Py_DECREF(&BuilderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&EmitterType);
+    if (PyModule_AddObject(m, "Emitter", (PyObject *)&EmitterType) < 0) {
+        Py_DECREF(&EmitterType);
         Py_DECREF(m);
         return NULL;
     }

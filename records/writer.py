@@ -27,6 +27,7 @@ along, so numbering stays gapless and monotonic across restarts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -129,6 +130,14 @@ class RecordWriter:
         os.replace(temp, os.path.join(self.state_dir, _STATE_FILE))
 
     # -- producer side -----------------------------------------------------------------
+    def emitter(self, session_id: str | None):
+        """emit() bound to one session: `emitter(sid)(event_type, fields)`. Native builds give a C
+        callable that seals into the open batch without a Python frame and hands every other
+        case (cut, full, closed, an encoding to repair) to emit()."""
+        if NATIVE:
+            return _native.Emitter(self, session_id)
+        return functools.partial(self.emit, session_id=session_id)
+
     def emit(self, event_type: str, fields: dict, session_id: str | None = None) -> None:
         batch = self._open
         if batch is not None and NATIVE:

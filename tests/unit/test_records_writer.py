@@ -301,3 +301,90 @@ def test_an_event_outside_the_schema_is_refused_on_either_path_and_leaves_no_gap
     assert [e["f"] for e in events] == [{"rows": 1}, {"rows": 3, "x_bogus": 1}]
     assert verify_batches(frames(spool), key.public_key()).ok
     writer.close()
+
+
+def _record_through(tmp_path, name, events, how, batch_max_events):
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / name / "spool"))
+    writer = RecordWriter("agent-e", key, str(tmp_path / name / "state"), spool,
+                          batch_max_events=batch_max_events, batch_max_delay=5)
+    emitters = {}
+    for sid, event_type, fields in events:
+        if how == "emit":
+            writer.emit(event_type, fields, session_id=sid)
+        else:
+            if sid not in emitters:
+                emitters[sid] = writer.emitter(sid)
+            emitters[sid](event_type, fields)
+    writer.flush()
+    writer.close()
+    got = [(e["seq"], e["sid"], e["type"], e["f"]) for f in frames(spool) for e in decode_batch(f).events]
+    assert verify_batches(frames(spool), key.public_key()).ok
+    spool.close()
+    return got
+
+
+class _Opaque:
+    def __str__(self):
+        return "opaque"
+
+
+def test_a_session_emitter_records_exactly_what_emit_records(tmp_path):
+    """writer.emitter(sid) is the enforcers' per-event path (C when native): across batch cuts,
+    with several sessions and with values that need repair, the chain holds what emit() gives."""
+    events = []
+    for n in range(40):
+        sid = f"s{n % 3}"
+        events.append((sid, "pg.statement", {"text": f"SELECT {n}", "params": [str(n)], "statement_index": n}))
+        events.append((sid, "pg.result", {"rows": n, "command_tag": "SELECT 1", "error": None}))
+        if n % 13 == 0:
+            events.append((sid, "agent.alert", {"kind": "probe", "detail": {"obj": _Opaque()}}))
+    for batch_max_events in (7, 10_000):
+        via_emit = _record_through(tmp_path, f"emit{batch_max_events}", events, "emit", batch_max_events)
+        via_emitter = _record_through(tmp_path, f"emitter{batch_max_events}", events, "emitter",
+                                      batch_max_events)
+        assert via_emitter == via_emit
+        assert len(via_emit) == len(events) + 4      # each repaired event adds its alert
+        assert {sid for _, sid, _, _ in via_emit} == {"s0", "s1", "s2"}
+
+
+def test_a_session_emitter_refuses_what_emit_refuses(tmp_path):
+    import pytest
+
+    from records.schema import SchemaError
+    from records.writer import RecordBacklogFull
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"), max_bytes=150_000, segment_bytes=64 << 10)
+    writer = RecordWriter("agent-r", key, str(tmp_path / "state"), spool, batch_max_events=50,
+                          batch_max_delay=0.01, backlog_cap=120)
+    emit = writer.emitter("s1")
+    emit("pg.result", {"rows": 1})                   # opens a batch: the next ones take the C path
+    with pytest.raises(SchemaError, match="unknown field 'bogus'"):
+        emit("pg.result", {"rows": 2, "bogus": 1})
+    with pytest.raises(TypeError):
+        emit("pg.result")
+    fill_until_full(writer, "y", 25)
+    time.sleep(0.1)
+    with pytest.raises(RecordBacklogFull):
+        for extra in range(500):
+            emit("pg.statement", {"text": f"while full {extra}"})
+            if extra % 10 == 0:
+                time.sleep(0.02)
+    for ref, _ in list(spool.pending()):
+        spool.ack(ref)
+    writer.close()
+    spool.close()
+
+
+def test_the_emitter_is_native_when_the_writer_is():
+    import os
+    import subprocess
+    import sys
+    code = ("from records.writer import RecordWriter; import functools, records.codec as c; "
+            "print(type(RecordWriter.emitter(object.__new__(RecordWriter), 's')).__name__, c.NATIVE)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for env_value, want in (("1", "partial False"), ("0", "Emitter True")):
+        env = dict(os.environ, WARDEN_PURE_PYTHON=env_value)
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == want
