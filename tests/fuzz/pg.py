@@ -106,8 +106,12 @@ def boundaries_of(data: bytes, typed: bool = True) -> list[int]:
 class Driver:
     """Runs one PostgresSession like the proxy does and checks every action it returns."""
 
-    def __init__(self, deny_every: int = 0):
-        self.session = S.PostgresSession(identity="fuzz", target="db", max_message_bytes=1 << 20)
+    def __init__(self, deny_every: int = 0, inline: bool = False):
+        # inline: the session decides through `decide` as under the proxy (with the proxy's
+        # reuse of one verdict per text, so the C lane sees record templates); else DECIDE actions
+        self.session = S.PostgresSession(identity="fuzz", target="db", max_message_bytes=1 << 20,
+                                         decide=self._decide if inline else None)
+        self._memo: dict = {}
         self.to_server = bytearray()
         self.to_client = bytearray()
         self.closed = False
@@ -140,9 +144,7 @@ class Driver:
                     raise PropertyViolation(f"forwarded startup packet of kind {pkt.kind}")
                 self.upstream = True
             elif kind == S.DECIDE:
-                self.decisions += 1
-                allowed = not (self.deny_every and self.decisions % self.deny_every == 0)
-                actions[i + 1:i + 1] = self.session.resume([S.Verdict(allowed, payload.sql)])
+                actions[i + 1:i + 1] = self.session.resume(self._verdicts(payload.sql))
             elif kind == S.CLOSE:
                 if payload != "cancel_request":
                     self._check_error_before_close()
@@ -150,6 +152,16 @@ class Driver:
             elif kind == S.START_CLIENT_TLS:
                 raise PropertyViolation("TLS started although the session was told none is available")
             i += 1
+
+    def _verdicts(self, sql: str) -> list:
+        self.decisions += 1
+        allowed = not (self.deny_every and self.decisions % self.deny_every == 0)
+        return [S.Verdict(allowed, sql)]
+
+    def _decide(self, sql: str) -> list:
+        if sql not in self._memo:
+            self._memo[sql] = self._verdicts(sql)
+        return self._memo[sql]
 
     def _check_error_before_close(self) -> None:
         msgs, rest = P.split_messages(bytes(self.to_client))
@@ -182,9 +194,9 @@ class Driver:
         self.to_client.clear()      # the handshake's own output is checked by check_framing in its run
 
 
-def fuzz_client_bytes(chunks: list[bytes], ready: bool = True, deny_every: int = 0) -> bool:
+def fuzz_client_bytes(chunks: list[bytes], ready: bool = True, deny_every: int = 0, inline: bool = False) -> bool:
     """Client bytes into a session (READY, or from the very first byte). True if it was closed."""
-    d = Driver(deny_every)
+    d = Driver(deny_every, inline)
     if ready:
         d.handshake()
     for chunk in chunks:
@@ -244,7 +256,8 @@ def mutation_target(name: str, n: int, seed: int) -> Stats:
                 data = mutate(rng, base, boundaries_of(base, typed=name != "pg_client_mutated"), corpus=startups)
             chunks = split_points(rng, data)
             if name == "pg_client_mutated":
-                run_one(stats, lambda c: fuzz_client_bytes(c, ready, deny_every=rng.choice((0, 2))), chunks)
+                run_one(stats, lambda c: fuzz_client_bytes(c, ready, deny_every=rng.choice((0, 2)),
+                                                           inline=rng.random() < 0.5), chunks)
             else:
                 run_one(stats, lambda c: fuzz_server_bytes(c, ready), chunks)
     return stats
@@ -341,7 +354,12 @@ def damaged(draw, message_strategy):
 def hypothesis_target(name: str, n: int) -> Stats:
     stats = Stats(name)
     strategy = damaged(client_message() if name == "pg_client_generated" else server_message())
-    fn = fuzz_client_bytes if name == "pg_client_generated" else fuzz_server_bytes
+    if name == "pg_client_generated":
+        # half the inputs decided inline, as under the proxy (which half: by the number of reads)
+        def fn(chunks):
+            return fuzz_client_bytes(chunks, inline=len(chunks) % 2 == 0)
+    else:
+        fn = fuzz_server_bytes
 
     @settings(max_examples=n, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
