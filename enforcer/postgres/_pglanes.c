@@ -941,6 +941,100 @@ done:
     return result;
 }
 
+/* ---- the shell's steady state ---------------------------------------------------------------- */
+
+static PyObject *s_write, *s_writelines, *s_is_closing;
+
+/* the bytes of `count` write actions of `kind` in `actions` to `transport`, in one call, unless
+ * it is closing (proxy._Connection._write for one leg) */
+static int write_leg(PyObject *actions, Py_ssize_t n, PyObject *kind, Py_ssize_t count, PyObject *transport) {
+    if (count == 0)
+        return 0;
+    PyObject *closing = PyObject_CallMethodNoArgs(transport, s_is_closing);
+    if (closing == NULL)
+        return -1;
+    int is_closing = PyObject_IsTrue(closing);
+    Py_DECREF(closing);
+    if (is_closing)
+        return is_closing < 0 ? -1 : 0;
+    PyObject *r;
+    if (count == 1) {
+        PyObject *data = NULL;
+        for (Py_ssize_t i = 0; i < n && data == NULL; i++) {
+            PyObject *a = PyList_GET_ITEM(actions, i);
+            if (PyTuple_GET_ITEM(a, 0) == kind)
+                data = PyTuple_GET_ITEM(a, 1);
+        }
+        r = PyObject_CallMethodOneArg(transport, s_write, data);
+    } else {
+        PyObject *parts = PyList_New(0);
+        if (parts == NULL)
+            return -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *a = PyList_GET_ITEM(actions, i);
+            if (PyTuple_GET_ITEM(a, 0) == kind && PyList_Append(parts, PyTuple_GET_ITEM(a, 1)) < 0) {
+                Py_DECREF(parts);
+                return -1;
+            }
+        }
+        r = PyObject_CallMethodOneArg(transport, s_writelines, parts);
+        Py_DECREF(parts);
+    }
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+/* apply_steady(actions, emit, server_transport, client_transport) -> bool: proxy._Connection._apply
+ * for a list of only EVENT, TO_SERVER and TO_CLIENT actions: every event recorded in order
+ * (emit(type, fields); an exception stops here, before any write, as there), then each leg's bytes
+ * written with one call. False, with nothing done, for any other list. */
+static PyObject *apply_steady(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "apply_steady(actions: list, emit, server_transport, client_transport)");
+        return NULL;
+    }
+    PyObject *actions = args[0], *emit = args[1];
+    Py_ssize_t n = PyList_GET_SIZE(actions), to_server = 0, to_client = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *a = PyList_GET_ITEM(actions, i);
+        if (!PyTuple_CheckExact(a) || PyTuple_GET_SIZE(a) != 2)
+            Py_RETURN_FALSE;
+        PyObject *kind = PyTuple_GET_ITEM(a, 0);
+        if (kind == ToServer)
+            to_server++;
+        else if (kind == ToClient)
+            to_client++;
+        else if (kind != EventKind)
+            Py_RETURN_FALSE;
+        else {
+            PyObject *payload = PyTuple_GET_ITEM(a, 1);
+            if (!PyTuple_CheckExact(payload) || PyTuple_GET_SIZE(payload) != 2)
+                Py_RETURN_FALSE;
+        }
+    }
+    Py_INCREF(actions);     /* emit runs Python code */
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < n && !failed; i++) {
+        PyObject *a = PyList_GET_ITEM(actions, i);
+        if (PyTuple_GET_ITEM(a, 0) != EventKind)
+            continue;
+        PyObject *payload = PyTuple_GET_ITEM(a, 1);
+        PyObject *r = PyObject_Vectorcall(emit, &PyTuple_GET_ITEM(payload, 0), 2, NULL);
+        if (r == NULL)
+            failed = 1;
+        Py_XDECREF(r);
+    }
+    if (!failed && (write_leg(actions, n, ToServer, to_server, args[2]) < 0 ||
+                    write_leg(actions, n, ToClient, to_client, args[3]) < 0))
+        failed = 1;
+    Py_DECREF(actions);
+    if (failed)
+        return NULL;
+    Py_RETURN_TRUE;
+}
+
 /* ---- statement shapes ------------------------------------------------------------------------ */
 
 static inline int is_digit(int c) { return c >= '0' && c <= '9'; }
@@ -1038,6 +1132,8 @@ static PyMethodDef methods[] = {
      "configure(Portal, Result, bind_expect, sync_expect, EVENT, not_executed_message, TO_SERVER, TO_CLIENT, READY)"},
     {"number_shape", number_shape, METH_O,
      "number_shape(sql) -> sqlclass.statement_shape(sql) for a quote-free ASCII text, else None"},
+    {"apply_steady", (PyCFunction)(void (*)(void))apply_steady, METH_FASTCALL,
+     "apply_steady(actions, emit, server_transport, client_transport) -> bool: the shell's steady state"},
     {"feed_client", (PyCFunction)(void (*)(void))feed_client, METH_FASTCALL,
      "feed_client(session, data) -> actions, or None when the read is not one the lane starts on"},
     {"feed_server", (PyCFunction)(void (*)(void))feed_server, METH_FASTCALL,
@@ -1104,6 +1200,9 @@ PyMODINIT_FUNC PyInit__pglanes(void) {
     INTERN(s_process_messages, "_process_messages");
     INTERN(s_server_from, "_server_from");
     INTERN(s_decide, "decide");
+    INTERN(s_write, "write");
+    INTERN(s_writelines, "writelines");
+    INTERN(s_is_closing, "is_closing");
     INTERN(s_allowed, "allowed");
     INTERN(s_simple_record, "simple_record");
     INTERN(PgStatement, "pg.statement");

@@ -26,10 +26,15 @@ from ..policy.cachekeys import cache_base
 from ..sqlclass import reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
 from . import protocol as P
+from . import session as session_module
 from .broker import BrokerFailure, authenticate_client, authenticate_upstream, is_loopback_peer
 from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSAGE_BYTES, EVENT,
                       READY, REGISTER_CANCEL_KEY, START_CLIENT_TLS, TO_CLIENT, TO_SERVER,
                       DecisionRequest, PostgresSession, Verdict)
+
+# _apply for reads that produced only records and bytes (the steady state), in C when the session
+# uses its C lanes (enforcer/postgres/_pglanes.c; not under WARDEN_PURE_PYTHON=1)
+_apply_steady = session_module._lanes.apply_steady if session_module._lanes is not None else None
 
 READ_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
@@ -664,7 +669,8 @@ class _Connection:
         session = self.session
         try:
             actions = session.feed_client(data)
-            if actions:
+            if actions and not (_apply_steady is not None and _apply_steady(
+                    actions, self.ctx.emit, self.swriter.transport, self.cwriter.transport)):
                 self._apply(actions)
             if session.terminated:
                 self._finish("client_terminated")
@@ -676,7 +682,8 @@ class _Connection:
             return
         try:
             actions = self.session.feed_server(data)
-            if actions:
+            if actions and not (_apply_steady is not None and _apply_steady(
+                    actions, self.ctx.emit, self.swriter.transport, self.cwriter.transport)):
                 self._apply(actions)
         except Exception as e:
             self._fail(e)

@@ -368,3 +368,80 @@ def test_number_shape_cases(sql, want):
     assert native.number_shape(sql) == want
     if want is not None:
         assert python_shape(sql) == want
+
+
+# ---- the shell's steady state -----------------------------------------------------------------
+
+class FakeTransport:
+    def __init__(self, closing=False):
+        self.closing = closing
+        self.calls = []
+
+    def write(self, data):
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, parts):
+        self.calls.append(("writelines", [bytes(p) for p in parts]))
+
+    def is_closing(self):
+        return self.closing
+
+
+def python_apply(actions, emit, server, client):
+    """proxy._Connection._apply, run on a connection holding only what it uses here."""
+    from enforcer.context import ConnectionContext
+    from enforcer.postgres.proxy import _Connection
+
+    class Writer:
+        def __init__(self, transport):
+            self.transport = transport
+    conn = object.__new__(_Connection)
+    conn.ctx = object.__new__(ConnectionContext)
+    conn.ctx.emit = emit
+    conn.swriter, conn.cwriter = Writer(server), Writer(client)
+    conn._apply(actions)
+
+
+steady_action = st.one_of(
+    st.builds(lambda d: (TO_SERVER, d), st.binary(min_size=1, max_size=6)),
+    st.builds(lambda d: (TO_CLIENT, d), st.binary(min_size=1, max_size=6)),
+    st.builds(lambda t, n: (EVENT, (t, {"n": n})), st.sampled_from(["pg.statement", "pg.result"]), st.integers()),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(steady_action, max_size=8), st.booleans(), st.booleans())
+def test_apply_steady_does_what_the_shell_does(actions, server_closing, client_closing):
+    runs = []
+    for use_c in (True, False):
+        events, server, client = [], FakeTransport(server_closing), FakeTransport(client_closing)
+        emit = lambda t, f: events.append((t, f))  # noqa: E731
+        if use_c:
+            assert native.apply_steady(list(actions), emit, server, client) is True
+        else:
+            python_apply(list(actions), emit, server, client)
+        runs.append((events, server.calls, client.calls))
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("other", [(DECIDE, None), (S.CLOSE, "done"), (S.REGISTER_CANCEL_KEY, (1, b"k", 2, b"k")),
+                                   (EVENT, ("pg.result",)), ("junk",)])
+def test_apply_steady_leaves_any_other_list_untouched(other):
+    events, server = [], FakeTransport()
+    actions = [(EVENT, ("pg.result", {"rows": 1})), (TO_SERVER, b"x"), other]
+    assert native.apply_steady(actions, lambda t, f: events.append(t), server, FakeTransport()) is False
+    assert events == [] and server.calls == []
+
+
+def test_apply_steady_writes_nothing_when_a_record_cannot_be_taken():
+    class Refused(Exception):
+        pass
+
+    def emit(t, f):
+        if f["n"] == 2:
+            raise Refused("backlog full")
+    server = FakeTransport()
+    with pytest.raises(Refused):
+        native.apply_steady([(EVENT, ("pg.statement", {"n": 1})), (TO_SERVER, b"a"),
+                             (EVENT, ("pg.statement", {"n": 2}))], emit, server, FakeTransport())
+    assert server.calls == []
