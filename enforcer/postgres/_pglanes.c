@@ -1,18 +1,23 @@
-/* The steady-state message loops of enforcer/postgres/session.py without the interpreter per
- * message: the Bind/Execute/Sync a client sends for each execution of a prepared statement,
- * and the BindComplete/DataRow/CommandComplete/ReadyForQuery the server answers with.
+/* The steady state of enforcer/postgres/session.py and proxy.py without the interpreter per
+ * message: the Bind/Execute/Sync a client sends for each execution of a prepared statement, the
+ * simple queries its decider allows at once, and the BindComplete/RowDescription/DataRow/
+ * CommandComplete/ReadyForQuery the server answers with.
  *
  * client_lane(session, buf, pos, limit, out) -> pos
  * server_lane(session, buf, pos, out) -> pos
+ * feed_client(session, data), feed_server(session, data) -> actions, or None
+ * apply_steady(actions, emit, server_transport, client_transport) -> bool
+ * number_shape(sql) -> shape, or None
  *
- * Each takes over PostgresSession._process_messages / _process_server only for messages that
- * are forwarded unchanged when the target has no masking rules, and returns at the first
- * message it leaves to the Python loop (anything else, anything malformed, anything needing a
- * decision, an error or an injected reply), which then goes on from there. The Python loop is
- * the reference: same actions in `out`, same records (fields in the same order), the same
- * session state and the same calls of session.clock(); tests/unit/test_pg_lanes.py drives both
- * with the same byte streams. The caller checks the session-wide preconditions (ready phase,
- * no masking, nothing withheld or discarded).
+ * The lanes take over PostgresSession._process_messages / _process_server only for messages
+ * that are forwarded unchanged when the target has no masking rules, and return at the first
+ * message they leave to the Python loop (anything else, anything malformed, a denial, an
+ * approval, an error or an injected reply), which then goes on from there; feed_* run them on
+ * a whole read of a session in its steady state. The Python code is the reference: the same
+ * bytes to each leg, the same records (fields in the same order), the same session state and
+ * the same calls of session.clock(); tests/unit/test_pg_lanes.py drives both with the same
+ * byte streams. The callers check the session-wide preconditions (ready phase, no masking,
+ * nothing buffered, withheld or discarded).
  *
  * The GIL is held throughout: the session's objects are ordinary Python objects. */
 #define PY_SSIZE_T_CLEAN

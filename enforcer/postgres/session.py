@@ -551,7 +551,8 @@ class PostgresSession:
         if pos is None:
             pos = 0
             if ready and _lanes is not None and self.masking is None and not self._discard_until_sync:
-                # the executions of prepared statements in C, up to the first message that needs more
+                # the steady state in C (executions of prepared statements, queries decided at
+                # once), up to the first message that needs more
                 pos = _lanes.client_lane(self, buf, 0, limit, out)
         while n - pos >= 5:
             t = buf[pos]
