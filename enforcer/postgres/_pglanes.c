@@ -6,7 +6,7 @@
  * client_lane(session, buf, pos, limit, out) -> pos
  * server_lane(session, buf, pos, out) -> pos
  * feed_client(session, data), feed_server(session, data) -> actions, or None
- * apply_steady(actions, emit, server_transport, client_transport) -> bool
+ * apply_steady(emit, server_transport, client_transport, actions) -> bool
  * number_shape(sql) -> shape, or None
  *
  * The lanes take over PostgresSession._process_messages / _process_server only for messages
@@ -991,16 +991,16 @@ static int write_leg(PyObject *actions, Py_ssize_t n, PyObject *kind, Py_ssize_t
     return 0;
 }
 
-/* apply_steady(actions, emit, server_transport, client_transport) -> bool: proxy._Connection._apply
+/* apply_steady(emit, server_transport, client_transport, actions) -> bool: proxy._Connection._apply
  * for a list of only EVENT, TO_SERVER and TO_CLIENT actions: every event recorded in order
  * (emit(type, fields); an exception stops here, before any write, as there), then each leg's bytes
  * written with one call. False, with nothing done, for any other list. */
 static PyObject *apply_steady(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyList_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "apply_steady(actions: list, emit, server_transport, client_transport)");
+    if (nargs != 4 || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "apply_steady(emit, server_transport, client_transport, actions: list)");
         return NULL;
     }
-    PyObject *actions = args[0], *emit = args[1];
+    PyObject *actions = args[3], *emit = args[0];
     Py_ssize_t n = PyList_GET_SIZE(actions), to_server = 0, to_client = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyList_GET_ITEM(actions, i);
@@ -1031,8 +1031,8 @@ static PyObject *apply_steady(PyObject *module, PyObject *const *args, Py_ssize_
             failed = 1;
         Py_XDECREF(r);
     }
-    if (!failed && (write_leg(actions, n, ToServer, to_server, args[2]) < 0 ||
-                    write_leg(actions, n, ToClient, to_client, args[3]) < 0))
+    if (!failed && (write_leg(actions, n, ToServer, to_server, args[1]) < 0 ||
+                    write_leg(actions, n, ToClient, to_client, args[2]) < 0))
         failed = 1;
     Py_DECREF(actions);
     if (failed)
@@ -1138,7 +1138,7 @@ static PyMethodDef methods[] = {
     {"number_shape", number_shape, METH_O,
      "number_shape(sql) -> sqlclass.statement_shape(sql) for a quote-free ASCII text, else None"},
     {"apply_steady", (PyCFunction)(void (*)(void))apply_steady, METH_FASTCALL,
-     "apply_steady(actions, emit, server_transport, client_transport) -> bool: the shell's steady state"},
+     "apply_steady(emit, server_transport, client_transport, actions) -> bool: the shell's steady state"},
     {"feed_client", (PyCFunction)(void (*)(void))feed_client, METH_FASTCALL,
      "feed_client(session, data) -> actions, or None when the read is not one the lane starts on"},
     {"feed_server", (PyCFunction)(void (*)(void))feed_server, METH_FASTCALL,

@@ -16,6 +16,7 @@ session, whose startup continues inside TLS.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -32,9 +33,13 @@ from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSA
                       READY, REGISTER_CANCEL_KEY, START_CLIENT_TLS, TO_CLIENT, TO_SERVER,
                       DecisionRequest, PostgresSession, Verdict)
 
-# _apply for reads that produced only records and bytes (the steady state), in C when the session
-# uses its C lanes (enforcer/postgres/_pglanes.c; not under WARDEN_PURE_PYTHON=1)
+# _Connection._apply for reads that produced only records and bytes (the steady state), in C when
+# the session uses its C lanes (enforcer/postgres/_pglanes.c; not under WARDEN_PURE_PYTHON=1)
 _apply_steady = session_module._lanes.apply_steady if session_module._lanes is not None else None
+
+
+def _not_steady(actions: list) -> bool:
+    return False
 
 READ_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
@@ -641,6 +646,9 @@ class _Connection:
         # a leg that already failed or closed under the stream gets no more callbacks
         ceof = ceof or ct.is_closing() or self.creader.exception() is not None
         seof = seof or st.is_closing() or self.sreader.exception() is not None
+        # _apply for reads that produced only records and bytes, in C when built; False: not such a read
+        self._apply_steady = (functools.partial(_apply_steady, self.ctx.emit, st, ct) if _apply_steady is not None
+                              else _not_steady)
         self._cleg, self._sleg = _Leg(self, True), _Leg(self, False)
         for transport, leg, reader, writer in ((ct, self._cleg, self.creader, self.cwriter),
                                                 (st, self._sleg, self.sreader, self.swriter)):
@@ -669,8 +677,7 @@ class _Connection:
         session = self.session
         try:
             actions = session.feed_client(data)
-            if actions and not (_apply_steady is not None and _apply_steady(
-                    actions, self.ctx.emit, self.swriter.transport, self.cwriter.transport)):
+            if actions and not self._apply_steady(actions):
                 self._apply(actions)
             if session.terminated:
                 self._finish("client_terminated")
@@ -682,8 +689,7 @@ class _Connection:
             return
         try:
             actions = self.session.feed_server(data)
-            if actions and not (_apply_steady is not None and _apply_steady(
-                    actions, self.ctx.emit, self.swriter.transport, self.cwriter.transport)):
+            if actions and not self._apply_steady(actions):
                 self._apply(actions)
         except Exception as e:
             self._fail(e)

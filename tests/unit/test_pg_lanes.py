@@ -417,7 +417,7 @@ def test_apply_steady_does_what_the_shell_does(actions, server_closing, client_c
         events, server, client = [], FakeTransport(server_closing), FakeTransport(client_closing)
         emit = lambda t, f: events.append((t, f))  # noqa: E731
         if use_c:
-            assert native.apply_steady(list(actions), emit, server, client) is True
+            assert native.apply_steady(emit, server, client, list(actions)) is True
         else:
             python_apply(list(actions), emit, server, client)
         runs.append((events, server.calls, client.calls))
@@ -429,7 +429,7 @@ def test_apply_steady_does_what_the_shell_does(actions, server_closing, client_c
 def test_apply_steady_leaves_any_other_list_untouched(other):
     events, server = [], FakeTransport()
     actions = [(EVENT, ("pg.result", {"rows": 1})), (TO_SERVER, b"x"), other]
-    assert native.apply_steady(actions, lambda t, f: events.append(t), server, FakeTransport()) is False
+    assert native.apply_steady(lambda t, f: events.append(t), server, FakeTransport(), actions) is False
     assert events == [] and server.calls == []
 
 
@@ -442,6 +442,6 @@ def test_apply_steady_writes_nothing_when_a_record_cannot_be_taken():
             raise Refused("backlog full")
     server = FakeTransport()
     with pytest.raises(Refused):
-        native.apply_steady([(EVENT, ("pg.statement", {"n": 1})), (TO_SERVER, b"a"),
-                             (EVENT, ("pg.statement", {"n": 2}))], emit, server, FakeTransport())
+        native.apply_steady(emit, server, FakeTransport(), [(EVENT, ("pg.statement", {"n": 1})), (TO_SERVER, b"a"),
+                                                            (EVENT, ("pg.statement", {"n": 2}))])
     assert server.calls == []
