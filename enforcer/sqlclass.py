@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from pglast import parser as _pg
+
+from .postgres.native import lanes as _native_lanes
 
 ACTIONS = (
     "pg:select", "pg:insert", "pg:update", "pg:delete", "pg:ddl", "pg:copy_out",
@@ -515,13 +516,8 @@ _CONSTANT_TOKENS = frozenset({"ICONST", "FCONST", "SCONST", "BCONST", "XCONST"})
 _CONSTANT_MARK = "\x01"
 
 # enforcer/postgres/_pglanes.c shapes the quote-free texts of the regex path without the regex
-# engine; WARDEN_PURE_PYTHON=1 keeps the regex
-try:
-    from .postgres._pglanes import number_shape as _number_shape
-except ImportError:
-    _number_shape = None
-if os.environ.get("WARDEN_PURE_PYTHON") == "1":
-    _number_shape = None
+# engine (when built: enforcer/postgres/native.py)
+_number_shape = _native_lanes.number_shape if _native_lanes is not None else None
 
 
 # The common case without a lexer pass: texts with no comment, dollar quote or backslash are

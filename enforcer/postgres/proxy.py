@@ -27,15 +27,15 @@ from ..policy.cachekeys import cache_base
 from ..sqlclass import reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
 from . import protocol as P
-from . import session as session_module
+from . import native
 from .broker import BrokerFailure, authenticate_client, authenticate_upstream, is_loopback_peer
 from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSAGE_BYTES, EVENT,
                       READY, REGISTER_CANCEL_KEY, START_CLIENT_TLS, TO_CLIENT, TO_SERVER,
                       DecisionRequest, PostgresSession, Verdict)
 
 # _Connection._apply for reads that produced only records and bytes (the steady state), in C when
-# the session uses its C lanes (enforcer/postgres/_pglanes.c; not under WARDEN_PURE_PYTHON=1)
-_apply_steady = session_module._lanes.apply_steady if session_module._lanes is not None else None
+# built (enforcer/postgres/native.py)
+_apply_steady = native.lanes.apply_steady if native.lanes is not None else None
 
 
 def _not_steady(actions: list) -> bool:

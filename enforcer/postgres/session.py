@@ -41,6 +41,7 @@ import time
 from typing import Any, Callable, Optional
 
 from ..masking.pgrow import MaskingRefused
+from . import native
 from . import protocol as P
 from .copyopts import copy_options
 
@@ -1190,14 +1191,8 @@ class PostgresSession:
         return self._terminated
 
 
-# enforcer/postgres/_pglanes.c: the steady-state loops above without the interpreter per message;
-# WARDEN_PURE_PYTHON=1 keeps the Python loops
-try:
-    from . import _pglanes as _lanes
-except ImportError:
-    _lanes = None
-if _lanes is not None and os.environ.get("WARDEN_PURE_PYTHON") == "1":
-    _lanes = None
+# enforcer/postgres/_pglanes.c: the steady-state loops above without the interpreter per message
+_lanes = native.lanes
 if _lanes is not None:
     _lanes.configure(_Portal, _Result, _BIND_EXPECT, _SYNC_EXPECT, EVENT, _NOT_EXECUTED, TO_SERVER, TO_CLIENT,
                      READY)
