@@ -835,6 +835,33 @@ static int append_write(PyObject *out, PyObject *kind, PyObject *data) {
     return rc;
 }
 
+/* The session's instance dict (a new reference) when `data` is a non-empty bytes read and the
+ * session is in the steady state a lane starts on: each keys[i] holds wants[i] and `empty_key`
+ * holds empty bytes. Otherwise NULL, with *steady 0 (nothing was changed) or -1 (an exception). */
+static PyObject *steady_session(PyObject *session, PyObject *data, PyObject *const keys[], PyObject *const wants[],
+                                int n, PyObject *empty_key, int *steady) {
+    *steady = 0;
+    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
+        return NULL;
+    PyObject *dict = session_dict(session);
+    if (dict == NULL) {
+        *steady = -1;
+        return NULL;
+    }
+    int ok = 1;
+    for (int i = 0; i < n && ok > 0; i++)
+        ok = holds(dict, keys[i], wants[i]);
+    if (ok > 0)
+        ok = holds_empty_bytes(dict, empty_key);
+    if (ok <= 0) {
+        Py_DECREF(dict);
+        *steady = ok;
+        return NULL;
+    }
+    *steady = 1;
+    return dict;
+}
+
 /* feed_client(session, data) -> actions, or None when the read is not one the lane starts on
  * (then nothing was changed): a ready session without masking, nothing buffered, held or
  * discarded. Messages the lane leaves are handed to session._process_messages. */
@@ -844,31 +871,17 @@ static PyObject *feed_client(PyObject *module, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     PyObject *session = args[0], *data = args[1];
-    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
-        Py_RETURN_NONE;
-    PyObject *dict = session_dict(session);
+    PyObject *const keys[] = {s_phase, s_masking, s_pending, s_cbig, s_discard_until_sync};
+    PyObject *const wants[] = {Ready, Py_None, Py_None, Py_None, Py_False};
+    int steady;
+    PyObject *dict = steady_session(session, data, keys, wants, 5, s_cbuf, &steady);
     if (dict == NULL)
-        return NULL;
+        return steady < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *out = NULL, *result = NULL;
-    int ok = holds(dict, s_phase, Ready);
-    if (ok > 0)
-        ok = holds(dict, s_masking, Py_None);
-    if (ok > 0)
-        ok = holds(dict, s_pending, Py_None);
-    if (ok > 0)
-        ok = holds(dict, s_cbig, Py_None);
-    if (ok > 0)
-        ok = holds(dict, s_discard_until_sync, Py_False);
-    if (ok > 0)
-        ok = holds_empty_bytes(dict, s_cbuf);
-    PyObject *limit_obj = ok > 0 ? dict_item(dict, s_max_message_bytes) : NULL;
+    PyObject *limit_obj = dict_item(dict, s_max_message_bytes);
     long long limit = limit_obj == NULL ? -1 : PyLong_AsLongLong(limit_obj);
-    if (ok < 0 || PyErr_Occurred())
+    if (limit_obj == NULL || PyErr_Occurred())
         goto done;
-    if (ok == 0 || limit_obj == NULL) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     if (add_to_item(dict, s_bytes_in, n) < 0 || (out = PyList_New(0)) == NULL)
         goto done;
@@ -904,27 +917,13 @@ static PyObject *feed_server(PyObject *module, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     PyObject *session = args[0], *data = args[1];
-    if (!PyBytes_CheckExact(data) || PyBytes_GET_SIZE(data) == 0)
-        Py_RETURN_NONE;
-    PyObject *dict = session_dict(session);
+    PyObject *const keys[] = {s_phase, s_masking, s_withhold, s_sbig};
+    PyObject *const wants[] = {Ready, Py_None, Py_False, Py_None};
+    int steady;
+    PyObject *dict = steady_session(session, data, keys, wants, 4, s_sbuf, &steady);
     if (dict == NULL)
-        return NULL;
+        return steady < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *out = NULL, *result = NULL;
-    int ok = holds(dict, s_phase, Ready);
-    if (ok > 0)
-        ok = holds(dict, s_masking, Py_None);
-    if (ok > 0)
-        ok = holds(dict, s_withhold, Py_False);
-    if (ok > 0)
-        ok = holds(dict, s_sbig, Py_None);
-    if (ok > 0)
-        ok = holds_empty_bytes(dict, s_sbuf);
-    if (ok < 0)
-        goto done;
-    if (ok == 0) {
-        result = Py_NewRef(Py_None);
-        goto done;
-    }
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     if ((out = PyList_New(0)) == NULL)
         goto done;
