@@ -298,16 +298,12 @@ def test_denied_statement_in_a_transaction_still_aborts_it_with_the_lanes():
         ("error", "denied"), ("statement_index", 3)]
 
 
-def test_pure_python_switch_turns_the_lanes_off(tmp_path):
-    import subprocess
-    import sys
-    code = "from enforcer.postgres import session; print(session._lanes is None)"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for env_value, want in (("1", "True"), ("0", "False")):
-        env = dict(os.environ, WARDEN_PURE_PYTHON=env_value)
-        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                             check=True)
-        assert out.stdout.strip() == want
+def test_pure_python_switch_turns_the_lanes_off():
+    from tests.native_switch import printed_with_pure_python
+    code = ("from enforcer.postgres import session, proxy; from enforcer import sqlclass; "
+            "print(session._lanes is None, proxy._apply_steady is None, sqlclass._number_shape is None)")
+    for env_value, want in (("1", "True True True"), ("0", "False False False")):
+        assert printed_with_pure_python(code, env_value) == want
 
 
 @pytest.mark.parametrize("attr, value", [("phase", "auth"), ("masking", object()), ("_pending", ("Q", b"", "")),

@@ -377,14 +377,8 @@ def test_a_session_emitter_refuses_what_emit_refuses(tmp_path):
 
 
 def test_the_emitter_is_native_when_the_writer_is():
-    import os
-    import subprocess
-    import sys
-    code = ("from records.writer import RecordWriter; import functools, records.codec as c; "
+    from tests.native_switch import printed_with_pure_python
+    code = ("from records.writer import RecordWriter; import records.codec as c; "
             "print(type(RecordWriter.emitter(object.__new__(RecordWriter), 's')).__name__, c.NATIVE)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for env_value, want in (("1", "partial False"), ("0", "Emitter True")):
-        env = dict(os.environ, WARDEN_PURE_PYTHON=env_value)
-        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                             check=True)
-        assert out.stdout.strip() == want
+        assert printed_with_pure_python(code, env_value) == want
