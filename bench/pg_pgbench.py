@@ -12,8 +12,10 @@ in-memory counter, to show what recording itself costs.
 
 The machine is small and shared, so every configuration is run in several interleaved
 rounds and the medians are reported: TPS, median per-transaction latency (from pgbench's
-per-transaction log), ratios, and the proxy's own CPU time per transaction (a steadier
-signal than TPS when other work competes for the cores). The last line is `BENCH {json}`.
+per-transaction log), the latency each path adds over direct (and Warden over the relay) as
+the median of per-round differences, ratios, and the proxy's own CPU time per transaction
+(a steadier signal than TPS when other work competes for the cores). The last line is
+`BENCH {json}`.
 
     .venv/bin/python bench/pg_pgbench.py [--seconds 3] [--rounds 3]
 """
@@ -291,11 +293,18 @@ def main():
         vals = [r[i] for r in runs[(mode, clients, name)] if r[i] is not None]
         return statistics.median(vals) if vals else None
 
+    def added(mode, clients, name, base="direct"):
+        # Latency a path adds over `base`, taken within each round (the two runs are seconds
+        # apart, so the machine's drift between rounds cancels) and then the median.
+        pairs = zip(runs[(mode, clients, name)], runs[(mode, clients, base)])
+        return statistics.median(a[1] - b[1] for a, b in pairs)
+
     print()
     print(f"medians of {args.rounds} rounds x {args.seconds} s")
     print(f"{'mode':9}{'c':>3}{'direct':>9}{'bouncer':>9}{'relay':>9}{'warden':>9}"
           f"{'w/relay':>9}{'w/direct':>9}{'w/bouncer':>10}"
-          f"{'med µs: direct':>16}{'bouncer':>8}{'relay':>7}{'warden':>7}{'added':>7}"
+          f"{'med µs: direct':>16}{'bouncer':>8}{'relay':>7}{'warden':>7}"
+          f"{'added µs: bouncer':>19}{'relay':>7}{'warden':>7}{'w-relay':>8}"
           f"{'cpu µs/tx: bouncer':>20}{'relay':>7}{'warden':>7}")
     summary = {}
     for mode in MODES:
@@ -312,9 +321,10 @@ def main():
                 "warden_vs_pgbouncer": round(tps["warden"] / tps["pgbouncer"], 3),
                 "relay_vs_direct": round(tps["relay"] / tps["direct"], 3),
                 "pgbouncer_vs_direct": round(tps["pgbouncer"] / tps["direct"], 3),
-                "warden_added_latency_us": round(lat["warden"] - lat["direct"], 1),
-                "pgbouncer_added_latency_us": round(lat["pgbouncer"] - lat["direct"], 1),
-                "relay_added_latency_us": round(lat["relay"] - lat["direct"], 1),
+                "warden_added_latency_us": round(added(mode, clients, "warden"), 1),
+                "pgbouncer_added_latency_us": round(added(mode, clients, "pgbouncer"), 1),
+                "relay_added_latency_us": round(added(mode, clients, "relay"), 1),
+                "warden_over_relay_latency_us": round(added(mode, clients, "warden", "relay"), 1),
             }
             summary[f"{mode}/c{clients}"] = row
 
@@ -323,7 +333,9 @@ def main():
             print(f"{mode:9}{clients:>3}{tps['direct']:>9.0f}{tps['pgbouncer']:>9.0f}{tps['relay']:>9.0f}"
                   f"{tps['warden']:>9.0f}{row['warden_vs_relay']:>9.2f}{row['warden_vs_direct']:>9.2f}"
                   f"{row['warden_vs_pgbouncer']:>10.2f}{lat['direct']:>16.0f}{lat['pgbouncer']:>8.0f}"
-                  f"{lat['relay']:>7.0f}{lat['warden']:>7.0f}{row['warden_added_latency_us']:>7.0f}"
+                  f"{lat['relay']:>7.0f}{lat['warden']:>7.0f}{row['pgbouncer_added_latency_us']:>19.0f}"
+                  f"{row['relay_added_latency_us']:>7.0f}{row['warden_added_latency_us']:>7.0f}"
+                  f"{row['warden_over_relay_latency_us']:>8.0f}"
                   f"{f(cpu['pgbouncer'], 20)}{f(cpu['relay'])}{f(cpu['warden'])}")
     targets = {
         "warden_vs_relay_c8_min": 0.9,
