@@ -108,6 +108,7 @@ def _forgery_detail(verifier, batch, public_key) -> str:
 # WARDEN_INGEST_WORKERS sets their number (0: ingest in the calling thread; default two
 # per CPU).
 _OFFLOAD_MIN_BYTES = 2048   # smaller batches cost more to hand over than to ingest here
+_SERVER_WATCH_SECONDS = 0.5  # how soon a worker notices that the server is gone
 _pool_lock = threading.Lock()
 _pool = None
 _pool_workers = None        # None: not decided yet
@@ -152,7 +153,7 @@ def _worker_pool():
         if _pool is None and _pool_workers > 0:
             # spawn: a fresh interpreter, not a fork of a threaded server holding connections
             _pool = ProcessPoolExecutor(_pool_workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_worker_init)
+                                        initializer=_worker_init, initargs=(os.getpid(),))
         return _pool
 
 
@@ -172,11 +173,23 @@ def ingest_worker_pids() -> list[int]:
         return sorted(processes)
 
 
-def _worker_init() -> None:
+def _worker_init(server_pid: int) -> None:
     # A worker only runs ingests, which allocate many short-lived, acyclic containers
     # (event dicts, index rows): collect less often, and never scan the imports again.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    # The pool's queue pipes are shared by all its workers, so a worker never reads EOF when
+    # the server dies without shutting the pool down (kill -9, OOM): it would linger with the
+    # database open. It leaves once it is no longer the server's child.
+    threading.Thread(target=_leave_with_server, args=(server_pid,), name="ingest-server-watch",
+                     daemon=True).start()
+
+
+def _leave_with_server(server_pid: int) -> None:
+    while os.getppid() == server_pid:
+        time.sleep(_SERVER_WATCH_SECONDS)
+    # an ingest running now is one transaction: it is rolled back with the process
+    os._exit(0)
 
 
 def _ingest_in_worker(url: str, agent_id: str, raw: bytes) -> IngestResult:

@@ -285,6 +285,40 @@ def test_a_killed_worker_costs_no_batch(make_store, workers):
         assert c.execute(select(agents.c.last_seq)).scalar_one() == agent.seq
 
 
+def test_workers_leave_when_the_server_is_killed(tmp_path):
+    """A collector killed with -9 shuts nothing down: its ingest workers must not linger (with
+    the database open) as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from collector import ingest; "
+            "print(' '.join(map(str, ingest.start_ingest_workers())), flush=True); time.sleep(120)")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        pids = [int(p) for p in server.stdout.readline().split()]
+        assert pids and all(_running(pid) for pid in pids)
+    finally:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in pids if _running(pid)], "ingest workers outlived the killed server"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever adopted it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_odd_field_types_are_stored_as_text(make_store):
     """An agent's fields are free-form: non-string host/protocol must not break the COPY."""
     store = make_store("odd_types")
