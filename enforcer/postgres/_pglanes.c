@@ -7,6 +7,7 @@
  * server_lane(session, buf, pos, out) -> pos
  * feed_client(session, data), feed_server(session, data) -> actions, or None
  * apply_steady(emit, server_transport, client_transport, actions) -> bool
+ * Reader(session, client, done, emit, server_transport, client_transport, handler, rest, fail)(data)
  * number_shape(sql) -> shape, or None
  *
  * The lanes take over PostgresSession._process_messages / _process_server only for messages
@@ -22,6 +23,7 @@
  * The GIL is held throughout: the session's objects are ordinary Python objects. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -865,12 +867,7 @@ static PyObject *steady_session(PyObject *session, PyObject *data, PyObject *con
 /* feed_client(session, data) -> actions, or None when the read is not one the lane starts on
  * (then nothing was changed): a ready session without masking, nothing buffered, held or
  * discarded. Messages the lane leaves are handed to session._process_messages. */
-static PyObject *feed_client(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "feed_client(session, data)");
-        return NULL;
-    }
-    PyObject *session = args[0], *data = args[1];
+static PyObject *client_feed(PyObject *session, PyObject *data) {
     PyObject *const keys[] = {s_phase, s_masking, s_pending, s_cbig, s_discard_until_sync};
     PyObject *const wants[] = {Ready, Py_None, Py_None, Py_None, Py_False};
     int steady;
@@ -909,14 +906,17 @@ done:
     return result;
 }
 
-/* feed_server(session, data) -> actions, or None as feed_client; what the lane leaves goes to
- * session._server_from */
-static PyObject *feed_server(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *feed_client(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "feed_server(session, data)");
+        PyErr_SetString(PyExc_TypeError, "feed_client(session, data)");
         return NULL;
     }
-    PyObject *session = args[0], *data = args[1];
+    return client_feed(args[0], args[1]);
+}
+
+/* feed_server(session, data) -> actions, or None as feed_client; what the lane leaves goes to
+ * session._server_from */
+static PyObject *server_feed(PyObject *session, PyObject *data) {
     PyObject *const keys[] = {s_phase, s_masking, s_withhold, s_sbig};
     PyObject *const wants[] = {Ready, Py_None, Py_False, Py_None};
     int steady;
@@ -943,6 +943,14 @@ done:
     Py_XDECREF(out);
     Py_DECREF(dict);
     return result;
+}
+
+static PyObject *feed_server(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "feed_server(session, data)");
+        return NULL;
+    }
+    return server_feed(args[0], args[1]);
 }
 
 /* ---- the shell's steady state ---------------------------------------------------------------- */
@@ -994,28 +1002,24 @@ static int write_leg(PyObject *actions, Py_ssize_t n, PyObject *kind, Py_ssize_t
  * for a list of only EVENT, TO_SERVER and TO_CLIENT actions: every event recorded in order
  * (emit(type, fields); an exception stops here, before any write, as there), then each leg's bytes
  * written with one call. False, with nothing done, for any other list. */
-static PyObject *apply_steady(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyList_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "apply_steady(emit, server_transport, client_transport, actions: list)");
-        return NULL;
-    }
-    PyObject *actions = args[3], *emit = args[0];
+/* 1 applied, 0 not such a list (nothing done), -1 error */
+static int steady_apply(PyObject *emit, PyObject *server_transport, PyObject *client_transport, PyObject *actions) {
     Py_ssize_t n = PyList_GET_SIZE(actions), to_server = 0, to_client = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *a = PyList_GET_ITEM(actions, i);
         if (!PyTuple_CheckExact(a) || PyTuple_GET_SIZE(a) != 2)
-            Py_RETURN_FALSE;
+            return 0;
         PyObject *kind = PyTuple_GET_ITEM(a, 0);
         if (kind == ToServer)
             to_server++;
         else if (kind == ToClient)
             to_client++;
         else if (kind != EventKind)
-            Py_RETURN_FALSE;
+            return 0;
         else {
             PyObject *payload = PyTuple_GET_ITEM(a, 1);
             if (!PyTuple_CheckExact(payload) || PyTuple_GET_SIZE(payload) != 2)
-                Py_RETURN_FALSE;
+                return 0;
         }
     }
     Py_INCREF(actions);     /* emit runs Python code */
@@ -1030,14 +1034,184 @@ static PyObject *apply_steady(PyObject *module, PyObject *const *args, Py_ssize_
             failed = 1;
         Py_XDECREF(r);
     }
-    if (!failed && (write_leg(actions, n, ToServer, to_server, args[1]) < 0 ||
-                    write_leg(actions, n, ToClient, to_client, args[2]) < 0))
+    if (!failed && (write_leg(actions, n, ToServer, to_server, server_transport) < 0 ||
+                    write_leg(actions, n, ToClient, to_client, client_transport) < 0))
         failed = 1;
     Py_DECREF(actions);
-    if (failed)
-        return NULL;
-    Py_RETURN_TRUE;
+    return failed ? -1 : 1;
 }
+
+static PyObject *apply_steady(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyList_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "apply_steady(emit, server_transport, client_transport, actions: list)");
+        return NULL;
+    }
+    int applied = steady_apply(args[0], args[1], args[2], args[3]);
+    if (applied < 0)
+        return NULL;
+    return PyBool_FromLong(applied);
+}
+
+/* ---- Reader: a leg's data_received after the hand-over ------------------------------------------
+ * Reader(session, client, done, emit, server_transport, client_transport, handler, rest, fail) is
+ * called with each read of one leg and does what proxy._Connection._on_client_data (client true)
+ * or _on_server_data does, without their Python frames for the reads of a steady session:
+ *   done.done() (the connection has finished): the read is dropped;
+ *   feed_client / feed_server gives None: handler(data), the Python handler, does the whole read;
+ *   actions (the read is one more of `reads`): apply_steady; applied (and, client leg,
+ *   session.terminated false): done; else rest(actions, applied) ends the read in Python;
+ *   an Exception from the feed or the apply: fail(exception), as the handler's own except does. */
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *session, *done, *emit, *server_transport, *client_transport, *handler, *rest, *fail;
+    int client;
+    long long reads;
+} Reader;
+
+static PyObject *s_done, *s_terminated;
+
+/* an Exception is the connection's (fail), anything else propagates */
+static PyObject *reader_failed(Reader *self) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    PyObject *r = PyObject_CallOneArg(self->fail, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return r;
+}
+
+static PyObject *Reader_vectorcall(Reader *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "Reader(data)");
+        return NULL;
+    }
+    PyObject *data = args[0];
+    PyObject *finished = PyObject_CallMethodNoArgs(self->done, s_done);
+    if (finished == NULL)
+        return NULL;
+    int is_finished = PyObject_IsTrue(finished);
+    Py_DECREF(finished);
+    if (is_finished)
+        return is_finished < 0 ? NULL : Py_NewRef(Py_None);
+    if (!PyBytes_CheckExact(data))
+        return PyObject_CallOneArg(self->handler, data);
+    PyObject *actions = self->client ? client_feed(self->session, data) : server_feed(self->session, data);
+    if (actions == Py_None) {
+        Py_DECREF(actions);
+        return PyObject_CallOneArg(self->handler, data);
+    }
+    self->reads++;
+    if (actions == NULL)
+        return reader_failed(self);
+    int applied = steady_apply(self->emit, self->server_transport, self->client_transport, actions);
+    if (applied < 0) {
+        Py_DECREF(actions);
+        return reader_failed(self);
+    }
+    int terminated = 0;
+    if (applied && self->client) {
+        PyObject *t = PyObject_GetAttr(self->session, s_terminated);
+        terminated = t == NULL ? -1 : PyObject_IsTrue(t);
+        Py_XDECREF(t);
+        if (terminated < 0) {
+            Py_DECREF(actions);
+            return reader_failed(self);
+        }
+    }
+    PyObject *r;
+    if (applied && !terminated) {
+        r = Py_NewRef(Py_None);
+    } else {
+        PyObject *call[2] = {actions, applied ? Py_True : Py_False};
+        r = PyObject_Vectorcall(self->rest, call, 2, NULL);
+    }
+    Py_DECREF(actions);
+    return r;
+}
+
+static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *session, *done, *emit, *server_transport, *client_transport, *handler, *rest, *fail;
+    int client;
+    if (!PyArg_ParseTuple(args, "OpOOOOOOO:Reader", &session, &client, &done, &emit, &server_transport,
+                          &client_transport, &handler, &rest, &fail))
+        return NULL;
+    Reader *self = (Reader *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->session = Py_NewRef(session);
+    self->done = Py_NewRef(done);
+    self->emit = Py_NewRef(emit);
+    self->server_transport = Py_NewRef(server_transport);
+    self->client_transport = Py_NewRef(client_transport);
+    self->handler = Py_NewRef(handler);
+    self->rest = Py_NewRef(rest);
+    self->fail = Py_NewRef(fail);
+    self->client = client;
+    self->vectorcall = (vectorcallfunc)Reader_vectorcall;
+    return (PyObject *)self;
+}
+
+static int Reader_traverse(Reader *self, visitproc visit, void *arg) {
+    Py_VISIT(self->session);
+    Py_VISIT(self->done);
+    Py_VISIT(self->emit);
+    Py_VISIT(self->server_transport);
+    Py_VISIT(self->client_transport);
+    Py_VISIT(self->handler);
+    Py_VISIT(self->rest);
+    Py_VISIT(self->fail);
+    return 0;
+}
+
+static int Reader_clear(Reader *self) {
+    Py_CLEAR(self->session);
+    Py_CLEAR(self->done);
+    Py_CLEAR(self->emit);
+    Py_CLEAR(self->server_transport);
+    Py_CLEAR(self->client_transport);
+    Py_CLEAR(self->handler);
+    Py_CLEAR(self->rest);
+    Py_CLEAR(self->fail);
+    return 0;
+}
+
+static void Reader_dealloc(Reader *self) {
+    PyObject_GC_UnTrack(self);
+    Reader_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Reader_get_reads(Reader *self, void *unused) {
+    return PyLong_FromLongLong(self->reads);
+}
+
+static PyGetSetDef Reader_getset[] = {
+    {"reads", (getter)Reader_get_reads, NULL, "reads fed here (the Python handler counts those handed to it)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "enforcer.postgres._pglanes.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Reader(session, client, done, emit, server_transport, client_transport, handler, rest, fail)(data): "
+              "a leg's data_received after the hand-over.",
+    .tp_new = Reader_new,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_traverse = (traverseproc)Reader_traverse,
+    .tp_clear = (inquiry)Reader_clear,
+    .tp_vectorcall_offset = offsetof(Reader, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_getset = Reader_getset,
+};
 
 /* ---- statement shapes ------------------------------------------------------------------------ */
 
@@ -1213,5 +1387,18 @@ PyMODINIT_FUNC PyInit__pglanes(void) {
     INTERN(PgResult, "pg.result");
     INTERN(PortalSuspendedTag, "PORTAL SUSPENDED");
     INTERN(EmptyTag, "");
-    return PyModule_Create(&module_def);
+    INTERN(s_done, "done");
+    INTERN(s_terminated, "terminated");
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
+        Py_DECREF(&ReaderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -33,9 +33,10 @@ from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSA
                       READY, REGISTER_CANCEL_KEY, START_CLIENT_TLS, TO_CLIENT, TO_SERVER,
                       DecisionRequest, PostgresSession, Verdict)
 
-# _Connection._apply for reads that produced only records and bytes (the steady state), in C when
-# built (enforcer/postgres/native.py)
+# _Connection._apply for reads that produced only records and bytes (the steady state), and the
+# legs' data_received that runs it without a Python frame, in C when built (enforcer/postgres/native.py)
 _apply_steady = native.lanes.apply_steady if native.lanes is not None else None
+_Reader = native.lanes.Reader if native.lanes is not None else None
 
 
 def _not_steady(actions: list) -> bool:
@@ -195,9 +196,9 @@ class _Leg(asyncio.Protocol):
         self.conn = conn
         self.client = client
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
-        # data_received is the connection's own handler: the transports call it with one
-        # Python frame fewer per read
-        self.data_received = conn._on_client_data if client else conn._on_server_data
+        # data_received is the connection's own reader: the transports call it with one
+        # Python frame fewer per read (none at all for the C Reader's steady reads)
+        self.data_received = conn._reader(client)
 
     def eof_received(self):
         self.conn._on_eof(self.client, None)
@@ -252,6 +253,7 @@ class _Connection:
         self.started = time.monotonic()            # the startup timeout counts from here
         self.last_activity = self.started
         self.client_reads = 0                      # the watchdog turns changes into last_activity
+        self._steady_reads = None                  # the client leg's C Reader counts the reads it takes
         self.server_task: Optional[asyncio.Task] = None
         self.registered_key: Optional[tuple[int, bytes]] = None
         # hand-over to protocols: the server pump stops reading once the session is ready
@@ -605,12 +607,13 @@ class _Connection:
         period = min(1.0, max(0.05, self.startup_timeout / 4))
         if self.idle_timeout:
             period = min(period, max(0.05, self.idle_timeout / 4))
-        seen_reads = self.client_reads
+        seen_reads = self._client_read_count()
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
-            if self.client_reads != seen_reads:
-                seen_reads = self.client_reads
+            reads = self._client_read_count()
+            if reads != seen_reads:
+                seen_reads = reads
                 self.last_activity = now
             session = self.session
             if session.phase != READY and session.phase != "closed" and now - started > self.startup_timeout:
@@ -670,18 +673,44 @@ class _Connection:
             self._on_eof(True, None)
         return await self._done
 
+    def _reader(self, client: bool):
+        """A leg's data_received: the C Reader, which does a steady session's reads itself and
+        hands the others to _on_client_data / _on_server_data, or those handlers themselves."""
+        handler = self._on_client_data if client else self._on_server_data
+        if _Reader is None:
+            return handler
+        reader = _Reader(self.session, client, self._done, self.ctx.emit, self.swriter.transport,
+                         self.cwriter.transport, handler, self._client_rest if client else self._server_rest,
+                         self._fail)
+        if client:
+            self._steady_reads = reader
+        return reader
+
+    def _client_read_count(self) -> int:
+        steady = self._steady_reads
+        return self.client_reads + (steady.reads if steady is not None else 0)
+
     def _on_client_data(self, data: bytes) -> None:
         if self._done.done():
             return
         self.client_reads += 1
-        session = self.session
         try:
-            actions = session.feed_client(data)
-            if actions and not self._apply_steady(actions):
-                self._apply(actions)
-            if session.terminated:
-                self._finish("client_terminated")
+            actions = self.session.feed_client(data)
+            applied = not actions or self._apply_steady(actions)
         except Exception as e:  # surfaced by run() as with the stream pumps
+            self._fail(e)
+            return
+        self._client_rest(actions, applied)
+
+    def _client_rest(self, actions: list, applied: bool) -> None:
+        """A client read after its feed: what the steady apply did not do goes through _apply,
+        and a Terminate ends the connection."""
+        try:
+            if not applied:
+                self._apply(actions)
+            if self.session.terminated:
+                self._finish("client_terminated")
+        except Exception as e:
             self._fail(e)
 
     def _on_server_data(self, data: bytes) -> None:
@@ -689,7 +718,15 @@ class _Connection:
             return
         try:
             actions = self.session.feed_server(data)
-            if actions and not self._apply_steady(actions):
+            applied = not actions or self._apply_steady(actions)
+        except Exception as e:
+            self._fail(e)
+            return
+        self._server_rest(actions, applied)
+
+    def _server_rest(self, actions: list, applied: bool) -> None:
+        try:
+            if not applied:
                 self._apply(actions)
         except Exception as e:
             self._fail(e)

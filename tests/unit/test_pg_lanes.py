@@ -301,8 +301,9 @@ def test_denied_statement_in_a_transaction_still_aborts_it_with_the_lanes():
 def test_pure_python_switch_turns_the_lanes_off():
     from tests.native_switch import printed_with_pure_python
     code = ("from enforcer.postgres import session, proxy; from enforcer import sqlclass; "
-            "print(session._lanes is None, proxy._apply_steady is None, sqlclass._number_shape is None)")
-    for env_value, want in (("1", "True True True"), ("0", "False False False")):
+            "print(session._lanes is None, proxy._apply_steady is None, proxy._Reader is None, "
+            "sqlclass._number_shape is None)")
+    for env_value, want in (("1", "True True True True"), ("0", "False False False False")):
         assert printed_with_pure_python(code, env_value) == want
 
 
@@ -441,3 +442,164 @@ def test_apply_steady_writes_nothing_when_a_record_cannot_be_taken():
         native.apply_steady(emit, server, FakeTransport(), [(EVENT, ("pg.statement", {"n": 1})), (TO_SERVER, b"a"),
                                                             (EVENT, ("pg.statement", {"n": 2}))])
     assert server.calls == []
+
+
+# ---- the legs' Reader against the shell's Python handlers ----------------------------------------
+
+class FinishedFlag:
+    """The connection's _done future as far as the shell uses it."""
+
+    def __init__(self):
+        self.outcome = None
+
+    def done(self):
+        return self.outcome is not None
+
+    def set_result(self, reason):
+        self.outcome = ("finished", reason)
+
+    def set_exception(self, exc):
+        self.outcome = ("failed", repr(exc))
+
+
+def shell(session, emit, reader: bool):
+    """A _Connection after the hand-over, holding only what its read handlers use, and its two
+    legs' data_received: the C Reader, or the Python handlers."""
+    import functools
+
+    from enforcer.context import ConnectionContext
+    from enforcer.postgres import proxy
+
+    class Writer:
+        def __init__(self, transport):
+            self.transport = transport
+    conn = object.__new__(proxy._Connection)
+    conn.ctx = object.__new__(ConnectionContext)
+    conn.ctx.emit = emit
+    conn.swriter, conn.cwriter = Writer(FakeTransport()), Writer(FakeTransport())
+    conn.session, conn._done, conn.closing = session, FinishedFlag(), False
+    conn.client_reads, conn._steady_reads = 0, None
+    conn._apply_steady = functools.partial(native.apply_steady, emit, conn.swriter.transport,
+                                           conn.cwriter.transport)
+    saved = proxy._Reader
+    proxy._Reader = native.Reader if reader else None
+    try:
+        legs = {"c": conn._reader(True), "s": conn._reader(False)}
+    finally:
+        proxy._Reader = saved
+    assert isinstance(legs["c"], native.Reader) == reader
+    return conn, legs
+
+
+def run_shell(steps: list, reader: bool, emit_fails_at: int = -1):
+    events = []
+
+    def emit(event_type, fields):
+        if len(events) == emit_fails_at:
+            raise RuntimeError("record backlog full")
+        events.append((event_type, list(fields.items())))
+    _templates.clear()      # both runs start from the same decisions (their record templates too)
+    session = new_session(inline=True)
+    conn, legs = shell(session, emit, reader)
+    for side, data in steps:
+        legs[side](data)
+    return (events, conn.swriter.transport.calls, conn.cwriter.transport.calls, conn._done.outcome,
+            conn._client_read_count(), state(session))
+
+
+def assert_shell_same(steps: list, emit_fails_at: int = -1) -> None:
+    assert run_shell(steps, True, emit_fails_at) == run_shell(steps, False, emit_fails_at)
+
+
+@settings(max_examples=800, deadline=None)
+@given(streams())
+def test_reader_does_what_the_python_handlers_do(steps):
+    assert_shell_same(steps)
+
+
+@settings(max_examples=500, deadline=None)
+@given(executions(), st.integers(-1, 12))
+def test_reader_matches_the_handlers_on_executions_and_refused_records(steps, emit_fails_at):
+    assert_shell_same(steps, emit_fails_at)
+
+
+def sent(transport: FakeTransport) -> bytes:
+    return b"".join(data if how == "write" else b"".join(data) for how, data in transport.calls)
+
+
+def steady_steps(n: int) -> list:
+    steps = [("c", PREPARE), ("s", PREPARED_REPLY)]
+    for i in range(n):
+        steps += [("c", execution(str(i).encode())), ("s", answer(1))]
+    return steps
+
+
+def test_reader_takes_steady_reads_itself_and_counts_them():
+    session = new_session(inline=True)
+    conn, legs = shell(session, lambda t, f: None, True)
+    handled = []
+
+    def handler(data):
+        handled.append(data)
+        conn._on_client_data(data)
+    reader = native.Reader(session, True, conn._done, conn.ctx.emit, conn.swriter.transport,
+                           conn.cwriter.transport, handler, conn._client_rest, conn._fail)
+    conn._steady_reads = reader
+    steps = steady_steps(3)
+    for side, data in steps:
+        (reader if side == "c" else legs["s"])(data)
+    # a ready session's reads never need the Python handler: what the lanes leave (the Parse,
+    # the first Bind) is finished by the session's own loop inside the feed
+    assert handled == [] and reader.reads == 4 and conn._client_read_count() == 4
+    assert sent(conn.swriter.transport) == b"".join(d for side, d in steps if side == "c")
+    assert sent(conn.cwriter.transport) == b"".join(d for side, d in steps if side == "s")
+
+
+def test_reader_hands_reads_outside_the_steady_state_to_the_handler():
+    calls = []
+    session = new_session(inline=True)
+    conn, _ = shell(session, lambda t, f: None, True)
+    reader = native.Reader(session, True, conn._done, conn.ctx.emit, conn.swriter.transport,
+                           conn.cwriter.transport, lambda d: calls.append(d), None, None)
+    session.phase = "auth"
+    reader(execution(b"1"))
+    assert calls == [execution(b"1")] and reader.reads == 0
+
+
+def test_reader_drops_reads_once_the_connection_finished():
+    session = new_session(inline=True)
+    conn, legs = shell(session, lambda t, f: None, True)
+    conn._finish("client_closed")
+    legs["c"](P.build_query("SELECT 1"))
+    assert conn.swriter.transport.calls == [] and session.statements == 0
+
+
+def test_reader_ends_the_connection_on_terminate():
+    for reader in (True, False):
+        got = run_shell(steady_steps(2) + [("c", execution(b"9") + P.build_terminate())], reader)
+        assert got[3] == ("finished", "client_terminated")
+
+
+def test_reader_fails_the_connection_when_a_record_is_refused():
+    steps = steady_steps(3)
+    got = run_shell(steps, True, emit_fails_at=4)      # the third execution's pg.statement
+    assert got[3] == ("failed", "RuntimeError('record backlog full')")
+    assert got == run_shell(steps, False, emit_fails_at=4)
+    # the refused statement never reached the server; the client was told why
+    server = FakeTransport()
+    server.calls = got[1]
+    assert execution(b"1") in sent(server) and execution(b"2") not in sent(server)
+    assert b"Warden ended this session" in got[2][-1][1]
+
+
+def test_reader_lets_base_exceptions_through():
+    session = new_session(inline=True)
+
+    def emit(t, f):
+        raise KeyboardInterrupt
+    conn, legs = shell(session, emit, True)
+    for side, data in steady_steps(1)[:2]:
+        with contextlib.suppress(KeyboardInterrupt):
+            legs[side](data)
+    with pytest.raises(KeyboardInterrupt):
+        legs["c"](execution(b"1"))
