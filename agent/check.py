@@ -67,6 +67,13 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
                     problems.extend(found)
                     if not found:
                         notes.append(f"target {target.name}: brokered secret and token keys readable")
+            elif target.protocol == "http" and target.credentials:
+                from enforcer.http.credentials import CredentialError, credential_for
+                try:
+                    credential_for({"credentials": target.credentials}).value()
+                    notes.append(f"target {target.name}: brokered credential file readable")
+                except CredentialError as exc:
+                    problems.append(f"target {target.name}: {exc}")
 
     if cfg is not None and cfg.collector.url:
         problems.extend(hostfacts.collector_capture(cfg))

@@ -458,6 +458,9 @@ class Agent:
             ctx.extra["server_ssl_context"] = self._tls_contexts[key]
         if target.protocol == "http":
             info.options["client_tls"] = target.client_tls
+            if target.credentials:
+                # brokered: the enforcer injects the secret; the workload never holds it
+                info.options["credentials"] = target.credentials
             if target.match.hostnames:
                 # certificates are only ever issued for the names this target is about
                 info.options.setdefault("client_tls_names", list(target.match.hostnames))

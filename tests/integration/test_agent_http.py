@@ -104,3 +104,29 @@ def test_https_workload_intercepted_with_the_agent_ca(test_cgroup, tls_upstream,
         assert other.returncode != 0
     finally:
         assert agent.stop() == 0
+
+
+def test_brokered_credential_from_agent_config_reaches_the_api(test_cgroup, api, tmp_path):
+    """`credentials:` on an http target in agent.yaml: the agent injects the secret, the workload
+    never holds it, and the record has it redacted."""
+    secret = tmp_path / "partner-token"
+    secret.write_text("agent-held-secret\n")
+    Path(tmp_path, "policy.cedar").write_text(POLICY)
+    agent = AgentProcess({
+        "scope": {"cgroups": [test_cgroup.rel]},
+        "targets": [{"name": "partner-api", "protocol": "http",
+                     "match": {"cidr": "127.0.0.2/32", "port": api}, "listen_port": _free_port("127.0.0.1"),
+                     "credentials": {"header": "Authorization", "scheme": "Bearer", "value_file": str(secret)}}],
+        "identities": [{"name": "reporting", "match": {"cgroup": test_cgroup.rel}}],
+        "policy": {"path": str(Path(tmp_path, "policy.cedar"))},
+    }, workdir=str(tmp_path)).start()
+    try:
+        got = test_cgroup.run(["curl", "-sS", "--max-time", "10", "-H", "Authorization: Bearer workload-guess",
+                               f"http://127.0.0.2:{api}/echo"])
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["headers"]["authorization"] == "Bearer agent-held-secret"
+        request = agent.wait_for(lambda e: e["type"] == "http.request", what="http.request")
+        assert request["f"]["headers"]["authorization"] == "[redacted]"
+        assert "agent-held-secret" not in json.dumps(agent.events())
+    finally:
+        assert agent.stop() == 0
