@@ -132,6 +132,54 @@ def _parse_duration(value: Any) -> float:
     return float(text)
 
 
+# A target's own options, by protocol: what each enforcer reads from TargetInfo.options.
+# Sizes take 64MiB-style units, durations 30s / 500ms; both are stored as numbers.
+_SIZE, _DURATION, _COUNT, _FLAG, _TEXT, _TEXTS = "size", "duration", "count", "flag", "text", "texts"
+TARGET_OPTIONS = {
+    "postgres": {"max_message_bytes": _SIZE, "startup_timeout": _DURATION, "idle_timeout": _DURATION,
+                 "catalog_dsn": _TEXT, "max_connections": _COUNT},
+    "http": {"max_header_bytes": _SIZE, "max_line_bytes": _SIZE, "allow_connect": _FLAG,
+             "connect_timeout": _DURATION, "response_timeout": _DURATION, "mask_max_body_bytes": _SIZE,
+             "discard_denied_body_bytes": _SIZE, "redact_headers": _TEXTS, "redact_query": _TEXTS,
+             "client_hello_timeout": _DURATION, "client_tls_hostname": _TEXT, "client_tls_names": _TEXTS,
+             "max_connections": _COUNT},
+    "tcp": {"max_connections": _COUNT},
+}
+# options a value of 0 switches off; the others must be positive
+_ZERO_ALLOWED = {"idle_timeout", "max_connections", "discard_denied_body_bytes"}
+
+
+def _target_option(key: str, kind: str, value: Any) -> Any:
+    """The option's value as the enforcer uses it; ValueError saying what is wrong."""
+    if kind == _FLAG:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if kind == _TEXT:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{key} must be a non-empty string, got {value!r}")
+        return value
+    if kind == _TEXTS:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"{key} must be a list of names, got {value!r}")
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    try:
+        number = (_parse_size(value) if kind == _SIZE else _parse_duration(value) if kind == _DURATION
+                  else value if isinstance(value, int) else int(str(value)))
+    except (TypeError, ValueError):
+        example = {_SIZE: "a size such as 64MiB", _DURATION: "a duration such as 30s or 500ms",
+                   _COUNT: "a whole number"}[kind]
+        raise ValueError(f"{key} must be {example}, got {value!r}") from None
+    if number < 0 or (number == 0 and key not in _ZERO_ALLOWED) or number != number:
+        raise ValueError(f"{key} must be {'zero or more' if key in _ZERO_ALLOWED else 'more than zero'}, "
+                         f"got {value!r}")
+    return number
+
+
 def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
     data, where = load_yaml(text, filename)
     problems: list[str] = []
@@ -244,9 +292,31 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
                 BrokerConfig.from_credentials(creds, name)
             except BrokerConfigError as exc:
                 err(p + ("credentials",), str(exc))
+        elif creds and protocol == "http":
+            from enforcer.http.credentials import CredentialError, credential_for
+            try:
+                credential_for({"credentials": creds})
+            except CredentialError as exc:
+                err(p + ("credentials",), str(exc))
+        elif creds:
+            err(p + ("credentials",), "credentials apply to postgres and http targets only")
         options = {k: v for k, v in t.items() if k not in {
             "name", "protocol", "match", "listen_port", "upstream_tls", "upstream_ca", "on_enforcer_down",
             "credentials", "client_tls"}}
+        known_options = TARGET_OPTIONS.get(protocol, TARGET_OPTIONS["tcp"])
+        for key, value in list(options.items()):
+            kind = known_options.get(key)
+            if kind is None:
+                err(p + (key,), f"unknown key {key!r} for a {protocol} target (known: name, protocol, match, "
+                                f"listen_port, upstream_tls, on_enforcer_down, client_tls, credentials, "
+                                f"{', '.join(sorted(known_options))})")
+                del options[key]
+                continue
+            try:
+                options[key] = _target_option(key, kind, value)
+            except ValueError as exc:
+                err(p + (key,), str(exc))
+                del options[key]
         targets.append(TargetConfig(
             name=name, protocol=protocol if protocol in PROTOCOLS else "tcp",
             match=TargetMatch(tuple(str(c) for c in cidrs), tuple(str(h) for h in hostnames), port),

@@ -67,6 +67,7 @@ class Agent:
         self.servers: list[asyncio.base_events.Server] = []
         self.active_sessions: set[asyncio.Task] = set()
         self.stats = {"accepted": 0, "unattributed": 0, "bypassed": 0}
+        self.open_per_target: dict[str, int] = {}    # sessions being served, for max_connections
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self.started = time.monotonic()
         self._schema_warned: set[str] = set()
@@ -434,6 +435,28 @@ class Agent:
             self.stats["refused_spool_full"] = self.stats.get("refused_spool_full", 0) + 1
             await refuse_unrecordable(target.protocol, reader, writer)
             return
+        limit = target.options.get("max_connections") or 0
+        open_now = self.open_per_target.get(target.name, 0)
+        if limit and open_now >= limit:
+            self.stats["refused_max_connections"] = self.stats.get("refused_max_connections", 0) + 1
+            self.emit("agent.alert", {
+                "kind": "connection_limit", "severity": "warning",
+                "message": f"refused a connection of {identity} to target {target.name!r}: {open_now} are open "
+                           f"and the target allows {limit} (max_connections)",
+                "detail": {"target": target.name, "identity": identity, "limit": limit,
+                           "client": f"{peer[0]}:{peer[1]}", "process": procinfo.as_record(proc)}})
+            await refuse_connection(target.protocol, reader, writer, "53300",
+                                    f"Warden refused this connection: target {target.name!r} already has {open_now} "
+                                    f"connections open, its max_connections; try again when one has closed")
+            return
+        self.open_per_target[target.name] = open_now + 1
+        try:
+            await self._serve_attributed(target_id, target, reader, writer, peer, cap, proc, identity, attrs)
+        finally:
+            self.open_per_target[target.name] -= 1
+
+    async def _serve_attributed(self, target_id: int, target: TargetConfig, reader, writer, peer, cap: Capture,
+                                proc, identity: str, attrs: dict) -> None:
         attribution = Attribution(
             orig_ip=cap.orig_ip, orig_port=cap.orig_port, family=socket.AF_INET if cap.family == 4 else socket.AF_INET6,
             target_id=target_id, client_ip=peer[0], client_port=peer[1], socket_cookie=cap.cookie,
@@ -509,13 +532,19 @@ async def _read_postgres_startup(reader, writer, timeout: float = 5.0) -> None:
 
 
 async def refuse_unrecordable(protocol: str, reader, writer) -> None:
-    """Tell the client why, in its own protocol, then close."""
+    """No evidence, no access: the spool is full."""
+    await refuse_connection(protocol, reader, writer, "53100", SPOOL_FULL_MESSAGE)
+
+
+async def refuse_connection(protocol: str, reader, writer, sqlstate: str, message: str) -> None:
+    """Tell the client why, in its own protocol (Postgres: a FATAL ErrorResponse with `sqlstate`
+    after its startup packet; HTTP: 503), then close."""
     if protocol == "postgres":
         from enforcer.postgres import protocol as P
         await _read_postgres_startup(reader, writer)
-        writer.write(P.build_error_response("53100", SPOOL_FULL_MESSAGE, severity="FATAL"))
+        writer.write(P.build_error_response(sqlstate, message, severity="FATAL"))
     elif protocol == "http":
-        payload = json.dumps({"error": SPOOL_FULL_MESSAGE}).encode()
+        payload = json.dumps({"error": message}).encode()
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
     try:

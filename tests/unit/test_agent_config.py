@@ -106,3 +106,38 @@ def test_brokered_credentials_are_validated_with_line():
     with pytest.raises(ConfigError) as exc:
         parse(text, "a.yaml")
     assert any(p.startswith("a.yaml:5:") and "password_file" in p for p in exc.value.problems)
+
+
+PG_TARGET = "targets:\n  - name: db\n    protocol: postgres\n    match: {cidr: 127.0.0.10/32, port: 5432}\n"
+HTTP_TARGET = "targets:\n  - name: api\n    protocol: http\n    match: {cidr: 127.0.0.10/32, port: 80}\n"
+
+
+def test_target_options_take_units_and_are_stored_as_numbers():
+    cfg = parse(PG_TARGET + "    max_message_bytes: 16MiB\n    startup_timeout: 500ms\n    idle_timeout: 10m\n"
+                            "    max_connections: 20\n")
+    assert cfg.targets[0].options == {"max_message_bytes": 16 << 20, "startup_timeout": 0.5,
+                                      "idle_timeout": 600.0, "max_connections": 20}
+    api = parse(HTTP_TARGET + "    allow_connect: true\n    redact_headers: X-Api-Key\n"
+                              "    response_timeout: 2m\n").targets[0]
+    assert api.options == {"allow_connect": True, "redact_headers": ["X-Api-Key"], "response_timeout": 120.0}
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    (PG_TARGET + "    startup_timeout: soon\n", 5, "startup_timeout must be a duration such as 30s"),
+    (PG_TARGET + "    max_message_bytes: 0\n", 5, "max_message_bytes must be more than zero"),
+    (PG_TARGET + "    max_connections: -1\n", 5, "max_connections must be zero or more"),
+    (PG_TARGET + "    max_connections: many\n", 5, "max_connections must be a whole number"),
+    (PG_TARGET + "    idle_timout: 5m\n", 5, "unknown key 'idle_timout' for a postgres target"),
+    (PG_TARGET + "    redact_headers: [X-Key]\n", 5, "unknown key 'redact_headers' for a postgres target"),
+    (HTTP_TARGET + "    allow_connect: yes please\n", 5, "allow_connect must be true or false"),
+    (HTTP_TARGET + "    redact_query: [1]\n", 5, "redact_query must be a list of names"),
+    (HTTP_TARGET + "    credentials: [Authorization]\n", 5, "credentials' must be a mapping"),
+    (HTTP_TARGET + "    credentials: {header: Authorization}\n", 5, "need both 'header' and 'value_file'"),
+    ("targets:\n  - name: t\n    protocol: tcp\n    match: {cidr: 127.0.0.10/32, port: 1}\n"
+     "    credentials: {header: X, value_file: /x}\n", 5, "credentials apply to postgres and http"),
+])
+def test_bad_target_options_are_refused_with_their_line(text, line, fragment):
+    with pytest.raises(ConfigError) as exc:
+        parse(text, "a.yaml")
+    joined = "\n".join(exc.value.problems)
+    assert f"a.yaml:{line}:" in joined and fragment in joined, joined
