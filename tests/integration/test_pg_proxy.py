@@ -273,3 +273,28 @@ def test_a_statement_that_cannot_be_recorded_never_reaches_the_server(pg):
                 conn.execute("INSERT INTO items VALUES (9001, 'refuse-me', 'x@example.com')")
     with psycopg.connect(f"host={pg.host} port={pg.port} dbname=app user=alice password=alice-pw") as direct:
         assert direct.execute("SELECT count(*) FROM items WHERE id = 9001").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+def test_idle_timeout_ends_idle_sessions_and_spares_busy_ones(pg, use_uvloop):
+    """Target option idle_timeout: a session with no client traffic for that long is ended with
+    FATAL 57P05 and recorded so; one that keeps sending statements is not."""
+    import psycopg
+    with EnforcerThread((pg.host, pg.port), options={"idle_timeout": 0.6}, use_uvloop=use_uvloop) as enf:
+        def connect():
+            return psycopg.connect(host=enf.host, port=enf.port, user="alice", password="alice-pw",
+                                   dbname="app", sslmode="disable", autocommit=True)
+        with connect() as busy, connect() as idle:
+            idle.execute("SELECT 1")
+            for _ in range(9):         # 1.8 s of statements 0.2 s apart
+                assert busy.execute("SELECT 2").fetchone() == (2,)
+                time.sleep(0.2)
+            with pytest.raises(psycopg.OperationalError) as exc:
+                idle.execute("SELECT 3")
+            assert "idle timeout" in str(exc.value)
+            assert busy.execute("SELECT 4").fetchone() == (4,)
+        deadline = time.monotonic() + 5
+        while len(enf.sink.of_type("session.end")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reasons = sorted(f["reason"] for f in enf.sink.of_type("session.end"))
+        assert reasons[-1] == "idle_timeout" and reasons.count("idle_timeout") == 1, reasons
