@@ -132,6 +132,19 @@ def _parse_duration(value: Any) -> float:
     return float(text)
 
 
+# the keys of each top-level mapping (targets, identities and masking are checked where parsed)
+_SECTION_KEYS = {
+    "agent": ("id", "state_dir", "event_log", "heartbeat_interval"),
+    "collector": ("url", "enrollment", "ca"),
+    "scope": ("cgroups",),
+    "enforcer": ("listen_port_base",),
+    "policy": ("path",),
+    "spool": ("path", "max_bytes", "on_full", "flush_interval"),
+    "approvals": ("timeout", "grant_window"),
+    "inventory": ("interval",),
+}
+
+
 # A target's own options, by protocol: what each enforcer reads from TargetInfo.options.
 # Sizes take 64MiB-style units, durations 30s / 500ms; both are stored as numbers.
 _SIZE, _DURATION, _COUNT, _FLAG, _TEXT, _TEXTS = "size", "duration", "count", "flag", "text", "texts"
@@ -195,6 +208,14 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
     for key in data:
         if key not in known:
             err((key,), f"unknown key {key!r} (known: {', '.join(sorted(known))})")
+    # a misspelt key would silently leave its default in force (an agent that never enrolls, a
+    # spool of the wrong size): every section names what it takes
+    for section, keys in _SECTION_KEYS.items():
+        value = data.get(section)
+        if isinstance(value, dict):
+            for key in value:
+                if key not in keys:
+                    err((section, key), f"unknown key {key!r} in {section} (known: {', '.join(keys)})")
 
     agent = data.get("agent") or {}
     if not isinstance(agent, dict):
@@ -331,6 +352,9 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         p = ("identities", i)
         if not isinstance(ident, dict) or not isinstance(ident.get("name"), str):
             err(p, "each identity needs a 'name' and a 'match' mapping"); continue
+        for key in ident:
+            if key not in ("name", "match", "groups"):
+                err(p + (key,), f"unknown key {key!r} in an identity (known: name, match, groups)")
         match = ident.get("match") or {}
         if not isinstance(match, dict) or not match:
             err(p + ("match",), f"identity {ident['name']!r} needs a non-empty 'match'"); continue

@@ -141,3 +141,32 @@ def test_bad_target_options_are_refused_with_their_line(text, line, fragment):
         parse(text, "a.yaml")
     joined = "\n".join(exc.value.problems)
     assert f"a.yaml:{line}:" in joined and fragment in joined, joined
+
+
+@pytest.mark.parametrize("text, line, fragment", [
+    ("collector:\n  url: https://collector.internal\n  enrolment: abc\n", 3, "unknown key 'enrolment' in collector"),
+    ("spool:\n  max_byte: 10GiB\n", 2, "unknown key 'max_byte' in spool"),
+    ("agent:\n  heartbeat_intervall: 5s\n", 2, "unknown key 'heartbeat_intervall' in agent"),
+    ("approvals: {timout: 5m}\n", 1, "unknown key 'timout' in approvals"),
+    ("scope:\n  cgroup: [/system.slice]\n", 2, "unknown key 'cgroup' in scope"),
+    ("identities:\n  - name: a\n    match: {uid: 1}\n    group: [x]\n", 4, "unknown key 'group' in an identity"),
+])
+def test_misspelt_keys_in_any_section_are_refused_with_their_line(text, line, fragment):
+    """A typo must not leave a default silently in force."""
+    with pytest.raises(ConfigError) as exc:
+        parse(text, "a.yaml")
+    joined = "\n".join(exc.value.problems)
+    assert f"a.yaml:{line}:" in joined and fragment in joined, joined
+
+
+def test_readme_agent_config_is_valid():
+    """The configuration reference in the README parses as it is shown."""
+    import os
+    import re
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(path) as f:
+        blocks = [b for b in re.findall(r"```yaml\n(.*?)```", f.read(), re.S) if "targets:" in b and "spool:" in b]
+    assert len(blocks) == 1
+    cfg = parse(blocks[0].replace("masking: {...}", "masking: {}"), "README.md")
+    assert [t.name for t in cfg.targets] == ["customers-db", "partner-api"]
+    assert cfg.targets[0].options["max_connections"] == 50
