@@ -29,19 +29,22 @@ class ApprovalClient:
         self.timeout_s = timeout_s
         self.grant_window_s = grant_window_s
         self._verify = ca_file if ca_file else True
-        self._grants: dict[tuple, float] = {}      # (identity, target, fingerprint) -> expiry (monotonic)
+        # (identity, target, fingerprint) -> (expiry (monotonic), approval id, approver): a repeat
+        # within approvals.grant_window is allowed on that approval and its record says which
+        self._grants: dict[tuple, tuple[float, str, str]] = {}
 
     def _headers(self) -> dict:
         return {"Authorization": f"Bearer {self.token_source()}"}
 
-    def _granted(self, key: tuple) -> bool:
-        expiry = self._grants.get(key)
-        if expiry is None:
-            return False
-        if expiry < time.monotonic():
+    def _granted(self, key: tuple) -> Optional[tuple[str, str]]:
+        """(approval id, approver) of an approval of this statement still within the grant window."""
+        grant = self._grants.get(key)
+        if grant is None:
+            return None
+        if grant[0] < time.monotonic():
             del self._grants[key]
-            return False
-        return True
+            return None
+        return grant[1], grant[2]
 
     async def request(self, ctx, statement_decision) -> Decision:
         """For a Postgres statement whose policy decision is "approval"."""
@@ -57,9 +60,11 @@ class ApprovalClient:
         return await self._ask(ctx, decision, summary, f"{host}{path}", key=(ctx.identity, ctx.target.name, summary))
 
     async def _ask(self, ctx, decision: Decision, summary: str, resource: str, key: tuple) -> Decision:
-        if self.grant_window_s > 0 and self._granted(key):
+        granted = self._granted(key) if self.grant_window_s > 0 else None
+        if granted is not None:
             return Decision("allow", decision.action, decision.policy_ids,
-                            "approved earlier (within approvals.grant_window)", decision.resources)
+                            f"approval {granted[0]} by {granted[1]} covers this repeat "
+                            f"(within approvals.grant_window of {self.grant_window_s:g} s)", decision.resources)
         started = time.monotonic()
         try:
             async with httpx.AsyncClient(verify=self._verify, timeout=10.0) as client:
@@ -108,7 +113,7 @@ class ApprovalClient:
                 return Decision("deny", decision.action, decision.policy_ids,
                                 f"approval {approval_id} denied by {approver}: {why}", decision.resources)
             if self.grant_window_s > 0:
-                self._grants[key] = time.monotonic() + self.grant_window_s
+                self._grants[key] = (time.monotonic() + self.grant_window_s, approval_id, approver)
             return Decision("allow", decision.action, decision.policy_ids,
                             f"approved by {approver}: {why}", decision.resources)
         ctx.emit("approval.expired", {"approval_id": approval_id, "timeout_s": self.timeout_s})

@@ -168,3 +168,38 @@ def test_held_request_runs_when_approved_and_gets_403_when_denied(upstream, enfo
     assert decisions[0]["decision"] == "deny" and "not during the freeze" in decisions[0]["reason"]
     decided = enforcer.sink.of("approval.decided")
     assert decided and decided[0]["decision"] == "denied" and decided[0]["approver"] == "alice.approver"
+
+
+def test_grant_window_covers_repeats_and_names_the_approval(upstream, enforcer, collector,  # noqa: F811
+                                                            agent_token):
+    """approvals.grant_window: the same request again within the window goes through on the
+    earlier approval, and its record names that approval and its approver; after the window a
+    new approval is needed."""
+    approvals = ApprovalClient(collector["url"], agent_token, timeout_s=30, grant_window_s=4)
+    enforcer.configure(upstream, policy=PolicyEngine.from_text(POLICY), approvals=approvals)
+    env = {"WARDEN_COLLECTOR": collector["url"], "WARDEN_TOKEN": collector["approver"]}
+    seen = {a["id"] for a in (lambda j: j.get("items", j) if isinstance(j, dict) else j)(
+        json.loads(_cli("warden", "approvals", "list", "--json", env=env)))}
+
+    thread, result = _post_in_background(enforcer.url, b'{"order": 3, "amount": 5}')
+    first = _pending(env, seen)
+    _cli("warden", "approvals", "approve", first["id"], "--reason", "ticket CHG-78", env=env)
+    thread.join(30)
+    assert result["response"].status_code == 200
+    granted_at = time.monotonic()
+
+    enforcer.sink.clear()
+    with httpx.Client(base_url=enforcer.url, headers={"Host": "api"}, timeout=20) as client:
+        again = client.post("/refunds", content=b'{"order": 3, "amount": 5}')
+    assert again.status_code == 200 and time.monotonic() - granted_at < 4
+    assert enforcer.sink.of("approval.requested") == []           # no new approval was asked for
+    reasons = [d["reason"] for d in enforcer.sink.of("policy.decision")]
+    assert reasons and first["id"] in reasons[-1] and "alice.approver" in reasons[-1], reasons
+    assert "grant_window" in reasons[-1]
+
+    time.sleep(max(0.0, 4.2 - (time.monotonic() - granted_at)))
+    thread, result = _post_in_background(enforcer.url, b'{"order": 3, "amount": 5}')
+    later = _pending(env, seen | {first["id"]})                   # the window is over: asked again
+    _cli("warden", "approvals", "deny", later["id"], "--reason", "once was enough", env=env)
+    thread.join(30)
+    assert result["response"].status_code == 403
