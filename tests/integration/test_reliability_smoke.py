@@ -55,14 +55,16 @@ def test_runner_table_and_result_line(capsys):
 # ---------------------------------------------------------------------------------------------
 # Regression: the spool-full refusal must reach libpq clients using the default sslmode=prefer
 # ---------------------------------------------------------------------------------------------
-def _serve_refusal():
-    """agent.daemon.refuse_unrecordable on a loopback listener, on its own loop in a thread."""
+def _serve_refusal(refuse=None):
+    """agent.daemon.refuse_unrecordable (or `refuse(reader, writer)`) on a loopback listener, on
+    its own loop in a thread."""
     from agent.daemon import refuse_unrecordable
+    refuse = refuse or (lambda r, w: refuse_unrecordable("postgres", r, w))
     ready = threading.Event()
     box = {}
 
     async def main():
-        server = await asyncio.start_server(lambda r, w: refuse_unrecordable("postgres", r, w), "127.0.0.1", 0)
+        server = await asyncio.start_server(refuse, "127.0.0.1", 0)
         box["port"] = server.sockets[0].getsockname()[1]
         box["loop"] = asyncio.get_running_loop()
         box["stop"] = asyncio.Event()
@@ -113,6 +115,29 @@ def test_spool_full_refusal_reaches_sslmode_disable_clients():
     finally:
         box["loop"].call_soon_threadsafe(box["stop"].set)
         thread.join(10)
+
+
+def test_connection_limit_refusal_in_each_protocol():
+    """max_connections: Postgres clients get FATAL 53300 after their startup packet, HTTP clients
+    a 503 with the reason, both before the connection closes."""
+    import httpx
+
+    from agent.daemon import refuse_connection
+    message = "Warden refused this connection: target 'db' already has 2 connections open"
+    for protocol in ("postgres", "http"):
+        box, thread = _serve_refusal(lambda r, w, protocol=protocol: refuse_connection(protocol, r, w, "53300", message))
+        try:
+            if protocol == "postgres":
+                with socket.create_connection(("127.0.0.1", box["port"]), timeout=10) as s:
+                    s.sendall(P.build_startup_message({"user": "alice", "database": "app"}))
+                    fields = _first_error(s)
+                assert fields["C"] == "53300" and fields["S"] == "FATAL" and fields["M"] == message
+            else:
+                got = httpx.get(f"http://127.0.0.1:{box['port']}/x", timeout=10)
+                assert got.status_code == 503 and got.json() == {"error": message}
+        finally:
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+            thread.join(10)
 
 
 # ---------------------------------------------------------------------------------------------
