@@ -131,15 +131,30 @@ class Agent:
             log.error("config change refused, previous config stays active:\n%s", exc)
             self.emit("agent.config_rejected", {"file": self.config.source, "problems": exc.problems})
             return
-        self.identities = IdentityResolver(new.identities, host=self.host)
-        if [t for t in new.targets] != [t for t in self.config.targets]:
+        old = self.config
+        # what the running agent is built on (listeners, BPF scope, spool, shipper, key, state)
+        # changes only with a restart; the rest applies to the next session
+        fixed = {"targets": "targets", "scope_cgroups": "scope", "spool": "spool", "collector": "collector",
+                 "state_dir": "agent.state_dir", "agent_id": "agent.id", "event_log": "agent.event_log",
+                 "policy_path": "policy.path"}
+        pending = [name for field, name in fixed.items() if getattr(new, field) != getattr(old, field)]
+        if pending:
             self.emit("agent.alert", {"kind": "restart_required", "severity": "warning",
-                                      "message": "target changes take effect when the agent restarts"})
-        self.config = dataclasses.replace(new, targets=self.config.targets, scope_cgroups=self.config.scope_cgroups)
+                                      "message": f"changes to {', '.join(pending)} take effect when the agent "
+                                                 f"restarts; the running values stay in force until then",
+                                      "detail": {"sections": pending}})
+        self.identities = IdentityResolver(new.identities, host=self.host)
+        self.masking = new.masking_engine
+        if self.approvals is not None:
+            self.approvals.timeout_s = new.approvals_timeout
+            self.approvals.grant_window_s = new.approvals_grant_window
+        self.config = dataclasses.replace(new, **{field: getattr(old, field) for field in fixed})
         if self.policy is not None:
             if self.policy.reload(groups=self._policy_groups(new)):
                 self.emit("agent.reloaded", {"what": "policy", "generation": self.policy.generation})
-        self.emit("agent.reloaded", {"what": "config", "detail": {"identities": len(new.identities)}})
+        self.emit("agent.reloaded", {"what": "config", "detail": {
+            "identities": len(new.identities), "masking_rules": len((new.masking or {}).get("rules") or []),
+            "restart_required": pending}})
 
     async def _policy_watch_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set() and self.policy is not None:

@@ -100,3 +100,41 @@ def test_reload_refuses_bad_policy_and_config_and_applies_good_ones(test_cgroup,
         assert denied.returncode != 0 and "pg:select" in denied.stderr, denied.stderr
     finally:
         assert agent.stop() == 0
+
+
+def test_reload_applies_masking_and_names_what_needs_a_restart(test_cgroup, pg):
+    """SIGHUP: new masking rules apply to the next session; a change the running agent cannot
+    take (here the spool) is named in a restart_required alert and the running value stays."""
+    import yaml
+    pg.psql_local("CREATE TABLE IF NOT EXISTS reload_people (email text); TRUNCATE reload_people; "
+                  "INSERT INTO reload_people VALUES ('ada@example.com'); ALTER TABLE reload_people OWNER TO alice",
+                  dbname="app")
+    agent = AgentProcess({
+        "scope": {"cgroups": [test_cgroup.rel]},
+        "targets": [{"name": "db", "protocol": "postgres", "match": {"cidr": f"{pg.host}/32", "port": pg.port},
+                     "listen_port": free_port()}],
+        "identities": [{"name": "ops-test", "match": {"cgroup": test_cgroup.rel}}],
+    }).start()
+    psql = [pg.bin("psql"), "-h", pg.host, "-p", str(pg.port), "-U", "alice", "-d", "app", "-qAt", "-c",
+            "SELECT email FROM reload_people"]
+    env = {**os.environ, "PGPASSWORD": "alice-pw"}
+    try:
+        before = test_cgroup.run(psql, env=env)
+        assert before.returncode == 0 and before.stdout.strip() == "ada@example.com", before.stderr
+        config = yaml.safe_load(Path(agent.config_path).read_text())
+        config["masking"] = {"rules": [{"column": "email", "strategy": "email"}]}
+        config["spool"] = {"max_bytes": "2GiB"}
+        Path(agent.config_path).write_text(yaml.safe_dump(config))
+        agent.proc.send_signal(signal.SIGHUP)
+        reloaded = agent.wait_for(lambda e: e["type"] == "agent.reloaded" and e["f"]["what"] == "config",
+                                  timeout=15, what="config reload")
+        assert reloaded["f"]["detail"]["masking_rules"] == 1
+        alert = agent.wait_for(lambda e: e["type"] == "agent.alert" and e["f"].get("kind") == "restart_required",
+                               timeout=15, what="restart_required")
+        assert alert["f"]["detail"]["sections"] == ["spool"]
+        after = test_cgroup.run(psql, env=env)
+        assert after.returncode == 0, after.stderr
+        masked = after.stdout.strip()
+        assert masked != "ada@example.com" and masked.endswith("@example.com"), masked
+    finally:
+        assert agent.stop() == 0
