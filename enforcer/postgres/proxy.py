@@ -664,9 +664,9 @@ class _Connection:
             if write_paused:
                 self._pause_reading(not leg.client, "backpressure")
         if sdata:
-            self._on_server_data(sdata)
+            self._sleg.data_received(sdata)
         if cdata:
-            self._on_client_data(cdata)
+            self._cleg.data_received(cdata)
         if seof:
             self._on_eof(False, None)
         if ceof:
@@ -675,7 +675,9 @@ class _Connection:
 
     def _reader(self, client: bool):
         """A leg's data_received: the C Reader, which does a steady session's reads itself and
-        hands the others to _on_client_data / _on_server_data, or those handlers themselves."""
+        hands the others to _on_client_data / _on_server_data, or those handlers themselves.
+        The C lanes exist exactly when the Reader does, so a read reaching a handler is one they
+        declined: the handlers feed the session's Python loops directly."""
         handler = self._on_client_data if client else self._on_server_data
         if _Reader is None:
             return handler
@@ -695,7 +697,7 @@ class _Connection:
             return
         self.client_reads += 1
         try:
-            actions = self.session.feed_client(data)
+            actions = self.session.feed_client_python(data)
             applied = not actions or self._apply_steady(actions)
         except Exception as e:  # surfaced by run() as with the stream pumps
             self._fail(e)
@@ -717,7 +719,7 @@ class _Connection:
         if self._done.done():
             return
         try:
-            actions = self.session.feed_server(data)
+            actions = self.session.feed_server_python(data)
             applied = not actions or self._apply_steady(actions)
         except Exception as e:
             self._fail(e)
@@ -797,13 +799,9 @@ class _Connection:
             transport.write(P.build_notice_response({"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": message}))
 
     def _decide_inline(self, sql: str) -> Optional[list]:
-        """The session's synchronous decision (PostgresSession.decide): verdicts, or None when an
-        approval is needed."""
-        return self._decide_fast(sql)[0]
-
-    def _decide_fast(self, sql: str):
-        """Verdicts without awaiting: a dict lookup for a statement this connection saw before,
-        else the shared cache or the policy itself; (None, None) when an approval is needed."""
+        """The session's synchronous decision (PostgresSession.decide), without awaiting: a dict
+        lookup for a statement this connection saw before, else the shared cache or the policy
+        itself; None when an approval is needed."""
         ctx = self.ctx
         policy = ctx.policy
         base = None
@@ -817,18 +815,18 @@ class _Connection:
                 self._shape_verdicts = {}
             hit = self._verdicts.get(sql)
             if hit is not None:
-                return hit, True
+                return hit
             # a new text of a shape this connection has decided: no shared-cache lookups
             # (their keys hash the whole principal each time)
             shape = statement_shape(sql)
             template = self._shape_verdicts.get(shape) if shape is not None else None
             if template is not None:
-                return [template.with_text(single_statement_text(sql))], True
+                return [template.with_text(single_statement_text(sql))]
             verdicts, how = decide_now(ctx, sql, base, shape)
         else:
             verdicts, how = decide_now(ctx, sql)
         if verdicts is None:
-            return None, None
+            return None
         if policy is not None:
             if how == CACHED_TEXT:
                 # this exact text was seen twice: worth keeping for this connection
@@ -842,7 +840,7 @@ class _Connection:
                     if len(self._shape_verdicts) >= 1000:
                         self._shape_verdicts = {}
                     self._shape_verdicts[shape] = template
-        return verdicts, how != DECIDED
+        return verdicts
 
     async def _decide_slow(self, req: DecisionRequest, rest: list) -> None:
         try:

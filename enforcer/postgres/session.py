@@ -350,6 +350,10 @@ class PostgresSession:
             out = _lanes.feed_client(self, data)    # None: not a read the C lane starts on
             if out is not None:
                 return out
+        return self.feed_client_python(data)
+
+    def feed_client_python(self, data: bytes) -> list:
+        """feed_client for a read the C lane already declined (the shell's C Reader asks it first)."""
         self.bytes_in += len(data)
         if self.phase == CLOSED:
             return []
@@ -378,6 +382,10 @@ class PostgresSession:
             out = _lanes.feed_server(self, data)    # None: not a read the C lane starts on
             if out is not None:
                 return out
+        return self.feed_server_python(data)
+
+    def feed_server_python(self, data: bytes) -> list:
+        """feed_server for a read the C lane already declined."""
         if self.phase == CLOSED:
             return []
         big = self._sbig

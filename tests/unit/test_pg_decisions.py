@@ -61,6 +61,25 @@ def test_shape_reuse_never_crosses_tables_or_kinds():
     assert how == DECIDED
 
 
+def _decide_fast(conn, sql):
+    """conn._decide_inline(sql), and whether a memo or the shared cache answered (the policy was
+    not asked): decide_now was not called, or answered from the cache."""
+    from enforcer.postgres import proxy
+    asked = []
+    real = proxy.decide_now
+
+    def watching(*args, **kwargs):
+        verdicts, how = real(*args, **kwargs)
+        asked.append(how)
+        return verdicts, how
+    proxy.decide_now = watching
+    try:
+        verdicts = conn._decide_inline(sql)
+    finally:
+        proxy.decide_now = real
+    return verdicts, not asked or asked[0] != proxy.DECIDED
+
+
 def _connection(ctx):
     from enforcer.postgres.proxy import _Connection
     conn = object.__new__(_Connection)      # only the decision state, no sockets
@@ -73,17 +92,17 @@ def test_connection_keeps_shape_verdicts_and_drops_them_when_the_principal_chang
     policy = PolicyEngine.from_text(POLICY)
     ctx = _ctx(policy, "app")
     conn = _connection(ctx)
-    first, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 1")
+    first, cached = _decide_fast(conn, "SELECT balance FROM accounts WHERE id = 1")
     assert first[0].allowed and not cached
-    second, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 2")
+    second, cached = _decide_fast(conn, "SELECT balance FROM accounts WHERE id = 2")
     assert second[0].allowed and cached
     decision_cache._entries.clear()         # from now on only the connection's own memo knows
-    third, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 3")
+    third, cached = _decide_fast(conn, "SELECT balance FROM accounts WHERE id = 3")
     assert cached and third[0].allowed and third[0].text == "SELECT balance FROM accounts WHERE id = 3"
     assert third[0].policy_ids == ("app-user-reads",)
     # brokered login replaces the attributes: the memo must not answer for the new principal
     ctx.identity_attrs = {"user": "intruder"}
-    fourth, cached = conn._decide_fast("SELECT balance FROM accounts WHERE id = 4")
+    fourth, cached = _decide_fast(conn, "SELECT balance FROM accounts WHERE id = 4")
     assert not fourth[0].allowed and not cached
 
 
@@ -91,10 +110,10 @@ def test_connection_shape_memo_never_answers_for_another_table_or_kind():
     policy = PolicyEngine.from_text(POLICY)
     conn = _connection(_ctx(policy, "app"))
     for sql in ("SELECT * FROM accounts WHERE id = 1", "SELECT * FROM accounts WHERE id = 2"):
-        conn._decide_fast(sql)
-    other, _ = conn._decide_fast("SELECT * FROM private.accounts WHERE id = 3")
+        _decide_fast(conn, sql)
+    other, _ = _decide_fast(conn, "SELECT * FROM private.accounts WHERE id = 3")
     assert other[0].tables == ("private.accounts",)
-    write, _ = conn._decide_fast("DELETE FROM accounts WHERE id = 3")
+    write, _ = _decide_fast(conn, "DELETE FROM accounts WHERE id = 3")
     assert not write[0].allowed
 
 
