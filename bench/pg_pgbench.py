@@ -94,8 +94,9 @@ class CountingSink:
         pass
 
 
-class ByteRelay:
-    """The ceiling of any Python proxy: copy bytes both ways, nothing else (uvloop)."""
+class _RelayThread:
+    """A relay listening on 127.0.0.1 on its own uvloop in a background thread; start() returns
+    once it listens, stop() cancels everything on its loop."""
 
     def __init__(self, upstream):
         self.upstream = upstream
@@ -103,30 +104,15 @@ class ByteRelay:
         self.loop = None
         self._thread = None
 
-    async def _pipe(self, reader, writer):
-        try:
-            while True:
-                data = await reader.read(256 * 1024)
-                if not data:
-                    break
-                writer.write(data)
-                if writer.transport.get_write_buffer_size() > 512 * 1024:
-                    await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
-
-    async def _handle(self, creader, cwriter):
-        sreader, swriter = await asyncio.open_connection(*self.upstream)
-        await asyncio.gather(self._pipe(creader, swriter), self._pipe(sreader, cwriter))
+    async def _listen(self):
+        raise NotImplementedError
 
     def start(self):
         import uvloop
         ready = threading.Event()
 
         async def main():
-            server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            server = await self._listen()
             self.port = server.sockets[0].getsockname()[1]
             ready.set()
             async with server:
@@ -151,100 +137,94 @@ class ByteRelay:
             self._thread.join(10)
 
 
-class ProtocolRelay:
-    """A bare relay on asyncio.Protocol callbacks (uvloop): each read is written to the other
-    leg from the callback itself, with the transports' flow control between the legs."""
+class ByteRelay(_RelayThread):
+    """The ceiling most Python proxies have: asyncio streams copying bytes both ways, nothing else."""
 
-    def __init__(self, upstream):
-        self.upstream = upstream
-        self.port = None
-        self.loop = None
-        self._server = None
-        self._thread = None
+    async def _pipe(self, reader, writer):
+        try:
+            while True:
+                data = await reader.read(256 * 1024)
+                if not data:
+                    break
+                writer.write(data)
+                if writer.transport.get_write_buffer_size() > 512 * 1024:
+                    await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
 
-    def _client_protocol(self):
+    async def _handle(self, creader, cwriter):
+        sreader, swriter = await asyncio.open_connection(*self.upstream)
+        await asyncio.gather(self._pipe(creader, swriter), self._pipe(sreader, cwriter))
+
+    async def _listen(self):
+        return await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+
+class _RelayLeg(asyncio.Protocol):
+    """One side of ProtocolRelay: what it reads is written to its peer from the callback."""
+
+    def __init__(self):
+        self.transport = None
+        self.peer = None
+        self.early = []          # bytes read before the peer leg exists (pause_reading may come late)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if self.peer is None:
+            self.early.append(data)
+        else:
+            self.peer.transport.write(data)
+
+    def eof_received(self):
+        if self.peer is not None:
+            self.peer.transport.close()
+        return False
+
+    def connection_lost(self, exc):
+        if self.peer is not None:
+            self.peer.transport.close()
+
+    def pause_writing(self):
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self):
+        if self.peer is not None:
+            self.peer.transport.resume_reading()
+
+
+class ProtocolRelay(_RelayThread):
+    """A bare relay on asyncio.Protocol callbacks with no tasks, as Warden's shell after the
+    startup: the stricter ceiling, with the transports' flow control between the legs."""
+
+    def _client_leg(self):
         upstream = self.upstream
 
-        class Leg(asyncio.Protocol):
-            def __init__(self):
-                self.transport = None
-                self.peer = None
-                self.early = []          # client bytes before the upstream leg is connected
-
-            def connection_made(self, transport):
-                self.transport = transport
-
-            def data_received(self, data):
-                if self.peer is not None:
-                    self.peer.transport.write(data)
-                else:
-                    self.early.append(data)
-
-            def eof_received(self):
-                if self.peer is not None and self.peer.transport is not None:
-                    self.peer.transport.close()
-                return False
-
-            def connection_lost(self, exc):
-                if self.peer is not None and self.peer.transport is not None:
-                    self.peer.transport.close()
-
-            def pause_writing(self):
-                if self.peer is not None:
-                    self.peer.transport.pause_reading()
-
-            def resume_writing(self):
-                if self.peer is not None:
-                    self.peer.transport.resume_reading()
-
-        class ClientLeg(Leg):
+        class ClientLeg(_RelayLeg):
             def connection_made(self, transport):
                 super().connection_made(transport)
-                transport.pause_reading()
+                transport.pause_reading()          # until the upstream leg exists
                 asyncio.get_running_loop().create_task(self._connect())
 
             async def _connect(self):
                 try:
-                    _, server = await asyncio.get_running_loop().create_connection(Leg, *upstream)
+                    _, server = await asyncio.get_running_loop().create_connection(_RelayLeg, *upstream)
                 except OSError:
                     self.transport.close()
                     return
                 server.peer, self.peer = self, server
-                for data in self.early:
-                    server.transport.write(data)
+                server.transport.writelines(self.early)
                 self.early = []
                 self.transport.resume_reading()
 
         return ClientLeg()
 
-    def start(self):
-        import uvloop
-        ready = threading.Event()
-
-        async def main():
-            self._server = await asyncio.get_running_loop().create_server(self._client_protocol, "127.0.0.1", 0)
-            self.port = self._server.sockets[0].getsockname()[1]
-            ready.set()
-            await self._server.serve_forever()
-
-        def run():
-            self.loop = uvloop.new_event_loop()
-            try:
-                self.loop.run_until_complete(main())
-            except BaseException:
-                pass
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        ready.wait(10)
-        return self
-
-    def stop(self):
-        if self.loop and self._server:
-            self.loop.call_soon_threadsafe(self._server.close)
-            self.loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(self.loop)])
-        if self._thread:
-            self._thread.join(10)
+    async def _listen(self):
+        return await asyncio.get_running_loop().create_server(self._client_leg, "127.0.0.1", 0)
 
 
 class PgBouncer:
