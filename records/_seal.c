@@ -826,7 +826,7 @@ typedef struct {
     vectorcallfunc vectorcall;
 } Emitter;
 
-static PyObject *str_open, *str_emit, *str_session_id;
+static PyObject *str_open, *str_emit, *session_id_kwnames;   /* ("session_id",) */
 
 static PyObject *Emitter_vectorcall(Emitter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
@@ -856,9 +856,7 @@ static PyObject *Emitter_vectorcall(Emitter *self, PyObject *const *args, size_t
     PyObject *emit = PyObject_GetAttr(self->writer, str_emit);
     if (!emit) return NULL;
     PyObject *call[4] = {NULL, args[0], args[1], self->sid};
-    PyObject *names = PyTuple_Pack(1, str_session_id);
-    PyObject *out = names ? PyObject_Vectorcall(emit, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, names) : NULL;
-    Py_XDECREF(names);
+    PyObject *out = PyObject_Vectorcall(emit, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, session_id_kwnames);
     Py_DECREF(emit);
     return out;
 }
@@ -923,7 +921,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__seal(void) {
     if (PyType_Ready(&BuilderType) < 0 || PyType_Ready(&EmitterType) < 0) return NULL;
     if (!(str_open = PyUnicode_InternFromString("_open")) || !(str_emit = PyUnicode_InternFromString("emit"))
-        || !(str_session_id = PyUnicode_InternFromString("session_id")))
+        || !(session_id_kwnames = Py_BuildValue("(s)", "session_id")))
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;

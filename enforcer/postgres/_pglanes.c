@@ -484,22 +484,22 @@ static PyObject *client_lane(PyObject *module, PyObject *const *args, Py_ssize_t
 
 /* ---- server -------------------------------------------------------------------------------- */
 
+/* old + delta (a new reference), NULL on error */
+static PyObject *plus(PyObject *old, long long delta) {
+    PyObject *d = PyLong_FromLongLong(delta);
+    PyObject *sum = d == NULL ? NULL : PyNumber_Add(old, d);
+    Py_XDECREF(d);
+    return sum;
+}
+
 static int add_to_attr(PyObject *obj, PyObject *name, long long delta) {
     PyObject *old = PyObject_GetAttr(obj, name);
     if (old == NULL)
         return -1;
-    PyObject *d = PyLong_FromLongLong(delta);
-    if (d == NULL) {
-        Py_DECREF(old);
-        return -1;
-    }
-    PyObject *sum = PyNumber_Add(old, d);
+    PyObject *sum = plus(old, delta);
     Py_DECREF(old);
-    Py_DECREF(d);
-    if (sum == NULL)
-        return -1;
-    int rc = PyObject_SetAttr(obj, name, sum);
-    Py_DECREF(sum);
+    int rc = sum == NULL ? -1 : PyObject_SetAttr(obj, name, sum);
+    Py_XDECREF(sum);
     return rc;
 }
 
@@ -814,17 +814,12 @@ static int holds_empty_bytes(PyObject *dict, PyObject *key) {
     return v != NULL && PyBytes_CheckExact(v) && PyBytes_GET_SIZE(v) == 0;
 }
 
+/* add_to_attr on the session's instance dict, which the whole-read functions already hold */
 static int add_to_item(PyObject *dict, PyObject *key, Py_ssize_t delta) {
     PyObject *old = dict_item(dict, key);
-    if (old == NULL)
-        return -1;
-    PyObject *d = PyLong_FromSsize_t(delta);
-    PyObject *sum = d == NULL ? NULL : PyNumber_Add(old, d);
-    Py_XDECREF(d);
-    if (sum == NULL)
-        return -1;
-    int rc = PyDict_SetItem(dict, key, sum);
-    Py_DECREF(sum);
+    PyObject *sum = old == NULL ? NULL : plus(old, delta);
+    int rc = sum == NULL ? -1 : PyDict_SetItem(dict, key, sum);
+    Py_XDECREF(sum);
     return rc;
 }
 
