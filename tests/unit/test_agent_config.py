@@ -62,11 +62,16 @@ def test_default_scope_is_whole_host():
     ("targets: [\n", 2, "YAML syntax error"),
 ])
 def test_errors_name_file_and_line(text, line, fragment):
+    assert_refused_at(text, "/etc/warden/agent.yaml", line, fragment)
+
+
+def assert_refused_at(text: str, filename: str, line: int, fragment: str) -> None:
+    """parse() refuses `text`, naming `filename:line` and saying `fragment`."""
     with pytest.raises(ConfigError) as exc:
-        parse(text, "/etc/warden/agent.yaml")
+        parse(text, filename)
     joined = "\n".join(exc.value.problems)
-    assert f"/etc/warden/agent.yaml:{line}:" in joined, joined
-    assert fragment in joined
+    assert f"{filename}:{line}:" in joined, joined
+    assert fragment in joined, joined
 
 
 def test_all_problems_reported_at_once():
@@ -137,10 +142,7 @@ def test_target_options_take_units_and_are_stored_as_numbers():
      "    credentials: {header: X, value_file: /x}\n", 5, "credentials apply to postgres and http"),
 ])
 def test_bad_target_options_are_refused_with_their_line(text, line, fragment):
-    with pytest.raises(ConfigError) as exc:
-        parse(text, "a.yaml")
-    joined = "\n".join(exc.value.problems)
-    assert f"a.yaml:{line}:" in joined and fragment in joined, joined
+    assert_refused_at(text, "a.yaml", line, fragment)
 
 
 @pytest.mark.parametrize("text, line, fragment", [
@@ -153,10 +155,7 @@ def test_bad_target_options_are_refused_with_their_line(text, line, fragment):
 ])
 def test_misspelt_keys_in_any_section_are_refused_with_their_line(text, line, fragment):
     """A typo must not leave a default silently in force."""
-    with pytest.raises(ConfigError) as exc:
-        parse(text, "a.yaml")
-    joined = "\n".join(exc.value.problems)
-    assert f"a.yaml:{line}:" in joined and fragment in joined, joined
+    assert_refused_at(text, "a.yaml", line, fragment)
 
 
 def test_readme_agent_config_is_valid():
