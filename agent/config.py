@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 from typing import Any, Optional
@@ -187,7 +188,7 @@ def _target_option(key: str, kind: str, value: Any) -> Any:
         example = {_SIZE: "a size such as 64MiB", _DURATION: "a duration such as 30s or 500ms",
                    _COUNT: "a whole number"}[kind]
         raise ValueError(f"{key} must be {example}, got {value!r}") from None
-    if number < 0 or (number == 0 and key not in _ZERO_ALLOWED) or number != number:
+    if math.isnan(number) or number < 0 or (number == 0 and key not in _ZERO_ALLOWED):
         raise ValueError(f"{key} must be {'zero or more' if key in _ZERO_ALLOWED else 'more than zero'}, "
                          f"got {value!r}")
     return number

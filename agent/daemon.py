@@ -462,7 +462,8 @@ class Agent:
                            "client": f"{peer[0]}:{peer[1]}", "process": procinfo.as_record(proc)}})
             await refuse_connection(target.protocol, reader, writer, "53300",
                                     f"Warden refused this connection: target {target.name!r} already has {open_now} "
-                                    f"connections open, its max_connections; try again when one has closed")
+                                    f"connections open, its max_connections; try again when one has closed, or raise "
+                                    f"max_connections for this target in agent.yaml")
             return
         self.open_per_target[target.name] = open_now + 1
         try:
