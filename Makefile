@@ -50,6 +50,7 @@ reliability: setup
 
 fuzz: setup
 	$(PY) -m tests.fuzz.run
+	$(PY) -m tests.sanitize --scale 0.2
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -81,6 +81,8 @@ static int out_reserve(Out *o, Py_ssize_t extra) {
 }
 
 static inline int out_put(Out *o, const void *src, Py_ssize_t len) {
+    if (len == 0)       /* memcpy into a buffer not yet allocated (NULL) is undefined even for 0 bytes */
+        return 0;
     if (out_reserve(o, len))
         return -1;
     memcpy(o->data + o->len, src, len);

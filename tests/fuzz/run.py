@@ -2,8 +2,9 @@
 
     python -m tests.fuzz.run [--quick] [--scale X] [--seed N]
 
-Full mode feeds at least 100,000 inputs to each core (Postgres, HTTP); --quick a few thousand.
-Pure in-process work: no network, no files.
+Full mode feeds at least 100,000 inputs to each core (Postgres, HTTP, and the C modules against
+their Python references); --quick a few thousand. Pure in-process work: no network, no files.
+`python -m tests.sanitize` runs the same targets on the C modules built with ASan and UBSan.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import argparse
 import json
 import sys
 
-from tests.fuzz import http, pg
+from tests.fuzz import http, native, pg
 from tests.fuzz.common import Stats
 
 # (target, core, kind, full-mode count); stateful counts are programs of up to 40 steps each
@@ -25,13 +26,15 @@ PLAN = (
     ("http_response_mutated", "http", "mutation", 40_000),
     ("http_request_generated", "http", "hypothesis", 6_000),
     ("http_response_generated", "http", "hypothesis", 4_000),
+    ("native_lanes_mutated", "native", "mutation", 60_000),
+    ("native_rows_mutated", "native", "mutation", 40_000),
 )
 QUICK_SCALE = 0.03
 MIN_PER_CORE_FULL = 100_000
 
 
 def run_target(name: str, kind: str, count: int, seed: int) -> Stats:
-    module = pg if name.startswith("pg_") else http
+    module = pg if name.startswith("pg_") else native if name.startswith("native_") else http
     if kind == "mutation":
         return module.mutation_target(name, count, seed)
     if kind == "hypothesis":
