@@ -46,28 +46,41 @@ def _cmd_policy_check(args) -> int:
 
 
 def _cmd_policy_test(args) -> int:
+    """Exit codes as enforcer.policy.cli.cmd_test: 0 allowed, 1 denied, 2 approval required,
+    3 the config, policy or input could not be used."""
     try:
-        from enforcer.policy.cli import cmd_test
+        from enforcer.policy.cli import EXIT_ERROR, cmd_test
     except ImportError:
         print("the policy engine is not installed in this build", file=sys.stderr)
         return 1
-    policy = args.policy
-    if policy is None:
-        from agent import config as config_mod
-        try:
-            policy = config_mod.load(args.config).policy_path
-        except config_mod.ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-    if not policy:
-        print("no policy file: pass --policy FILE or set policy.path in the config", file=sys.stderr)
-        return 1
     if bool(args.sql) == bool(args.http):
         print("give exactly one of --sql or --http", file=sys.stderr)
-        return 2
-    attrs = json.loads(args.attrs) if args.attrs else None
+        return EXIT_ERROR
+    try:
+        attrs = json.loads(args.attrs) if args.attrs else None
+    except json.JSONDecodeError as exc:
+        print(f"--attrs is not JSON ({exc}); e.g. --attrs '{{\"team\": \"payments\"}}'", file=sys.stderr)
+        return EXIT_ERROR
+    if attrs is not None and not isinstance(attrs, dict):
+        print("--attrs must be a JSON object of principal attributes", file=sys.stderr)
+        return EXIT_ERROR
+    # The agent's identity groups decide as much as the policy text (`principal in Group::...`):
+    # the dry run reads them from the config, as the running agent does.
+    from agent import config as config_mod
+    config = None
+    if args.policy is None or args.config != DEFAULT_CONFIG or os.path.exists(args.config):
+        try:
+            config = config_mod.load(args.config)
+        except config_mod.ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_ERROR
+    policy = args.policy or config.policy_path
+    if not policy:
+        print("no policy file: pass --policy FILE or set policy.path in the config", file=sys.stderr)
+        return EXIT_ERROR
     return cmd_test(policy, args.identity, args.target, sql=args.sql, http=args.http,
-                    identity_attrs=attrs, as_json=args.json)
+                    identity_attrs=attrs, as_json=args.json,
+                    groups=config.policy_groups() if config is not None else None)
 
 
 def _cmd_ca(args) -> int:
@@ -118,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     ptest.add_argument("--sql")
     ptest.add_argument("--http", help='e.g. "GET https://api.internal/v1/customers/7"')
     ptest.add_argument("--policy", help="policy file (default: policy.path from --config)")
-    ptest.add_argument("--config", default=DEFAULT_CONFIG)
+    ptest.add_argument("--config", default=DEFAULT_CONFIG,
+                       help="agent config: its policy.path and its identities' groups (read when present)")
     ptest.add_argument("--attrs", help="principal attributes as JSON")
     ptest.add_argument("--json", action="store_true")
     ptest.set_defaults(func=_cmd_policy_test)

@@ -104,6 +104,14 @@ class AgentConfig:
     listen_host4: str = "127.0.0.1"
     listen_host6: str = "::1"
 
+    def policy_groups(self) -> dict[str, list[str]]:
+        """Group name -> the identities in it (`identities[].groups`), as policies see them."""
+        groups: dict[str, list[str]] = {}
+        for rule in self.identities:
+            for group in rule.groups:
+                groups.setdefault(group, []).append(rule.name)
+        return groups
+
     def target(self, name: str) -> TargetConfig:
         for t in self.targets:
             if t.name == name:
@@ -290,6 +298,8 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         tls = t.get("upstream_tls", "disable")
         if isinstance(tls, dict):
             tls_mode, tls_ca = tls.get("mode", "disable"), tls.get("ca")
+            for key in sorted(set(tls) - {"mode", "ca"}):
+                err(p + ("upstream_tls", key), f"unknown key {key!r} in upstream_tls (known: mode, ca)")
         else:
             tls_mode, tls_ca = tls, t.get("upstream_ca")
         if tls_mode not in TLS_MODES:
@@ -301,7 +311,9 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
             err(p + ("on_enforcer_down",), f"on_enforcer_down must be refuse or bypass, got {on_down!r}")
         # what a workload that starts TLS towards the enforcer gets: postgres terminates it with the
         # agent CA (allow) or answers 'N'; http intercepts with the agent CA, decides by SNI only, or refuses
-        client_tls_modes = {"postgres": ("allow", "refuse"), "http": ("intercept", "sni", "refuse"),
+        # (the first mode is the default: an HTTP target intercepts only when told to, since
+        # interception issues certificates for the names workloads ask for)
+        client_tls_modes = {"postgres": ("allow", "refuse"), "http": ("refuse", "intercept", "sni"),
                             "tcp": ("refuse",)}[protocol if protocol in PROTOCOLS else "tcp"]
         client_tls = t.get("client_tls", client_tls_modes[0])
         if client_tls not in client_tls_modes:

@@ -101,20 +101,13 @@ class Agent:
         return brokers
 
     # ---- policy and reload ------------------------------------------------------------------
-    def _policy_groups(self, config: AgentConfig) -> dict[str, list[str]]:
-        groups: dict[str, list[str]] = {}
-        for rule in config.identities:
-            for group in rule.groups:
-                groups.setdefault(group, []).append(rule.name)
-        return groups
-
     def _load_policy(self, config: AgentConfig):
         """The Cedar policy store, or None when no policy is configured (observe-only: recorded, not decided)."""
         if not config.policy_path:
             log.warning("no policy configured: governed sessions are recorded but every statement is allowed")
             return None
         from enforcer.policy.store import PolicyStore
-        return PolicyStore(config.policy_path, groups=self._policy_groups(config),
+        return PolicyStore(config.policy_path, groups=config.policy_groups(),
                            on_rejected=self._policy_rejected)
 
     def _policy_rejected(self, error) -> None:
@@ -150,7 +143,7 @@ class Agent:
             self.approvals.grant_window_s = new.approvals_grant_window
         self.config = dataclasses.replace(new, **{field: getattr(old, field) for field in fixed})
         if self.policy is not None:
-            if self.policy.reload(groups=self._policy_groups(new)):
+            if self.policy.reload(groups=new.policy_groups()):
                 self.emit("agent.reloaded", {"what": "policy", "generation": self.policy.generation})
         self.emit("agent.reloaded", {"what": "config", "detail": {
             "identities": len(new.identities), "masking_rules": len((new.masking or {}).get("rules") or []),

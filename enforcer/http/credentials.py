@@ -60,6 +60,7 @@ class BrokeredCredential:
 
 
 _shared: dict[tuple[str, str, str], BrokeredCredential] = {}
+CREDENTIAL_KEYS = frozenset({"header", "value_file", "scheme"})
 
 
 def credential_for(options: dict) -> Optional[BrokeredCredential]:
@@ -69,6 +70,9 @@ def credential_for(options: dict) -> Optional[BrokeredCredential]:
         return None
     if not isinstance(spec, dict):
         raise CredentialError("target option 'credentials' must be a mapping with header, value_file, scheme")
+    unknown = sorted(set(spec) - CREDENTIAL_KEYS)
+    if unknown:     # a misspelt 'scheme' would inject the secret without it
+        raise CredentialError(f"unknown key {unknown[0]!r} in credentials (known: {', '.join(sorted(CREDENTIAL_KEYS))})")
     key = (str(spec.get("header", "Authorization")), str(spec.get("value_file", "")), str(spec.get("scheme", "")))
     found = _shared.get(key)
     if found is None:

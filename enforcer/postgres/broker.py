@@ -107,15 +107,19 @@ class BrokerConfig:
         where = f"targets[{target}].credentials" if target else "credentials"
         if not isinstance(credentials, dict):
             raise ConfigError(f"{where} must be a mapping")
-        mode = credentials.get("mode", "passthrough")
-        if mode in ("passthrough", "pass-through"):
-            return None
-        if mode != "brokered":
-            raise ConfigError(f"{where}.mode must be brokered or passthrough, got {mode!r}")
+        # unknown keys first: a misspelt 'mode' would otherwise leave the target in pass-through
         known = {"mode", "user", "password_file", "accept", "token"}
         unknown = sorted(set(credentials) - known)
         if unknown:
             raise ConfigError(f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        mode = credentials.get("mode", "passthrough")
+        if mode in ("passthrough", "pass-through"):
+            if len(credentials) > 1:
+                raise ConfigError(f"{where}: {', '.join(sorted(set(credentials) - {'mode'}))} apply only to "
+                                  f"mode: brokered (this target passes the workload's credentials through)")
+            return None
+        if mode != "brokered":
+            raise ConfigError(f"{where}.mode must be brokered or passthrough, got {mode!r}")
         user = credentials.get("user")
         if not isinstance(user, str) or not user:
             raise ConfigError(f"{where}.user: the database role Warden logs in as is required")

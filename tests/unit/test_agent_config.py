@@ -30,6 +30,12 @@ approvals:
 """
 
 
+def test_client_tls_defaults_are_allow_for_postgres_and_refuse_for_http():
+    """An HTTP target intercepts workload TLS only when its config says so."""
+    db, api = parse(GOOD, "agent.yaml").targets
+    assert (db.client_tls, api.client_tls) == ("allow", "refuse")
+
+
 def test_good_config_parses_with_defaults():
     cfg = parse(GOOD, "agent.yaml")
     assert cfg.scope_cgroups == ("/system.slice",)
@@ -140,6 +146,15 @@ def test_target_options_take_units_and_are_stored_as_numbers():
     (HTTP_TARGET + "    credentials: {header: Authorization}\n", 5, "need both 'header' and 'value_file'"),
     ("targets:\n  - name: t\n    protocol: tcp\n    match: {cidr: 127.0.0.10/32, port: 1}\n"
      "    credentials: {header: X, value_file: /x}\n", 5, "credentials apply to postgres and http"),
+    # a misspelt key must not change what is injected, or leave a target in pass-through
+    (HTTP_TARGET + "    credentials: {header: Authorization, value_file: /x, schem: Bearer}\n", 5,
+     "unknown key 'schem' in credentials"),
+    (PG_TARGET + "    credentials:\n      mod: brokered\n      user: app\n      password_file: /x\n", 5,
+     "unknown keys mod"),
+    (PG_TARGET + "    credentials: {user: app, password_file: /x}\n", 5,
+     "password_file, user apply only to mode: brokered"),
+    (PG_TARGET + "    upstream_tls:\n      mode: verify-full\n      ca: /x.pem\n      server_nme: db\n", 8,
+     "unknown key 'server_nme' in upstream_tls"),
 ])
 def test_bad_target_options_are_refused_with_their_line(text, line, fragment):
     assert_refused_at(text, "a.yaml", line, fragment)

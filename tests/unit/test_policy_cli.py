@@ -72,3 +72,47 @@ def test_test_input_errors(tmp_path):
 def test_parse_http():
     assert parse_http("get https://Api.example:8443/v1/x?y=1") == ("GET", "Api.example:8443", "/v1/x?y=1")
     assert parse_http("DELETE api.example") == ("DELETE", "api.example", "/")
+
+
+# -- `warden-agent policy test` as a command: it must decide as the running agent would ----------
+
+def agent_policy_test(tmp_path, *args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "agent.cli", "policy", "test", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+def write_config(tmp_path, groups: str) -> str:
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"policy: {{path: {EXAMPLE}}}\nidentities:\n"
+                    f"  - name: payments-api\n    match: {{systemd_unit: payments.service}}\n    groups: {groups}\n")
+    return str(path)
+
+
+def test_agent_command_takes_identity_groups_from_the_config(tmp_path):
+    """The example policy permits `principal in Group::"payments"`: the dry run must know the group."""
+    select = ["--identity", "payments-api", "--target", "payments-db", "--sql", "SELECT * FROM customers"]
+    code, out = agent_policy_test(tmp_path, "--config", write_config(tmp_path, "[payments]"), *select)
+    assert code == 0 and "ALLOW" in out.upper(), out
+    code, out = agent_policy_test(tmp_path, "--config", write_config(tmp_path, "[auditors]"), *select)
+    assert code == 1, out
+    # --policy with an explicit config: the policy given, the config's groups
+    code, out = agent_policy_test(tmp_path, "--policy", EXAMPLE, "--config", write_config(tmp_path, "[payments]"),
+                                  *select)
+    assert code == 0, out
+
+
+def test_agent_command_input_errors_exit_3_with_a_message(tmp_path):
+    base = ["--policy", EXAMPLE, "--config", write_config(tmp_path, "[payments]"), "--identity", "payments-api",
+            "--target", "payments-db"]
+    assert agent_policy_test(tmp_path, *base)[0] == 3                        # neither --sql nor --http
+    code, out = agent_policy_test(tmp_path, *base, "--sql", "SELECT 1", "--attrs", "{team: x")
+    assert code == 3 and "--attrs is not JSON" in out and "Traceback" not in out
+    code, out = agent_policy_test(tmp_path, *base, "--sql", "SELECT 1", "--attrs", "[1]")
+    assert code == 3 and "JSON object" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("identities:\n  - name: a\n    match: {shoe_size: 9}\n")
+    code, out = agent_policy_test(tmp_path, "--config", str(bad), "--identity", "a", "--target", "t", "--sql", "SELECT 1")
+    assert code == 3 and f"{bad}:3" in out
