@@ -29,8 +29,10 @@ class ApprovalClient:
         self.timeout_s = timeout_s
         self.grant_window_s = grant_window_s
         self._verify = ca_file if ca_file else True
-        # (identity, target, fingerprint) -> (expiry (monotonic), approval id, approver): a repeat
-        # within approvals.grant_window is allowed on that approval and its record says which
+        # (identity, target, exact statement or request line) -> (expiry (monotonic), approval id,
+        # approver): a repeat within approvals.grant_window is allowed on that approval and its
+        # record says which. Exact, because the approver approved those values: a fingerprint
+        # would let `WHERE id = 1` cover every other id.
         self._grants: dict[tuple, tuple[float, str, str]] = {}
 
     def _headers(self) -> dict:
@@ -53,14 +55,21 @@ class ApprovalClient:
         if ctx.masking is not None and hasattr(ctx.masking, "mask_text"):
             text, _count = ctx.masking.mask_text(text)
         resource = ",".join(statement.tables) or ctx.target.name
-        return await self._ask(ctx, decision, text, resource, key=(ctx.identity, ctx.target.name, statement.fingerprint))
+        return await self._ask(ctx, decision, text, resource, key=(ctx.identity, ctx.target.name, statement.text))
 
-    async def request_http(self, ctx, decision: Decision, method: str, host: str, path: str) -> Decision:
-        summary = f"{method} {host}{path}"
-        return await self._ask(ctx, decision, summary, f"{host}{path}", key=(ctx.identity, ctx.target.name, summary))
+    async def request_http(self, ctx, decision: Decision, method: str, host: str, path: str,
+                           query: str = "", shown_query: Optional[str] = None, has_body: bool = False) -> Decision:
+        """For an HTTP request whose policy decision is "approval". The approver sees the query
+        as recorded (`shown_query`, after redact_query); a request with a body is never covered
+        by an earlier grant, since no approver saw that body."""
+        shown = query if shown_query is None else shown_query
+        summary = f"{method} {host}{path}" + (f"?{shown}" if shown else "")
+        line = f"{method} {host}{path}" + (f"?{query}" if query else "")
+        key = None if has_body else (ctx.identity, ctx.target.name, line)
+        return await self._ask(ctx, decision, summary, f"{host}{path}", key=key)
 
-    async def _ask(self, ctx, decision: Decision, summary: str, resource: str, key: tuple) -> Decision:
-        granted = self._granted(key) if self.grant_window_s > 0 else None
+    async def _ask(self, ctx, decision: Decision, summary: str, resource: str, key: Optional[tuple]) -> Decision:
+        granted = self._granted(key) if self.grant_window_s > 0 and key is not None else None
         if granted is not None:
             return Decision("allow", decision.action, decision.policy_ids,
                             f"approval {granted[0]} by {granted[1]} covers this repeat "
@@ -112,7 +121,7 @@ class ApprovalClient:
             if status == "denied":
                 return Decision("deny", decision.action, decision.policy_ids,
                                 f"approval {approval_id} denied by {approver}: {why}", decision.resources)
-            if self.grant_window_s > 0:
+            if self.grant_window_s > 0 and key is not None:
                 self._grants[key] = (time.monotonic() + self.grant_window_s, approval_id, approver)
             return Decision("allow", decision.action, decision.policy_ids,
                             f"approved by {approver}: {why}", decision.resources)

@@ -310,6 +310,7 @@ class PostgresSession:
         self.server_key: Optional[tuple[int, bytes]] = None
         self.client_key: Optional[tuple[int, bytes]] = None
         self.end_reason: Optional[str] = None
+        self.end_error: Optional[str] = None     # the FATAL message Warden ended the session with
 
         self._cbuf = b""
         self._sbuf = b""
@@ -456,6 +457,7 @@ class PostgresSession:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "sqlstate": self.last_sqlstate,
+            "error": self.end_error,
         })))
         self.phase = CLOSED
         return out
@@ -1150,7 +1152,8 @@ class PostgresSession:
         fields = dict(self.start_fields)
         fields.update({
             "database": self.startup_params.get("database", self.startup_params.get("user")),
-            "auth_user": self.startup_params.get("user"),
+            # brokered: the role the session runs as upstream (what the client typed is client_user)
+            "auth_user": fields.get("brokered_user") or self.startup_params.get("user"),
             "application_name": self.startup_params.get("application_name"),
             "tls_client": self.tls_client,
             "tls_upstream": self.tls_upstream,
@@ -1186,6 +1189,7 @@ class PostgresSession:
             return out
         self.last_sqlstate = sqlstate
         self.end_reason = reason
+        self.end_error = message if self.masking is None else self.masking.mask_text(message)[0]
         err = P.build_error_response(sqlstate, message, severity="FATAL")
         self.bytes_out += len(err)
         out.append((TO_CLIENT, err))

@@ -38,6 +38,9 @@ def test_token_login_names_the_identity(test_cgroup, pg, tmp_path, jwks, signing
         start = agent.wait_for(lambda e: e["type"] == "session.start" and e["f"].get("credentials") == "brokered",
                                what="brokered session.start")
         assert start["f"]["identity"] == "etl" and start["f"]["token"]["sub"] == "etl-job"
+        # the role the session ran as, not the name the workload typed
+        assert (start["f"]["auth_user"], start["f"]["brokered_user"], start["f"]["client_user"]) == \
+            ("alice", "alice", "whoever")
         assert "alice-pw" not in Path(agent.event_log).read_text()
 
         expired = test_cgroup.run(psql, env={**os.environ, "PGPASSWORD": make_token(signing_key, exp=1, iat=0)})

@@ -203,3 +203,59 @@ def test_grant_window_covers_repeats_and_names_the_approval(upstream, enforcer, 
     _cli("warden", "approvals", "deny", later["id"], "--reason", "once was enough", env=env)
     thread.join(30)
     assert result["response"].status_code == 403
+
+
+PG_POLICY = """
+@id("billing-writes")
+permit(principal == Service::"billing", action, resource in Target::"db");
+
+@id("deletes-need-approval")
+@approval("required")
+forbid(principal, action == Action::"pg:delete", resource in Target::"db") unless { context.approved };
+"""
+
+
+class _Recorded(list):
+    def emit(self, event_type, fields, session_id=None):
+        self.append((event_type, dict(fields)))
+
+
+def test_grant_window_covers_only_the_statement_the_approver_saw(collector, agent_token):
+    """A grant covers a repeat of the same text: `WHERE id = 1` approved does not cover `id = 2`,
+    although both have one fingerprint."""
+    from enforcer.context import ConnectionContext, TargetInfo
+    engine = PolicyEngine.from_text(PG_POLICY)
+    approvals = ApprovalClient(collector["url"], agent_token, timeout_s=30, grant_window_s=30)
+    env = {"WARDEN_COLLECTOR": collector["url"], "WARDEN_TOKEN": collector["approver"]}
+    seen = {a["id"] for a in (lambda j: j.get("items", j) if isinstance(j, dict) else j)(
+        json.loads(_cli("warden", "approvals", "list", "--json", env=env)))}
+    sink = _Recorded()
+    ctx = ConnectionContext(session_id="s-grant", identity="billing", identity_attrs={},
+                            target=TargetInfo("db", "postgres", "127.0.0.2", 5432), attribution=None, sink=sink)
+
+    def ask(sql: str):
+        [item] = engine.decide_sql("billing", {}, "db", sql)
+        assert item.decision.kind == "approval"
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(d=asyncio.run(approvals.request(ctx, item))))
+        thread.start()
+        return thread, result
+
+    thread, result = ask("DELETE FROM invoices WHERE id = 1")
+    first = _pending(env, seen)
+    assert first["statement"] == "DELETE FROM invoices WHERE id = 1"
+    _cli("warden", "approvals", "approve", first["id"], "--reason", "CHG-1", env=env)
+    thread.join(30)
+    assert result["d"].kind == "allow"
+
+    thread, result = ask("DELETE FROM invoices WHERE id = 1")          # the same text: covered
+    thread.join(30)
+    assert result["d"].kind == "allow" and first["id"] in result["d"].reason
+
+    thread, result = ask("DELETE FROM invoices WHERE id = 2")          # same fingerprint, other row
+    other = _pending(env, seen | {first["id"]})
+    assert other["statement"] == "DELETE FROM invoices WHERE id = 2"
+    _cli("warden", "approvals", "deny", other["id"], "--reason", "not that one", env=env)
+    thread.join(30)
+    assert result["d"].kind == "deny"
+    assert [f["approval_id"] for t, f in sink if t == "approval.requested"] == [first["id"], other["id"]]

@@ -404,6 +404,14 @@ def test_oversize_message_gets_08p01_and_close():
     assert err["C"] == "08P01" and "max_message_bytes" in err["M"]
     assert (S.CLOSE, "message_too_large") in d.other
     assert d.events[-1][0] == "session.end"
+    # the record says why, in the words the client got
+    assert d.events[-1][1]["error"] == err["M"] and d.events[-1][1]["sqlstate"] == "08P01"
+
+
+def test_session_end_has_no_error_when_the_session_was_not_ended_by_warden():
+    d = ready_driver()
+    d._run(d.s.finish("client_terminated"))
+    assert d.events[-1][0] == "session.end" and d.events[-1][1]["error"] is None
 
 
 def test_unknown_message_type_and_bad_length():
