@@ -6,17 +6,23 @@ import argparse
 import ipaddress
 import json
 import os
+import stat
 import sys
+from pathlib import Path
 
 from collector.config import CollectorConfig, ConfigError, load_config, parse_listen
 from collector.timeparse import TimeFormatError, parse_duration_ns
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+# What the packaged systemd unit passes to `serve`: commands run without --config read it too,
+# so they use the service's database and state dir.
+DEFAULT_CONFIG = "/etc/warden/collector.yaml"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", default=os.environ.get("WARDEN_COLLECTOR_CONFIG"),
-                        help="collector.yaml (default: $WARDEN_COLLECTOR_CONFIG, else built-in defaults)")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help=f"collector.yaml (default: $WARDEN_COLLECTOR_CONFIG, else {DEFAULT_CONFIG} if it "
+                             f"exists, else built-in defaults)")
     parser.add_argument("--db", metavar="URL", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (overrides config)")
     parser.add_argument("--state-dir", metavar="DIR", help="where the signing key lives (overrides config)")
 
@@ -42,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--subject", required=True, help="who the token is for (recorded on every access)")
     create.add_argument("--ttl", default=None, help="lifetime, e.g. 8h, 30m, 7d (default: tokens.default_ttl, 8h)")
     create.add_argument("--json", action="store_true", help="print JSON")
-    revoke = token.add_parser("revoke", parents=[common], help="revoke a minted token by its jti")
-    revoke.add_argument("jti")
+    revoke = token.add_parser("revoke", parents=[common], help="revoke a minted token (by its jti, or the token)",
+                              description="Revoke a token minted by `token create`: give its jti (printed by "
+                                          "`token create`) or the token itself.")
+    revoke.add_argument("jti", metavar="JTI|TOKEN")
 
     enroll = commands.add_parser("enroll", help="agent enrollment").add_subparsers(
         dest="enroll_command", required=True, metavar="ACTION")
@@ -67,8 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_config_path() -> str | None:
+    """--config when not given: $WARDEN_COLLECTOR_CONFIG, else the packaged file if it exists."""
+    from_env = os.environ.get("WARDEN_COLLECTOR_CONFIG")
+    if from_env:
+        return from_env
+    return DEFAULT_CONFIG if os.path.lexists(DEFAULT_CONFIG) else None
+
+
 def _load(args) -> CollectorConfig:
-    config = load_config(args.config)
+    config = load_config(args.config or default_config_path())
     if args.db:
         config.db = args.db
     if args.state_dir:
@@ -83,6 +99,72 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _state_files(config: CollectorConfig) -> list[Path]:
+    """What the collector keeps in its state dir: the signing key, and the SQLite files when
+    the database lives there (the default)."""
+    from collector.auth import KEY_FILE
+    state = Path(config.state_dir)
+    names = [KEY_FILE]
+    if config.database_url.startswith("sqlite:///"):
+        database = Path(config.database_url[len("sqlite:///"):])
+        if database.parent.resolve() == state.resolve():
+            names += [database.name + suffix for suffix in ("", "-wal", "-shm", "-journal", ".writer-lock")]
+    return [state / name for name in names]
+
+
+def _hand_over(path: Path, uid: int, gid: int) -> None:
+    """chown a root-owned state file (left by an earlier CLI run as root) to the state dir's
+    owner, mode at most 0600. The directory belongs to that user, so the file is opened without
+    following links (O_PATH: no open side effects) and changed through that descriptor only."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # absent, or a symlink (ELOOP): not ours to touch
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == 0:
+            os.chown(f"/proc/self/fd/{fd}", uid, gid)
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(info.st_mode) & 0o600)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _become_state_dir_owner(config: CollectorConfig) -> None:
+    """Run as root (e.g. `sudo warden-collector enroll create`), do the work as the user who
+    owns the state dir (the packaged service's warden-collector), so the database, its
+    writer lock and the signing key it creates stay usable by the service; root then also never
+    follows links another user controls. A missing or root-owned state dir changes nothing."""
+    if os.geteuid() != 0:
+        return
+    try:
+        info = os.stat(config.state_dir)
+    except OSError:
+        return
+    if info.st_uid == 0 or not stat.S_ISDIR(info.st_mode):
+        return
+    import pwd
+    uid = info.st_uid
+    try:
+        user = pwd.getpwuid(uid)
+        gid, groups = user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
+    except KeyError:
+        gid, groups = info.st_gid, [info.st_gid]
+    if os.path.exists("/proc/self/fd"):
+        for path in _state_files(config):
+            _hand_over(path, uid, gid)
+    try:
+        os.setgroups(groups)
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise PermissionError(f"cannot switch to uid {uid}, the owner of the state dir {config.state_dir}, "
+                              f"before using it: {exc.strerror}") from None
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid):
+        raise PermissionError(f"could not switch to uid {uid} (the owner of {config.state_dir})")
 
 
 def _open_store(config: CollectorConfig):
@@ -151,44 +233,83 @@ def _SystemdServer(config):
     return _systemd_server_class()(config)
 
 
+def _ttl_seconds(text: str, name: str) -> int:
+    """A token lifetime in whole seconds; under one second the token would be born expired."""
+    ttl_ns = parse_duration_ns(text)
+    if ttl_ns < 10**9:
+        raise ValueError(f"{name} {text!r} is shorter than one second: the token would already be expired; "
+                         f"use e.g. 30m or 8h")
+    return ttl_ns // 10**9
+
+
 def cmd_token_create(args, config: CollectorConfig) -> int:
+    import jwt
+
     from collector.auth import CollectorKeys, mint_api_token
-    ttl_ns = parse_duration_ns(args.ttl or config.tokens.default_ttl)
+    ttl_s = _ttl_seconds(args.ttl, "--ttl") if args.ttl else _ttl_seconds(config.tokens.default_ttl,
+                                                                          "tokens.default_ttl")
     store = _open_store(config)
     keys = CollectorKeys(config.state_dir)
     with store.write() as connection:
-        token = mint_api_token(connection, keys, role=args.role, subject=args.subject, ttl_s=ttl_ns // 10**9,
+        token = mint_api_token(connection, keys, role=args.role, subject=args.subject, ttl_s=ttl_s,
                                issuer=config.tokens.issuer, audience=config.tokens.audience)
     store.dispose()
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
     if args.json:
-        print(json.dumps({"token": token, "role": args.role, "subject": args.subject, "ttl_s": ttl_ns // 10**9}))
+        print(json.dumps({"token": token, "jti": jti, "role": args.role, "subject": args.subject, "ttl_s": ttl_s}))
     else:
-        print(token)
+        print(token)  # stdout: the token alone, for TOKEN=$(warden-collector token create ...)
+        print(f"jti {jti} (revoke with: warden-collector token revoke {jti})", file=sys.stderr)
     return EXIT_OK
+
+
+def _jti_of(value: str, config: CollectorConfig) -> str:
+    """`token revoke` takes a jti or the token itself (a JWT: three dot-separated parts)."""
+    if value.count(".") != 2:
+        return value
+    import jwt
+
+    from collector.auth import KEY_FILE, CollectorKeys
+    try:
+        jti = jwt.decode(value, options={"verify_signature": False}).get("jti")
+    except jwt.InvalidTokenError as exc:
+        raise ValueError(f"cannot read that token: {exc}; give the token from `token create` or its jti") from None
+    if not isinstance(jti, str) or not jti:
+        raise ValueError("that token has no jti claim: it was not minted by `warden-collector token create`")
+    if (Path(config.state_dir) / KEY_FILE).exists():  # nothing was minted without a key: nothing to check
+        try:
+            jwt.decode(value, CollectorKeys(config.state_dir).public_key, algorithms=["EdDSA"],
+                       options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
+                                "verify_aud": False, "verify_iss": False})
+        except jwt.InvalidTokenError:
+            raise ValueError(f"that token was not signed by this collector's key "
+                             f"({Path(config.state_dir) / KEY_FILE}): check --config / --state-dir") from None
+    return jti
 
 
 def cmd_token_revoke(args, config: CollectorConfig) -> int:
     from collector.auth import revoke_api_token
+    jti = _jti_of(args.jti.strip(), config)
     store = _open_store(config)
     with store.write() as connection:
-        found = revoke_api_token(connection, args.jti)
+        found = revoke_api_token(connection, jti)
     store.dispose()
     if not found:
-        print(f"error: no minted token with jti {args.jti}", file=sys.stderr)
+        print(f"error: no minted token with jti {jti}", file=sys.stderr)
         return EXIT_FAIL
-    print(f"revoked {args.jti}")
+    print(f"revoked {jti}")
     return EXIT_OK
 
 
 def cmd_enroll_create(args, config: CollectorConfig) -> int:
     from collector.auth import create_enrollment_token
-    ttl_ns = parse_duration_ns(args.ttl)
+    ttl_s = _ttl_seconds(args.ttl, "--ttl")
     store = _open_store(config)
     with store.write() as connection:
-        token = create_enrollment_token(connection, ttl_ns // 10**9)
+        token = create_enrollment_token(connection, ttl_s)
     store.dispose()
     if args.json:
-        print(json.dumps({"token": token, "ttl_s": ttl_ns // 10**9}))
+        print(json.dumps({"token": token, "ttl_s": ttl_s}))
     else:
         print(token)
     return EXIT_OK
@@ -231,8 +352,18 @@ def cmd_migrate(_args, config: CollectorConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The database and the signing key are private to the collector (as the unit's UMask=0077).
+    umask = os.umask(0o077)
+    try:
+        return _run(args)
+    finally:
+        os.umask(umask)
+
+
+def _run(args) -> int:
     try:
         config = _load(args)
+        _become_state_dir_owner(config)
         if args.command == "serve":
             return cmd_serve(args, config)
         if args.command == "token":
@@ -246,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TimeFormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except PermissionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     except Exception as exc:  # database unreachable, permissions, ...
         from sqlalchemy.exc import OperationalError
         if isinstance(exc, OperationalError):

@@ -13,6 +13,7 @@ from collector.client import ClientError, CollectorClient
 from collector.timeparse import TimeFormatError, parse_duration_ns, parse_time_ns
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEFAULT_WINDOW = "5m"  # events --at: half-width of the window
 out = Console(highlight=False, soft_wrap=False)
 err = Console(stderr=True, highlight=False)
 
@@ -79,11 +80,21 @@ def cmd_sessions_show(client: CollectorClient, args) -> int:
 
 
 def cmd_events(client: CollectorClient, args) -> int:
+    # validate before asking: a window nobody applies would silently widen the answer
+    if args.window is not None and parse_duration_ns(args.window) <= 0:
+        err.print(f"error: --window {args.window!r} must be longer than 0 (it is the half-width around --at)")
+        return EXIT_USAGE
+    if args.window is not None and not args.at:
+        err.print("error: --window needs --at TIME (it is the half-width of the window around --at); "
+                  "for a range use --since/--until")
+        return EXIT_USAGE
+    if args.at and (args.since or args.until):
+        err.print("error: --at/--window and --since/--until both set the time range: use one or the other")
+        return EXIT_USAGE
     params = dict(table=args.table, identity=args.identity, type=args.type, sid=args.session,
                   since=_time_arg(args.since), until=_time_arg(args.until), limit=min(args.limit, 1000))
     if args.at:
-        parse_duration_ns(args.window)  # validate before asking
-        params.update(at=_time_arg(args.at), window=args.window)
+        params.update(at=_time_arg(args.at), window=args.window or DEFAULT_WINDOW)
     items = list(client.paginate("/v1/events", max_items=args.limit, **params))
     if args.json:
         _print_json(items)
@@ -244,14 +255,23 @@ def cmd_agents(client: CollectorClient, args) -> int:
     return EXIT_OK
 
 
+def _unknown_agent(report: dict, agent: str | None) -> bool:
+    """A named agent the collector has no evidence for (misspelt, or never enrolled here)."""
+    return bool(agent) and not any(a["agent_id"] == agent for a in report["agents"])
+
+
 def cmd_verify(client: CollectorClient, args) -> int:
     params = dict(agent=args.agent, since=_time_arg(args.since), until=_time_arg(args.until))
     if args.json:
         report = client.get("/v1/verify", **params)
         _print_json(report)
-        return EXIT_OK if report["ok"] else EXIT_FAIL
+        return EXIT_OK if report["ok"] and not _unknown_agent(report, args.agent) else EXIT_FAIL
     with err.status("verifying stored evidence…"):
         report = client.get("/v1/verify", **params)
+    if _unknown_agent(report, args.agent):
+        err.print(f"error: no agent {args.agent!r} is enrolled at this collector: no evidence to verify "
+                  f"(`warden agents` lists them)")
+        return EXIT_FAIL
     for agent in report["agents"]:
         mark = "[green]intact[/green]" if agent["ok"] else "[red]PROBLEMS[/red]"
         checkpoint = agent.get("checkpoint")
@@ -271,7 +291,8 @@ def cmd_verify(client: CollectorClient, args) -> int:
                           p["detail"] or "")
         out.print(table)
     if not report["agents"]:
-        out.print("no agents have stored evidence yet")
+        # Nothing enrolled yet: nothing is missing or altered (exit 0); a named agent is handled above.
+        out.print("no agents have enrolled yet: nothing to verify")
     return EXIT_OK if report["ok"] else EXIT_FAIL
 
 
@@ -333,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--type", help="event type, e.g. pg.statement or approval.*")
     events.add_argument("--session", help="only this session id")
     events.add_argument("--at", metavar="TIME", help="center of a time window")
-    events.add_argument("--window", default="5m", help="half-width of the window around --at (default 5m)")
+    events.add_argument("--window", default=None,
+                        help=f"half-width of the window around --at (default {DEFAULT_WINDOW}; only with --at)")
     events.add_argument("--since")
     events.add_argument("--until")
     events.add_argument("--limit", type=int, default=200)
@@ -364,8 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     agents = json_flag(commands.add_parser("agents", help="enrolled agents and their chain state"))
     agents.set_defaults(func=cmd_agents)
 
-    verify = json_flag(commands.add_parser("verify", help="re-verify stored evidence (exit 1 if anything is wrong)"))
-    verify.add_argument("--agent")
+    verify = json_flag(commands.add_parser("verify", help="re-verify stored evidence (exit 1 if anything is wrong)",
+                                           description="Re-verify stored evidence. Exit 0 when it is intact (also "
+                                                       "when no agent has enrolled yet), 1 on any problem or an "
+                                                       "unknown --agent."))
+    verify.add_argument("--agent", help="only this agent (exit 1 if the collector does not know it)")
     verify.add_argument("--since")
     verify.add_argument("--until")
     verify.set_defaults(func=cmd_verify)

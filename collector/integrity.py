@@ -27,10 +27,16 @@ def verify_store(connection: Connection, *, agent_id: str | None = None, since_n
         query = query.where(agents.c.agent_id == agent_id)
     reports = [_verify_agent(connection, row, since_ns, until_ns, check_index, checkpoint_key)
                for row in connection.execute(query.order_by(agents.c.agent_id)).fetchall()]
+    problems = [p for r in reports for p in r["problems"]]
+    if agent_id and not reports:
+        # A named agent with nothing stored (a typo, or one that never enrolled here) has no
+        # evidence to vouch for: that is a failure, not an empty success.
+        problems.append(_problem("unknown_agent", agent_id, detail=f"no agent {agent_id!r} is enrolled at this "
+                                                                   f"collector: no evidence to verify"))
     return {
-        "ok": all(r["ok"] for r in reports),
+        "ok": all(r["ok"] for r in reports) and not problems,
         "agents": reports,
-        "problems": [p for r in reports for p in r["problems"]],
+        "problems": problems,
         "batches_checked": sum(r["batches_checked"] for r in reports),
         "events_checked": sum(r["events_checked"] for r in reports),
     }

@@ -135,7 +135,7 @@ class Store:
             return
         if self._writer_depth == 0:
             if self._writer_lock_fd is None:
-                self._writer_lock_fd = os.open(self._writer_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                self._writer_lock_fd = _open_writer_lock(self._writer_lock_path)
             _flock_within(self._writer_lock_fd, _WRITER_LOCK_TIMEOUT_S, self._writer_lock_path)
         self._writer_depth += 1
         try:
@@ -258,3 +258,18 @@ def _flock_within(fd: int, timeout_s: float, path: str) -> None:
                                    f"{timeout_s:g} s; if none is running, check for a stuck one") from None
             time.sleep(delay)
             delay = min(delay * 2, 0.002)
+
+
+def _open_writer_lock(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except PermissionError as exc:
+        try:
+            owner = os.stat(path).st_uid
+            whose = f"it belongs to uid {owner}, this process runs as uid {os.geteuid()}"
+        except OSError:
+            whose = f"its directory is not writable by uid {os.geteuid()}"
+        raise PermissionError(
+            f"cannot open the SQLite writer lock {path} ({exc.strerror}): {whose}. The database files must "
+            f"belong to the user the collector runs as (packaged: chown -R warden-collector: "
+            f"/var/lib/warden-collector)") from None

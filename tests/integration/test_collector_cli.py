@@ -162,3 +162,112 @@ def test_serve_refuses_plain_http_off_loopback_and_bad_config(tmp_path):
     assert bad.returncode == 2 and f"{config}:4: unknown key retention.weeks" in bad.stderr
     config.write_text("listen: [oops\n")
     assert f"{config}:2: not valid YAML" in run("warden-collector", "serve", "--config", str(config), check=False).stderr
+
+
+def _token_rows(db: Path) -> int:
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT count(*) FROM tokens").fetchone()[0]
+
+
+def test_token_ttl_under_a_second_is_refused(collector, tmp_path):
+    cfg = str(collector["config"])
+    for ttl in ("500ms", "0.9s", "0s", "0m"):
+        refused = run("warden-collector", "token", "create", "--config", cfg, "--role", "auditor", "--subject", "x",
+                      "--ttl", ttl, check=False)
+        assert refused.returncode == 2 and refused.stdout == "", (ttl, refused.stdout)
+        assert f"--ttl '{ttl}' is shorter than one second" in refused.stderr
+        enroll = run("warden-collector", "enroll", "create", "--config", cfg, "--ttl", ttl, check=False)
+        assert enroll.returncode == 2 and "shorter than one second" in enroll.stderr and enroll.stdout == ""
+    assert _token_rows(collector["db"]) == 0  # nothing was minted
+    short_default = tmp_path / "short.yaml"
+    short_default.write_text(collector["config"].read_text().replace("tokens:\n", "tokens:\n  default_ttl: 100ms\n"))
+    refused = run("warden-collector", "token", "create", "--config", str(short_default), "--role", "auditor",
+                  "--subject", "x", check=False)
+    assert refused.returncode == 2 and "tokens.default_ttl '100ms' is shorter than one second" in refused.stderr
+    assert run("warden-collector", "token", "create", "--config", cfg, "--role", "auditor", "--subject", "x",
+               "--ttl", "1s").returncode == 0
+
+
+def test_token_create_shows_the_jti_and_revoke_takes_it_or_the_token(collector):
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    cfg, url = str(collector["config"]), collector["url"]
+    as_json = json.loads(run("warden-collector", "token", "create", "--config", cfg, "--role", "auditor",
+                             "--subject", "carol", "--json").stdout)
+    assert as_json["jti"] == jwt.decode(as_json["token"], options={"verify_signature": False})["jti"]
+    plain = run("warden-collector", "token", "create", "--config", cfg, "--role", "auditor", "--subject", "dave")
+    token = plain.stdout.strip()
+    assert plain.stdout == token + "\n"  # stdout stays the token alone, for TOKEN=$(...)
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    assert f"jti {jti}" in plain.stderr and f"warden-collector token revoke {jti}" in plain.stderr
+
+    def agents(bearer):
+        return httpx.get(f"{url}/v1/agents", headers={"Authorization": f"Bearer {bearer}"})
+
+    assert agents(as_json["token"]).status_code == 200 and agents(token).status_code == 200
+    by_token = run("warden-collector", "token", "revoke", "--config", cfg, token)
+    assert by_token.stdout.strip() == f"revoked {jti}"
+    by_jti = run("warden-collector", "token", "revoke", "--config", cfg, as_json["jti"])
+    assert by_jti.stdout.strip() == f"revoked {as_json['jti']}"
+    for revoked in (token, as_json["token"]):
+        answer = agents(revoked)
+        assert answer.status_code == 401 and "revoked" in answer.text
+    cli_refused = run("warden", "--collector", url, "--token", token, "agents", check=False)
+    assert cli_refused.returncode == 1 and "revoked" in cli_refused.stderr
+
+    unknown = run("warden-collector", "token", "revoke", "--config", cfg, "0" * 32, check=False)
+    assert unknown.returncode == 1 and "no minted token with jti" in unknown.stderr
+    foreign = jwt.encode({"sub": "x", "jti": as_json["jti"]}, Ed25519PrivateKey.generate(), algorithm="EdDSA")
+    refused = run("warden-collector", "token", "revoke", "--config", cfg, foreign, check=False)
+    assert refused.returncode == 2 and "not signed by this collector's key" in refused.stderr
+    garbage = run("warden-collector", "token", "revoke", "--config", cfg, "a.b.c", check=False)
+    assert garbage.returncode == 2 and "cannot read that token" in garbage.stderr
+
+
+def test_verify_of_an_unknown_agent_fails(collector):
+    cfg, url = str(collector["config"]), collector["url"]
+    auditor = run("warden-collector", "token", "create", "--config", cfg, "--role", "auditor",
+                  "--subject", "carol").stdout.strip()
+    cli_env = {"WARDEN_COLLECTOR": url, "WARDEN_TOKEN": auditor}
+
+    def refused_for(agent_id):
+        """A named agent the collector has no evidence for is never "complete evidence"."""
+        missing = run("warden", "verify", "--agent", agent_id, env=cli_env, check=False)
+        assert missing.returncode == 1, missing.stdout
+        assert f"no agent '{agent_id}' is enrolled at this collector" in missing.stderr
+        as_json = run("warden", "verify", "--agent", agent_id, "--json", env=cli_env, check=False)
+        report = json.loads(as_json.stdout)
+        assert as_json.returncode == 1 and report["ok"] is False
+        assert [(p["kind"], p["agent_id"]) for p in report["problems"]] == [("unknown_agent", agent_id)]
+
+    refused_for("ghost")  # on an empty collector
+    # Verifying everything where no agent has enrolled yet finds nothing missing or altered:
+    # exit 0, saying there was nothing to check.
+    assert "no agents have enrolled yet: nothing to verify" in run("warden", "verify", env=cli_env).stdout
+
+    agent = SimulatedAgent("host-a")
+    enrollment = run("warden-collector", "enroll", "create", "--config", cfg).stdout.strip()
+    assert httpx.post(f"{url}/v1/agents/enroll", json=agent.enroll_body(enrollment)).status_code == 200
+    _, evs = agent.session(identity="billing", target="db", statements=[("SELECT 1", [])])
+    assert httpx.post(f"{url}/v1/ingest", content=agent.batch_bytes(evs), headers=agent.headers()).json()["accepted"]
+    assert run("warden", "verify", "--agent", "host-a", env=cli_env).returncode == 0
+    assert run("warden", "verify", env=cli_env).returncode == 0
+    refused_for("host-b")  # a misspelt name beside a known agent
+
+
+def test_events_window_needs_at_and_a_valid_duration(collector):
+    auditor = run("warden-collector", "token", "create", "--config", str(collector["config"]), "--role", "auditor",
+                  "--subject", "carol").stdout.strip()
+    cli_env = {"WARDEN_COLLECTOR": collector["url"], "WARDEN_TOKEN": auditor}
+    at = ["--at", "2024-05-01T02:36:00Z"]
+    for args, message in ((["--window", "10m"], "--window needs --at"),
+                          (["--window", "banana"], "bad duration 'banana'"),
+                          ([*at, "--window", "banana"], "bad duration 'banana'"),
+                          ([*at, "--window", "0s"], "must be longer than 0"),
+                          ([*at, "--since", "2h"], "use one or the other"),
+                          ([*at, "--window", "1m", "--until", "now"], "use one or the other")):
+        refused = run("warden", "events", *args, env=cli_env, check=False)
+        assert refused.returncode == 2 and message in refused.stderr, (args, refused.stdout, refused.stderr)
+    assert json.loads(run("warden", "events", *at, "--json", env=cli_env).stdout) == []  # default window 5m
+    assert json.loads(run("warden", "events", *at, "--window", "1h", "--json", env=cli_env).stdout) == []
