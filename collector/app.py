@@ -30,6 +30,7 @@ from collector.timeparse import TimeFormatError, format_ns, now_ns, parse_durati
 log = logging.getLogger("warden.collector")
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 MAX_WAIT_S = 120.0
+_EXPORT_SESSION_CACHE = 10_000   # session.start fields an OCSF export keeps at once
 
 
 class EnrollRequest(BaseModel):
@@ -314,17 +315,30 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
     def _export_lines(ocsf: bool, since_ns, until_ns, event_type) -> Iterator[bytes]:
         cursor = None
         hosts: dict[str, str | None] = {}
+        # sid -> its session.start fields ({} if none is stored), looked up once per session
+        # for all the events of a page at a time; bounded, oldest dropped (sessions of a
+        # time-ordered export end and are not seen again)
+        starts: dict[str, dict] = {}
         with store.read() as connection:
             hosts = {r.agent_id: r.hostname for r in connection.execute(select(agents.c.agent_id, agents.c.hostname))}
         while True:
             with store.read() as connection:
                 page = queries.list_events(connection, since=since_ns, until=until_ns, event_type=event_type,
                                            limit=queries.MAX_LIMIT, cursor=cursor)
+                if ocsf:
+                    missing = {item["sid"] for item in page.items
+                               if item["sid"] is not None and item["type"] in OCSF_EVENT_TYPES} - starts.keys()
+                    if missing:
+                        found = queries.session_starts(connection, missing)
+                        for sid in missing:
+                            starts[sid] = found.get(sid, {})
+                        while len(starts) > _EXPORT_SESSION_CACHE:
+                            del starts[next(iter(starts))]
             for item in page.items:
                 if ocsf:
                     if item["type"] not in OCSF_EVENT_TYPES:
                         continue
-                    record = to_ocsf(item, hosts.get(item["agent_id"]))
+                    record = to_ocsf(item, hosts.get(item["agent_id"]), starts.get(item["sid"]))
                     if record is None:
                         continue
                     yield (json.dumps(record, separators=(",", ":")) + "\n").encode()

@@ -108,7 +108,9 @@ def summarize(event_type: str, f: dict) -> str:
         return _clip(f.get("text") or f.get("sql") or "")
     if event_type == "pg.result":
         if f.get("error") or f.get("sqlstate"):
-            return _clip(f"ERROR {f.get('sqlstate', '')} {f.get('error') or f.get('message') or ''}".strip())
+            # the session records sqlstate None for errors the server never sent (connection
+            # closed, statement not executed): present with no value
+            return _clip(" ".join(str(p) for p in ("ERROR", f.get("sqlstate"), f.get("error")) if p))
         # command_tag is the schema name; "tag" was written by early simulators and is still read.
         parts = [str(f.get("command_tag") or f.get("tag") or "")]
         if f.get("rows") is not None:
@@ -118,24 +120,56 @@ def summarize(event_type: str, f: dict) -> str:
         host = f.get("host") or ""
         return _clip(f"{f.get('method', '')} {host}{f.get('path', '')}".strip())
     if event_type == "http.response":
-        return _clip(f"{f.get('status', '')} bytes={f.get('bytes', f.get('size', ''))}")
+        status, body_bytes = f.get("status", ""), f.get("body_bytes")
+        return _clip(f"{status} bytes={body_bytes}" if body_bytes is not None else str(status))
     if event_type == "policy.decision":
         policies = f.get("policy_ids") or f.get("policies") or []
         return _clip(f"{f.get('decision', '')} {' '.join(map(str, policies))}".strip())
     if event_type.startswith("approval."):
-        return _clip(" ".join(str(f[k]) for k in ("approval_id", "id", "status", "decided_by", "reason") if f.get(k)))
+        return _clip(approval_summary(event_type, f))
     if event_type == "mask.applied":
         return _clip(mask_summary(f))
     if event_type == "conn.observed":
-        process = f.get("process") or {}
-        exe = process.get("exe") or process.get("comm") if isinstance(process, dict) else None
-        exe = exe or f.get("exe") or f.get("comm") or ""
-        dst = f.get("dst") or f"{f.get('daddr', '')}:{f.get('dport', '')}"
-        return _clip(f"{exe} -> {dst}")
+        process = f.get("process") if isinstance(f.get("process"), dict) else {}
+        exe = process.get("exe") or process.get("comm") or ""
+        return _clip(f"{exe} -> {host_port(f.get('dst_ip'), f.get('dst_port'))}")
     if event_type == "session.start":
         process = f.get("process") if isinstance(f.get("process"), dict) else {}
         return _clip(f"{process.get('exe') or ''} pid={process.get('pid', '')}".strip())
     return _clip(canonical_json(f), 300)
+
+
+def host_port(ip, port) -> str:
+    """"10.0.0.5:443", "[2001:db8::1]:443" (conn.observed's dst_ip/dst_port)."""
+    ip = "" if ip is None else str(ip)
+    if ":" in ip:
+        ip = f"[{ip}]"
+    return f"{ip}:{port}" if port is not None else ip
+
+
+def _seconds(value) -> str:
+    return f"{value:g} s" if isinstance(value, (int, float)) else f"{value} s"
+
+
+def approval_summary(event_type: str, f: dict) -> str:
+    """One line per approval step, with what enforcer/approvals.py records: who decided,
+    why and how long the statement or request waited."""
+    approval = f"approval {f.get('approval_id') or '?'}"
+    if event_type == "approval.requested":
+        text = f"{approval} requested: {f.get('summary') or ''}"
+        if f.get("action") or f.get("resource"):
+            text += f" ({f.get('action') or '?'} on {f.get('resource') or '?'})"
+        return text + (f", waiting up to {_seconds(f['timeout_s'])}" if f.get("timeout_s") is not None else "")
+    if event_type == "approval.decided":
+        text = f"{approval} {f.get('decision') or 'decided'} by {f.get('approver') or '?'}"
+        if f.get("reason"):
+            text += f": {f['reason']}"
+        latency_ns = f.get("latency_ns")
+        return text + (f" (after {latency_ns / 1e9:.3f} s)" if isinstance(latency_ns, (int, float)) else "")
+    if event_type == "approval.expired":
+        timeout = f" within {_seconds(f['timeout_s'])}" if f.get("timeout_s") is not None else ""
+        return f"{approval} expired: no decision{timeout}"
+    return f"{approval} {canonical_json(f)}"
 
 
 def mask_summary(f: dict) -> str:
@@ -165,10 +199,30 @@ def _same_step(request: dict, decision: dict) -> bool:
     return True
 
 
+# Decisions a later policy.decision may replace: held for approval, or none yet (an
+# SNI-only TLS stream's request is recorded before its decision).
+OPEN_DECISIONS = (None, "approval")
+
+
+@dataclass(frozen=True)
+class LateDecision:
+    """A policy.decision whose http.request is not in its batch: the outcome of an approval
+    usually is not, since a human took time to decide. Ingest applies it to the stored
+    request, keyed by session and request_index. Postgres needs none: a statement held for
+    approval is recorded once decided, carrying its decision."""
+    sid: str
+    request_index: int
+    decision: str
+
+
+# approval.decided carries its decision ("approved"/"denied"); the other steps imply theirs.
+_APPROVAL_STATES = {"approval.requested": "pending", "approval.expired": "expired"}
+
+
 def _decision(event_type: str, f: dict) -> str | None:
     value = f.get("decision")
-    if value is None and event_type.startswith("approval."):
-        value = f.get("status")
+    if value is None:
+        value = _APPROVAL_STATES.get(event_type)
     return str(value) if value is not None else None
 
 
@@ -201,6 +255,7 @@ class BatchIndex:
     sessions: dict[str, SessionDelta] = field(default_factory=dict)
     # sid -> rows still lacking identity/target: their session started in an earlier batch
     unresolved: dict[str, list[list]] = field(default_factory=dict)
+    late_decisions: list[LateDecision] = field(default_factory=list)
 
     def set_batch_id(self, batch_id: int) -> None:
         for row in self.event_rows:
@@ -251,16 +306,21 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
             # A statement or request carries its own decision; a policy.decision event is the
             # outcome of one held for approval (or, from older agents, a request's decision):
             # copy it onto the pending statement/request it decided, unless that is already
-            # decided or names another statement/request index. Denials are counted once:
-            # on the statement/request, else on a decision with nothing to attach to
-            # (an SNI-only TLS stream). A Postgres statement always carries its decision.
+            # decided or names another statement/request index; a request not in this batch
+            # (a human took time to approve) is left to ingest as a LateDecision. Denials are
+            # counted once: on the statement/request, else on the decision (its request was
+            # held for approval, or an SNI-only TLS stream's: not counted). A Postgres
+            # statement always carries its decision.
             denied = decision in ("deny", "denied") and "statement_index" not in f
-            if sid is not None and decision and sid in last_request:
-                pending, pending_fields = last_request.pop(sid)
-                if pending[_DECISION] in (None, "approval") and _same_step(pending_fields, f):
-                    pending[_DECISION] = decision
-                elif pending[_DECISION] is not None:
+            pending = last_request.get(sid) if sid is not None and decision else None
+            if pending is not None and _same_step(pending[1], f):
+                del last_request[sid]
+                if pending[0][_DECISION] in OPEN_DECISIONS:
+                    pending[0][_DECISION] = decision
+                else:
                     denied = False          # counted on the statement it came with
+            elif sid is not None and decision and type(f.get("request_index")) is int:
+                index.late_decisions.append(LateDecision(sid, f["request_index"], decision))
         elif event_type == "pg.statement" or event_type == "http.request":
             denied = decision in ("deny", "denied")
         row = [agent_id, seq, ts, sid, event_type, identity, target, summary_of(event_type, f), decision,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gc
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -15,11 +16,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import BigInteger, Connection, and_, bindparam, func, insert, select, update
+from sqlalchemy import BigInteger, Connection, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 
 from collector.auth import consume_enrollment_token
-from collector.indexer import EVENT_COLUMNS, TABLE_COLUMNS, build_index
+from collector.indexer import EVENT_COLUMNS, OPEN_DECISIONS, TABLE_COLUMNS, LateDecision, build_index
 from collector.storage.engine import Store
 from collector.storage.schema import agent_problems, agents, batches, events, sessions
 
@@ -398,3 +399,31 @@ def _store_index(store: Store, connection: Connection, agent, batch_id: int, ind
         connection.execute(update(events).where(
             and_(events.c.sid == sid, events.c.identity.is_(None))).values(
             identity=start["identity"], target=start["target"]))
+    if index.late_decisions:
+        _apply_late_decisions(connection, agent.agent_id, index.late_decisions)
+
+
+_LATE_SIDS_PER_QUERY = 500
+
+
+def _apply_late_decisions(connection: Connection, agent_id: str, decisions: list[LateDecision]) -> None:
+    """Put each decision on the stored http.request it decided (same agent, session and
+    request_index) while that one is still open; runs after this batch's rows are inserted,
+    so a request earlier in the same batch is found too. Only the index's decision column
+    changes: the fields are the evidence and stay as recorded."""
+    wanted = {(d.sid, d.request_index): d.decision for d in decisions}
+    sids = sorted({d.sid for d in decisions})
+    still_open = or_(events.c.decision.is_(None), events.c.decision.in_([d for d in OPEN_DECISIONS if d]))
+    changes = []
+    for start in range(0, len(sids), _LATE_SIDS_PER_QUERY):
+        # ix_events_sid finds a session's rows; few of them are open requests
+        rows = connection.execute(select(events.c.seq, events.c.sid, events.c.fields).where(
+            events.c.agent_id == agent_id, events.c.sid.in_(sids[start:start + _LATE_SIDS_PER_QUERY]),
+            events.c.type == "http.request", still_open))
+        for row in rows:
+            decision = wanted.get((row.sid, json.loads(row.fields).get("request_index")))
+            if decision is not None:
+                changes.append({"b_seq": row.seq, "b_decision": decision})
+    if changes:
+        connection.execute(update(events).where(events.c.agent_id == agent_id, events.c.seq == bindparam("b_seq"))
+                           .values(decision=bindparam("b_decision")), changes)

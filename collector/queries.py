@@ -143,6 +143,21 @@ def _tables_for(connection: Connection, rows) -> dict[tuple, list[str]]:
     return found
 
 
+def session_starts(connection: Connection, sids) -> dict[str, dict]:
+    """sid -> the fields of its session.start, for the sids that have one stored."""
+    sids = sorted(set(sids))
+    found: dict[str, dict] = {}
+    for chunk_start in range(0, len(sids), 500):
+        chunk = sids[chunk_start:chunk_start + 500]
+        # the session row keeps its start's ts: one (sid, ts) probe of ix_events_sid per
+        # session, not a walk over all its events
+        for row in connection.execute(select(events.c.sid, events.c.fields).join(
+                sessions, and_(sessions.c.sid == events.c.sid, sessions.c.start_ns == events.c.ts)).where(
+                sessions.c.sid.in_(chunk), events.c.type == "session.start")):
+            found.setdefault(row.sid, json.loads(row.fields))
+    return found
+
+
 def session_events(connection: Connection, sid: str, *, limit=None, cursor=None) -> Page:
     limit = _limit(limit, 1000)
     conditions = [events.c.sid == sid]

@@ -296,8 +296,17 @@ def test_ocsf_export_carries_required_fields(env):
     env.enroll(agent)
     _, evs = agent.session(identity="billing", target="db", statements=[("SELECT * FROM t", ["public.t"])],
                            decision="deny")
-    evs.append(agent.event("http.request", {"method": "GET", "host": "api.internal", "path": "/v1/users"}, None))
-    evs.append(agent.event("conn.observed", {"dst": "127.0.0.3:443", "process": {"pid": 7, "exe": "/usr/bin/curl"}}))
+    # field names as enforcer/http/proxy.py and agent/inventory.py emit them
+    evs.append(agent.event("session.start", {"identity": "billing", "target": "users-api", "protocol": "http",
+                                             "orig_dst": "127.0.0.3:443", "client": "127.0.0.1:50123"}, "http-1"))
+    evs.append(agent.event("http.request", {"method": "GET", "scheme": "https", "host": "api.internal", "port": 443,
+                                            "path": "/v1/users", "query": "", "headers": {}, "body_bytes": 0,
+                                            "request_index": 1, "decision": "allow", "policy_ids": ["p1"],
+                                            "reason": "permitted by p1", "action": "http:GET",
+                                            "resource": "users-api/api.internal/v1/users"}, "http-1"))
+    evs.append(agent.event("conn.observed", {"process": {"pid": 7, "tgid": 7, "comm": "curl", "exe": "/usr/bin/curl",
+                                                         "uid": 1000}, "dst_ip": "127.0.0.3", "dst_port": 443,
+                                             "target": None, "attempts": 1, "established": 1, "failed": 0}))
     env.ingest(agent, evs)
     lines = [json.loads(l) for l in env.client.get("/v1/export/ocsf", headers=env.auditor).text.splitlines()]
     assert sorted(r["class_uid"] for r in lines) == [4001, 4002, 6005]
@@ -311,6 +320,9 @@ def test_ocsf_export_carries_required_fields(env):
     assert datastore["disposition_id"] == 2 and datastore["status_id"] == 2  # the policy denied it
     http = next(r for r in lines if r["class_uid"] == 4002)
     assert http["activity_id"] == 3 and http["http_request"]["url"]["path"] == "/v1/users"
+    assert http["src_endpoint"] == {"ip": "127.0.0.1", "port": 50123}   # from its session.start
+    network = next(r for r in lines if r["class_uid"] == 4001)
+    assert network["dst_endpoint"] == {"ip": "127.0.0.3", "port": 443}
     plain = env.client.get("/v1/export/ndjson", headers=env.auditor).text.splitlines()
     assert len(plain) == len(evs)
 
