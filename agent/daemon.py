@@ -48,6 +48,15 @@ def load_or_create_agent_id(state_dir: str, configured: Optional[str]) -> str:
     return value
 
 
+def _boot_id() -> Optional[str]:
+    """The kernel's id of this boot: agent.start records on either side of a reboot differ in it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 class Agent:
     def __init__(self, config: AgentConfig, sink=None):
         self.config = config
@@ -217,8 +226,11 @@ class Agent:
         self.inventory.on_event(kind, cap)
         if kind == 1 and cap.bypass:
             self.stats["bypassed"] += 1
+            # who went around the enforcer, named as its sessions would have been
+            proc = procinfo.describe(cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm, cap.cgroup_id)
             fields = {"target": self._target_name(cap.target_id), "orig_dst": f"{cap.orig_ip}:{cap.orig_port}",
-                      "reason": "enforcer_down", "process": self._describe_capture(cap)}
+                      "reason": "enforcer_down", "identity": self.identities.resolve(proc)[0],
+                      "process": procinfo.as_record(proc)}
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self.emit, "agent.bypass", fields)
 
@@ -277,7 +289,7 @@ class Agent:
             host_facts = await asyncio.to_thread(hostfacts.describe_host)
             self.emit("agent.start", {"version": VERSION, "agent_id": self.agent_id, "host": host_facts,
                                       "hostname": self.host, "pid": os.getpid(), "config_path": self.config.source,
-                                      "kernel": os.uname().release,
+                                      "kernel": os.uname().release, "boot_id": _boot_id(),
                                       "bpf": {"attached": len(self.bpf.attached), "scope": self.scope_paths},
                                       "scope": list(self.config.scope_cgroups),
                                       "targets": [{"name": t.name, "protocol": t.protocol, "listen_port": t.listen_port,

@@ -75,6 +75,9 @@ def test_reload_refuses_bad_policy_and_config_and_applies_good_ones(test_cgroup,
 
     try:
         assert select_ok()
+        [start] = agent.events("agent.start")       # a reboot between two starts shows in boot_id
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            assert start["f"]["boot_id"] == f.read().strip()
         # a broken policy file is refused with file:line; the old policy keeps deciding
         policy.write_text(ALLOW_SELECT + "\npermit (principal, action == Action::\"pg:nope\", resource);\n")
         agent.proc.send_signal(signal.SIGHUP)
