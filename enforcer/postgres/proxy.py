@@ -173,6 +173,17 @@ def _upstream_ssl_context(tls, target_name: str) -> ssl.SSLContext:
     return sslctx
 
 
+def _record_tls(session, leg: str, stream, **facts) -> None:
+    """The negotiated TLS of one leg into session.start's `tls` ({"client": ..., "upstream": ...}):
+    an auditor asks which protocol version and cipher protected the data, not only whether."""
+    ssl_object = stream.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return
+    cipher = ssl_object.cipher()
+    tls = session.start_fields.setdefault("tls", {})
+    tls[leg] = {"version": ssl_object.version(), "cipher": cipher[0] if cipher else None, **facts}
+
+
 def _start_fields(ctx) -> dict:
     """session.start fields the agent prepared (identity, target, redacted process record, ...);
     a minimal set when run without the agent (tests, benches)."""
@@ -491,6 +502,7 @@ class _Connection:
         except ssl.SSLError as e:
             raise UpstreamError("08006", f"TLS handshake with upstream {self.ctx.target.name} failed: {e}") from e
         self.session.tls_upstream = True
+        _record_tls(self.session, "upstream", self.swriter, mode=mode, server_name=server_name)
 
     async def _start_client_tls(self, how: str) -> None:
         if how == "direct":
@@ -507,6 +519,7 @@ class _Connection:
         self.cwriter.transport.pause_reading()
         await self.cwriter.drain()
         await asyncio.wait_for(self.cwriter.start_tls(self.server_ssl), self.startup_timeout)
+        _record_tls(self.session, "client", self.cwriter)
         await self._run_actions(self.session.client_tls_established())
 
     def _refuse_direct_tls(self) -> None:
@@ -577,6 +590,7 @@ class _Connection:
             reader.feed_eof()              # the client left before the stream was attached
         session.start_fields["x_tls_negotiation"] = "direct"
         session.start_fields["x_tls_alpn"] = tls.alpn
+        _record_tls(session, "client", tls)
         if tls.alpn != POSTGRES_ALPN:
             offered = "no ALPN" if tls.alpn is None else f"ALPN {tls.alpn!r}"
             message = (f"direct SSL connection without ALPN protocol {POSTGRES_ALPN!r} refused "

@@ -214,6 +214,7 @@ def test_libpq_direct_ssl(enforcer, pg, agent_ca):
                 assert sum(1 for _ in copy.rows()) == 1000
     start = wait_for(enforcer.sink, "session.start", lambda f: f.get("application_name") == "libpq-direct")
     assert start["tls_client"] is True and start["x_tls_negotiation"] == "direct"
+    assert start["tls"]["client"]["version"] in ("TLSv1.2", "TLSv1.3") and start["tls"]["client"]["cipher"]
     # a verifying client accepts the agent CA's leaf over direct SSL too
     dsn = enforcer.dsn(pg, user="bob", sslnegotiation="direct", sslmode="verify-full",
                        sslrootcert=agent_ca.cert_path)

@@ -87,6 +87,15 @@ def test_client_sslmodes_with_verified_upstream(verified, pg, sslmode, client_tl
         assert bool(conn.pgconn.ssl_in_use) is client_tls
         start = last_start(verified)
         assert (start["tls_client"], start["tls_upstream"]) == (client_tls, True)
+        # which protocol and cipher protected each leg, as negotiated
+        upstream = start["tls"]["upstream"]
+        assert upstream["version"] == conn.execute(
+            "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0]
+        assert upstream["cipher"] and (upstream["mode"], upstream["server_name"]) == ("verify-full", pg.host)
+        if client_tls:
+            assert start["tls"]["client"]["version"] in ("TLSv1.2", "TLSv1.3") and start["tls"]["client"]["cipher"]
+        else:
+            assert "client" not in start["tls"]
 
 
 def test_client_verify_full_against_the_agent_ca(verified, pg, cas):
