@@ -565,6 +565,11 @@ async def refuse_connection(protocol: str, reader, writer, sqlstate: str, messag
         await _read_postgres_startup(reader, writer)
         writer.write(P.build_error_response(sqlstate, message, severity="FATAL"))
     elif protocol == "http":
+        if await _starts_with_tls(reader):
+            # an HTTPS workload (client_tls intercept or sni): plaintext would only break its TLS
+            # stack with a misleading error, so close; the caller's record says why
+            writer.close()
+            return
         payload = json.dumps({"error": message}).encode()
         writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
@@ -573,6 +578,15 @@ async def refuse_connection(protocol: str, reader, writer, sqlstate: str, messag
     except (OSError, asyncio.TimeoutError):
         pass
     writer.close()
+
+
+async def _starts_with_tls(reader, wait_s: float = 2.0) -> bool:
+    """Whether the client's first byte is a TLS handshake record (HTTP clients speak first)."""
+    try:
+        first = await asyncio.wait_for(reader.read(1), timeout=wait_s)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    return first == b"\x16"
 
 
 class RecordsPipeline:

@@ -135,6 +135,9 @@ def test_connection_limit_refusal_in_each_protocol():
             else:
                 got = httpx.get(f"http://127.0.0.1:{box['port']}/x", timeout=10)
                 assert got.status_code == 503 and got.json() == {"error": message}
+                # an HTTPS workload gets no plaintext in the middle of its handshake: a clean close
+                with pytest.raises(httpx.ConnectError, match="EOF|closed|reset"):
+                    httpx.get(f"https://127.0.0.1:{box['port']}/x", timeout=10, verify=False)
         finally:
             box["loop"].call_soon_threadsafe(box["stop"].set)
             thread.join(10)
