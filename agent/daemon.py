@@ -484,8 +484,11 @@ class Agent:
             connect_ns=cap.ktime_ns, process=proc)
         info = TargetInfo(
             name=target.name, protocol=target.protocol, upstream_host=cap.orig_ip, upstream_port=cap.orig_port,
+            # http: no fixed server name; each request's Host (one of the hostnames) is the upstream's
+            # TLS server name (enforcer/http/proxy.py, _tls_name)
             tls=UpstreamTLS(target.upstream_tls, target.upstream_ca,
-                            target.match.hostnames[0] if target.match.hostnames else None),
+                            target.match.hostnames[0] if target.match.hostnames and target.protocol != "http"
+                            else None),
             on_enforcer_down=target.on_enforcer_down, options=dict(target.options))
         ctx = ConnectionContext(
             session_id=new_session_id(), identity=identity, identity_attrs=attrs, target=info,

@@ -122,6 +122,7 @@ _STATUS_HEAD = re.compile(r"HTTP/([0-9])\.([0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x8
 _FIELD = re.compile(rf"({_TOKEN}):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)"
                     r"[ \t]*\r\n")
 _DIGITS = re.compile(r"[0-9]{1,18}")
+_PORT = re.compile(r"[0-9]{1,5}")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:;[!#$%&'*+.^_`|~0-9A-Za-z-]+"
                          rb"(?:=(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+|\"[\t\x20\x21\x23-\x5b\x5d-\x7e]*\"))?)*)")
 _FRAMING_NAMES = frozenset({"content-length", "transfer-encoding", "host", "connection",
@@ -425,9 +426,14 @@ class HttpReader:
         if request.version == "1.1" and host is None:
             raise ProtocolError("HTTP/1.1 request without a Host header")
         if request.method == "CONNECT":
-            if "/" in target or "@" in target or ":" not in target:
+            name, colon, port = target.rpartition(":")
+            if "/" in target or "@" in target or not colon or not name or _PORT.fullmatch(port) is None:
                 raise ProtocolError(f"CONNECT target must be host:port, got {target[:80]!r}")
-            request.host = host if host is not None else target
+            # RFC 9110 9.3.6: the tunnel goes to the request target, so that is the authority
+            # decided on and recorded; a Host naming another one is refused (as for absolute-form)
+            if host is not None and host.lower() != target.lower():
+                raise ProtocolError(f"CONNECT target {target[:80]!r} differs from Host {host[:80]!r}")
+            request.host = target
         elif target.startswith("/"):
             request.host = host or ""
         elif target == "*":

@@ -17,8 +17,10 @@ Target options (ctx.target.options, from agent.yaml):
   redact_headers: [names], redact_query: [names]   recorded as "[redacted]" on top of the defaults
   allow_connect: false          CONNECT is refused unless true
   max_header_bytes: 65536, max_line_bytes: 8192
-  connect_timeout: 10, response_timeout: 120 (seconds until the upstream's response head)
-  mask_max_body_bytes: 8 MiB    larger maskable responses are refused (never sent unmasked)
+  connect_timeout: 10, response_timeout: 120 (seconds from the end of the request body until the
+                                upstream's response head; past it the client gets a 504)
+  mask_max_body_bytes: 8 MiB    larger maskable responses are refused (never sent unmasked); which
+                                responses are maskable is the masking layer's call (http_body_kind)
   discard_denied_body_bytes: 1 MiB   a denied request's body up to this is read and dropped to
                                 keep the connection; larger ones close it
   client_tls: refuse | intercept | sni   what to do with a workload that speaks TLS (HTTPS) to
@@ -37,6 +39,7 @@ from typing import Any, Optional
 
 from enforcer.context import ConnectionContext, UpstreamTLS
 
+from ..masking.engine import http_body_kind
 from ..masking.pgrow import MaskingRefused
 from ..policy.cachekeys import cache_base
 from ..relay import relay
@@ -57,7 +60,6 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # per-session caches of what a repeated head turns into (see HttpReader's memo)
 _MEMO_ENTRIES = 64
 _DECISIONS_MAX = 256          # per session: paths with ids in them must not grow it without bound
-_MASKABLE_TYPES = ("application/json", "text/")
 
 # session phases
 _IDLE = 0        # waiting for the next request head
@@ -105,12 +107,30 @@ def _memo_put(memo: dict, key, value) -> None:
     memo[key] = value
 
 
-def _masker_of(masking: Any):
-    """The masking layer's body hook, `mask_json_body(body, content_type) -> (body, counts)`."""
-    if masking is None:
-        return None
+def _masker_of(masking: Any) -> tuple:
+    """(the masking layer's body hook `mask_json_body(body, content_type) -> (body, counts)`, its
+    `http_body_kind(content_type)` saying which bodies the hook reads), or (None, None) when the
+    layer masks no HTTP body (e.g. only Postgres column rules apply): responses then stream."""
+    if masking is None or not getattr(masking, "masks_http_bodies", True):
+        return None, None
     hook = getattr(masking, "mask_json_body", None)
-    return hook if callable(hook) else None
+    if not callable(hook):
+        return None, None
+    kind = getattr(masking, "http_body_kind", None)
+    return hook, kind if callable(kind) else http_body_kind
+
+
+def _content_type(headers: list[tuple[str, str]]) -> Optional[str]:
+    """The response's Content-Type for masking: None when absent, "" (unknown) when the upstream
+    sent several that differ, since a client may go by any of them."""
+    found = None
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == "content-type":
+            if found is None:
+                found = value
+            elif found.lower() != value.lower():
+                return ""
+    return found
 
 
 class _Refusal(Exception):
@@ -136,8 +156,9 @@ class _UpstreamGone(Exception):
 class _Upstream(asyncio.Protocol):
     """One upstream connection: its parser and writer; its callbacks go to the owning session."""
 
-    def __init__(self, session: "HttpSession", max_head: int):
+    def __init__(self, session: "HttpSession", max_head: int, tls_name: Optional[str] = None):
         self.session = session
+        self.tls_name = tls_name         # the TLS server name it was opened (and verified) for
         self.transport: Optional[asyncio.Transport] = None
         self.parser = HttpReader("response", max_head=max_head)
         self.out = HttpWriter()
@@ -181,7 +202,7 @@ class _Exchange:
     """One request and its response, while in flight."""
 
     __slots__ = ("request", "index", "started", "host", "path", "head", "upstream", "body_done",
-                 "response", "client_keep", "mask", "parts", "size", "head_sent", "body_bytes",
+                 "response", "client_keep", "mask", "mask_type", "parts", "size", "head_sent", "body_bytes",
                  "deadline", "retry_allowed", "retried", "refusal", "discarded")
 
     def __init__(self, request: Request, index: int, started: int, host: str, path: str):
@@ -196,11 +217,13 @@ class _Exchange:
         self.response: Optional[Response] = None
         self.client_keep = False
         self.mask: Optional[str] = None  # content encoding to undo when the body is masked
+        self.mask_type: Optional[str] = None   # the Content-Type the masker reads it as
         self.parts: list[bytes] = []
         self.size = 0
         self.head_sent = False           # the response head went to the client: no error answer now
         self.body_bytes = 0
-        self.deadline = 0.0              # loop time by which the response head must have come
+        self.deadline = 0.0              # loop time by which the response head must have come (0:
+                                         # not yet running; it starts when the request is all upstream)
         self.retry_allowed = False
         self.retried = False
         self.refusal: Optional[_Refusal] = None
@@ -225,7 +248,7 @@ class HttpSession(asyncio.Protocol):
         self.response_timeout = float(opts.get("response_timeout", 120))
         self.mask_max = int(opts.get("mask_max_body_bytes", DEFAULT_MASK_MAX))
         self.discard_max = int(opts.get("discard_denied_body_bytes", 1024 * 1024))
-        self.masker = _masker_of(ctx.masking)
+        self.masker, self.mask_kind = _masker_of(ctx.masking)
         self.policy = ctx.policy
         self.credential_error: Optional[str] = None
         try:
@@ -252,6 +275,11 @@ class HttpSession(asyncio.Protocol):
             port = ctx.target.upstream_port
             self.default_host = name if port == 443 else f"{name}:{port}"
         self.scheme = "https" if self.tls is not None else "http"
+        # the names this target is about (agent: match.hostname, or client_tls_names when set):
+        # without an explicit server name each request's Host, which must be one of them, is the
+        # upstream's TLS server name
+        self.tls_names = [str(n) for n in opts.get("client_tls_names") or ()]
+        self.tls_default_name = _first_exact(self.tls_names) or ctx.target.upstream_host
         # a repeated head (same bytes) gives the same record fields and the same normalised
         # bytes; these per-session caches skip rebuilding them (keyed by Request/Response.head_key)
         self._request_records: dict = {}
@@ -448,6 +476,10 @@ class HttpSession(asyncio.Protocol):
                         upstream.transport.write(upstream.out.send(event))
                     if kind is EndOfMessage:
                         exchange.body_done = True
+                        if exchange.response is None:
+                            self._start_response_clock(exchange)
+                    elif exchange.deadline:
+                        exchange.deadline = 0.0     # the body is coming: the clock waits for its end
                 else:
                     self._client_body_failed(exchange, ProtocolError(
                         "client closed the connection inside a request body"))
@@ -509,6 +541,18 @@ class HttpSession(asyncio.Protocol):
                 "error": "misdirected_request", "identity": ctx.identity,
                 "request_id": f"{ctx.session_id}-{index}",
                 "reason": f"Host {host!r} does not match the TLS server name {self.client_sni!r}"}))
+            return
+        if request.host and self.tls is not None and not self.tls.server_name and self.tls_names \
+                and not name_allowed(_host_name(host), self.tls_names):
+            # the upstream's TLS is opened and verified for the request's Host: only for the
+            # names this target is about
+            ctx.emit("http.request", fields)
+            self._refuse(exchange, _Refusal(421, {
+                "error": "misdirected_request", "identity": ctx.identity,
+                "request_id": f"{ctx.session_id}-{index}",
+                "reason": f"Host {host!r} is not one of the names of target {ctx.target.name!r} "
+                          f"({', '.join(self.tls_names)}); add it to the target's match.hostname "
+                          f"(or client_tls_names) to reach it over TLS"}))
             return
         if connect and not self.allow_connect:
             ctx.emit("http.request", fields)
@@ -591,7 +635,7 @@ class HttpSession(asyncio.Protocol):
             self._refuse(exchange, refusal)
             return
         upstream = self.upstream
-        if upstream is not None and upstream.usable():
+        if upstream is not None and upstream.usable() and upstream.tls_name == self._tls_name(exchange.request):
             self._send(exchange, upstream)
             return
         if upstream is not None:
@@ -621,21 +665,32 @@ class HttpSession(asyncio.Protocol):
 
     async def _connect(self, request: Request) -> _Upstream:
         target = self.ctx.target
-        ssl_context = server_name = None
+        ssl_context = None
+        server_name = self._tls_name(request)
         if self.tls is not None:
             ssl_context = _upstream_ssl_context(self.tls)
-            server_name = self.tls.server_name or _split_host(request.host, 0)[0] or target.upstream_host
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, upstream = await self.loop.create_connection(
-                    lambda: _Upstream(self, self.max_head), target.upstream_host, target.upstream_port,
-                    ssl=ssl_context, server_hostname=server_name)
+                    lambda: _Upstream(self, self.max_head, server_name), target.upstream_host,
+                    target.upstream_port, ssl=ssl_context, server_hostname=server_name)
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise _Refusal(502, {"error": "upstream_unreachable", "target": target.name,
                                  "reason": f"cannot reach {target.upstream_host}:{target.upstream_port}: "
                                            f"{type(exc).__name__}: {exc}; check that the upstream is up and "
                                            f"the target's upstream address in agent.yaml"}) from None
         return upstream
+
+    def _tls_name(self, request: Request) -> Optional[str]:
+        """The upstream's TLS server name (SNI and verification) for this request: the one the
+        configuration (or the intercepted client's SNI) sets, else the request's Host (checked in
+        _begin to be one of the target's names), else the target's first name or address."""
+        tls = self.tls
+        if tls is None:
+            return None
+        if tls.server_name:
+            return tls.server_name
+        return _host_name(request.host) if request.host else self.tls_default_name
 
     def _upstream_head(self, request: Request) -> bytes:
         """The normalised request head sent upstream (hop-by-hop fields dropped, secrets injected)."""
@@ -697,12 +752,20 @@ class HttpSession(asyncio.Protocol):
         if self.client_blocked:
             self._pause_upstream(upstream)
         self.phase = _ACTIVE
-        exchange.deadline = self.loop.time() + self.response_timeout
-        if self.deadline_timer is None:
-            self.deadline_timer = self.loop.call_at(exchange.deadline, self._check_deadline)
         if request.framing == NO_BODY and not exchange.body_done:
             self.parser.next_event()        # its EndOfMessage (the head had no body framing to close)
             exchange.body_done = True
+        if exchange.body_done or request.expect_continue:
+            # with Expect: 100-continue the upstream owes an answer (its 100 or the final response)
+            # before any body; the clock stops when either comes and restarts at the body's end
+            self._start_response_clock(exchange)
+        # else: it starts when the client's body has all gone upstream (_pump_client)
+
+    def _start_response_clock(self, exchange: _Exchange) -> None:
+        """The whole request is upstream: its response head is due within response_timeout."""
+        exchange.deadline = self.loop.time() + self.response_timeout
+        if self.deadline_timer is None:
+            self.deadline_timer = self.loop.call_at(exchange.deadline, self._check_deadline)
 
     # -- refusals --------------------------------------------------------------------------
     def _refuse(self, exchange: _Exchange, refusal: _Refusal) -> None:
@@ -817,15 +880,16 @@ class HttpSession(asyncio.Protocol):
     def _check_deadline(self) -> None:
         self.deadline_timer = None
         exchange = self.exchange
-        if exchange is None or exchange.response is not None or self.phase != _ACTIVE:
-            return
+        if exchange is None or exchange.response is not None or self.phase != _ACTIVE or not exchange.deadline:
+            return                  # (a deadline not yet running is armed when the request is all sent)
         if exchange.deadline > self.loop.time():
             self.deadline_timer = self.loop.call_at(exchange.deadline, self._check_deadline)
             return
         try:
             self._upstream_failed(exchange, _UpstreamGone(
-                f"no response head within {self.response_timeout:g} s; raise the target's "
-                f"response_timeout if the upstream is this slow", False))
+                f"no response head within {self.response_timeout:g} s of the end of the request; raise "
+                f"the target's response_timeout if the upstream is this slow", False,
+                status=504, code="upstream_timeout"))
         except Exception as exc:
             self._fail_internally(exc)
 
@@ -845,6 +909,8 @@ class HttpSession(asyncio.Protocol):
                     if kind is not Response:
                         raise _UpstreamGone("the upstream closed the connection before responding", True)
                     if event.status < 200 and event.status != 101:
+                        if event.status == 100 and not exchange.body_done:
+                            exchange.deadline = 0.0     # the client's turn: the clock waits for the body
                         if exchange.request.version != "1.0":    # interim (100 Continue, 103): pass it on
                             pending.append(out.send(Response(
                                 event.status, forwardable_headers(event.headers, event.connection_tokens),
@@ -855,7 +921,7 @@ class HttpSession(asyncio.Protocol):
                         self._start_tunnel(exchange, event, pending)
                         return
                     if self.masker is not None:
-                        exchange.mask = self._mask_plan(exchange.request, event)
+                        exchange.mask = self._mask_plan(exchange, event)
                         if exchange.mask is not None:
                             continue
                     pending.append(self._client_head_bytes(exchange, event))
@@ -986,13 +1052,16 @@ class HttpSession(asyncio.Protocol):
             "request_id": f"{self.ctx.session_id}-{exchange.index}"}, close=True))
 
     # -- masking -------------------------------------------------------------------------
-    def _mask_plan(self, request: Request, response: Response) -> Optional[str]:
-        """The content encoding to undo when this response's body must be masked, else None."""
+    def _mask_plan(self, exchange: _Exchange, response: Response) -> Optional[str]:
+        """The content encoding to undo when this response's body must be masked, else None.
+        Which bodies are masked is the masking layer's call (`http_body_kind`), a response without
+        a Content-Type included: it could be anything a client sniffs as text."""
         if response.framing not in (LENGTH, CHUNKED, UNTIL_CLOSE):
             return None
-        content_type = (find_header(response.headers, "content-type") or "").lower()
-        if not any(t in content_type for t in _MASKABLE_TYPES) and "+json" not in content_type:
+        content_type = _content_type(response.headers)
+        if self.mask_kind(content_type) is None:
             return None
+        exchange.mask_type = content_type if content_type is not None else ""
         encoding = (find_header(response.headers, "content-encoding") or "identity").strip().lower()
         if encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise _UpstreamGone(f"the response is {encoding}-encoded, which Warden cannot decode to mask it; "
@@ -1017,9 +1086,8 @@ class HttpSession(asyncio.Protocol):
                 raise _UpstreamGone(f"cannot decode the {exchange.mask} response to mask it: {exc}", False,
                                     status=502, code="unmaskable_response") from None
             headers = [(n, v) for n, v in headers if n.lower() != "content-encoding"]
-        content_type = find_header(headers, "content-type") or ""
         try:
-            masked, counts = self.masker(body, content_type)
+            masked, counts = self.masker(body, exchange.mask_type)
         except MaskingRefused as exc:
             raise _UpstreamGone(str(exc), False, status=502, code="unmaskable_response") from None
         total = _count(counts)
@@ -1230,9 +1298,11 @@ def _stream_leftover(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
 #                                  Endpoint <target>/<sni>/), then the TLS bytes are relayed as
 #                                  they are, counted but not decrypted
 #   client_tls_hostname: name      the name used when the client sends no SNI (default: tls.server_name,
-#                                  then the upstream address)
-#   client_tls_names: [names]      intercept only: SNI names (exact or *.suffix) leaves may be issued
-#                                  for; others are refused
+#                                  then the first exact client_tls_names entry, then the upstream address)
+#   client_tls_names: [names]      intercept: SNI names (exact or *.suffix) leaves may be issued
+#                                  for; others are refused. Also the Hosts upstream TLS is opened
+#                                  for when no server name is set (others get 421); the agent sets
+#                                  it to match.hostname unless given
 #   client_hello_timeout: 10       seconds for the ClientHello and for the TLS handshake
 
 CLIENT_TLS_MODES = ("intercept", "sni", "refuse")
@@ -1265,6 +1335,11 @@ def _client_tls_fields(mode: str, info: dict) -> dict:
 
 def _host_name(host: str) -> str:
     return _split_host(host, 0)[0].lower().rstrip(".")
+
+
+def _first_exact(names) -> Optional[str]:
+    """The first name of a names list that is not a `*.suffix` pattern."""
+    return next((str(n).lower().rstrip(".") for n in names or () if not str(n).startswith("*")), None)
 
 
 class _TlsFront:
@@ -1334,6 +1409,7 @@ async def _serve_client_tls(client_reader: asyncio.StreamReader, client_writer: 
     tls = ctx.target.tls
     name = hello.server_name or str(opts.get("client_tls_hostname") or
                                     (tls.server_name if tls is not None else None) or
+                                    _first_exact(opts.get("client_tls_names")) or
                                     ctx.target.upstream_host).lower().rstrip(".")
     front.info = {"sni": hello.server_name, "offered_alpn": hello.alpn_protocols}
     if mode not in CLIENT_TLS_MODES or mode == "refuse":

@@ -23,6 +23,36 @@ _TYPE_NAMES = {16: "boolean", 17: "bytea", 20: "bigint", 21: "smallint", 23: "in
                701: "double precision", 1700: "numeric", 1082: "date", 1114: "timestamp",
                1184: "timestamptz", 2950: "uuid"}
 
+# How an HTTP body is read for masking, by its Content-Type: the one definition the HTTP enforcer
+# also asks (through SessionMasker.http_body_kind) before holding a response back to mask it.
+BODY_JSON = "json"                  # parsed: key/path rules and detectors; detectors alone if it does not parse
+BODY_JSON_LINES = "json-lines"      # one JSON document per line (NDJSON, JSON Lines, JSON text sequences)
+BODY_TEXT = "text"                  # detectors over the text
+BODY_UNTYPED = "untyped"            # no usable Content-Type: JSON if it parses, else text; never passed unread
+_JSON_LINES_SUFFIXES = ("ndjson", "jsonl", "jsonlines", "json-lines", "json-seq")
+
+
+def http_body_kind(content_type: Optional[str]) -> Optional[str]:
+    """How masking reads an HTTP body of this Content-Type; None: such a body is never changed.
+
+    `application/json`, `*/*+json` and any other subtype ending in `json` (application/vnd.api.json,
+    text/json) are JSON; application/x-ndjson, jsonl, json-seq and the like are JSON lines; other
+    text/* is text. A body without a Content-Type (None, empty, or not `type/subtype`) could be any
+    of them, and clients may sniff it as text: it is read as JSON when it parses, otherwise as text
+    (bytes that are not UTF-8 pass through unchanged, detectors run over the rest)."""
+    if content_type is None:
+        return BODY_UNTYPED
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if "/" not in ctype:
+        return BODY_UNTYPED
+    if ctype.endswith(_JSON_LINES_SUFFIXES):
+        return BODY_JSON_LINES
+    if ctype.endswith("json"):
+        return BODY_JSON
+    if ctype.startswith("text/"):
+        return BODY_TEXT
+    return None
+
 
 def _merge_detectors(rules: Sequence[Rule], extra: Sequence[Detector] = ()) -> tuple[Scanner, dict, dict]:
     """One scanner over the detectors of `rules` (first rule wins a detector) plus `extra`;
@@ -53,6 +83,9 @@ class _RuleSet:
         self.column_detect = [r for r in rules if r.selects_columns and not r.whole_value]
         self.scan_rules = [r for r in rules if r.scan_all_text]
         self.json_rules = [r for r in rules if r.selects_json]
+        # only these act on HTTP bodies: column rules select Postgres result columns, and the
+        # record detectors are for statement texts, parameters and errors
+        self.http_bodies = bool(self.json_rules or self.scan_rules)
         self.needs_catalog = any(r.qualified is not None for r in rules if r.selects_columns)
         self.scan = _merge_detectors(self.scan_rules) if self.scan_rules else None
         if self.scan is not None:
@@ -288,33 +321,81 @@ class SessionMasker:
         return out, total
 
     # -- HTTP bodies ---------------------------------------------------------------------
-    def mask_json_body(self, body: bytes, content_type: str = "application/json") -> tuple[bytes, dict]:
-        """A decoded (not gzip) response body: JSON by key/path rules and detectors, text/* by
+    @property
+    def masks_http_bodies(self) -> bool:
+        """A rule that acts on HTTP bodies (json_key, json_path, scan_all_text) is in force. Without
+        one no body is changed, so the HTTP enforcer streams every response instead of holding
+        maskable ones back (column rules alone are for Postgres results)."""
+        return self.ruleset.http_bodies
+
+    def http_body_kind(self, content_type: Optional[str]) -> Optional[str]:
+        """`http_body_kind(content_type)` when this session's rules can change such a body, else None:
+        what the HTTP enforcer holds back (up to mask_max_body_bytes) to pass to mask_json_body."""
+        rs = self.ruleset
+        if not rs.http_bodies:
+            return None
+        kind = http_body_kind(content_type)
+        if kind == BODY_TEXT and not rs.text_scanner.detectors:
+            return None
+        return kind
+
+    def mask_json_body(self, body: bytes, content_type: Optional[str] = "application/json") -> tuple[bytes, dict]:
+        """A decoded (not gzip) response body, read as `http_body_kind(content_type)` says: JSON by
+        key/path rules and detectors, JSON lines line by line, text (and JSON that does not parse) by
         detectors; other types unchanged. Returns (body, {rule: values masked})."""
-        ctype = (content_type or "").split(";", 1)[0].strip().lower()
-        is_json = ctype == "application/json" or ctype.endswith("+json") or ctype.endswith("/json")
-        if is_json:
-            # a body that turns out not to be JSON goes to the text detectors below; with none in
-            # use it would come back unchanged, so the JSON masker may skip parsing it
-            try:
-                result = self.ruleset.json.mask_body(body, may_skip_parse=not self.ruleset.text_scanner.detectors)
-            except RecursionError:
-                # deeper than Python's parser goes: its keys cannot be found, so it cannot leave
-                raise MaskingRefused("the JSON body nests too deeply for Warden to mask it, so it is not sent "
-                                     "unmasked") from None
-            if result is not None:
-                masked, counts = result
-                for k, v in counts.items():
-                    self._json_counts[k] = self._json_counts.get(k, 0) + v
-                return masked, counts
-        textual = ctype.startswith("text/") or ctype == "application/x-ndjson" or ctype.endswith("json")
-        if not textual:
+        kind = http_body_kind(content_type)
+        if kind is None:
             return body, {}
+        if kind == BODY_JSON_LINES:
+            return self._mask_json_lines(body)
+        if kind != BODY_TEXT:
+            result = self._mask_json(body)
+            if result is not None:
+                return result
+        return self._mask_body_text(body)
+
+    def _mask_json(self, body: bytes) -> Optional[tuple[bytes, dict]]:
+        """(masked, counts) of a JSON document, or None when it is not JSON (then it is text)."""
+        # a body that turns out not to be JSON goes to the text detectors; with none in use it would
+        # come back unchanged, so the JSON masker may skip parsing it
+        try:
+            result = self.ruleset.json.mask_body(body, may_skip_parse=not self.ruleset.text_scanner.detectors)
+        except RecursionError:
+            # deeper than Python's parser goes: its keys cannot be found, so it cannot leave
+            raise MaskingRefused("the JSON body nests too deeply for Warden to mask it, so it is not sent "
+                                 "unmasked") from None
+        if result is not None:
+            for k, v in result[1].items():
+                self._json_counts[k] = self._json_counts.get(k, 0) + v
+        return result
+
+    def _mask_body_text(self, body: bytes) -> tuple[bytes, dict]:
         text = body.decode("utf-8", "surrogateescape")
         masked_text, n = self.mask_text(text)
         if not n:
             return body, {}
         return masked_text.encode("utf-8", "surrogateescape"), {"detectors": n}
+
+    def _mask_json_lines(self, body: bytes) -> tuple[bytes, dict]:
+        """NDJSON / JSON Lines / JSON text sequences (RS-prefixed): each line as a JSON document,
+        so key and path rules reach every record; a line that is not JSON goes to the detectors."""
+        lines = body.split(b"\n")
+        counts: dict[str, int] = {}
+        changed = False
+        for i, line in enumerate(lines):
+            record = line.lstrip(b"\x1e")
+            if not record.strip():
+                continue
+            result = self._mask_json(record)
+            if result is None:
+                result = self._mask_body_text(record)
+            masked, found = result
+            if masked is not record:
+                lines[i] = line[:len(line) - len(record)] + masked
+                changed = True
+            for k, v in found.items():
+                counts[k] = counts.get(k, 0) + v
+        return (b"\n".join(lines) if changed else body), counts
 
     # -- tallies -------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -354,4 +435,5 @@ class SessionMasker:
         return delta
 
 
-__all__ = ["MaskingEngine", "SessionMasker", "MaskingRefused", "BUILTIN"]
+__all__ = ["MaskingEngine", "SessionMasker", "MaskingRefused", "BUILTIN", "http_body_kind", "BODY_JSON",
+           "BODY_JSON_LINES", "BODY_TEXT", "BODY_UNTYPED"]

@@ -2,6 +2,7 @@
 enforcer, decided by a Cedar policy, with a JSON field masked, and every request recorded."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import tempfile
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.agentproc import AgentProcess
-from tests.integration.test_http_proxy import CARD, _free_port, _stop, _uvicorn
+from tests.integration.test_http_proxy import CARD, SniTlsServer, _free_port, _stop, _uvicorn
 
 POLICY = """
 @id("reporting-reads-partner-api")
@@ -130,3 +131,57 @@ def test_brokered_credential_from_agent_config_reaches_the_api(test_cgroup, api,
         assert "agent-held-secret" not in json.dumps(agent.events())
     finally:
         assert agent.stop() == 0
+
+
+def _loopback_names_from_etc_hosts() -> list[str]:
+    """Names /etc/hosts maps to 127.0.0.0/8, when the resolver reads that file before DNS: the agent
+    resolves match.hostname, and a test must not send a query off the host."""
+    try:
+        nss = Path("/etc/nsswitch.conf").read_text()
+        hosts = Path("/etc/hosts").read_text()
+    except OSError:
+        return []
+    sources = next((line.split(":", 1)[1].split() for line in nss.splitlines() if line.startswith("hosts:")), [])
+    if not sources or sources[0] != "files":
+        return []
+    names: list[str] = []
+    for line in hosts.splitlines():
+        fields = line.split("#", 1)[0].split()
+        try:
+            loopback = len(fields) > 1 and ipaddress.ip_address(fields[0]) in ipaddress.ip_network("127.0.0.0/8")
+        except ValueError:
+            continue
+        names += [n for n in fields[1:] if loopback and n not in names]
+    return names
+
+
+def test_upstream_tls_of_a_two_name_target_names_each_requests_host(test_cgroup, tmp_path):
+    """match.hostname [a, b] with verify-full: a request for b is sent with SNI b and verified as b,
+    not as the target's first name."""
+    names = _loopback_names_from_etc_hosts()[:2]
+    if len(names) < 2:
+        pytest.skip("needs two names /etc/hosts maps to loopback (read before DNS) for match.hostname")
+    first, second = names
+    server = SniTlsServer(tmp_path, names)
+    Path(tmp_path, "policy.cedar").write_text(POLICY)
+    agent = AgentProcess({
+        "scope": {"cgroups": [test_cgroup.rel]},
+        "targets": [{"name": "partner-api", "protocol": "http", "listen_port": _free_port("127.0.0.1"),
+                     "match": {"cidr": "127.0.0.3/32", "hostname": names, "port": server.port},
+                     "upstream_tls": {"mode": "verify-full", "ca": server.ca}}],
+        "identities": [{"name": "reporting", "match": {"cgroup": test_cgroup.rel}}],
+        "policy": {"path": str(Path(tmp_path, "policy.cedar"))},
+    }, workdir=str(tmp_path)).start()
+    try:
+        answers = {}
+        for name in (second, first):
+            got = test_cgroup.run(["curl", "-sS", "--max-time", "10", "-H", f"Host: {name}:{server.port}",
+                                   f"http://127.0.0.3:{server.port}/"])
+            assert got.returncode == 0, got.stderr
+            answers[name] = json.loads(got.stdout)
+        assert answers[second]["sni"] == second and answers[first]["sni"] == first
+        request = agent.wait_for(lambda e: e["type"] == "http.request", what="http.request")
+        assert request["f"]["scheme"] == "https" and request["f"]["host"] == second
+    finally:
+        assert agent.stop() == 0
+        server.close()

@@ -148,6 +148,13 @@ def test_intercept_without_sni_uses_the_target_name(tls_upstream, enforcer, loca
     with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as raw:
         with context.wrap_socket(raw, server_hostname=None) as sock:
             assert _raw_get(sock, "api.test").startswith(b"HTTP/1.1 200")
+    # and, as the agent configures an http target (no server name: each request's Host names the
+    # upstream), from the first exact name the target is about
+    _intercept(enforcer, tls_upstream, local_ca, client_tls_names=["*.api.test", "api.test", "other.test"])
+    with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=None) as sock:
+            assert [v for k, v in sock.getpeercert()["subjectAltName"] if k == "DNS"] == ["api.test"]
+            assert _raw_get(sock, "api.test").startswith(b"HTTP/1.1 200")
 
 
 @pytest.mark.parametrize("offered, selected", [(["h2", "http/1.1"], "http/1.1"), (["h2"], None), (None, None)])

@@ -12,11 +12,13 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -34,7 +36,8 @@ _seen_paths: list[str] = []
 
 
 async def app(scope, receive, send):
-    """echo, json, gzip-json, big (streamed), seen (paths this process served)."""
+    """echo, json, gzip-json, big (streamed), csv (streamed text), typed (a card under any
+    Content-Type, or none), seen (paths this process served)."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -68,6 +71,27 @@ async def app(scope, receive, send):
             piece = block[: min(len(block), size - sent)]
             sent += len(piece)
             await send({"type": "http.response.body", "body": piece, "more_body": sent < size})
+        return
+    if path == "/csv":
+        size = int(parse_qs(scope["query_string"].decode())["n"][0])
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/csv")]})
+        block = b"".join(b"%d,row %d,ok\n" % (i, i) for i in range(4096))
+        sent = 0
+        while sent < size:
+            piece = block[: min(len(block), size - sent)]
+            sent += len(piece)
+            await send({"type": "http.response.body", "body": piece, "more_body": sent < size})
+        return
+    if path == "/typed":
+        query = parse_qs(scope["query_string"].decode())
+        shape = query.get("shape", ["json"])[0]
+        payload = {"json": json.dumps({"id": 1, "card": CARD}),
+                   "lines": "".join(json.dumps({"id": i, "card": CARD}) + "\n" for i in (1, 2)),
+                   "text": f"card {CARD} on file"}[shape].encode()
+        headers = [(b"content-length", str(len(payload)).encode())]
+        headers += [(b"content-type", t.encode()) for t in query.get("type", [])]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
         return
     if path == "/json":
         await reply(200, json.dumps({"id": 7, "card": CARD, "name": "Ada"}).encode())
@@ -139,22 +163,79 @@ def upstream():
     _stop(proc)
 
 
-@pytest.fixture(scope="module")
-def tls_upstream(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tls")
+def _issue_certs(d: Path, names: list[str]) -> None:
+    """A test CA (d/ca.pem) and a server certificate for `names` signed by it (d/srv.pem, d/srv.key)."""
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     subprocess.run(["openssl", "req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.pem",
                     "-subj", "/CN=warden-test-ca", "-days", "1"], check=True, capture_output=True)
     subprocess.run(["openssl", "req", *ec, "-keyout", d / "srv.key", "-out", d / "srv.csr",
-                    "-subj", "/CN=api.test"], check=True, capture_output=True)
-    (d / "ext.cnf").write_text("subjectAltName=DNS:api.test\n")
+                    "-subj", f"/CN={names[0]}"], check=True, capture_output=True)
+    (d / "ext.cnf").write_text("subjectAltName=" + ",".join(f"DNS:{n}" for n in names) + "\n")
     subprocess.run(["openssl", "x509", "-req", "-in", d / "srv.csr", "-CA", d / "ca.pem", "-CAkey", d / "ca.key",
                     "-CAcreateserial", "-out", d / "srv.pem", "-days", "1", "-extfile", d / "ext.cnf"],
                    check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tls")
+    _issue_certs(d, ["api.test"])
     port = _free_port("127.0.0.3")
     proc = _uvicorn("127.0.0.3", port, "--ssl-keyfile", str(d / "srv.key"), "--ssl-certfile", str(d / "srv.pem"))
     yield port, str(d / "ca.pem")
     _stop(proc)
+
+
+class SniTlsServer:
+    """HTTPS on 127.0.0.3 (its own thread and loop) with a certificate for `names` from a test CA
+    (`ca`): every answer says the TLS server name (SNI) its connection was opened with, the Host
+    asked for, and the connection's number."""
+
+    def __init__(self, directory: Path, names: list[str]):
+        _issue_certs(directory, names)
+        self.ca = str(directory / "ca.pem")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(directory / "srv.pem", directory / "srv.key")
+        self._sni: dict[int, str] = {}
+        context.sni_callback = lambda ssl_object, name, _ctx: self._sni.__setitem__(id(ssl_object), name)
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            self.server = self.loop.run_until_complete(
+                asyncio.start_server(self._serve, "127.0.0.3", 0, ssl=context))
+            self.port = self.server.sockets[0].getsockname()[1]
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        started.wait(5)
+
+    async def _serve(self, reader, writer):
+        self.connections += 1
+        number = self.connections
+        sni = self._sni.pop(id(writer.get_extra_info("ssl_object")), None)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                host = next((line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")[1:]
+                             if line.lower().startswith(b"host:")), None)
+                body = json.dumps({"sni": sni, "host": host, "connection": number}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                             % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
 
 
 class Sink:
@@ -237,6 +318,45 @@ def enforcer():
 
 def _curl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, timeout=30)
+
+
+class _RawUpstream:
+    """`async handler(reader, writer)` serving on 127.0.0.2 in the enforcer's loop while in use."""
+
+    def __init__(self, enforcer, handler):
+        self.enforcer = enforcer
+        self.server = asyncio.run_coroutine_threadsafe(asyncio.start_server(handler, "127.0.0.2", 0),
+                                                       enforcer.loop).result(5)
+
+    def __enter__(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.enforcer.loop.call_soon_threadsafe(self.server.close)
+
+
+def _recv_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _recv_response(sock: socket.socket) -> bytes:
+    """One response with a Content-Length body (what Warden's own answers and the echo app send)."""
+    data = _recv_head(sock)
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.startswith(b"content-length:")), 0)
+    while len(data) < len(head) + 4 + length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _wait_for(predicate, timeout=3.0):
@@ -487,3 +607,243 @@ def test_a_session_remembers_decisions_until_the_policy_version_changes(upstream
     assert codes == [200, 200, 200, 403, 403, 403]
     assert [d["decision"] for d in enforcer.sink.of("http.request")] == ["allow"] * 3 + ["deny"] * 3
     assert enforcer.sink.of("http.request")[3]["policy_ids"] == ["no-deletes"]
+
+
+# -- CONNECT is decided and recorded by where the tunnel goes ------------------------------------
+
+CONNECT_POLICY = """
+@id("tunnels-to-allowed")
+permit(principal == Service::"billing", action == Action::"http:CONNECT", resource in Endpoint::"api/allowed.example/");
+"""
+
+
+def test_connect_is_decided_and_recorded_by_its_target_not_its_host_header(enforcer):
+    from enforcer.policy.engine import PolicyEngine
+    heads = []
+
+    async def tunnel_server(reader, writer):
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        while data := await reader.read(1024):
+            writer.write(b"tunnel:" + data)
+        writer.close()
+
+    def ask(head: bytes, then: bytes = b"") -> bytes:
+        with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as sock:
+            sock.sendall(head)
+            answer = _recv_response(sock)
+            if then and answer.startswith(b"HTTP/1.1 200"):
+                sock.sendall(then)
+                while not answer.endswith(b"tunnel:" + then):
+                    answer += sock.recv(4096)
+            return answer
+
+    with _RawUpstream(enforcer, tunnel_server) as port:
+        enforcer.configure(port, options={"allow_connect": True}, policy=PolicyEngine.from_text(CONNECT_POLICY))
+        # evil.example is only a string here: Warden refuses it before connecting anywhere
+        smuggled = ask(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: allowed.example:443\r\n\r\n", b"x")
+        denied = ask(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", b"x")
+        tunnel = ask(b"CONNECT allowed.example:443 HTTP/1.1\r\nHost: allowed.example:443\r\n\r\n", b"x")
+    assert smuggled.startswith(b"HTTP/1.1 400") and b"differs from Host" in smuggled
+    assert denied.startswith(b"HTTP/1.1 403") and b"http:CONNECT" in denied
+    assert tunnel.startswith(b"HTTP/1.1 200") and tunnel.endswith(b"tunnel:x")
+    assert [h.split(b"\r\n", 1)[0] for h in heads] == [b"CONNECT allowed.example:443 HTTP/1.1"]
+    assert _wait_for(lambda: len(enforcer.sink.of("session.end")) == 3)
+    requests = enforcer.sink.of("http.request")
+    assert sorted((r["host"], r["port"], r["decision"]) for r in requests) == [
+        ("allowed.example", 443, "allow"), ("evil.example", 443, "deny")]
+    refused = [r for r in enforcer.sink.of("http.response") if r.get("x_refused") == "malformed_request"]
+    assert len(refused) == 1 and refused[0]["status"] == 400
+
+
+# -- response_timeout --------------------------------------------------------------------------
+
+def test_response_timeout_starts_when_the_request_body_has_all_gone_upstream(upstream, enforcer):
+    enforcer.configure(upstream, options={"response_timeout": 1})
+    with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: api\r\nContent-Length: 10\r\n\r\n")
+        try:
+            for _ in range(10):             # 10 bytes over 2.5 s, well past response_timeout
+                time.sleep(0.25)
+                sock.sendall(b"x")
+        except OSError:
+            pass
+        answer = _recv_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"body_len": 10' in answer
+
+
+def test_a_response_timeout_is_a_504_counted_from_the_end_of_the_body(enforcer):
+    bodies = []
+
+    async def silent(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        bodies.append(await reader.readexactly(4))
+        await reader.read()                 # never answers; ends when Warden gives up
+        writer.close()
+
+    with _RawUpstream(enforcer, silent) as port:
+        enforcer.configure(port, options={"response_timeout": 0.6})
+        with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as sock:
+            sock.sendall(b"PUT /slow HTTP/1.1\r\nHost: api\r\nContent-Length: 4\r\n\r\n")
+            for _ in range(4):              # 1.2 s of upload: longer than the timeout itself
+                time.sleep(0.3)
+                sock.sendall(b"y")
+            sent = time.monotonic()
+            answer = _recv_response(sock)
+            waited = time.monotonic() - sent
+    assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout"), answer[:300]
+    assert b"upstream_timeout" in answer and b"end of the request" in answer
+    assert bodies == [b"yyyy"] and 0.5 <= waited < 5
+    assert _wait_for(lambda: enforcer.sink.of("http.response"))
+    record = enforcer.sink.of("http.response")[0]
+    assert record["status"] == 504 and record["x_refused"] == "upstream_timeout"
+
+
+def test_with_expect_continue_the_upstream_owes_an_answer_before_the_body(upstream, enforcer):
+    async def silent(reader, writer):
+        await reader.read()
+        writer.close()
+
+    # an upstream that neither says 100 Continue nor answers: the waiting client still gets a 504
+    with _RawUpstream(enforcer, silent) as port:
+        enforcer.configure(port, options={"response_timeout": 0.5})
+        with socket.create_connection(("127.0.0.1", enforcer.port), timeout=5) as sock:
+            sock.sendall(b"PUT /x HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+            assert _recv_response(sock).startswith(b"HTTP/1.1 504")
+    # once the upstream said 100 Continue, a slow body is the client's time, not the upstream's
+    enforcer.configure(upstream, options={"response_timeout": 1})
+    with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as sock:
+        sock.sendall(b"PUT /echo HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
+        assert _recv_head(sock).startswith(b"HTTP/1.1 100")
+        try:
+            for _ in range(10):
+                time.sleep(0.25)
+                sock.sendall(b"z")
+        except OSError:
+            pass
+        answer = _recv_response(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"body_len": 10' in answer
+
+
+def test_an_early_response_during_a_slow_upload_is_passed_on(enforcer):
+    async def early(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!")
+        await writer.drain()
+        await reader.read()                 # until Warden drops the connection
+        writer.close()
+
+    with _RawUpstream(enforcer, early) as port:
+        enforcer.configure(port, options={"response_timeout": 0.3})
+        with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as sock:
+            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: api\r\nContent-Length: 1000\r\n\r\nabc")
+            answer = _recv_response(sock)
+            try:
+                time.sleep(0.5)
+                sock.sendall(b"more")
+            except OSError:
+                pass
+    assert answer.startswith(b"HTTP/1.1 413") and answer.endswith(b"too big!")
+    assert _wait_for(lambda: enforcer.sink.of("http.response"))
+    assert enforcer.sink.of("http.response")[0]["status"] == 413
+
+
+# -- which responses are held back for masking ------------------------------------------------
+
+def test_every_body_type_the_masking_layer_reads_is_masked(upstream, enforcer):
+    from enforcer.masking import load_masking
+    masker = load_masking({"rules": [{"name": "cards", "json_key": "card", "strategy": "partial"}]}
+                          ).for_session("billing", {}, "api")
+    enforcer.configure(upstream, masking=masker)
+    with httpx.Client(base_url=enforcer.url, headers={"Host": "api"}) as client:
+        vendor = client.get("/typed", params={"type": "application/vnd.api.json"})
+        ndjson = client.get("/typed", params={"type": "application/x-ndjson", "shape": "lines"})
+        untyped = client.get("/typed")
+        untyped_text = client.get("/typed", params={"shape": "text"})
+        conflicting = client.get("/typed", params={"type": ["image/png", "text/plain"], "shape": "text"})
+        image = client.get("/typed", params={"type": "image/png", "shape": "text"})
+    assert "content-type" not in untyped.headers
+    for response in (vendor, ndjson, untyped, untyped_text, conflicting):
+        assert response.status_code == 200 and CARD not in response.text, response.text
+    assert vendor.json()["card"] == "**** **** **** 1111" and untyped.json()["card"] == "**** **** **** 1111"
+    assert [json.loads(line)["card"] for line in ndjson.text.splitlines()] == ["**** **** **** 1111"] * 2
+    assert untyped_text.text == "card [REDACTED] on file"
+    assert image.text == f"card {CARD} on file"          # declared as an image: not read
+    applied = enforcer.sink.of("mask.applied")
+    assert [a["values_masked"] for a in applied] == [1, 2, 1, 1, 1]
+
+
+def test_with_only_column_rules_http_responses_stream_unheld(upstream, enforcer, tmp_path):
+    from enforcer.masking import load_masking
+    masker = load_masking({"rules": [{"column": "ssn"}]}).for_session("billing", {}, "api")
+    enforcer.configure(upstream, masking=masker)
+    size = 9 * 1024 * 1024                  # more than mask_max_body_bytes (8 MiB)
+    out = tmp_path / "rows.csv"
+    done = _curl("-sS", "-o", str(out), "-w", "%{http_code}", f"{enforcer.url}/csv?n={size}")
+    assert done.returncode == 0 and done.stdout == b"200", done.stderr
+    assert out.stat().st_size == size and out.read_bytes().startswith(b"0,row 0,ok\n")
+
+    release = threading.Event()
+
+    def chunk(data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data)
+
+    async def events(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + chunk(b"data: first\n\n"))
+        await writer.drain()
+        for _ in range(500):                # until the client has seen the first event
+            if release.is_set():
+                break
+            await asyncio.sleep(0.02)
+        writer.write(chunk(b"data: last\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    with _RawUpstream(enforcer, events) as port:
+        enforcer.configure(port, masking=masker)
+        with socket.create_connection(("127.0.0.1", enforcer.port), timeout=3) as sock:
+            sock.sendall(b"GET /events HTTP/1.1\r\nHost: api\r\nAccept: text/event-stream\r\n\r\n")
+            got = b""
+            while b"data: first" not in got and (piece := sock.recv(4096)):   # before the stream has ended
+                got += piece
+            assert b"data: first" in got and b"data: last" not in got, got
+            release.set()
+            while b"0\r\n\r\n" not in got and (piece := sock.recv(4096)):
+                got += piece
+    assert got.startswith(b"HTTP/1.1 200") and b"data: last" in got
+
+
+# -- upstream TLS names the host of each request --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_name_upstream(tmp_path_factory):
+    server = SniTlsServer(tmp_path_factory.mktemp("sni"), ["a.test", "b.test"])
+    yield server
+    server.close()
+
+
+def test_upstream_tls_names_and_verifies_the_host_of_each_request(two_name_upstream, enforcer):
+    server = two_name_upstream
+    # what the agent gives a target with match.hostname [a.test, b.test] and verify-full
+    enforcer.configure(server.port, host="127.0.0.3", tls=UpstreamTLS("verify-full", server.ca, None),
+                       options={"client_tls_names": ["a.test", "b.test"]})
+    with httpx.Client(base_url=enforcer.url) as client:
+        a = client.get("/", headers={"Host": "a.test"}).json()
+        b = client.get("/", headers={"Host": "B.test:443"}).json()
+        again = client.get("/", headers={"Host": "b.test"}).json()
+        other = client.get("/", headers={"Host": "c.test"})
+    assert (a["sni"], a["host"]) == ("a.test", "a.test")
+    assert (b["sni"], b["host"]) == ("b.test", "B.test:443")
+    # a connection opened and verified for one name is not reused for another; for the same one it is
+    assert a["connection"] != b["connection"] == again["connection"]
+    assert other.status_code == 421 and other.json()["error"] == "misdirected_request"
+    assert "c.test" in other.json()["reason"] and "match.hostname" in other.json()["reason"]
+    # a server name set explicitly still wins over the Host
+    enforcer.configure(server.port, host="127.0.0.3", tls=UpstreamTLS("verify-full", server.ca, "a.test"),
+                       options={"client_tls_names": ["a.test", "b.test"]})
+    with httpx.Client(base_url=enforcer.url) as client:
+        assert client.get("/", headers={"Host": "b.test"}).json()["sni"] == "a.test"

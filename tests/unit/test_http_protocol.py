@@ -75,6 +75,25 @@ def test_absolute_form_becomes_origin_form():
     assert request.target == "/x/y?q=1" and request.host == "API:80"
 
 
+def test_connect_is_judged_by_its_target_and_a_different_host_is_refused():
+    # the tunnel goes to the request target (RFC 9110 9.3.6): that is the host decided and recorded
+    request = events_of(HttpReader("request"), b"CONNECT Api.Example:443 HTTP/1.1\r\nHost: api.example:443\r\n\r\n")[0]
+    assert (request.method, request.target, request.host) == ("CONNECT", "Api.Example:443", "Api.Example:443")
+    assert events_of(HttpReader("request"), b"CONNECT [::1]:8443 HTTP/1.0\r\n\r\n")[0].host == "[::1]:8443"
+    with pytest.raises(ProtocolError) as refused:
+        events_of(HttpReader("request"), b"CONNECT evil.example:443 HTTP/1.1\r\nHost: allowed.example:443\r\n\r\n")
+    assert refused.value.status == 400
+    assert "evil.example:443" in refused.value.reason and "allowed.example:443" in refused.value.reason
+    # a Host without the port names another authority too; so does one for another port
+    for host in (b"evil.example", b"evil.example:8443"):
+        with pytest.raises(ProtocolError):
+            events_of(HttpReader("request"), b"CONNECT evil.example:443 HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    for target in (b"evil.example", b"evil.example:", b":443", b"evil.example:https", b"evil.example:443/x",
+                   b"user@evil.example:443", b"evil.example:123456"):
+        with pytest.raises(ProtocolError, match="host:port"):
+            events_of(HttpReader("request"), b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\n\r\n")
+
+
 def test_expect_continue_and_upgrade_are_reported():
     request = events_of(HttpReader("request"),
                         b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")[0]

@@ -88,3 +88,63 @@ def test_json_body_unchanged_is_returned_as_is_and_other_types_untouched(m):
 def test_text_and_broken_json_bodies_use_detectors(m):
     assert m.mask_json_body(b"ssn=123-45-6789", "text/plain")[0] == b"ssn=[REDACTED]"
     assert m.mask_json_body(b'{"a": "123-45-6789"', "application/json")[0] == b'{"a": "[REDACTED]"'
+
+
+# -- which HTTP bodies are masked (the HTTP enforcer holds back exactly what http_body_kind names) --
+
+def test_http_body_kind_is_one_definition_for_every_json_and_text_type():
+    from enforcer.masking.engine import BODY_JSON, BODY_JSON_LINES, BODY_TEXT, BODY_UNTYPED, http_body_kind
+    kinds = {ct: http_body_kind(ct) for ct in (
+        "application/json", "Application/JSON; charset=utf-8", "application/problem+json",
+        "application/vnd.api.json", "text/json", "application/x-ndjson", "application/jsonl",
+        "application/json-seq", "text/csv", "text/event-stream", "text/plain; charset=latin-1",
+        None, "", "  ", "garbage", "image/png", "application/octet-stream")}
+    assert kinds == {
+        "application/json": BODY_JSON, "Application/JSON; charset=utf-8": BODY_JSON,
+        "application/problem+json": BODY_JSON, "application/vnd.api.json": BODY_JSON, "text/json": BODY_JSON,
+        "application/x-ndjson": BODY_JSON_LINES, "application/jsonl": BODY_JSON_LINES,
+        "application/json-seq": BODY_JSON_LINES, "text/csv": BODY_TEXT, "text/event-stream": BODY_TEXT,
+        "text/plain; charset=latin-1": BODY_TEXT, None: BODY_UNTYPED, "": BODY_UNTYPED, "  ": BODY_UNTYPED,
+        "garbage": BODY_UNTYPED, "image/png": None, "application/octet-stream": None}
+
+
+def test_vendor_json_and_json_lines_bodies_are_masked_by_key_rules(m):
+    doc = json.dumps({"card": "4111 1111 1111 1111", "name": "Jane"}).encode()
+    out, counts = m.mask_json_body(doc, "application/vnd.api.json")
+    assert json.loads(out)["card"] == "**** **** **** 1111" and counts == {"cards-in-json": 1}
+    lines = b'{"id": 1, "card": "4111 1111 1111 1111"}\r\n{"id": 2, "token": "t"}\n\nnot json 123-45-6789\n'
+    out, counts = m.mask_json_body(lines, "application/x-ndjson")
+    first, second, empty, text, end = out.split(b"\n")
+    assert json.loads(first)["card"] == "**** **** **** 1111"
+    assert json.loads(second)["token"].startswith("h:") and (empty, end) == (b"", b"")
+    assert text == b"not json [REDACTED]"
+    assert counts == {"cards-in-json": 1, "token": 1, "detectors": 1}
+    seq = b'\x1e{"card": "4111 1111 1111 1111"}\n'
+    assert m.mask_json_body(seq, "application/json-seq")[0] == b'\x1e{"card":"**** **** **** 1111"}\n'
+    clean = b'{"id": 1}\n{"id": 2}\n'
+    assert m.mask_json_body(clean, "application/x-ndjson") == (clean, {})
+
+
+def test_a_body_without_content_type_is_read_as_json_or_else_as_text(m):
+    doc = b'{"card": "4111 1111 1111 1111"}'
+    assert json.loads(m.mask_json_body(doc, "")[0]) == {"card": "**** **** **** 1111"}
+    assert json.loads(m.mask_json_body(doc, None)[0]) == {"card": "**** **** **** 1111"}
+    # not UTF-8 (latin-1 text, binary): detected values are masked, every other byte is kept
+    latin = "caf\xe9 ssn 123-45-6789 \xff\x00".encode("latin-1")
+    assert m.mask_json_body(latin, "")[0] == "caf\xe9 ssn [REDACTED] \xff\x00".encode("latin-1")
+    assert m.mask_json_body(b"\x89PNG\x00\x01", "")[0] == b"\x89PNG\x00\x01"
+
+
+def test_only_rules_that_act_on_http_bodies_make_a_session_mask_them():
+    column_only = load_masking({"rules": [{"column": "ssn"}, {"column": "notes", "detectors": ["card"]}]})
+    m = column_only.for_session("svc", {}, "api")
+    assert m is not None and not m.masks_http_bodies          # Postgres columns only
+    assert m.http_body_kind("text/csv") is None and m.http_body_kind("application/json") is None
+    for rule in ({"json_key": "card"}, {"json_path": "$.a.b"}, {"scan_all_text": True}):
+        m = load_masking({"rules": [{"column": "ssn"}, rule]}).for_session("svc", {}, "api")
+        assert m.masks_http_bodies and m.http_body_kind("application/json") == "json", rule
+        assert m.http_body_kind("text/csv") == "text" and m.http_body_kind(None) == "untyped"
+        assert m.http_body_kind("image/png") is None
+    # key rules and no detector at all: text cannot change, so it is not held back
+    keys_only = load_masking({"record_detectors": [], "rules": [{"json_key": "card"}]}).for_session("svc", {}, "api")
+    assert keys_only.http_body_kind("text/csv") is None and keys_only.http_body_kind("text/json") == "json"
