@@ -611,8 +611,12 @@ class HttpSession(asyncio.Protocol):
             self._pump_client()
 
     async def _await_approval(self, exchange: _Exchange, decision, resource: str) -> None:
-        kind, policy_ids, reason = await _approve(self.ctx, decision, exchange.request.method, exchange.host,
-                                                  exchange.path)
+        request = exchange.request
+        kind, policy_ids, reason = await _approve(
+            self.ctx, decision, request.method, exchange.host, exchange.path, query=request.query,
+            shown_query=self.redactor.query_for_record(request.query),
+            has_body=request.framing not in (NO_BODY, TUNNEL) and not (
+                request.framing == LENGTH and request.content_length == 0))
         if self.phase == _ENDED:
             return
         ctx = self.ctx
@@ -1223,10 +1227,12 @@ def _wants_headers(policy) -> bool:
     return bool(getattr(engine, "context_headers", True))
 
 
-async def _approve(ctx: ConnectionContext, decision, method: str, host: str, path: str) -> tuple[str, Any, str]:
-    """Ask the approval service about a decision of kind "approval": (kind, policy ids, reason)."""
+async def _approve(ctx: ConnectionContext, decision, method: str, host: str, path: str,
+                   **request) -> tuple[str, Any, str]:
+    """Ask the approval service about a decision of kind "approval": (kind, policy ids, reason).
+    `request`: query, shown_query, has_body (ApprovalClient.request_http)."""
     try:
-        final = await ctx.approvals.request_http(ctx, decision, method, host, path)
+        final = await ctx.approvals.request_http(ctx, decision, method, host, path, **request)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # a broken approval service must not let requests through

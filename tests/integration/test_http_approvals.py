@@ -117,12 +117,12 @@ def _pending(env: dict, seen: set, timeout: float = 20) -> dict:
     raise AssertionError("no pending approval appeared at the collector")
 
 
-def _post_in_background(url: str, body: bytes) -> tuple[threading.Thread, dict]:
+def _post_in_background(url: str, body: bytes, path: str = "/refunds") -> tuple[threading.Thread, dict]:
     result: dict = {}
 
     def run():
         with httpx.Client(base_url=url, headers={"Host": "api"}, timeout=40) as client:
-            result["response"] = client.post("/refunds", content=body)
+            result["response"] = client.post(path, content=body)
             result["after"] = client.get("/seen").json()     # the same connection goes on
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -172,17 +172,18 @@ def test_held_request_runs_when_approved_and_gets_403_when_denied(upstream, enfo
 
 def test_grant_window_covers_repeats_and_names_the_approval(upstream, enforcer, collector,  # noqa: F811
                                                             agent_token):
-    """approvals.grant_window: the same request again within the window goes through on the
-    earlier approval, and its record names that approval and its approver; after the window a
-    new approval is needed."""
-    approvals = ApprovalClient(collector["url"], agent_token, timeout_s=30, grant_window_s=4)
+    """approvals.grant_window: the same request line again within the window goes through on the
+    earlier approval, and its record names that approval and its approver. What the approver did
+    not see is asked again: another query, or any body. After the window a new approval is needed."""
+    approvals = ApprovalClient(collector["url"], agent_token, timeout_s=30, grant_window_s=12)
     enforcer.configure(upstream, policy=PolicyEngine.from_text(POLICY), approvals=approvals)
     env = {"WARDEN_COLLECTOR": collector["url"], "WARDEN_TOKEN": collector["approver"]}
     seen = {a["id"] for a in (lambda j: j.get("items", j) if isinstance(j, dict) else j)(
         json.loads(_cli("warden", "approvals", "list", "--json", env=env)))}
 
-    thread, result = _post_in_background(enforcer.url, b'{"order": 3, "amount": 5}')
+    thread, result = _post_in_background(enforcer.url, b"", "/refunds?order=3")
     first = _pending(env, seen)
+    assert first["statement"] == "POST api/refunds?order=3"          # the approver sees the query
     _cli("warden", "approvals", "approve", first["id"], "--reason", "ticket CHG-78", env=env)
     thread.join(30)
     assert result["response"].status_code == 200
@@ -190,16 +191,27 @@ def test_grant_window_covers_repeats_and_names_the_approval(upstream, enforcer, 
 
     enforcer.sink.clear()
     with httpx.Client(base_url=enforcer.url, headers={"Host": "api"}, timeout=20) as client:
-        again = client.post("/refunds", content=b'{"order": 3, "amount": 5}')
-    assert again.status_code == 200 and time.monotonic() - granted_at < 4
+        again = client.post("/refunds?order=3")
+    assert again.status_code == 200 and time.monotonic() - granted_at < 12
     assert enforcer.sink.of("approval.requested") == []           # no new approval was asked for
     reasons = [d["reason"] for d in enforcer.sink.of("policy.decision")]
     assert reasons and first["id"] in reasons[-1] and "alice.approver" in reasons[-1], reasons
     assert "grant_window" in reasons[-1]
 
-    time.sleep(max(0.0, 4.2 - (time.monotonic() - granted_at)))
-    thread, result = _post_in_background(enforcer.url, b'{"order": 3, "amount": 5}')
-    later = _pending(env, seen | {first["id"]})                   # the window is over: asked again
+    # within the window still, but not what was approved: asked again, and denied here
+    asked = {first["id"]}
+    for path, body in (("/refunds?order=4", b""), ("/refunds?order=3", b'{"amount": 5000}')):
+        thread, result = _post_in_background(enforcer.url, body, path)
+        other = _pending(env, seen | asked)
+        asked.add(other["id"])
+        _cli("warden", "approvals", "deny", other["id"], "--reason", "not approved", env=env)
+        thread.join(30)
+        assert result["response"].status_code == 403, path
+    assert time.monotonic() - granted_at < 12, "the window ended before the repeats were tried"
+
+    time.sleep(max(0.0, 12.2 - (time.monotonic() - granted_at)))
+    thread, result = _post_in_background(enforcer.url, b"", "/refunds?order=3")
+    later = _pending(env, seen | asked)                          # the window is over: asked again
     _cli("warden", "approvals", "deny", later["id"], "--reason", "once was enough", env=env)
     thread.join(30)
     assert result["response"].status_code == 403
