@@ -264,17 +264,24 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
     @app.get("/v1/sessions", tags=["query"])
     def list_sessions(_: Auditor, identity: str | None = None, target: str | None = None,
                       host: str | None = None, table: str | None = None, decision: str | None = None,
+                      user: str | None = Query(None, description="database role the session ran as (auth_user; "
+                                                                 "brokered: the upstream role)"),
                       since: str | None = None, until: str | None = None,
                       limit: int = Query(100, ge=1, le=queries.MAX_LIMIT), cursor: str | None = None):
+        """Sessions newest first, each with who (identity, process, host), how it connected (auth_user,
+        database, client, orig_dst, tls_client, tls_upstream, credentials, client_user) and ended
+        (end_reason, end_error, end_sqlstate)."""
         with store.read() as connection:
             return queries.list_sessions(connection, identity=identity, target=target, host=host, table=table,
-                                         decision=decision, since=_time(since, "since"), until=_time(until, "until"),
-                                         limit=limit, cursor=cursor).as_dict()
+                                         decision=decision, user=user, since=_time(since, "since"),
+                                         until=_time(until, "until"), limit=limit, cursor=cursor).as_dict()
 
     @app.get("/v1/sessions/{sid}", tags=["query"])
     def get_session(sid: str, _: Auditor):
+        """One session as listed, plus start_fields and end_fields: its session.start and session.end
+        fields as recorded (auth method, TLS version and server name, brokered token claims, bytes)."""
         with store.read() as connection:
-            session = queries.get_session(connection, sid)
+            session = queries.get_session(connection, sid, detail=True)
         if session is None:
             raise HTTPException(404, f"no session {sid}")
         return session

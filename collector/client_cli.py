@@ -43,22 +43,150 @@ def _process_text(process) -> str:
 
 # --- commands -------------------------------------------------------------------
 
+def _yes_no(flag) -> str:
+    return "yes" if flag else "no" if flag is False else "not recorded"
+
+
+def _session_user(s: dict) -> str:
+    """sessions list's role column: role@database, "(brokered)" when Warden logged in for the client."""
+    text = s.get("auth_user") or ""
+    if s.get("database"):
+        text += f"@{s['database']}"
+    if s.get("credentials") == "brokered":
+        text += " (brokered)"
+    return text
+
+
+def _session_tls(s: dict) -> str:
+    """sessions list's TLS column: client leg / upstream leg."""
+    def leg(flag):
+        return "tls" if flag else "plain" if flag is False else "?"
+    return f"{leg(s.get('tls_client'))}/{leg(s.get('tls_upstream'))}"
+
+
+def _session_end(s: dict) -> str:
+    if not s.get("end"):
+        return "open"
+    reason = s.get("end_reason")
+    return f"{_short_time(s['end'])} {reason}" if reason else _short_time(s["end"])
+
+
 def cmd_sessions_list(client: CollectorClient, args) -> int:
     items = list(client.paginate("/v1/sessions", max_items=args.limit, identity=args.identity, target=args.target,
-                                 host=args.host, table=args.table, since=_time_arg(args.since),
+                                 host=args.host, table=args.table, user=args.user, since=_time_arg(args.since),
                                  until=_time_arg(args.until), limit=min(args.limit, 1000)))
     if args.json:
         _print_json(items)
         return EXIT_OK
     table = Table(title=f"{len(items)} session(s)")
-    for column in ("session", "start (UTC)", "end", "identity", "target", "host", "process", "stmts", "reqs", "denied"):
+    for column in ("session", "start (UTC)", "end", "identity", "target", "role@db", "tls c/u", "host", "process",
+                   "stmts", "reqs", "denied"):
         table.add_column(column, overflow="fold")
     for s in items:
-        table.add_row(s["id"], _short_time(s["start"]), _short_time(s["end"]) or "open", s["identity"] or "",
-                      s["target"] or "", s["host"] or "", _process_text(s["process"]), str(s["statement_count"]),
-                      str(s["request_count"]), str(s["denied_count"]))
+        table.add_row(s["id"], _short_time(s["start"]), _session_end(s), s["identity"] or "",
+                      s["target"] or "", _session_user(s), _session_tls(s), s["host"] or "",
+                      _process_text(s["process"]), str(s["statement_count"]), str(s["request_count"]),
+                      str(s["denied_count"]))
     out.print(table)
     return EXIT_OK
+
+
+def _session_process(process) -> str:
+    """The process that opened the session: exe, pid, OS user (uid), systemd unit, container."""
+    if not isinstance(process, dict) or not process:
+        return "not recorded"
+    parts = [str(process.get("exe") or process.get("comm") or "?")]
+    if process.get("pid") is not None:
+        parts.append(f"pid={process['pid']}")
+    user, uid = process.get("user"), process.get("uid")
+    if user:
+        parts.append(f"user={user}" + (f" (uid {uid})" if uid is not None else ""))
+    elif uid is not None:
+        parts.append(f"uid={uid}")
+    unit = process.get("unit") or process.get("systemd_unit")
+    if unit:
+        parts.append(f"unit={unit}")
+    container = process.get("container") or process.get("container_id")
+    if container:
+        parts.append(f"container={container}")
+    return " ".join(parts)
+
+
+def _tls_detail(flag, start: dict, leg: str) -> str:
+    text = _yes_no(flag)
+    if leg != "client" or not flag:
+        return text
+    details = []
+    mode = start.get("x_client_tls")
+    if mode:
+        details.append({"intercept": "terminated by Warden", "sni": "relayed end to end (SNI only)"}.get(mode, mode))
+    if start.get("x_tls_negotiation"):
+        details.append(f"{start['x_tls_negotiation']} negotiation")
+    version = start.get("x_tls_version") or start.get("tls_version")
+    if version:
+        details.append(str(version))
+    if start.get("x_sni"):
+        details.append(f"SNI {start['x_sni']}")
+    alpn = start.get("x_tls_alpn")
+    if alpn:
+        details.append(f"ALPN {alpn}")
+    return f"{text} ({', '.join(details)})" if details else text
+
+
+def _duration(session: dict) -> str:
+    if session.get("start_ns") is None or session.get("end_ns") is None:
+        return ""
+    return f" ({(session['end_ns'] - session['start_ns']) / 1e9:.3f} s)"
+
+
+def session_how(session: dict) -> list[tuple[str, str]]:
+    """`warden sessions show`'s answer to "how": (label, text) rows from the session and its
+    session.start / session.end fields (GET /v1/sessions/{id}: start_fields, end_fields)."""
+    start = session.get("start_fields") or {}
+    end = session.get("end_fields") or {}
+    postgres = session.get("protocol") == "postgres"
+    rows = [("identity", f"{session.get('identity') or '?'} → target {session.get('target') or '?'} "
+                         f"({session.get('protocol') or '?'})"),
+            ("process", _session_process(session.get("process"))),
+            ("host", f"{session.get('host') or '?'} (agent {session['agent_id']})"),
+            ("from", f"{session.get('client') or 'client not recorded'} → {session.get('orig_dst') or '?'}")]
+    if postgres or session.get("auth_user") or session.get("database"):
+        login = f"role {session.get('auth_user') or '?'} on database {session.get('database') or '?'}"
+        extras = [f"{name} {start[key]}" for key, name in (("auth_method", "auth"),
+                                                             ("application_name", "application")) if start.get(key)]
+        rows.append(("database login", login + (f" ({', '.join(extras)})" if extras else "")))
+    if session.get("credentials") == "brokered":
+        text = (f"brokered by Warden: the client logged in as {session.get('client_user') or '?'}"
+                f" with a {start.get('presented') or '?'}, Warden as {session.get('auth_user') or '?'}"
+                f" ({start.get('upstream_auth') or '?'})")
+        token = start.get("token")
+        if isinstance(token, dict) and token:
+            text += "; token " + " ".join(f"{k}={token[k]}" for k in ("sub", "iss", "jti") if k in token)
+        rows.append(("credentials", text))
+    elif session.get("credentials"):
+        rows.append(("credentials", str(session["credentials"])))
+    elif postgres:
+        rows.append(("credentials", "the client's own (no brokered login recorded)"))
+    rows.append(("TLS", f"client {_tls_detail(session.get('tls_client'), start, 'client')}; "
+                        f"upstream {_tls_detail(session.get('tls_upstream'), start, 'upstream')}"))
+    if start.get("x_client_tls_error"):
+        rows.append(("TLS error", str(start["x_client_tls_error"])))
+    rows.append(("time", f"{session.get('start') or '?'} → {session.get('end') or 'open'}{_duration(session)}"))
+    if session.get("end_ns") is not None:
+        ended = session.get("end_reason") or "not recorded"
+        if session.get("end_sqlstate"):
+            ended += f", last SQLSTATE {session['end_sqlstate']}"
+        if session.get("end_error"):
+            ended += f": {session['end_error']}"
+        if end.get("bytes_in") is not None or end.get("bytes_out") is not None:
+            ended += f" (bytes in {end.get('bytes_in', '?')}, out {end.get('bytes_out', '?')})"
+        rows.append(("ended", ended))
+    else:
+        rows.append(("ended", "still open (no session.end stored)"))
+    rows.append(("activity", f"{session.get('statement_count', 0)} statement(s), {session.get('request_count', 0)} "
+                             f"request(s), {session.get('denied_count', 0)} denied, {session.get('event_count', 0)} "
+                             f"event(s)"))
+    return rows
 
 
 def cmd_sessions_show(client: CollectorClient, args) -> int:
@@ -69,6 +197,9 @@ def cmd_sessions_show(client: CollectorClient, args) -> int:
     table = Table(show_header=False, title=f"session {session['id']}")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
+    for label, text in session_how(session):
+        table.add_row(label, text)
+    table.add_section()
     for key in ("agent_id", "host", "identity", "target", "protocol", "start", "end", "event_count",
                 "statement_count", "request_count", "denied_count"):
         table.add_row(key, "" if session.get(key) is None else str(session[key]))
@@ -340,11 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     slist = json_flag(sessions.add_parser("list", help="list sessions, newest first"))
     for name in ("identity", "target", "table", "host"):
         slist.add_argument(f"--{name}")
+    slist.add_argument("--user", help="database role the session ran as (brokered: the role Warden logged in as)")
     slist.add_argument("--since", help="sessions active at or after this time")
     slist.add_argument("--until", help="sessions started at or before this time")
     slist.add_argument("--limit", type=int, default=100)
     slist.set_defaults(func=cmd_sessions_list)
-    show = json_flag(sessions.add_parser("show", help="one session's details"))
+    show = json_flag(sessions.add_parser("show", help="one session: who, how it connected (process, client, "
+                                                           "database role, TLS, brokered) and how it ended"))
     show.add_argument("id")
     show.set_defaults(func=cmd_sessions_show)
 

@@ -226,6 +226,79 @@ def _decision(event_type: str, f: dict) -> str | None:
     return str(value) if value is not None else None
 
 
+# Process attribution a session.start may carry as top-level fields (records/schema.py
+# _PROCESS) instead of one `process` record (agent/procinfo.as_record, what the agent sends).
+_PROCESS_FIELDS = ("pid", "tgid", "exe", "cmdline", "comm", "uid", "user", "gid", "systemd_unit", "cgroup",
+                   "cgroup_id", "container")
+
+# The session row's "how" columns, filled from session.start / session.end (the events keep
+# every field; these are what `warden sessions` filters on and shows at a glance).
+SESSION_START_COLUMNS = ("auth_user", "database_name", "client", "orig_dst", "tls_client", "tls_upstream",
+                         "credentials", "client_user")
+SESSION_END_COLUMNS = ("end_reason", "end_error", "end_sqlstate")
+# column -> its length in collector/storage/schema.py: a value the workload controls (a startup
+# parameter) must never make PostgreSQL refuse the batch, so longer values are clipped
+_COLUMN_LIMITS = {"auth_user": 255, "database_name": 255, "client": 255, "orig_dst": 255, "credentials": 50,
+                  "client_user": 255, "end_reason": 100, "end_error": 2000, "end_sqlstate": 10}
+
+
+def _column_text(value, limit: int) -> str | None:
+    """A short text column's value: str, no NUL (PostgreSQL text cannot hold one), at most limit characters."""
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = value if type(value) is str else str(value)
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _flag(value) -> bool | None:
+    return value if isinstance(value, bool) else None
+
+
+def session_start_columns(f: dict) -> dict:
+    """The sessions table's "how" columns from a session.start's fields, as the enforcers emit them:
+    enforcer/postgres/session.py _emit_start (database, auth_user: the role the session runs as
+    upstream, tls_client, tls_upstream), enforcer/postgres/broker.py record_fields (credentials,
+    brokered_user, client_user), agent/daemon.py (client, orig_dst) and enforcer/http/proxy.py
+    (tls_client and x_tls_*/x_sni, present only when the client spoke TLS)."""
+    limits = _COLUMN_LIMITS
+    tls_client = _flag(f.get("tls_client"))
+    if tls_client is None:
+        tls_client = _flag(f.get("tls"))    # the schema's generic flag (records/corpus.py writes it)
+    if tls_client is None and f.get("protocol") == "http" and f.get("x_client_tls") is None:
+        # the HTTP enforcer adds its TLS fields to every connection that began with a TLS
+        # record (intercepted, relayed by SNI or refused): without them the client spoke plain HTTP
+        tls_client = False
+    return {
+        "auth_user": _column_text(f.get("auth_user") or f.get("brokered_user"), limits["auth_user"]),
+        "database_name": _column_text(f.get("database"), limits["database_name"]),
+        "client": _column_text(f.get("client") or f.get("client_addr"), limits["client"]),
+        "orig_dst": _column_text(f.get("orig_dst"), limits["orig_dst"]),
+        "tls_client": tls_client,
+        "tls_upstream": _flag(f.get("tls_upstream")),
+        "credentials": _column_text(f.get("credentials"), limits["credentials"]),
+        "client_user": _column_text(f.get("client_user"), limits["client_user"]),
+    }
+
+
+def session_end_columns(f: dict) -> dict:
+    """How the session ended, from its session.end: reason, error, last SQLSTATE."""
+    limits = _COLUMN_LIMITS
+    return {"end_reason": _column_text(f.get("reason"), limits["end_reason"]),
+            "end_error": _column_text(f.get("error") or None, limits["end_error"]),
+            "end_sqlstate": _column_text(f.get("sqlstate") or None, limits["end_sqlstate"])}
+
+
+def session_process(f: dict):
+    """A session.start's process record; built from the top-level process fields when it has none."""
+    process = f.get("process")
+    if process is None:
+        found = {key: f[key] for key in _PROCESS_FIELDS if f.get(key) is not None}
+        process = found or None
+    return process
+
+
 @dataclass
 class SessionDelta:
     """What one batch adds to one session row."""
@@ -233,6 +306,7 @@ class SessionDelta:
     agent_id: str
     start: dict | None = None        # columns from session.start
     end_ns: int | None = None
+    end: dict | None = None          # SESSION_END_COLUMNS from session.end
     first_ts: int | None = None
     events: int = 0
     statements: int = 0
@@ -343,16 +417,18 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
         first_ts = delta.first_ts
         delta.first_ts = ts if first_ts is None or ts < first_ts else first_ts
         if event_type == "session.start":
-            process = f.get("process")
+            process = session_process(f)
             delta.start = {
                 "identity": identity, "target": target,
                 "host": _text(f.get("host") or hostname),
                 "protocol": _text(f.get("protocol")),
                 "process": canonical_json(process) if process is not None else None,
                 "start_ns": ts,
+                **session_start_columns(f),
             }
         elif event_type == "session.end":
             delta.end_ns = ts
+            delta.end = session_end_columns(f)
         elif event_type == "pg.statement":
             delta.statements += 1
         elif event_type == "http.request":

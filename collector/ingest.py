@@ -16,11 +16,12 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import BigInteger, Connection, and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import BigInteger, Connection, String, Text, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
 
 from collector.auth import consume_enrollment_token
-from collector.indexer import EVENT_COLUMNS, OPEN_DECISIONS, TABLE_COLUMNS, LateDecision, build_index
+from collector.indexer import (EVENT_COLUMNS, OPEN_DECISIONS, SESSION_END_COLUMNS, SESSION_START_COLUMNS,
+                               TABLE_COLUMNS, LateDecision, build_index)
 from collector.storage.engine import Store
 from collector.storage.schema import agent_problems, agents, batches, events, sessions
 
@@ -28,7 +29,9 @@ from collector.storage.schema import agent_problems, agents, batches, events, se
 log = logging.getLogger("warden.collector.ingest")
 
 SESSION_COLUMNS = ("sid", "agent_id", "host", "identity", "target", "protocol", "process", "start_ns", "end_ns",
-                   "event_count", "statement_count", "request_count", "denied_count")
+                   "event_count", "statement_count", "request_count", "denied_count",
+                   *SESSION_START_COLUMNS, *SESSION_END_COLUMNS)
+_NO_END = dict.fromkeys(SESSION_END_COLUMNS)
 
 
 class IngestRejected(Exception):
@@ -372,15 +375,19 @@ def _store_index(store: Store, connection: Connection, agent, batch_id: int, ind
 
     new_rows, increments, late_starts = [], [], []
     for sid, delta in index.sessions.items():
+        end = delta.end or _NO_END
         if sid not in existing_sessions:
             start = delta.start or {}
             new_rows.append((sid, agent.agent_id, start.get("host", agent.hostname), start.get("identity"),
                              start.get("target"), start.get("protocol"), start.get("process"),
                              start.get("start_ns", delta.first_ts), delta.end_ns, delta.events, delta.statements,
-                             delta.requests, delta.denied))
+                             delta.requests, delta.denied, *[start.get(name) for name in SESSION_START_COLUMNS],
+                             *[end[name] for name in SESSION_END_COLUMNS]))
             continue
         increments.append({"b_sid": sid, "b_events": delta.events, "b_statements": delta.statements,
-                           "b_requests": delta.requests, "b_denied": delta.denied, "b_end": delta.end_ns})
+                           "b_requests": delta.requests, "b_denied": delta.denied, "b_end": delta.end_ns,
+                           "b_end_reason": end["end_reason"], "b_end_error": end["end_error"],
+                           "b_end_sqlstate": end["end_sqlstate"]})
         if delta.start:
             late_starts.append((sid, delta.start))
     store.bulk_insert(connection, "sessions", SESSION_COLUMNS, new_rows)
@@ -391,9 +398,15 @@ def _store_index(store: Store, connection: Connection, agent, batch_id: int, ind
             statement_count=c.statement_count + bindparam("b_statements"),
             request_count=c.request_count + bindparam("b_requests"),
             denied_count=c.denied_count + bindparam("b_denied"),
-            end_ns=func.coalesce(bindparam("b_end", type_=BigInteger), c.end_ns)), increments)
+            end_ns=func.coalesce(bindparam("b_end", type_=BigInteger), c.end_ns),
+            # a session.end in a later batch than the session's first events (the usual case
+            # for a long session) says how it ended
+            end_reason=func.coalesce(bindparam("b_end_reason", type_=String), c.end_reason),
+            end_error=func.coalesce(bindparam("b_end_error", type_=Text), c.end_error),
+            end_sqlstate=func.coalesce(bindparam("b_end_sqlstate", type_=String), c.end_sqlstate)), increments)
     # A session.start that arrives after some of its events (rare): fill the session row
-    # and let the earlier events inherit identity/target.
+    # (identity, target, process and how it connected) and let the earlier events inherit
+    # identity/target.
     for sid, start in late_starts:
         connection.execute(update(sessions).where(sessions.c.sid == sid).values(**start))
         connection.execute(update(events).where(

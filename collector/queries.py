@@ -59,6 +59,10 @@ class Page:
         return {"items": self.items, "next_cursor": self.next_cursor, "count": len(self.items)}
 
 
+def _flag(value) -> bool | None:
+    return None if value is None else bool(value)
+
+
 def session_dict(row) -> dict:
     process = json.loads(row.process) if row.process else None
     return {
@@ -68,6 +72,11 @@ def session_dict(row) -> dict:
         "end_ns": row.end_ns, "end": format_ns(row.end_ns),
         "event_count": row.event_count, "statement_count": row.statement_count,
         "request_count": row.request_count, "denied_count": row.denied_count,
+        # how it connected (session.start) and ended (session.end); None: not recorded
+        "auth_user": row.auth_user, "database": row.database_name, "client": row.client,
+        "orig_dst": row.orig_dst, "tls_client": _flag(row.tls_client), "tls_upstream": _flag(row.tls_upstream),
+        "credentials": row.credentials, "client_user": row.client_user,
+        "end_reason": row.end_reason, "end_error": row.end_error, "end_sqlstate": row.end_sqlstate,
     }
 
 
@@ -81,12 +90,15 @@ def event_dict(row, tables: list[str] | None = None) -> dict:
 
 
 def list_sessions(connection: Connection, *, identity=None, target=None, host=None, table=None,
-                  decision=None, since=None, until=None, limit=None, cursor=None) -> Page:
+                  decision=None, user=None, since=None, until=None, limit=None, cursor=None) -> Page:
+    """user: the database role the session ran as (auth_user; brokered: the upstream role)."""
     limit = _limit(limit)
     query = select(sessions)
     conditions = []
     if identity:
         conditions.append(sessions.c.identity == identity)
+    if user:
+        conditions.append(sessions.c.auth_user == user)
     if target:
         conditions.append(sessions.c.target == target)
     if host:
@@ -121,9 +133,25 @@ def list_sessions(connection: Connection, *, identity=None, target=None, host=No
     return Page(items, next_cursor)
 
 
-def get_session(connection: Connection, sid: str) -> dict | None:
+def get_session(connection: Connection, sid: str, *, detail: bool = False) -> dict | None:
+    """detail: add start_fields and end_fields, the session.start and session.end fields as
+    recorded (auth method, TLS version and server name, token claims, bytes, ...): {} if not stored."""
     row = connection.execute(select(sessions).where(sessions.c.sid == sid)).first()
-    return session_dict(row) if row else None
+    if row is None:
+        return None
+    session = session_dict(row)
+    if detail:
+        session["start_fields"], session["end_fields"] = {}, {}
+        moments = [ts for ts in (row.start_ns, row.end_ns) if ts is not None]
+        if moments:
+            # one (sid, ts) probe of ix_events_sid each, not a walk over the session's events
+            for found in connection.execute(select(events.c.type, events.c.fields).where(
+                    events.c.sid == sid, events.c.ts.in_(moments),
+                    events.c.type.in_(("session.start", "session.end"))).order_by(events.c.agent_id, events.c.seq)):
+                key = "start_fields" if found.type == "session.start" else "end_fields"
+                if not session[key]:
+                    session[key] = json.loads(found.fields)
+    return session
 
 
 def _tables_for(connection: Connection, rows) -> dict[tuple, list[str]]:

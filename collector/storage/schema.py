@@ -5,6 +5,8 @@ Raw batches are the evidence; every other table is an index derived from them
 """
 from __future__ import annotations
 
+import json
+
 from sqlalchemy import (BigInteger, Boolean, Column, Index, Integer, LargeBinary, MetaData,
                         String, Table, Text, UniqueConstraint)
 
@@ -120,9 +122,24 @@ sessions = Table(
     Column("statement_count", Integer, nullable=False, default=0),
     Column("request_count", Integer, nullable=False, default=0),
     Column("denied_count", Integer, nullable=False, default=0),
+    # How the session connected and ended (migration 5), from session.start / session.end
+    # (collector/indexer.py session_start_columns / session_end_columns); the events keep
+    # every field (auth_method, TLS version, SNI, token claims, ...).
+    Column("auth_user", String(255)),      # database role the session ran as (brokered: the upstream role)
+    Column("database_name", String(255)),
+    Column("client", String(255)),         # client address, ip:port
+    Column("orig_dst", String(255)),       # the destination the workload connected to
+    Column("tls_client", Boolean),         # NULL: not recorded
+    Column("tls_upstream", Boolean),
+    Column("credentials", String(50)),     # "brokered" when Warden logged in for the client
+    Column("client_user", String(255)),    # brokered: the user name the client presented
+    Column("end_reason", String(100)),
+    Column("end_error", Text),
+    Column("end_sqlstate", String(10)),    # the last SQLSTATE of the session (Postgres)
     Index("ix_sessions_start", "start_ns"),
     Index("ix_sessions_identity_start", "identity", "start_ns"),
     Index("ix_sessions_target_start", "target", "start_ns"),
+    Index("ix_sessions_auth_user_start", "auth_user", "start_ns"),
 )
 
 approvals = Table(
@@ -210,6 +227,67 @@ def _drop_indexes(*names: str):
     return step
 
 
+# Added to sessions by migration 5 (a database made by migration 1 since then has them already).
+_SESSION_HOW_COLUMNS = ("auth_user", "database_name", "client", "orig_dst", "tls_client", "tls_upstream",
+                        "credentials", "client_user", "end_reason", "end_error", "end_sqlstate")
+_BACKFILL_CHUNK = 500
+
+
+def _session_how(connection) -> None:
+    """Add the sessions' "how" columns and their index, then fill them for the sessions already
+    stored from their session.start / session.end events (found by (sid, start_ns / end_ns) on
+    ix_events_sid, like queries.session_starts), with the code ingest uses."""
+    from sqlalchemy import bindparam, inspect, select, update
+
+    from collector.indexer import canonical_json, session_end_columns, session_process, session_start_columns
+
+    present = {column["name"] for column in inspect(connection).get_columns("sessions")}
+    for name in _SESSION_HOW_COLUMNS:
+        if name not in present:
+            column_type = sessions.c[name].type.compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f"ALTER TABLE sessions ADD COLUMN {name} {column_type}")
+    connection.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_sessions_auth_user_start "
+                               "ON sessions (auth_user, start_ns)")
+
+    s, e = sessions.c, events.c
+    start_keys = ("auth_user", "database_name", "client", "orig_dst", "tls_client", "tls_upstream",
+                  "credentials", "client_user")
+    end_keys = ("end_reason", "end_error", "end_sqlstate")
+    fill = update(sessions).where(s.sid == bindparam("b_sid")).values(
+        {name: bindparam(f"b_{name}") for name in (*start_keys, *end_keys)})
+    fill_process = update(sessions).where(s.sid == bindparam("b_sid")).values(process=bindparam("b_process"))
+    after = ""
+    while True:
+        chunk = list(connection.execute(select(s.sid, s.process).where(s.sid > after)
+                                        .order_by(s.sid).limit(_BACKFILL_CHUNK)))
+        if not chunk:
+            return
+        after = chunk[-1].sid
+        sids = [row.sid for row in chunk]
+        no_process = {row.sid for row in chunk if row.process is None}
+        found: dict[str, dict] = {}
+        for kind, moment in (("session.start", s.start_ns), ("session.end", s.end_ns)):
+            for row in connection.execute(select(e.sid, e.fields).join(
+                    sessions, (s.sid == e.sid) & (moment == e.ts)).where(s.sid.in_(sids), e.type == kind)):
+                fields = json.loads(row.fields)
+                values = found.setdefault(row.sid, {})
+                if kind == "session.start":
+                    values.update(session_start_columns(fields))
+                    process = session_process(fields) if row.sid in no_process else None
+                    if process is not None:
+                        values["process"] = canonical_json(process)
+                else:
+                    values.update(session_end_columns(fields))
+        rows = [{"b_sid": sid, **{f"b_{name}": values.get(name) for name in (*start_keys, *end_keys)}}
+                for sid, values in found.items()]
+        if rows:
+            connection.execute(fill, rows)
+        processes = [{"b_sid": sid, "b_process": values["process"]} for sid, values in found.items()
+                     if "process" in values]
+        if processes:
+            connection.execute(fill_process, processes)
+
+
 # Append new steps; never edit an applied one.
 MIGRATIONS = [
     (1, "initial schema", _create(agents, agent_problems, batches, events, event_tables,
@@ -218,4 +296,6 @@ MIGRATIONS = [
     (3, "drop unused index ix_events_batch", _drop_index("ix_events_batch")),
     (4, "drop ix_event_tables_name_ts (served by ix_event_tables_base_ts) and ix_events_type_ts",
      _drop_indexes("ix_event_tables_name_ts", "ix_events_type_ts")),
+    (5, "sessions: how each session connected and ended (role, database, client, TLS, brokered, end)",
+     _session_how),
 ]
