@@ -499,6 +499,21 @@ class HttpSession(asyncio.Protocol):
         if phase != _ENDED and parser.buffered > PIPELINE_BUFFER:
             self._pause_client("pipeline")
 
+    def _refuse_before_policy(self, exchange: _Exchange, fields: dict, status: int, error: str, reason: str,
+                              action: Optional[str] = None) -> None:
+        """A request Warden itself refuses before asking the policy: recorded with that refusal as
+        its decision (no policy ids), so every http.request says what became of it."""
+        ctx = self.ctx
+        action = action or f"http:{exchange.request.method}"
+        fields.update({"decision": "deny", "policy_ids": [], "reason": reason, "action": action,
+                       "resource": f"{exchange.host}{exchange.path}"})
+        ctx.emit("http.request", fields)
+        answer = {"error": error, "identity": ctx.identity, "request_id": f"{ctx.session_id}-{exchange.index}",
+                  "reason": reason}
+        if action == "http:CONNECT":
+            answer["action"] = action
+        self._refuse(exchange, _Refusal(status, answer))
+
     def _refuse_malformed(self, exc: ProtocolError) -> None:
         """A request Warden cannot interpret unambiguously: answer it and close."""
         self.requests += 1
@@ -536,31 +551,24 @@ class HttpSession(asyncio.Protocol):
         if self.client_sni is not None and not connect and _host_name(host) != self.client_sni:
             # the leaf and the upstream's certificate were for the SNI: another Host would be
             # served under a name nobody verified (domain fronting)
-            ctx.emit("http.request", fields)
-            self._refuse(exchange, _Refusal(421, {
-                "error": "misdirected_request", "identity": ctx.identity,
-                "request_id": f"{ctx.session_id}-{index}",
-                "reason": f"Host {host!r} does not match the TLS server name {self.client_sni!r}"}))
+            self._refuse_before_policy(exchange, fields, 421, "misdirected_request",
+                                       f"Host {host!r} does not match the TLS server name {self.client_sni!r}")
             return
         if request.host and self.tls is not None and not self.tls.server_name and self.tls_names \
                 and not name_allowed(_host_name(host), self.tls_names):
             # the upstream's TLS is opened and verified for the request's Host: only for the
             # names this target is about
-            ctx.emit("http.request", fields)
-            self._refuse(exchange, _Refusal(421, {
-                "error": "misdirected_request", "identity": ctx.identity,
-                "request_id": f"{ctx.session_id}-{index}",
-                "reason": f"Host {host!r} is not one of the names of target {ctx.target.name!r} "
-                          f"({', '.join(self.tls_names)}); add it to the target's match.hostname "
-                          f"(or client_tls_names) to reach it over TLS"}))
+            self._refuse_before_policy(
+                exchange, fields, 421, "misdirected_request",
+                f"Host {host!r} is not one of the names of target {ctx.target.name!r} "
+                f"({', '.join(self.tls_names)}); add it to the target's match.hostname "
+                f"(or client_tls_names) to reach it over TLS")
             return
         if connect and not self.allow_connect:
-            ctx.emit("http.request", fields)
-            self._refuse(exchange, _Refusal(405, {
-                "error": "connect_not_allowed", "identity": ctx.identity, "action": "http:CONNECT",
-                "request_id": f"{ctx.session_id}-{index}",
-                "reason": f"CONNECT is not allowed for target {ctx.target.name!r}; "
-                          f"set allow_connect: true on the target to permit tunnels"}))
+            self._refuse_before_policy(exchange, fields, 405, "connect_not_allowed",
+                                       f"CONNECT is not allowed for target {ctx.target.name!r}; "
+                                       f"set allow_connect: true on the target to permit tunnels",
+                                       action="http:CONNECT")
             return
         (kind, action, policy_ids, reason, _, decision), recorded = self._decision(request, host, path)
         resource = recorded["resource"]

@@ -578,6 +578,10 @@ def test_connect_refused_unless_allowed(upstream, enforcer):
         sock.sendall(b"CONNECT api:443 HTTP/1.1\r\nHost: api:443\r\n\r\n")
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 405") and b"allow_connect" in answer
+    # the request's record says what became of it, like a policy decision would
+    [request] = enforcer.sink.of("http.request")
+    assert (request["decision"], request["action"], request["policy_ids"]) == ("deny", "http:CONNECT", [])
+    assert "allow_connect" in request["reason"]
 
 
 class _CountingPolicy:
@@ -842,6 +846,8 @@ def test_upstream_tls_names_and_verifies_the_host_of_each_request(two_name_upstr
     assert a["connection"] != b["connection"] == again["connection"]
     assert other.status_code == 421 and other.json()["error"] == "misdirected_request"
     assert "c.test" in other.json()["reason"] and "match.hostname" in other.json()["reason"]
+    refused = [r for r in enforcer.sink.of("http.request") if r["host"] == "c.test"]
+    assert [(r["decision"], r["reason"]) for r in refused] == [("deny", other.json()["reason"])]
     # a server name set explicitly still wins over the Host
     enforcer.configure(server.port, host="127.0.0.3", tls=UpstreamTLS("verify-full", server.ca, "a.test"),
                        options={"client_tls_names": ["a.test", "b.test"]})
