@@ -626,10 +626,13 @@ class _Connection:
             await asyncio.sleep(period)
             now = time.monotonic()
             reads = self._client_read_count()
-            if reads != seen_reads:
+            session = self.session
+            # a statement the server is still running (a long query, a long result stream) is
+            # activity too: idle means the client owes the next move, as PostgreSQL's
+            # idle_session_timeout
+            if reads != seen_reads or session._results:
                 seen_reads = reads
                 self.last_activity = now
-            session = self.session
             if session.phase != READY and session.phase != "closed" and now - started > self.startup_timeout:
                 await self._abort("08P01", f"startup did not complete within {self.startup_timeout:g} s "
                                            "(target option startup_timeout)", "startup_timeout")

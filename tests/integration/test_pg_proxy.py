@@ -293,6 +293,8 @@ def test_idle_timeout_ends_idle_sessions_and_spares_busy_ones(pg, use_uvloop):
                 idle.execute("SELECT 3")
             assert "idle timeout" in str(exc.value)
             assert busy.execute("SELECT 4").fetchone() == (4,)
+            # a statement running longer than the timeout is not idleness
+            assert busy.execute("SELECT pg_sleep(1.5), 5").fetchone() == ("", 5)
         deadline = time.monotonic() + 5
         while len(enf.sink.of_type("session.end")) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
