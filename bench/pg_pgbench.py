@@ -60,6 +60,8 @@ CLIENTS = (1, 8)
 
 
 BENCH_POLICY = """
+@id("bench-connect")
+permit (principal == Service::"IDENTITY", action == Action::"pg:connect", resource == Target::"TARGET");
 @id("bench-reads")
 permit (principal == Service::"IDENTITY", action == Action::"pg:select", resource in Target::"TARGET");
 @id("bench-copy-out")

@@ -428,6 +428,10 @@ class _Connection:
                 await self._run_actions(self.session.fatal(e.sqlstate, e.message, e.reason))
                 return
             self._apply_token_identity(login.claims)
+        refusal = self._connect_refusal()
+        if refusal is not None:
+            await self._run_actions(self.session.fatal("42501", refusal, "connect_denied"))
+            return
         try:
             self.sreader, self.swriter = await asyncio.wait_for(
                 asyncio.open_connection(target.upstream_host, target.upstream_port), self.startup_timeout)
@@ -457,6 +461,25 @@ class _Connection:
             return
         self.swriter.write(startup)
         self.server_task = asyncio.create_task(self._server_pump())
+
+    def _connect_refusal(self) -> Optional[str]:
+        """pg:connect on the target, decided before any upstream connection exists (after a
+        service token may have renamed the identity): the refusal's message, or None to go on.
+        A refusal is recorded by session.end (reason connect_denied, the message as error)."""
+        ctx = self.ctx
+        decide_connect = getattr(ctx.policy, "decide_connect", None)
+        if decide_connect is None:
+            return None
+        try:
+            decision = decide_connect(ctx.identity, ctx.identity_attrs, ctx.target.name)
+        except Exception as exc:  # noqa: BLE001 - a broken policy must not let connections through
+            reason = f"policy evaluation failed: {type(exc).__name__}: {exc}"
+        else:
+            if decision.kind == "allow":
+                return None
+            reason = decision.reason
+        return (f"Warden: identity {ctx.identity!r} may not connect to target {ctx.target.name!r} "
+                f"(action pg:connect; {reason})")
 
     def _apply_token_identity(self, claims) -> None:
         """A validated service token may name a different identity than the process did."""

@@ -300,3 +300,31 @@ def test_idle_timeout_ends_idle_sessions_and_spares_busy_ones(pg, use_uvloop):
             time.sleep(0.05)
         reasons = sorted(f["reason"] for f in enf.sink.of_type("session.end"))
         assert reasons[-1] == "idle_timeout" and reasons.count("idle_timeout") == 1, reasons
+
+
+def test_pg_connect_is_decided_before_the_upstream_is_reached(pg):
+    """pg:connect: an identity the policy does not let connect to the target gets FATAL 42501 at
+    startup, before any upstream connection, and session.end says why."""
+    import psycopg
+
+    from enforcer.policy.engine import PolicyEngine
+    reads = ('@id("reads")\npermit (principal, action == Action::"pg:select", resource);\n')
+    connect = ('@id("connect-testdb")\npermit (principal == Service::"test-svc", action == Action::"pg:connect", '
+               'resource == Target::"testdb");\n')
+    for policy_text, allowed in ((reads + connect, True), (reads, False)):
+        engine = PolicyEngine.from_text(policy_text)
+        with EnforcerThread((pg.host, pg.port), policy=engine) as enf:
+            dsn = dict(host=enf.host, port=enf.port, user="alice", password="alice-pw", dbname="app",
+                       sslmode="disable", autocommit=True)
+            if allowed:
+                with psycopg.connect(**dsn) as conn:
+                    assert conn.execute("SELECT 7").fetchone() == (7,)
+                continue
+            with pytest.raises(psycopg.OperationalError) as exc:
+                psycopg.connect(**dsn)
+            assert "pg:connect" in str(exc.value) and "test-svc" in str(exc.value)
+            deadline = time.monotonic() + 5
+            while not enf.sink.of_type("session.end") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            [end] = enf.sink.of_type("session.end")
+            assert end["reason"] == "connect_denied" and end["sqlstate"] == "42501" and "pg:connect" in end["error"]
