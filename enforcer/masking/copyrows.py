@@ -84,14 +84,35 @@ def unescape_text_field(raw: str) -> str:
     return "".join(out)
 
 
-def escape_text_field(value: str) -> str:
-    return "".join(_TEXT_NEEDS_ESCAPE.get(c, c) for c in value)
+def escape_text_field(value: str, delimiter: str = "\t") -> str:
+    out = "".join(_TEXT_NEEDS_ESCAPE.get(c, c) for c in value)
+    # PostgreSQL backslash-escapes a data character equal to the delimiter, as this must
+    return out.replace(delimiter, "\\" + delimiter) if delimiter not in _TEXT_NEEDS_ESCAPE else out
 
 
-def mask_text_row(line: str, mask_field: Callable[[int, str], object]) -> Optional[str]:
-    """A text-format row (tab separated, trailing newline); None when unchanged."""
+def split_text_row(body: str, delimiter: str = "\t") -> list[str]:
+    """The raw (still escaped) fields of a text-format row: a delimiter after a backslash is data."""
+    if "\\" not in body:
+        return body.split(delimiter)
+    fields, start, i, n = [], 0, 0, len(body)
+    while i < n:
+        c = body[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == delimiter:
+            fields.append(body[start:i])
+            start = i + 1
+        i += 1
+    fields.append(body[start:])
+    return fields
+
+
+def mask_text_row(line: str, mask_field: Callable[[int, str], object], delimiter: str = "\t") -> Optional[str]:
+    """A text-format row (fields separated by the COPY's delimiter, tab by default; trailing
+    newline); None when unchanged."""
     body, nl = (line[:-1], "\n") if line.endswith("\n") else (line, "")
-    fields = body.split("\t")
+    fields = split_text_row(body, delimiter)
     changed = False
     for i, raw in enumerate(fields):
         if raw == "\\N":
@@ -99,9 +120,9 @@ def mask_text_row(line: str, mask_field: Callable[[int, str], object]) -> Option
         new = mask_field(i, unescape_text_field(raw))
         if new is UNCHANGED:
             continue
-        fields[i] = "\\N" if new is None else escape_text_field(new)
+        fields[i] = "\\N" if new is None else escape_text_field(new, delimiter)
         changed = True
-    return "\t".join(fields) + nl if changed else None
+    return delimiter.join(fields) + nl if changed else None
 
 
 def split_csv_row(body: str, delimiter: str = ",", quote: str = '"') -> list[tuple[str, bool]]:

@@ -240,7 +240,7 @@ class SessionMasker:
 
     # -- COPY TO STDOUT ------------------------------------------------------------------
     def mask_copy_line(self, line: bytes, format: str = "text", columns: Optional[Sequence[str]] = None,
-                       delimiter: str = ",", quote: str = '"') -> bytes:
+                       delimiter: Optional[str] = None, quote: str = '"') -> bytes:
         """One CopyData row of COPY TO STDOUT. `format`: text | csv (from the COPY statement's
         options) | binary (refused: it cannot be masked). `columns`: the column names when known
         (label rules then apply); without them every detector in use runs on every field."""
@@ -255,9 +255,9 @@ class SessionMasker:
             fields = self._copy_fields[key] = _CopyFields(self, key)
         text = line.decode("utf-8", "surrogateescape")
         if format == "csv":
-            out = mask_csv_row(text, fields.mask_field, delimiter, quote)
+            out = mask_csv_row(text, fields.mask_field, delimiter or ",", quote)
         elif format == "text":
-            out = mask_text_row(text, fields.mask_field)
+            out = mask_text_row(text, fields.mask_field, delimiter or "\t")
         else:
             raise ValueError(f"unknown COPY format {format!r} (text, csv or binary)")
         if out is None:
@@ -269,15 +269,16 @@ class SessionMasker:
         rs = self.ruleset
         if column is not None:
             qualified = column if column.count(".") == 2 else None
+            table_column = column if column.count(".") == 1 else None      # COPY of an unqualified table
             label = column.rsplit(".", 1)[-1]
-            rule = next((r for r in rs.column_whole if r.matches_column(label, qualified)), None)
+            rule = next((r for r in rs.column_whole if r.matches_column(label, qualified, table_column)), None)
             if rule is not None:
                 apply = rule.strategy.apply
 
                 def whole(value: str):
                     return apply(value), 1
                 return CachedFieldMasker(whole, self._counter(rule.name, label))
-            rule = next((r for r in rs.column_detect if r.matches_column(label, qualified)), None)
+            rule = next((r for r in rs.column_detect if r.matches_column(label, qualified, table_column)), None)
             if rule is not None:
                 return CachedFieldMasker(
                     self._detecting(rule.scanner, {d.name: rule.strategy for d in rule.scanner.detectors}),

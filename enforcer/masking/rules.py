@@ -68,6 +68,9 @@ class Rule:
     exempt: tuple[re.Pattern, ...] = ()
     column: Optional[re.Pattern] = None            # label glob
     qualified: Optional[re.Pattern] = None         # schema.table.column glob (needs the catalog)
+    # its table.column part, for a COPY that names its table without a schema: over-masking a
+    # same-named table elsewhere is the safe side of not knowing the search_path
+    table_column: Optional[re.Pattern] = None
     scanner: Optional[Scanner] = None              # detectors; with a column: only there, else scan_all_text
     scan_all_text: bool = False
     json_key: Optional[re.Pattern] = None
@@ -93,7 +96,13 @@ class Rule:
             return False
         return not any(p.match(identity) for p in self.exempt)
 
-    def matches_column(self, label: str, qualified: Optional[str]) -> bool:
+    def matches_column(self, label: str, qualified: Optional[str], table_column: Optional[str] = None) -> bool:
+        """`qualified`: schema.table.column when known; else `table_column` (table.column) when
+        only that is known."""
         if self.column is not None and self.column.match(label):
             return True
-        return self.qualified is not None and qualified is not None and bool(self.qualified.match(qualified))
+        if self.qualified is None:
+            return False
+        if qualified is not None:
+            return bool(self.qualified.match(qualified))
+        return table_column is not None and bool(self.table_column.match(table_column))

@@ -16,7 +16,7 @@ from pglast import parser as _pg
 @dataclasses.dataclass(frozen=True)
 class CopyOptions:
     format: str = "text"                   # text | csv | binary
-    delimiter: str = ","                   # csv only (text format always splits on tabs here)
+    delimiter: str = "\t"                  # the COPY's DELIMITER; tab (text) or comma (csv) by default
     quote: str = '"'
     columns: Optional[tuple[str, ...]] = None   # "schema.table.column" or "table.column" when listed
 

@@ -53,6 +53,26 @@ def test_copy_text_escapes_are_respected():
     assert m.mask_copy_line(b"x\\ty\t1\n", "text", columns=["note", "n"]) == b"a\\tb\\\\c\t1\n"
 
 
+def test_copy_text_rows_are_split_on_the_copy_delimiter():
+    """COPY ... TO STDOUT (DELIMITER '|'): fields are where the server put them, so column
+    rules reach them; a delimiter inside a value is backslash-escaped on the way out too."""
+    m = load_masking({"rules": [{"column": "last_name", "strategy": "fixed:X|Y"}]}).for_session("s", {}, "db")
+    columns = ["customers.id", "customers.last_name"]
+    assert m.mask_copy_line(b"7|Smith\n", "text", columns, "|") == b"7|X\\|Y\n"
+    assert m.mask_copy_line(b"7|Sm\\|ith\n", "text", columns, "|") == b"7|X\\|Y\n"   # an escaped | is data
+    assert m.mask_copy_line(b"7\tSmith\n", "text", columns) == b"7\tX|Y\n"          # the default: tab
+
+
+def test_copy_of_an_unqualified_table_meets_schema_qualified_rules():
+    """`COPY customers (id, ssn)` names no schema: a public.customers.ssn rule still masks it
+    (over-masking a same-named table elsewhere is the safe side)."""
+    m = load_masking({"rules": [{"column": "public.customers.ssn", "strategy": "redact"}]}).for_session("s", {}, "db")
+    assert m.mask_copy_line(b"1\t123-45-6789\n", "text", ["customers.id", "customers.ssn"]) == b"1\t[REDACTED]\n"
+    assert m.mask_copy_line(b"1\t123-45-6789\n", "text", ["public.customers.id", "public.customers.ssn"]) == \
+        b"1\t[REDACTED]\n"
+    assert m.mask_copy_line(b"1\tx\n", "text", ["orders.id", "orders.ssn"]) == b"1\tx\n"
+
+
 def test_copy_csv_rows_keep_nulls_quotes_and_untouched_fields(m):
     line = b'1,"Doe, Jane",123-45-6789,,"",jane@x.io\n'
     assert m.mask_copy_line(line, "csv") == b'1,"Doe, Jane","[REDACTED]",,"","[REDACTED]"\n'
