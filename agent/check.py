@@ -75,6 +75,9 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
                 except CredentialError as exc:
                     problems.append(f"target {target.name}: {exc}")
 
+    if cfg is not None and cfg.masking_engine is not None:
+        problems.extend(unresolvable_masking_rules(cfg))
+
     if cfg is not None and cfg.collector.url:
         problems.extend(hostfacts.collector_capture(cfg))
         _host, port, ips = hostfacts.collector_endpoint(cfg.collector.url)
@@ -87,3 +90,19 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
             problems.append(f"collector {cfg.collector.url} is not reachable: {exc}; check collector.url, "
                             f"DNS and any firewall between this host and the collector")
     return problems, notes
+
+
+def unresolvable_masking_rules(cfg) -> list[str]:
+    """schema.table.column rules on a Postgres target without catalog_dsn: result columns carry
+    only table OIDs, so without the catalog those rules would never match (values sent clear)."""
+    problems = []
+    rules = [r for r in cfg.masking_engine.rules if r.qualified is not None]
+    for target in cfg.targets:
+        if target.protocol != "postgres" or target.options.get("catalog_dsn"):
+            continue
+        for rule in rules:
+            if not rule.targets or any(p.match(target.name) for p in rule.targets):
+                problems.append(f"masking rule {rule.name!r} names schema.table.column but target {target.name} "
+                                f"has no catalog_dsn: query results could not be matched to it; set "
+                                f"catalog_dsn for the target (a read-only DSN) or use a column label rule")
+    return problems
