@@ -14,14 +14,20 @@ Rules worth knowing (each one closes a bypass):
 - DML inside a CTE counts: `WITH d AS (DELETE ...) SELECT` is a pg:delete;
 - each table gets its own access: `INSERT INTO a SELECT * FROM customers` writes `a`
   (pg:insert) and reads `customers` (pg:select); StatementClass.accesses lists the pairs;
-- EXPLAIN ANALYZE is what it executes; plain EXPLAIN only reads (pg:select);
+- EXPLAIN ANALYZE is what it executes (Postgres takes the last ANALYZE option, and any value
+  but false/off/0 counts); plain EXPLAIN only reads (pg:select);
 - COPY of a query is pg:copy_out on every table the query reads;
 - COPY to/from PROGRAM or a server file, and calls of the dangerous functions, make the
   statement "pg:function" (dangerous_functions names them: "copy_program", "copy_file");
-- TRUNCATE is a pg:delete without WHERE; a WHERE made only of constants (`WHERE 1=1`)
-  does not count as a WHERE;
-- SET ROLE, SET SESSION AUTHORIZATION and SET search_path (which changes what an
-  unqualified table name means) are pg:set_role;
+- TRUNCATE is a pg:delete without WHERE; a WHERE counts only if it compares a column of the
+  target with something other than that same column in every OR branch (`WHERE 1=1`,
+  `WHERE $1`, `WHERE EXISTS (SELECT 1)`, `WHERE id = id` do not); ON CONFLICT DO UPDATE
+  counts as restricted, a MERGE's WHEN MATCHED UPDATE/DELETE when its ON names the target;
+- SET ROLE, SET SESSION AUTHORIZATION, SET search_path (which changes what an unqualified
+  table name means), UPDATE pg_settings (set_config in disguise) and any change that would make
+  the server read later texts otherwise than this parser (standard_conforming_strings not on,
+  a client-only multibyte client_encoding; also through ALTER ROLE/DATABASE/SYSTEM SET) are
+  pg:set_role;
 - PREPARE is classified as the statement it prepares; EXECUTE is resolved by a
   SqlClassifier that remembers the session's prepared statements.
 """
@@ -44,19 +50,26 @@ ACTIONS = (
 
 DEFAULT_DANGEROUS: frozenset[str] = frozenset({
     # server files and directories
-    "pg_read_file", "pg_read_binary_file", "pg_stat_file", "pg_ls_dir", "pg_ls_logdir",
-    "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir", "pg_file_write",
+    "pg_read_file", "pg_read_binary_file", "pg_stat_file", "pg_ls_*", "pg_file_write",
     "pg_file_rename", "pg_file_unlink",
-    # large objects move data between the server's file system and the database
-    "lo_import", "lo_export",
-    # other databases and arbitrary SQL run by name, out of the classifier's sight
-    "dblink*", "query_to_xml", "query_to_xml_and_xmlschema", "query_to_xmlschema",
-    "table_to_xml", "table_to_xml_and_xmlschema", "schema_to_xml", "database_to_xml",
-    "cursor_to_xml",
+    # large objects: data outside every table (lo_get/lo_put/lo_from_bytea/lo_unlink/...),
+    # and lo_import/lo_export move it between the server's file system and the database
+    "lo_*", "loread", "lowrite",
+    # SQL text run by name, out of the classifier's sight: other databases, XML and text
+    # search functions that run a query or read a table given as a string, tablefunc,
+    # background workers, pg_cron jobs, pgRouting's edge queries
+    "dblink*", "query_to_xml*", "table_to_xml*", "schema_to_xml*", "database_to_xml*",
+    "cursor_to_xml*", "ts_stat", "ts_rewrite", "crosstab*", "connectby", "pg_background_*",
+    "cron.schedule", "cron.schedule_in_database", "cron.alter_job", "pgr_*",
+    # logical decoding reads every change of every table; slots hold back WAL
+    "pg_logical_slot_*", "pg_replication_slot_advance", "pg_create_logical_replication_slot",
+    "pg_create_physical_replication_slot", "pg_copy_logical_replication_slot",
+    "pg_copy_physical_replication_slot", "pg_drop_replication_slot",
     # other sessions and the server itself
     "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
     "pg_promote", "pg_switch_wal", "pg_create_restore_point",
-    # set_config('role', ...) is SET ROLE in disguise
+    # set_config('role', ...) is SET ROLE in disguise, set_config('standard_conforming_strings',
+    # 'off', ...) changes how the server reads later statements
     "set_config",
 })
 
@@ -77,6 +90,18 @@ _DDL_KINDS = frozenset({"IndexStmt", "ViewStmt", "RuleStmt"})
 _DDL_PREFIXES = ("Create", "Alter", "Drop", "Rename", "Comment", "Define", "Refresh",
                  "Cluster", "Reindex", "Import", "SecLabel", "Composite", "Load")
 _SET_ROLE_SETTINGS = frozenset({"role", "session_authorization", "search_path"})
+# The classifier reads every text as a server with standard_conforming_strings on and a UTF-8
+# client does. standard_conforming_strings off makes a backslash in '...' an escape, and a
+# client-only multibyte client_encoding (Shift-JIS, Big5, GBK, ...) has characters whose second
+# byte is a backslash: either way `SELECT 'x\', ' ; DELETE FROM t; --'` (or its E'' form) is one
+# SELECT here and a DELETE on the server, so changing them is pg:set_role too.
+# (backslash_quote and escape_string_warning only decide between an error or a warning and
+# the same reading, they never make the server read a text differently.)
+_TRUE_VALUES = frozenset({"on", "true", "yes", "1"})
+CLIENT_ONLY_ENCODINGS = frozenset({      # Postgres's names and aliases, cleaned as it cleans them
+    "sjis", "shiftjis", "mskanji", "win932", "windows932", "shiftjis2004", "big5", "win950",
+    "windows950", "gbk", "win936", "windows936", "uhc", "win949", "windows949", "gb18030", "johab",
+})
 _DROP_TABLE_TYPES = frozenset({
     "OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_INDEX", "OBJECT_SEQUENCE",
     "OBJECT_FOREIGN_TABLE",
@@ -85,8 +110,6 @@ _MERGE_ACTIONS = {"CMD_INSERT": "pg:insert", "CMD_UPDATE": "pg:update", "CMD_DEL
 # Nodes that can hold no table, function or statement: not worth walking into.
 _LEAF_KINDS = frozenset({"A_Const", "ColumnRef", "ParamRef", "String", "Integer", "Float",
                          "Boolean", "BitString", "A_Star", "SQLValueFunction", "SetToDefault"})
-# A WHERE clause restricts rows only if it looks at them.
-_ROW_DEPENDENT = frozenset({"ColumnRef", "ParamRef", "SubLink", "CurrentOfExpr"})
 
 
 @dataclass(frozen=True)
@@ -209,23 +232,121 @@ class _Walker:
             return False
         return any(relname in scope for scope in self.cte_scopes)
 
-    def where_restricts(self, where: Any) -> bool:
-        return where is not None and _contains_kind(where, _ROW_DEPENDENT)
+
+# -- does a WHERE restrict the rows it changes? ---------------------------------------------
+# A heuristic (it cannot know the data): the condition must compare a column of the target table
+# with something that is not that same column, in every branch of an OR. `WHERE 1 = 1`,
+# `WHERE $1`, `WHERE EXISTS (SELECT 1)`, `WHERE (SELECT true)` and `WHERE id = id` do not count;
+# `WHERE id = $1`, `WHERE expires < now()`, `WHERE id IN (SELECT ...)`, `WHERE flag`,
+# `WHERE CURRENT OF c` and a correlated `WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.uid)` do.
+# Column references are ColumnRef nodes: unqualified names count as the target's at the top level
+# (and in subqueries without FROM), qualified ones when the qualifier is the target's name (its
+# alias if it has one) and no FROM item of the subquery takes that name.
+def _target_name(relation: Optional[dict]) -> str:
+    relation = relation or {}
+    alias = relation.get("alias") or {}
+    return alias.get("aliasname") or relation.get("relname", "")
 
 
-def _contains_kind(value: Any, kinds: frozenset[str]) -> bool:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if key in kinds:
-                    return True
-                if isinstance(child, (dict, list)):
-                    stack.append(child)
-        elif isinstance(item, list):
-            stack.extend(item)
+def _target_column(ref: dict, name: str, unqualified: bool) -> Optional[str]:
+    parts = [_sval(f) if "String" in f else "*" for f in ref.get("fields", [])]
+    if len(parts) == 1:
+        return parts[0] if unqualified else None
+    if name in parts[:-1]:          # t.col, schema.t.col, t.col.field
+        return ".".join(parts[parts.index(name) + 1:])
+    return None
+
+
+def _binds(from_clause: Any, name: str) -> bool:
+    """Whether a FROM list introduces `name` (which then hides an outer table of that name)."""
+    for item in from_clause or ():
+        if type(item) is not dict or len(item) != 1:
+            continue
+        kind, node = next(iter(item.items()))
+        alias = (node.get("alias") or {}).get("aliasname")
+        if alias == name or (kind == "RangeVar" and not alias and node.get("relname") == name):
+            return True
+        if kind == "JoinExpr" and _binds([node.get("larg"), node.get("rarg")], name):
+            return True
     return False
+
+
+def _target_columns(value: Any, name: str, unqualified: bool) -> set[str]:
+    """The target's columns named anywhere in value, subqueries included where they see it."""
+    found: set[str] = set()
+    stack = [(value, unqualified)]
+    while stack:
+        item, bare = stack.pop()
+        if type(item) is list:
+            stack.extend((child, bare) for child in item)
+            continue
+        if type(item) is not dict:
+            continue
+        if "ColumnRef" in item and len(item) == 1:
+            column = _target_column(item["ColumnRef"], name, bare)
+            if column:
+                found.add(column)
+            continue
+        if "SelectStmt" in item and len(item) == 1:
+            select = item["SelectStmt"]
+            if select.get("op", "SETOP_NONE") != "SETOP_NONE":     # UNION etc.: larg, rarg
+                stack.extend(({"SelectStmt": select.get(side) or {}}, bare) for side in ("larg", "rarg"))
+                continue
+            if _binds(select.get("fromClause"), name):
+                continue
+            bare = bare and not select.get("fromClause")
+            item = select
+        stack.extend((child, bare) for child in item.values() if type(child) in (dict, list))
+    return found
+
+
+def _restricts(node: Any, name: str, unqualified: bool = True) -> bool:
+    """Whether a boolean condition restricts the target's rows (see above)."""
+    if type(node) is not dict or len(node) != 1:
+        return False
+    kind, body = next(iter(node.items()))
+    if kind == "BoolExpr":
+        args = body.get("args") or []
+        if body.get("boolop") == "AND_EXPR":
+            return any(_restricts(a, name, unqualified) for a in args)
+        if body.get("boolop") == "OR_EXPR":
+            return bool(args) and all(_restricts(a, name, unqualified) for a in args)
+        return bool(args) and _restricts(args[0], name, unqualified)          # NOT
+    if kind == "CurrentOfExpr":
+        return True
+    if kind == "TypeCast":
+        return _restricts(body.get("arg"), name, unqualified)
+    if kind == "SubLink" and body.get("testexpr") is None:   # EXISTS (...), (SELECT ...)
+        return _restricts_in_select(body.get("subselect"), name, unqualified)
+    if kind == "A_Expr":
+        sides = [body.get("lexpr"), body.get("rexpr")]
+    elif kind == "SubLink":                                   # x IN / op ANY / op ALL (SELECT ...)
+        sides = [body.get("testexpr"), body.get("subselect")]
+    elif kind == "FuncCall":
+        sides = body.get("args") or []
+    elif kind in ("NullTest", "BooleanTest"):
+        sides = [body.get("arg")]
+    else:                                                     # a column, CASE, COALESCE, ...
+        sides = [node]
+    columns = [_target_columns(side, name, unqualified) for side in sides if side is not None]
+    if len(columns) == 1:
+        return bool(columns[0])
+    # some target column on one side that another side does not name too (not `id = id`)
+    return any(c not in other for i, mine in enumerate(columns) for c in mine
+               for j, other in enumerate(columns) if i != j)
+
+
+def _restricts_in_select(select: Any, name: str, unqualified: bool) -> bool:
+    """An EXISTS / scalar subquery restricts through its own WHERE correlated to the target."""
+    node = (select or {}).get("SelectStmt") if type(select) is dict else None
+    if not node:
+        return False
+    if node.get("op", "SETOP_NONE") != "SETOP_NONE":
+        return all(_restricts_in_select({"SelectStmt": node.get(side) or {}}, name, unqualified)
+                   for side in ("larg", "rarg"))
+    if _binds(node.get("fromClause"), name):
+        return False
+    return _restricts(node.get("whereClause"), name, unqualified and not node.get("fromClause"))
 
 
 # -- node handlers -------------------------------------------------------------------------
@@ -274,6 +395,7 @@ def _insert(w: _Walker, node: dict, rv_action: str) -> None:
     conflict = node.get("onConflictClause") or {}
     if conflict.get("action") == "ONCONFLICT_UPDATE":
         w.actions.append("pg:update")
+        w.where_flags.append(True)      # DO UPDATE changes only the row that conflicted
         w.visit(relation, "pg:update")
     w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
 
@@ -281,15 +403,18 @@ def _insert(w: _Walker, node: dict, rv_action: str) -> None:
 @_with_scope
 def _update(w: _Walker, node: dict, rv_action: str) -> None:
     w.actions.append("pg:update")
-    w.where_flags.append(w.where_restricts(node.get("whereClause")))
-    w.visit(node.get("relation"), "pg:update")
+    relation = node.get("relation") or {}
+    w.where_flags.append(_restricts(node.get("whereClause"), _target_name(relation)))
+    if relation.get("relname") == "pg_settings" and relation.get("schemaname") in (None, "pg_catalog"):
+        w.actions.append("pg:set_role")     # its update rule calls set_config: SET in disguise
+    w.visit(relation, "pg:update")
     w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
 
 
 @_with_scope
 def _delete(w: _Walker, node: dict, rv_action: str) -> None:
     w.actions.append("pg:delete")
-    w.where_flags.append(w.where_restricts(node.get("whereClause")))
+    w.where_flags.append(_restricts(node.get("whereClause"), _target_name(node.get("relation"))))
     w.visit(node.get("relation"), "pg:delete")
     w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
 
@@ -297,11 +422,19 @@ def _delete(w: _Walker, node: dict, rv_action: str) -> None:
 @_with_scope
 def _merge(w: _Walker, node: dict, rv_action: str) -> None:
     relation = node.get("relation")
+    name = _target_name(relation)
+    joined = _restricts(node.get("joinCondition"), name)
     for clause in node.get("mergeWhenClauses", []):
-        action = _MERGE_ACTIONS.get(clause.get("MergeWhenClause", {}).get("commandType", ""))
+        clause = clause.get("MergeWhenClause", {})
+        action = _MERGE_ACTIONS.get(clause.get("commandType", ""))
         if action:
             w.actions.append(action)
             w.visit(relation, action)
+        if action in ("pg:update", "pg:delete"):
+            # WHEN MATCHED changes the target rows the ON condition paired with a source row;
+            # WHEN NOT MATCHED BY SOURCE the ones it did not: only its own AND condition restricts
+            matched = clause.get("matchKind", "MERGE_WHEN_MATCHED") == "MERGE_WHEN_MATCHED"
+            w.where_flags.append((matched and joined) or _restricts(clause.get("condition"), name))
     w.visit_fields(node, "pg:select", skip=("withClause", "relation"))
 
 
@@ -349,7 +482,13 @@ def _base_action(kind: str, node: dict) -> str:
     if kind == "DoStmt":
         return "pg:do"
     if kind == "VariableSetStmt":
-        return "pg:set_role" if node.get("name", "").lower() in _SET_ROLE_SETTINGS else "pg:other"
+        name = node.get("name", "").lower()
+        if name in _SET_ROLE_SETTINGS or _changes_lexing(node):
+            return "pg:set_role"
+        return "pg:other"
+    if kind in ("AlterRoleSetStmt", "AlterDatabaseSetStmt", "AlterSystemStmt") \
+            and _changes_lexing(node.get("setstmt") or {}):
+        return "pg:set_role"   # the same change for every later session
     if kind in _GRANT_KINDS:
         return "pg:grant"
     if kind in _DDL_KINDS or kind.startswith(_DDL_PREFIXES):
@@ -357,22 +496,54 @@ def _base_action(kind: str, node: dict) -> str:
     return "pg:other"
 
 
+def _set_value(node: dict) -> Optional[str]:
+    """The one constant a SET gives its setting, lower-cased; None for anything else."""
+    args = node.get("args") or []
+    if node.get("kind") != "VAR_SET_VALUE" or len(args) != 1 or "A_Const" not in args[0]:
+        return None
+    const = args[0]["A_Const"]
+    if "sval" in const:
+        return const["sval"].get("sval", "").lower()
+    if "ival" in const:
+        return str(const["ival"].get("ival", 0))
+    if "boolval" in const:
+        return "true" if const["boolval"].get("boolval") else "false"
+    return None
+
+
+def _changes_lexing(node: dict) -> bool:
+    """Whether a SET/RESET (VariableSetStmt) could make the server read later texts otherwise
+    than the classifier: standard_conforming_strings set to anything but on (RESET included),
+    client_encoding set to a client-only multibyte encoding (or to a value that is not a constant)."""
+    name = node.get("name", "").lower()
+    if name == "standard_conforming_strings":
+        return _set_value(node) not in _TRUE_VALUES
+    if name == "client_encoding" and node.get("kind") == "VAR_SET_VALUE":
+        value = _set_value(node)
+        return value is None or re.sub(r"[^0-9a-z]", "", value) in CLIENT_ONLY_ENCODINGS
+    return False
+
+
 def _explain_analyzes(node: dict) -> bool:
+    """Whether EXPLAIN runs its statement: Postgres takes the last ANALYZE option, and anything
+    but a certain false (false/off/0) either analyzes or makes the EXPLAIN fail."""
+    analyze = False
     for option in node.get("options", []):
         elem = option.get("DefElem", {})
-        if elem.get("defname") != "analyze":
+        if elem.get("defname", "").lower() != "analyze":
             continue
         arg = elem.get("arg")
         if arg is None:
-            return True
-        if "Boolean" in arg:
-            return bool(arg["Boolean"].get("boolval", False))
-        if "String" in arg:
-            return arg["String"].get("sval", "").lower() in ("on", "true", "1", "yes")
-        if "Integer" in arg:
-            return arg["Integer"].get("ival", 0) != 0
-        return True
-    return False
+            analyze = True
+        elif "Boolean" in arg:
+            analyze = bool(arg["Boolean"].get("boolval", False))
+        elif "String" in arg:
+            analyze = arg["String"].get("sval", "").lower() not in ("false", "off")
+        elif "Integer" in arg:
+            analyze = arg["Integer"].get("ival", 0) != 0
+        else:
+            analyze = True
+    return analyze
 
 
 def _dedup(items: Iterable) -> tuple:

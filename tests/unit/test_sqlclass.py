@@ -83,7 +83,7 @@ CASES = [
      [("pg:insert", {"archive.customers", "public.customers"}, NO, None)]),
     ("INSERT INTO audit VALUES (1) ON CONFLICT DO NOTHING", [("pg:insert", {"public.audit"}, NO, None)]),
     ("INSERT INTO audit VALUES (1) ON CONFLICT (id) DO UPDATE SET n = audit.n + 1",
-     [("pg:update", {"public.audit"}, NO, None)]),
+     [("pg:update", {"public.audit"}, NO, True)]),
     ("INSERT INTO payments VALUES (1) RETURNING id", [("pg:insert", {"public.payments"}, NO, None)]),
     ("UPDATE accounts SET balance = balance - 10 WHERE id = 1",
      [("pg:update", {"public.accounts"}, NO, True)]),
@@ -103,9 +103,9 @@ CASES = [
     ("TRUNCATE a, billing.b CASCADE", [("pg:delete", {"public.a", "billing.b"}, NO, False)]),
     ("MERGE INTO accounts a USING incoming i ON a.id = i.id "
      "WHEN MATCHED THEN UPDATE SET balance = i.balance WHEN NOT MATCHED THEN INSERT VALUES (i.id, i.balance)",
-     [("pg:update", {"public.accounts", "public.incoming"}, NO, None)]),
+     [("pg:update", {"public.accounts", "public.incoming"}, NO, True)]),
     ("MERGE INTO accounts a USING incoming i ON a.id = i.id WHEN MATCHED THEN DELETE",
-     [("pg:delete", {"public.accounts", "public.incoming"}, NO, None)]),
+     [("pg:delete", {"public.accounts", "public.incoming"}, NO, True)]),
     # DDL
     ("CREATE TABLE t (id int)", [("pg:ddl", {"public.t"}, NO, None)]),
     ("CREATE TABLE report AS SELECT * FROM customers",
