@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import ipaddress
 import os
-import re
 import stat
 import threading
 import time
@@ -51,8 +50,10 @@ ACCEPT_MODES = ("token", "any")
 MAX_PASSWORD_MESSAGE = 32 * 1024       # a JWT fits easily; anything bigger is not a password
 MAX_SERVER_AUTH_MESSAGE = 64 * 1024
 READ_SIZE = 64 * 1024
-# startup parameters that would let a workload choose a different role than the brokered one
-_ROLE_OPTIONS = re.compile(r"(?:-c\s*|--)\s*(role|session_authorization)\s*=", re.IGNORECASE)
+# run-time settings that would let a workload choose a different role than the brokered one, as
+# a startup parameter of their own or inside `options` (read as the server reads it:
+# protocol.startup_option_settings, the parser the session's startup check uses)
+_ROLE_SETTINGS = frozenset({"role", "session_authorization"})
 
 
 class ConfigError(ValueError):
@@ -294,12 +295,28 @@ class BrokeredLogin:
         if self.client_params.get("replication") not in (None, "", "false", "0", "off", "no"):
             raise BrokerFailure("28000", "replication connections cannot use brokered credentials",
                                 "broker_refused_params")
-        if _ROLE_OPTIONS.search(self.client_params.get("options", "")):
+        if self._chooses_role():
             raise BrokerFailure("28000", "the startup option role/session_authorization is not allowed with "
                                          "brokered credentials (the role is chosen by Warden)",
                                 "broker_refused_params")
         self._state = "await_password"
         return P.build_authentication_cleartext()
+
+    def _chooses_role(self) -> bool:
+        """The client's startup parameters set role or session_authorization: as a parameter of their
+        own (any case: the server's names are case-insensitive) or inside `options` (-c, --,
+        backslash escapes). Options that cannot be read the way the server will read them count as
+        choosing one: what they set is unknown."""
+        if any(P.setting_name(k) in _ROLE_SETTINGS for k in self.client_params):
+            return True
+        options = self.client_params.get("options")
+        if not options:
+            return False
+        try:
+            settings = P.startup_option_settings(options)
+        except P.ProtocolError:
+            return True
+        return any(name in _ROLE_SETTINGS for name, _ in settings)
 
     def feed_client(self, data: bytes) -> Optional[bytes]:
         """Bytes from the client; returns its password once the PasswordMessage is complete."""

@@ -202,6 +202,84 @@ def build_startup_message(params: dict, version: int = PROTOCOL_3_0) -> bytes:
     return _I32.pack(len(body) + 4) + body
 
 
+# the C library's isspace() in the "C" locale: what the server splits `options` on
+_OPTION_SPACE = frozenset(" \t\n\v\f\r")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def setting_name(name: str) -> str:
+    """A run-time parameter's name as the server compares it (guc_name_compare: ASCII case-insensitive)."""
+    return name.translate(_ASCII_LOWER)
+
+
+def split_startup_options(options: str) -> list[str]:
+    """The `options` startup parameter split into words as the server does (pg_split_opts): words
+    are separated by whitespace, and a backslash takes the next character literally (`\\ ` is a
+    space inside a word, `\\\\` a backslash, `r\\ole` is `role`).
+
+    Raises ProtocolError for any character outside printable ASCII and its whitespace: which of
+    them separate words depends on the server's locale, so a string holding one cannot be read
+    the way the server will read it."""
+    for ch in options:
+        if not (" " <= ch <= "~" or ch in _OPTION_SPACE):
+            raise ProtocolError(f"character {ch!r} in the options string (only printable ASCII is accepted)")
+    words: list[str] = []
+    i, n = 0, len(options)
+    while i < n:
+        while i < n and options[i] in _OPTION_SPACE:
+            i += 1
+        if i >= n:
+            break
+        word: list[str] = []
+        escaped = False
+        while i < n:
+            ch = options[i]
+            if ch in _OPTION_SPACE and not escaped:
+                break
+            if not escaped and ch == "\\":
+                escaped = True
+            else:
+                escaped = False
+                word.append(ch)
+            i += 1
+        words.append("".join(word))
+    return words
+
+
+def startup_option_settings(options: str) -> list[tuple[str, str]]:
+    """The run-time settings an `options` startup parameter makes, as the server reads them
+    (pg_split_opts, then process_postgres_switches' getopt): `-c name=value`, `-cname=value` and
+    `--name=value`, in order; names as the server looks them up (ParseLongOption turns '-' into
+    '_'; ASCII case-insensitive). Raises ProtocolError for anything else: another switch (the
+    server has many, e.g. -e, -P, -B), a word that is no switch, a setting without '='."""
+    words = split_startup_options(options)
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if word.startswith("--") and len(word) > 2:
+            arg = word[2:]
+        elif word.startswith("-c"):
+            if len(word) > 2:
+                arg = word[2:]
+            elif i < len(words):
+                arg = words[i]
+                i += 1
+            else:
+                raise ProtocolError("-c without a setting at the end of the options string")
+        elif word.startswith("-") and len(word) > 1:
+            raise ProtocolError(f"switch {word[:2]!r} in the options string (only -c name=value and "
+                                "--name=value are accepted)")
+        else:
+            raise ProtocolError(f"{word!r} in the options string is not a -c name=value or --name=value setting")
+        name, eq, value = arg.partition("=")
+        if not eq or not name:
+            raise ProtocolError(f"{arg!r} in the options string is not a name=value setting")
+        out.append((setting_name(name.replace("-", "_")), value))
+    return out
+
+
 def build_ssl_request() -> bytes:
     return _I32.pack(8) + _I32.pack(SSL_REQUEST_CODE)
 

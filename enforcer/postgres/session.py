@@ -29,13 +29,27 @@ enforcer sends in its place a DO block that raises SQLSTATE 42501 with the denia
 - extended protocol: the denied Parse is replaced by Parse/Bind/Execute of the DO block on
   the unnamed statement and portal; their ParseComplete/BindComplete are swallowed, the
   client's following messages are discarded until Sync, and Sync is forwarded so the
-  server answers ReadyForQuery with the true transaction status.
+  server answers ReadyForQuery with the true transaction status;
+- FunctionCall (the fast-path interface, which calls a function by OID that policy cannot see)
+  is always refused: the DO block goes as a simple Query in its place, whose ErrorResponse and
+  ReadyForQuery end the FunctionCall's cycle.
+
+Startup parameters outside STARTUP_SETTINGS (also inside `options`) are refused with FATAL
+42501 before any upstream connection: they would take effect before the first decision.
+
+Prepared statements are followed as the server will hold them: a Parse of a name the server
+already holds counts only once confirmed (ParseComplete), Parses an ErrorResponse refuses or
+skips are taken back, and SQL PREPARE / DEALLOCATE / DISCARD ALL change the names when sent
+(taken back if they do not run), so an execution is never planned or recorded with a stale plan.
+NotificationResponse payloads and channels go through the masker's text masking.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
+import re
 import struct
 import time
 from typing import Any, Callable, Optional
@@ -78,6 +92,10 @@ _PASS_WHILE_WITHHELD = frozenset(b"ZSAN")
 _BIND_EXPECT = (50, False)    # BindComplete expected, not injected by us
 _SYNC_EXPECT = (90, False)    # ReadyForQuery expected (Sync, Query, FunctionCall)
 _DESCRIBE_REPLY = 84         # expectation marker for the RowDescription/NoData answering a Describe
+# ParseComplete expectations: (49, False, name, seq) a Parse expected to succeed, (49, _CONFIRM,
+# name, seq) one of a name the server already holds (committed only when confirmed), (49, True)
+# our own injected Parse (its reply swallowed)
+_CONFIRM = "confirm"
 _NOT_EXECUTED = "not executed: an earlier statement in the same batch failed"
 
 
@@ -113,10 +131,12 @@ class Verdict:
 
 class _Statement:
     """A prepared statement as the client named it; `fields` is its RowDescription once a
-    Describe 'S' was answered ([] for NoData), `described` once the client asked."""
-    __slots__ = ("text", "verdict", "fields", "described", "record")
+    Describe 'S' was answered ([] for NoData), `described` once the client asked. `seq` numbers
+    the Parse that made it (0: an SQL PREPARE); `effects` are what running it does to the
+    prepared statements (namespace_effects: SQL PREPARE, DEALLOCATE, DISCARD ALL)."""
+    __slots__ = ("text", "verdict", "fields", "described", "record", "seq", "effects")
 
-    def __init__(self, text: str, verdict: Optional[Verdict]):
+    def __init__(self, text: str, verdict: Optional[Verdict], seq: int = 0, effects: tuple = ()):
         self.text = text
         self.verdict = verdict
         self.fields: Optional[list] = None
@@ -124,12 +144,14 @@ class _Statement:
         # pg.statement fields shared by every execution (built once, without masking only):
         # a Bind then copies it and adds its parameters and index
         self.record: Optional[dict] = None
+        self.seq = seq
+        self.effects = effects
 
 
 class _Portal:
     """A bound portal: its statement, the Bind's result-format codes, its own RowDescription when
     the client sent Describe 'P' (or we did), and the pg.statement index of its execution."""
-    __slots__ = ("statement", "formats", "fields", "described", "index")
+    __slots__ = ("statement", "formats", "fields", "described", "index", "undo")
 
     def __init__(self, statement: Optional[_Statement], formats: list, index: int):
         self.statement = statement
@@ -137,6 +159,7 @@ class _Portal:
         self.fields: Optional[list] = None
         self.described = False
         self.index = index
+        self.undo: Optional[list] = None      # how to take back its statement's effects if it does not run
 
     @property
     def text(self) -> Optional[str]:
@@ -164,7 +187,7 @@ def result_formats(codes: list, ncols: int) -> list:
 
 class _Result:
     """One expected statement result (an Execute, or one statement of a simple Query)."""
-    __slots__ = ("text", "start_ns", "rows", "nbytes", "batch", "denied", "index", "portal", "refusal")
+    __slots__ = ("text", "start_ns", "rows", "nbytes", "batch", "denied", "index", "portal", "refusal", "undo")
 
     def __init__(self, text: Optional[str], start_ns: int, batch: int, denied: bool = False,
                  index: Optional[int] = None, portal: Optional[_Portal] = None):
@@ -177,6 +200,7 @@ class _Result:
         self.index = index
         self.portal = portal
         self.refusal: Optional[tuple[str, str]] = None     # (sqlstate, message) sent instead of rows
+        self.undo: Optional[list] = None      # how to take back the statement's effects if it does not run
 
 
 _BIG_MESSAGE = 256 * 1024
@@ -195,6 +219,47 @@ def _quote_literal(s: str) -> str:
     return "E'" + s.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+# ---- SQL statements that change the prepared statements -------------------------------------------
+# PREPARE, DEALLOCATE and DISCARD ALL share the protocol's statement namespace: the session tracks
+# them so that an execution of a name is never planned for masking or recorded with what the
+# name meant before (kinds as pglast names them; statements whose kind is unknown are looked at
+# when they mention one of the words)
+NAMESPACE_KINDS = frozenset({"PrepareStmt", "DeallocateStmt", "DiscardStmt"})
+_NAMESPACE_WORDS = re.compile(r"prepare|deallocate|discard", re.IGNORECASE)
+_FORGET_ALL = ("deallocate", None)
+
+
+def namespace_effects(text: str, kind: Optional[str]) -> tuple:
+    """What running `text` (a statement of pglast kind `kind`, or any SQL when the kind is not
+    known) does to the session's prepared statements, in order: ("deallocate", name),
+    ("deallocate", None) for DEALLOCATE ALL / DISCARD ALL, ("prepare", name, statement text)."""
+    if kind is not None and kind not in NAMESPACE_KINDS:
+        return ()
+    if not _NAMESPACE_WORDS.search(text):
+        return ()
+    from pglast import parser as pg_parser
+    try:
+        tree = json.loads(pg_parser.parse_sql_json(text))
+    except Exception:   # noqa: BLE001 - what pglast cannot read: forget every name (never a stale plan)
+        return (_FORGET_ALL,)
+    raw = text.encode("utf-8")
+    effects = []
+    for entry in tree.get("stmts", []):
+        stmt_kind, node = next(iter(entry["stmt"].items()))
+        if stmt_kind == "DeallocateStmt":
+            name = node.get("name")
+            effects.append(("deallocate", name) if name and not node.get("isall") else _FORGET_ALL)
+        elif stmt_kind == "DiscardStmt":
+            if node.get("target") == "DISCARD_ALL":
+                effects.append(_FORGET_ALL)
+        elif stmt_kind == "PrepareStmt":
+            start = entry.get("stmt_location", 0)
+            length = entry.get("stmt_len", 0)
+            stmt_text = raw[start:start + length if length else len(raw)].decode("utf-8", "replace")
+            effects.append(("prepare", node.get("name") or "", stmt_text.strip().rstrip(";").strip()))
+    return tuple(effects)
+
+
 def denial_message(identity: str, target: str, verdict: Verdict) -> str:
     policies = ", ".join(verdict.policy_ids) if verdict.policy_ids else "default deny"
     msg = (f'permission denied by Warden: identity "{identity}" may not perform '
@@ -204,10 +269,10 @@ def denial_message(identity: str, target: str, verdict: Verdict) -> str:
     return msg
 
 
-def denial_do_block(message: str) -> str:
+def denial_do_block(message: str, hint: Optional[str] = None) -> str:
     """SQL that makes the server itself raise 42501 with `message` (aborting the transaction like any error)."""
-    body = ("BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = "
-            + _quote_literal(message) + "; END")
+    body = ("BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = " + _quote_literal(message)
+            + (", HINT = " + _quote_literal(hint) if hint else "") + "; END")
     tag = "$warden$"
     while tag in body:
         tag = "$warden" + os.urandom(4).hex() + "$"
@@ -281,6 +346,80 @@ def mask_applied_fields(stats: dict, index: Optional[int]) -> dict:
     return fields
 
 
+# ---- startup parameters ---------------------------------------------------------------------------
+# Run-time settings a client may choose in its StartupMessage (or in its `options` parameter):
+# those that change neither what policy decides nor what masking sees. Any other setting would
+# take effect before the first statement and without a decision: search_path (which table an
+# unqualified name is), role and session_authorization (who the session acts as),
+# default_transaction_read_only, custom settings read by row-level security, ... Their SET
+# statements go through policy like any other statement. Names as the server compares them.
+STARTUP_SETTINGS = frozenset({
+    "application_name", "client_encoding", "datestyle", "timezone", "intervalstyle", "extra_float_digits",
+    "lc_messages", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
+    "idle_session_timeout", "transaction_timeout", "geqo", "jit",
+})
+# accepted only with this value: off would make the server read backslashes in string literals as
+# escapes, which the classifier (standard_conforming_strings on) reads differently
+_STARTUP_ON_ONLY = frozenset({"standard_conforming_strings"})
+_BOOL_ON = frozenset({"on", "true", "yes", "1"})
+_BOOL_OFF = frozenset({"off", "false", "no", "0"})
+STARTUP_REFUSED = "42501"       # insufficient_privilege: a refusal by Warden, not a missing feature
+_STARTUP_ALLOWED_TEXT = ("user, database, application_name, client_encoding, DateStyle, TimeZone, IntervalStyle, "
+                         "extra_float_digits, lc_messages, statement_timeout, lock_timeout, "
+                         "idle_in_transaction_session_timeout, idle_session_timeout, transaction_timeout, geqo, jit, "
+                         "standard_conforming_strings=on, replication=false")
+
+
+def _startup_setting_refusal(name: str, value: str, where: str) -> Optional[str]:
+    """Why the run-time setting `name` (as the server compares names) may not be chosen at startup."""
+    if name in STARTUP_SETTINGS:
+        return None
+    if name in _STARTUP_ON_ONLY:
+        if value.strip().lower() in _BOOL_ON:
+            return None
+        return (f"the startup parameter {name}={value!r} ({where}) is not allowed: only "
+                f"{name}=on may be chosen at connection time; remove it (SET {name} after connecting is "
+                f"decided by policy)")
+    if name in ("role", "session_authorization"):
+        return (f"the startup parameter {name} ({where}) is not allowed: the session acts as the role it "
+                f"authenticated as; remove it and run SET ROLE after connecting, which policy decides "
+                f"(pg:set_role)")
+    return (f"the startup parameter {name} ({where}) is not allowed: it could change what policy decides or "
+            f"what masking sees before the first statement; remove it from the connection settings "
+            f"(options/PGOPTIONS, asyncpg server_settings, JDBC currentSchema/options, ...) and run "
+            f"SET {name} ... after connecting, which policy decides")
+
+
+def startup_refusal(params: dict) -> Optional[str]:
+    """Why a StartupMessage's parameters (without the _pq_. protocol options) may not reach the
+    server, or None. Keys are matched as the server reads them: user, database, options and
+    replication exactly, anything else as a run-time setting (ASCII case-insensitive), and the
+    settings inside `options` too (-c name=value, --name=value, backslash escapes)."""
+    for key, value in params.items():
+        if key in ("user", "database"):
+            continue
+        if key == "replication":
+            if value.strip().lower() in _BOOL_OFF:
+                continue
+            return (f"the startup parameter replication={value!r} is not allowed: replication connections "
+                    "cannot pass through Warden (their commands are not SQL statements policy can decide)")
+        if key == "options":
+            try:
+                settings = P.startup_option_settings(value)
+            except P.ProtocolError as e:
+                return (f"the startup parameter options is not allowed: {e}; give only settings of the "
+                        f"parameters in the hint, as -c name=value or --name=value")
+            for name, setting in settings:
+                refusal = _startup_setting_refusal(name, setting, "in options")
+                if refusal is not None:
+                    return refusal
+            continue
+        refusal = _startup_setting_refusal(P.setting_name(key), value, "in the startup packet")
+        if refusal is not None:
+            return refusal
+    return None
+
+
 class PostgresSession:
     def __init__(self, *, identity: str = "", target: str = "",
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -326,6 +465,10 @@ class PostgresSession:
         self._expect: collections.deque = collections.deque()
         self._results: collections.deque = collections.deque()
         self._statements: dict[str, _Statement] = {}    # prepared statement name -> statement
+        self._parse_seq = 0                        # Parses forwarded
+        # Parses of a name the server already holds, until it answers: seq -> (name, new statement,
+        # the statement held, client batch of the Parse)
+        self._parse_waits: dict[int, tuple] = {}
         self._portals: dict[str, _Portal] = {}          # named portals
         self._unnamed_portal: Optional[_Portal] = None
         self._client_batch = 0                     # Sync/Query messages sent
@@ -538,15 +681,24 @@ class PostgresSession:
             return False
         params = pkt.params
         unrecognized = [k for k in params if k.startswith("_pq_.")]
-        if pkt.minor != 0 or unrecognized:
-            # we speak 3.0 only: tell the client, and ask the server for plain 3.0
-            out.append((TO_CLIENT, P.build_negotiate_protocol_version(0, unrecognized)))
+        negotiate = pkt.minor != 0 or bool(unrecognized)
+        if negotiate:
             params = {k: v for k, v in params.items() if not k.startswith("_pq_.")}
-            packet = P.build_startup_message(params, P.PROTOCOL_3_0)
         if "user" not in params:
             out += self._fatal("28000", "no PostgreSQL user name specified in startup packet", "protocol_error")
             return False
+        # session.start records who tried, also when the parameters are refused
         self.startup_params = params
+        refusal = startup_refusal(params)
+        if refusal is not None:
+            out += self._fatal(STARTUP_REFUSED, f"Warden refused the connection to target {self.target}: {refusal}",
+                               "startup_parameter_refused",
+                               hint=f"parameters a client may set at connection time: {_STARTUP_ALLOWED_TEXT}")
+            return False
+        if negotiate:
+            # we speak 3.0 only: tell the client, and ask the server for plain 3.0
+            out.append((TO_CLIENT, P.build_negotiate_protocol_version(0, unrecognized)))
+            packet = P.build_startup_message(params, P.PROTOCOL_3_0)
         self.phase = AUTH
         out.append((CONNECT_UPSTREAM, bytes(packet)))
         return False
@@ -651,7 +803,7 @@ class PostgresSession:
                     except P.ProtocolError as e:
                         return self._client_protocol_error(out, buf, run, pos, e)
                     if kind == "S":
-                        target = self._statements.get(name)
+                        target = self._statement_for(name)
                     else:
                         target = self._portals.get(name) if name else self._unnamed_portal
                     if target is not None:
@@ -701,10 +853,15 @@ class PostgresSession:
                 return
             elif t == 88:        # 'X' Terminate
                 self._terminated = True
-            elif t == 70:        # 'F' FunctionCall: answered with ReadyForQuery like a simple query
-                expect.append(_SYNC_EXPECT)
-                self._client_batch += 1
-                self._results.append(_Result("<function call>", self.clock(), self._client_batch - 1))
+            elif t == 70:        # 'F' FunctionCall: refused, the server itself raising the error
+                if run < pos:
+                    out.append((TO_SERVER, buf[run:pos]))
+                try:
+                    call = P.parse_function_call(buf[pos + 5:end])
+                except P.ProtocolError as e:
+                    return self._client_protocol_error(out, buf, pos, pos, e)
+                self._refuse_function_call(call, out)
+                run = end
             elif t not in _CLIENT_FORWARD_TYPES:
                 return self._client_protocol_error(out, buf, run, pos,
                                                    P.ProtocolError(f"unknown message type {chr(t)!r}"))
@@ -730,7 +887,7 @@ class PostgresSession:
         """A Bind is one execution of its statement: a new portal and a pg.statement record.
         `bind` is protocol.parse_bind_at's (portal, statement, param formats, params, result formats)."""
         portal_name, name, fmts, values, rfmts = bind
-        statement = self._statements.get(name)
+        statement = self._statement_for(name)
         index = self.statements = self.statements + 1
         portal = _Portal(statement, rfmts, index)
         if portal_name:
@@ -738,7 +895,11 @@ class PostgresSession:
         else:
             self._unnamed_portal = portal
         masking = self.masking
-        if masking is None and statement is not None:
+        if statement is not None and statement.effects:
+            # an SQL PREPARE / DEALLOCATE / DISCARD ALL: its execution changes the statements
+            # (taken back if it does not run); never a record template, so these Binds stay here
+            portal.undo = self._apply_effects(statement.effects, statement.verdict)
+        elif masking is None and statement is not None and not (self._parse_waits and self._waiting(name)):
             # the statement's constant fields were built once; only parameters and index differ
             template = statement.record
             if template is None:
@@ -755,6 +916,132 @@ class PostgresSession:
         out.append((EVENT, ("pg.statement", self._statement_fields(
             portal.text, params, statement.verdict if statement is not None else None,
             "extended", name, index, portal_name))))
+
+    # ---- the prepared statements as the server will hold them -----------------------------------
+    def _statement_for(self, name: str) -> Optional[_Statement]:
+        """The statement a Bind or Describe of `name` sent now refers to. While a Parse of a name the
+        server already holds is unanswered, a message of the same batch refers to the new statement
+        (if the server refuses the Parse, it skips the rest of the batch), a later one to the held."""
+        statement = self._statements.get(name)
+        if self._parse_waits:
+            batch = self._client_batch
+            for wname, new, _held, wbatch in self._parse_waits.values():
+                if wname == name and wbatch == batch:
+                    statement = new
+        return statement
+
+    def _waiting(self, name: str) -> bool:
+        return any(w[0] == name for w in self._parse_waits.values())
+
+    def _parse_confirmed(self, seq: int) -> None:
+        """ParseComplete for a Parse of a name the session believed held: the server did not hold it
+        after all, so the new statement is the name's (unless the client closed the name since)."""
+        wait = self._parse_waits.pop(seq, None)
+        if wait is None:
+            return
+        name, statement, held, _batch = wait
+        if self._statements.get(name) is held:
+            self._statements[name] = statement
+
+    def _parses_failed(self) -> None:
+        """An ErrorResponse: the server refuses the Parses of this batch it has not confirmed yet
+        (the one that failed, and those it now skips until Sync). Those expected to succeed are
+        taken back; a refused unnamed Parse leaves no unnamed statement either (the server drops
+        the old one first)."""
+        for e in self._expect:
+            if e[0] == 90:
+                break
+            if e[0] != 49 or len(e) < 4:
+                continue
+            _, mark, name, seq = e
+            if mark is False:
+                statement = self._statements.get(name)
+                if statement is not None and statement.seq == seq:
+                    del self._statements[name]
+            else:
+                self._parse_waits.pop(seq, None)
+
+    def _apply_effects(self, effects: tuple, verdict: Optional[Verdict]) -> list:
+        """Apply SQL PREPARE / DEALLOCATE / DISCARD ALL to the statements when the statement is sent
+        (so no later message of the client uses a name's old plan); returns how to take them back."""
+        undo = []
+        statements = self._statements
+        for effect in effects:
+            if effect[0] == "deallocate":
+                name = effect[1]
+                if name is None:
+                    # DEALLOCATE ALL / DISCARD ALL: every named statement (not the unnamed one)
+                    gone = {k: v for k, v in statements.items() if k}
+                    for k in gone:
+                        del statements[k]
+                    undo.append(("all", gone))
+                else:
+                    undo.append(("deallocate", name, statements.pop(name, None)))
+            else:
+                _, name, text = effect
+                if name in statements:
+                    continue        # the server refuses a PREPARE of a name it holds (42P05)
+                statement = statements[name] = _Statement(text, verdict)
+                undo.append(("prepare", name, statement))
+        return undo
+
+    def _undo_effects(self, undo: list, sqlstate: Optional[str]) -> None:
+        """A statement with effects did not run (`sqlstate`: its own error; None: skipped)."""
+        statements = self._statements
+        for entry in reversed(undo):
+            if entry[0] == "all":
+                for name, statement in entry[1].items():
+                    statements.setdefault(name, statement)
+            elif entry[0] == "deallocate":
+                _, name, before = entry
+                # 26000: the server had no such statement, so there is nothing to give back
+                if before is not None and name not in statements and sqlstate != "26000":
+                    statements[name] = before
+            else:
+                _, name, statement = entry
+                if statements.get(name) is statement:
+                    del statements[name]
+
+    def _batch_failed(self, sqlstate: Optional[str]) -> None:
+        """An ErrorResponse for the first outstanding result: it and the rest of its batch do not run."""
+        self._parses_failed()
+        results = self._results
+        batch = self._server_batch
+        failed = []
+        for r in results:
+            if r.batch != batch:
+                break
+            undo = r.undo or (r.portal.undo if r.portal is not None else None)
+            if undo:
+                failed.append((r, undo))
+        for r, undo in reversed(failed):
+            r.undo = None
+            if r.portal is not None:
+                r.portal.undo = None
+            self._undo_effects(undo, sqlstate if r is results[0] else None)
+
+    def _refuse_function_call(self, call: P.FunctionCallMessage, out: list) -> None:
+        """FunctionCall (the fast-path interface) calls a function by its OID, which policy cannot see:
+        refused. Like a denied statement, the server itself raises the error (an explicit
+        transaction becomes aborted) and answers ReadyForQuery, which ends the cycle."""
+        text = f"<FunctionCall of function OID {call.function_oid}>"
+        verdict = Verdict(False, text, action="pg:function", kind="FunctionCall", decision="deny",
+                          reason="the fast-path function call interface is refused: it calls a function by OID, "
+                                 "which policy cannot see")
+        self.statements += 1
+        index = self.statements
+        masking = self.masking
+        params = _render(call.args, call.arg_formats, masking.mask_text if masking is not None else None)
+        out.append((EVENT, ("pg.statement", self._statement_fields(text, params, verdict, "fastpath", None, index))))
+        message = (f'permission denied by Warden: identity "{self.identity}" may not use the fast-path function '
+                   f'call interface (FunctionCall of function OID {call.function_oid}) on target "{self.target}": '
+                   f"it calls a function by OID, which policy cannot see")
+        hint = ("Call the function in SQL instead, e.g. SELECT fn(...), which policy decides; for large objects "
+                "use the SQL functions lo_get, lo_put, lo_from_bytea instead of the client library's lo_* calls.")
+        self._results.append(_Result(text, self.clock(), self._client_batch, denied=True, index=index))
+        self._client_batch += 1
+        self._expect.append(_SYNC_EXPECT)
+        out.append((TO_SERVER, P.build_query(denial_do_block(message, hint))))
 
     def _statement_fields(self, text, params, verdict: Optional[Verdict], protocol: str, name,
                           index: int, portal: Optional[str] = None) -> dict:
@@ -794,7 +1081,8 @@ class PostgresSession:
         for v in verdicts:
             self.statements += 1
             index = self.statements
-            if masking is None:
+            effects = namespace_effects(v.text, v.kind) if denied is None else ()
+            if masking is None and not effects:
                 template = v.simple_record[0]
                 if template is None:
                     template = v.simple_record[0] = self._statement_fields(v.text, None, v, "simple", None, 0)
@@ -802,12 +1090,17 @@ class PostgresSession:
                 fields["text"] = v.text
                 fields["statement_index"] = index
             else:
+                # (a statement with effects never leaves a template: the C lane, which takes a
+                # text whose verdict has one, would not apply them)
                 fields = self._statement_fields(v.text, None, v, "simple", None, index)
             out.append((EVENT, ("pg.statement", fields)))
             if v is denied:
                 break
             if denied is None:
-                self._results.append(_Result(v.text, now, batch, index=index))
+                result = _Result(v.text, now, batch, index=index)
+                if effects:
+                    result.undo = self._apply_effects(effects, v)
+                self._results.append(result)
         if denied is None:
             out.append((TO_SERVER, msg))
             return
@@ -823,15 +1116,31 @@ class PostgresSession:
         verdict = denied or verdicts[0]
         if denied is None:
             # the executions (Bind) are the recorded statements, each carrying this decision
-            self._statements[parse.name] = _Statement(parse.query, verdict)
-            self._expect.append((49, False))
+            name = parse.name
+            seq = self._parse_seq = self._parse_seq + 1
+            statement = _Statement(parse.query, verdict, seq, namespace_effects(parse.query, verdict.kind))
+            held = self._statements.get(name) if name else None
+            if held is None:
+                # expected to succeed: in force from now on for the client's next messages (and for
+                # the C lane); an ErrorResponse before its ParseComplete takes it back
+                self._statements[name] = statement
+                self._expect.append((49, False, name, seq))
+            else:
+                # the server already holds this name: it refuses the Parse (42P05) and keeps what it
+                # has, which later executions run. The new statement counts only once the server
+                # confirms it with ParseComplete (which the C lane leaves to Python: the marker is
+                # truthy); until then the Binds of the name are recorded here, without the template
+                self._parse_waits[seq] = (name, statement, held, self._client_batch)
+                held.record = None
+                self._expect.append((49, _CONFIRM, name, seq))
             out.append((TO_SERVER, msg))
             return
         self.statements += 1
         out.append((EVENT, ("pg.statement", self._statement_fields(parse.query, None, denied, "extended",
                                                                      parse.name, self.statements))))
         message = denial_message(self.identity, self.target, denied)
-        self._statements.pop(parse.name, None)
+        # the server never sees the denied Parse; its unnamed statement becomes the DO block below
+        self._statements.pop("", None)
         self._expect.append((49, True))
         self._expect.append((50, True))
         self._results.append(_Result(parse.query, self.clock(), self._client_batch, denied=True,
@@ -981,10 +1290,13 @@ class PostgresSession:
             elif t == 49 or t == 50:         # ParseComplete / BindComplete
                 expect = self._expect
                 if expect and expect[0][0] == t:
-                    if expect.popleft()[1]:
+                    e = expect.popleft()
+                    if e[1] is True:
                         if run < pos:
                             out.append((TO_CLIENT, buf[run:pos]))
                         run = end            # reply to our injected message: swallow
+                    elif e[1] == _CONFIRM:
+                        self._parse_confirmed(e[3])
             elif t == 84 or t == 110:        # 'T' RowDescription, 'n' NoData
                 if masking is not None:
                     if t == 84:
@@ -1051,8 +1363,20 @@ class PostgresSession:
                     self._copy_out = None
                     sqlstate = fields.get("C")
                     self.last_sqlstate = sqlstate
+                    if self.phase == READY:
+                        # what the rest of the batch would have done to the prepared statements does not happen
+                        self._batch_failed(sqlstate)
                     if results:
                         self._emit_result(out, results.popleft(), None, fields.get("M"), sqlstate)
+            elif t == 65 and masking is not None:   # 'A' NotificationResponse: pg_notify() can carry any value
+                pid, channel, payload = P.parse_notification(buf[pos + 5:end])
+                masked_channel, n_channel = masking.mask_text(channel)
+                masked_payload, n_payload = masking.mask_text(payload)
+                if n_channel or n_payload:
+                    if run < pos:
+                        out.append((TO_CLIENT, buf[run:pos]))
+                    out.append((TO_CLIENT, P.build_notification(pid, masked_channel, masked_payload)))
+                    run = end
             elif t == 82 and self.phase == AUTH:    # 'R' Authentication
                 replacement = self._on_authentication(buf[pos + 5:end])
                 if replacement is not None:
@@ -1183,14 +1507,14 @@ class PostgresSession:
                 out.append((EVENT, ("mask.applied", mask_applied_fields(stats, r.index))))
 
     # ================================================================================
-    def _fatal(self, sqlstate: str, message: str, reason: str) -> list:
+    def _fatal(self, sqlstate: str, message: str, reason: str, hint: Optional[str] = None) -> list:
         out: list = []
         if self.phase == CLOSED:
             return out
         self.last_sqlstate = sqlstate
         self.end_reason = reason
         self.end_error = message if self.masking is None else self.masking.mask_text(message)[0]
-        err = P.build_error_response(sqlstate, message, severity="FATAL")
+        err = P.build_error_response(sqlstate, message, severity="FATAL", hint=hint)
         self.bytes_out += len(err)
         out.append((TO_CLIENT, err))
         out.append((CLOSE, reason))

@@ -22,9 +22,11 @@ from enforcer.postgres import protocol as P
 from enforcer.postgres import session as S
 from tests.fuzz.common import PropertyViolation, Stats, mutate, run_one, split_points, timed
 
-CLIENT_TYPES = frozenset(b"QPBDECSHdcfFX")
+# FunctionCall ('F') is never forwarded: the session refuses it (a DO block raising 42501 goes instead)
+CLIENT_TYPES = frozenset(b"QPBDECSHdcfX")
 SERVER_TYPES = frozenset(b"RSKZTDCIsnt12 3AENGHWdcv")
-PROTOCOL_ERROR_STATES = {"08P01", "0A000", "28000", "57P05", "08006"}
+# 42501: startup parameters refused (settings that would bypass policy), before any upstream exists
+PROTOCOL_ERROR_STATES = {"08P01", "0A000", "28000", "57P05", "08006", "42501"}
 
 
 # -- seeds ------------------------------------------------------------------------------------
@@ -41,7 +43,12 @@ def client_seeds() -> list[bytes]:
         + P.build_close("P", "p1") + P.build_sync(),
         q("COPY t FROM STDIN") + P.build_copy_data(b"1\tx\n") + P.build_copy_done(),
         q("COPY t FROM STDIN") + P.build_copy_fail("client gave up"),
-        P.build_function_call(1598, [b"\x00\x00\x00\x01", None], [1]),
+        P.build_function_call(1598, [b"\x00\x00\x00\x01", None], [1]),      # refused, never forwarded
+        q("BEGIN") + P.build_function_call(1598, []) + q("COMMIT"),
+        q("DEALLOCATE s1; PREPARE s1 AS SELECT 1") + P.build_bind("", "s1", []) + P.build_execute("", 0)
+        + P.build_sync(),
+        P.build_parse("s1", "SELECT 1") + P.build_parse("s1", "SELECT 2") + P.build_bind("", "s1", [])
+        + P.build_execute("", 0) + P.build_sync() + q("DISCARD ALL"),
         q("BEGIN") + q("SELECT 2") + q("COMMIT") + P.build_terminate(),
         q(""),
     ]
@@ -55,6 +62,9 @@ def startup_seeds() -> list[bytes]:
         P.build_gssenc_request(),
         P.build_cancel_request(1234, b"\x01\x02\x03\x04"),
         P.build_startup_message({"user": "carol", "_pq_.x": "1"}, P.PROTOCOL_3_2),
+        P.build_startup_message({"user": "dave", "database": "app", "client_encoding": "UTF8", "DateStyle": "ISO",
+                                 "TimeZone": "UTC", "options": "-c statement_timeout=5s --lock_timeout=1s"}),
+        P.build_startup_message({"user": "eve", "options": "-c r\\ole=admin", "search_path": "evil"}),  # refused
     ]
 
 

@@ -388,11 +388,16 @@ def test_async_messages_pass_through():
     assert d.to_client == msgs
 
 
-def test_function_call_and_copy_fail_and_flush_forwarded():
+def test_copy_fail_and_flush_forwarded_function_call_refused():
     d = ready_driver()
-    m = P.build_function_call(1598, [], []) + P.build_flush() + P.build_copy_fail("x")
-    d.client(m)
-    assert d.to_server == m
+    m = P.build_flush() + P.build_copy_fail("x")
+    d.client(P.build_function_call(1598, [], []) + m)
+    # the fast-path FunctionCall never reaches the server: a DO block raising 42501 goes in its
+    # place (tests/unit/test_pg_session_hardening.py), the rest is forwarded as it came
+    sent = P.split_messages(d.to_server)[0]
+    assert [t for t, _ in sent] == [b"Q", b"H", b"f"]
+    assert P.parse_query(sent[0][1]).startswith("DO $warden$")
+    assert d.to_server.endswith(m)
 
 
 # ---- limits and malformed input --------------------------------------------------------
