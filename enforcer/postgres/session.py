@@ -55,6 +55,7 @@ import time
 from typing import Any, Callable, Optional
 
 from ..masking.pgrow import MaskingRefused
+from ..sqlclass import CLIENT_ONLY_ENCODINGS
 from . import native
 from . import protocol as P
 from .copyopts import copy_options
@@ -372,6 +373,11 @@ _STARTUP_ALLOWED_TEXT = ("user, database, application_name, client_encoding, Dat
 
 def _startup_setting_refusal(name: str, value: str, where: str) -> Optional[str]:
     """Why the run-time setting `name` (as the server compares names) may not be chosen at startup."""
+    if name == "client_encoding" and re.sub(r"[^0-9a-z]", "", value.lower()) in CLIENT_ONLY_ENCODINGS:
+        # in these encodings a character's second byte can be a backslash, which the server then
+        # reads inside E'' strings otherwise than the classifier does
+        return (f"the startup parameter client_encoding={value!r} ({where}) is not allowed: a client-only "
+                f"multibyte encoding could hide statements from Warden's parser; use UTF8")
     if name in STARTUP_SETTINGS:
         return None
     if name in _STARTUP_ON_ONLY:

@@ -110,6 +110,8 @@ REFUSED = [
     ({"session_authorization": "admin"}, "session_authorization"),
     ({"default_transaction_read_only": "off"}, "default_transaction_read_only"),
     ({"standard_conforming_strings": "off"}, "standard_conforming_strings"),
+    ({"client_encoding": "SJIS"}, "client_encoding"),                  # second bytes can be backslashes
+    ({"options": "-c client_encoding=gbk"}, "client_encoding"),
     ({"app.tenant_id": "7"}, "app.tenant_id"),                        # custom settings read by RLS policies
     ({"replication": "database"}, "replication"),
     ({"replication": "true"}, "replication"),
