@@ -20,11 +20,15 @@ from agent.identity import IdentityResolver
 from agent.inventory import Inventory
 from enforcer.context import Attribution, ConnectionContext, TargetInfo, UpstreamTLS
 from records.schema import EVENT_FIELDS, SchemaError, new_session_id
+from records.writer import RecordBacklogFull
 
 log = logging.getLogger("warden.agent")
 
 HOSTNAME_REFRESH_S = 30.0
 VERSION = "0.1.0"
+# spool.on_full: block: how long a new session waits for the spool to take records again
+# before it is refused like with refuse
+SPOOL_BLOCK_WAIT_S = 10.0
 
 
 def load_or_create_agent_id(state_dir: str, configured: Optional[str]) -> str:
@@ -69,6 +73,9 @@ class Agent:
         json_sink = JsonLinesSink(config.event_log) if config.event_log else None
         self.records = None if sink is not None else RecordsPipeline(config, self.agent_id)
         self.sink = fanout(sink or self.records.writer, json_sink)
+        if self.records is not None and self.records.shipper is not None:
+            self.records.shipper.on_alert = self._record_alert
+        self._inventory_carry: dict[tuple, dict] = {}   # conn.observed not yet recorded
         mount = cgroups.cgroup2_mount()
         self.scope_paths = [cgroups.abs_path(c, mount) for c in config.scope_cgroups]
         self.bpf = BpfManager(self.scope_paths)
@@ -192,14 +199,31 @@ class Agent:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if not usec:
             return
+        stopped_petting = False
         while not stop.is_set():
-            sdnotify.notify("WATCHDOG=1")
+            failure = self.records.failure if self.records is not None else None
+            if failure is None:
+                sdnotify.notify("WATCHDOG=1")
+            elif not stopped_petting:
+                # records can no longer be stored or shipped by this process: let systemd
+                # restart it (new sessions are refused meanwhile, the writer being full)
+                stopped_petting = True
+                log.critical("%s; no longer petting the systemd watchdog, so that systemd restarts "
+                             "the agent", failure)
+                sdnotify.notify(f"STATUS=records are not being stored: {failure}")
             try:
                 await asyncio.wait_for(stop.wait(), timeout=usec / 2e6)
             except asyncio.TimeoutError:
                 pass
 
     # ---- events ---------------------------------------------------------------------------
+    def _record_alert(self, fields: dict) -> None:
+        """An agent.alert from the records pipeline (shipper): never raises into it."""
+        try:
+            self.emit("agent.alert", fields)
+        except (RecordBacklogFull, RuntimeError) as exc:
+            log.error("agent.alert %s not recorded: %s", fields.get("kind"), exc)
+
     def emit(self, event_type: str, fields: dict, session_id: Optional[str] = None) -> None:
         try:
             self.sink.emit(event_type, fields, session_id)
@@ -296,6 +320,9 @@ class Agent:
                                                    "port": t.match.port, "cidrs": list(t.match.cidrs),
                                                    "hostnames": list(t.match.hostnames)}
                                                   for t in self.config.targets]})
+            if self.records is not None:
+                for alert in self.records.startup_alerts():
+                    self.emit("agent.alert", alert)
             for alert in await asyncio.to_thread(self._preexisting_connections):
                 self.emit("agent.alert", alert)
             sdnotify.notify("READY=1\nSTATUS=governing " + ", ".join(t.name for t in self.config.targets))
@@ -308,11 +335,15 @@ class Agent:
                      asyncio.create_task(self._watchdog_loop(stop)),
                      asyncio.create_task(self._catalog_loop(stop))]
             if self.records is not None and self.records.shipper is not None:
-                tasks.append(asyncio.create_task(self.records.shipper.run(stop)))
+                self.records.shipper_task = asyncio.create_task(self.records.shipper.run(stop),
+                                                                name="shipper")
+                tasks.append(self.records.shipper_task)
             await stop.wait()
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for task, outcome in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True)):
+                if isinstance(outcome, Exception):
+                    log.error("task %s had failed: %s", task.get_name(), outcome, exc_info=outcome)
         finally:
             sdnotify.notify("STOPPING=1")
             for server in self.servers:
@@ -323,14 +354,32 @@ class Agent:
                 task.cancel()
             if self.active_sessions:
                 await asyncio.wait(list(self.active_sessions), timeout=5)
-            self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats), "reason": "signal",
-                                     "uptime_s": round(time.monotonic() - self.started, 3)})
+            try:
+                self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats), "reason": "signal",
+                                         "uptime_s": round(time.monotonic() - self.started, 3)})
+            except (RecordBacklogFull, RuntimeError) as exc:
+                log.error("agent.stop not recorded: %s", exc)
             if self.records is not None:
                 await asyncio.to_thread(self.records.close)
 
     def _flush_inventory(self) -> None:
+        """Record the connection inventory. While records cannot be taken (RecordBacklogFull),
+        what is not recorded stays folded, per process and destination, for the next pass."""
+        carry = self._inventory_carry
         for fields in self.inventory.flush():
-            self.emit("conn.observed", fields)
+            key = (fields["process"].get("tgid"), fields["dst_ip"], fields["dst_port"])
+            if key in carry:
+                _fold_observed(carry[key], fields)
+            else:
+                carry[key] = fields
+        while carry:
+            key = next(iter(carry))
+            try:
+                self.emit("conn.observed", carry[key])
+            except RecordBacklogFull as exc:
+                log.warning("connection inventory (%d pairs) kept for the next pass: %s", len(carry), exc)
+                return
+            del carry[key]
 
     async def _inventory_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -338,7 +387,10 @@ class Agent:
                 await asyncio.wait_for(stop.wait(), timeout=self.config.inventory_interval)
             except asyncio.TimeoutError:
                 pass
-            self._flush_inventory()
+            try:
+                self._flush_inventory()
+            except Exception:
+                log.exception("connection inventory not recorded; retried at the next pass")
 
     def _in_scope(self, cgroup_path: str) -> bool:
         for scope in self.config.scope_cgroups:
@@ -400,7 +452,10 @@ class Agent:
                 fields["bpf_state"] = {"error": str(exc)}
             if self.records is not None:
                 fields.update(self.records.status())
-            self.emit("agent.heartbeat", fields)
+            try:
+                self.emit("agent.heartbeat", fields)
+            except RecordBacklogFull as exc:
+                log.warning("heartbeat not recorded: %s", exc)
 
     async def _hostname_loop(self, stop: asyncio.Event) -> None:
         if not any(t.match.hostnames for t in self.config.targets):
@@ -450,7 +505,7 @@ class Agent:
             return
         proc = procinfo.describe(cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm, cap.cgroup_id)
         identity, attrs = self.identities.resolve(proc)
-        if self.records is not None and self.records.full:
+        if self.records is not None and self.records.full and not await self.records.wait_recordable():
             # no evidence, no access: the session could not be recorded
             self.stats["refused_spool_full"] = self.stats.get("refused_spool_full", 0) + 1
             await refuse_unrecordable(target.protocol, reader, writer)
@@ -532,8 +587,9 @@ class Agent:
         await handler(reader, writer, ctx)
 
 
-SPOOL_FULL_MESSAGE = ("Warden refused this connection: the agent's record spool is full, and sessions that "
-                      "cannot be recorded are not allowed. Free space under spool.path or raise spool.max_bytes.")
+SPOOL_FULL_MESSAGE = ("Warden refused this connection: the agent's record spool is full (or cannot be written), "
+                      "and sessions that cannot be recorded are not allowed. Free space under spool.path or raise "
+                      "spool.max_bytes.")
 
 
 async def _read_postgres_startup(reader, writer, timeout: float = 5.0) -> None:
@@ -556,7 +612,7 @@ async def _read_postgres_startup(reader, writer, timeout: float = 5.0) -> None:
 
 
 async def refuse_unrecordable(protocol: str, reader, writer) -> None:
-    """No evidence, no access: the spool is full."""
+    """No evidence, no access: the spool is full or failing."""
     await refuse_connection(protocol, reader, writer, "53100", SPOOL_FULL_MESSAGE)
 
 
@@ -600,10 +656,14 @@ class RecordsPipeline:
         from records.spool import Spool
         from records.writer import RecordWriter
         self.key = load_or_create_key(os.path.join(config.state_dir, "agent.key"))
-        self.spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes, on_full=config.spool.on_full)
+        self.on_full = config.spool.on_full
+        self.block_wait = SPOOL_BLOCK_WAIT_S
+        self.spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes, on_full=config.spool.on_full,
+                           block_timeout=SPOOL_BLOCK_WAIT_S)
         self.writer = RecordWriter(agent_id, self.key, os.path.join(config.state_dir, "records"), self.spool,
                                    batch_max_delay=config.spool.flush_interval)
         self.shipper = None
+        self.shipper_task: Optional[asyncio.Task] = None
         if config.collector.url:
             from agent.shipper import Shipper
             self.shipper = Shipper(self.spool, config.collector.url, self.key, agent_id,
@@ -612,16 +672,73 @@ class RecordsPipeline:
 
     @property
     def full(self) -> bool:
+        """No new session: its records could not be stored (spool full or failing, writer gone)."""
         return bool(self.writer.full)
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why this process can no longer store or ship records (None: it can)."""
+        failure = self.writer.failure
+        if failure is None and self.shipper_task is not None and self.shipper_task.done():
+            exc = None if self.shipper_task.cancelled() else self.shipper_task.exception()
+            failure = f"the shipper stopped ({type(exc).__name__}: {exc})" if exc else "the shipper stopped"
+        return failure
+
+    async def wait_recordable(self) -> bool:
+        """Whether a new session may start: with on_full block, wait up to block_wait seconds for
+        the spool to take records again; with refuse, not at all."""
+        if not self.full:
+            return True
+        if self.on_full != "block" or self.writer.failure is not None:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.block_wait
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            if not self.full:
+                return True
+        return False
+
+    def startup_alerts(self) -> list[dict]:
+        """agent.alert fields for what opening the spool and the chain had to repair."""
+        notes = list(self.spool.recovery_notes) + list(self.writer.recovery_notes)
+        if not notes:
+            return []
+        lost = self.spool.recovery_lost_frames
+        return [{"kind": "spool_recovered", "severity": "critical" if lost else "warning",
+                 "message": f"the record spool {self.spool.path} was repaired at start ({len(notes)} "
+                            f"problem(s)" + (f", {lost} unshipped frame(s) lost" if lost else "")
+                            + "): " + "; ".join(notes[:3]) + ("; ..." if len(notes) > 3 else ""),
+                 "detail": {"notes": notes[:100], "lost_frames": lost, "spool": self.spool.path}}]
 
     def status(self) -> dict:
         seq, head = self.writer.chain_head()
-        return {"spool_backlog_bytes": self.spool.used_bytes, "spool_backlog_batches": self.spool.pending_count,
-                "spool_full": self.full, "chain_seq": seq, "chain_hash": bytes(head).hex()}
+        status = {"spool_backlog_bytes": self.spool.used_bytes, "spool_backlog_batches": self.spool.pending_count,
+                  "spool_full": self.full, "chain_seq": seq, "chain_hash": bytes(head).hex()}
+        if self.writer.problem:
+            status["x_records_problem"] = self.writer.problem
+        return status
 
     def close(self) -> None:
-        self.writer.close()
-        self.spool.close()
+        try:
+            self.writer.close()
+        except Exception as exc:      # what was not stored is in the lost-records file
+            log.critical("records not all stored at stop: %s", exc)
+        finally:
+            try:
+                self.spool.close()
+            except OSError as exc:
+                log.critical("closing the record spool failed: %s", exc)
+
+
+def _fold_observed(into: dict, more: dict) -> None:
+    """Add one conn.observed field set to another of the same process and destination."""
+    for name in ("attempts", "established", "failed", "pending", "governed", "redirected", "bypassed"):
+        into[name] = into.get(name, 0) + more.get(name, 0)
+    into["pids"] = sorted(set(into.get("pids", [])) | set(more.get("pids", [])))[:32]
+    into["first_ns"] = min(into["first_ns"], more["first_ns"])
+    into["last_ns"] = max(into["last_ns"], more["last_ns"])
+    into["target"] = into.get("target") or more.get("target")
 
 
 def protocol_handler(protocol: str):

@@ -160,3 +160,159 @@ def test_outage_then_everything_arrives_exactly_once(tmp_path):
     assert report.ok, report.problems
     assert report.events_checked == total
     assert spool.pending_count == 0
+
+
+# ------------------------------------------------------------------------------------------
+# The real collector: what it refuses stays in the spool, is alerted, and is not hammered
+# ------------------------------------------------------------------------------------------
+def _counter(url: str, name: str, **labels) -> float:
+    import httpx
+    want = name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _alerts_at(collector, token: str) -> list[dict]:
+    import httpx
+    got = httpx.get(collector.url + "/v1/events", params={"type": "agent.alert", "limit": 1000},
+                    headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    return [item["fields"] for item in got["items"]]
+
+
+def _ship_for(shipper, seconds: float, until=None):
+    async def scenario():
+        stop = asyncio.Event()
+        task = asyncio.create_task(shipper.run(stop))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        while loop.time() < end and not (until and until()):
+            assert not task.done(), task.exception() if task.done() else None
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(120)
+def test_a_conflicting_batch_stays_spooled_is_alerted_and_not_retried_in_a_loop(tmp_path):
+    """Bug fix: the collector's 409 (it holds a different batch for the same sequence range: a
+    fork of the chain) was taken as an acknowledgement, and the forked batch deleted."""
+    from tests.collectorproc import CollectorProcess
+    collector = CollectorProcess().start()
+    try:
+        key = Ed25519PrivateKey.generate()
+        shipper_state = str(tmp_path / "shipper")
+        # the agent's first life: seq 1..3 reach the collector
+        spool_a = Spool(str(tmp_path / "a" / "spool"))
+        writer_a = RecordWriter(AGENT, key, str(tmp_path / "a" / "state"), spool_a, batch_max_events=3)
+        for n in range(3):
+            writer_a.emit("pg.statement", {"text": f"SELECT {n}"})
+        writer_a.close()
+        first = Shipper(spool_a, collector.url, key, AGENT, enrollment_token=collector.enrollment(),
+                        state_dir=shipper_state, backoff_initial=0.05, backoff_max=0.2, idle_poll=0.05)
+        _ship_for(first, 30, until=lambda: spool_a.pending_count == 0)
+        assert spool_a.pending_count == 0 and first.sent_batches == 1
+        # its chain head lost: the same key numbers different events 1..3 again (a fork)
+        spool_b = Spool(str(tmp_path / "b" / "spool"))
+        writer_b = RecordWriter(AGENT, key, str(tmp_path / "b" / "state"), spool_b, batch_max_events=3,
+                                batch_max_delay=0.05)
+        for n in range(3):
+            writer_b.emit("pg.statement", {"text": f"DELETE FROM customers -- {n}"})
+        writer_b.emit("pg.statement", {"text": "SELECT 4"})
+        writer_b.flush()
+        forked = next(ref for ref, _ in spool_b.pending())
+        shipper = Shipper(spool_b, collector.url, key, AGENT, state_dir=shipper_state,
+                          backoff_initial=0.05, backoff_max=0.2, idle_poll=0.05)
+        shipper.park_retry = 60
+        shipper.on_alert = lambda fields: writer_b.emit("agent.alert", fields)
+        rejected_before = _counter(collector.url, "warden_collector_ingest_batches_total", result="rejected")
+        auditor = collector.token("auditor", "test")
+        _ship_for(shipper, 4, until=lambda: any(a.get("kind") == "batch_conflict"
+                                               for a in _alerts_at(collector, auditor)))
+        _ship_for(shipper, 1.5)                  # and a while longer: no retry loop on the 409
+        # the forked batch is still in the spool, set aside; the ones after it were shipped
+        assert [ref.frame_no for ref, _ in spool_b.pending()] == [forked.frame_no]
+        rejected = _counter(collector.url, "warden_collector_ingest_batches_total", result="rejected")
+        assert rejected - rejected_before == 1
+        conflict = [a for a in _alerts_at(collector, auditor) if a.get("kind") == "batch_conflict"]
+        assert len(conflict) == 1 and conflict[0]["severity"] == "critical"
+        assert conflict[0]["detail"]["status"] == 409
+        assert (conflict[0]["detail"]["first_seq"], conflict[0]["detail"]["last_seq"]) == (1, 3)
+        writer_b.close()
+        spool_a.close()
+        spool_b.close()
+    finally:
+        collector.cleanup()
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_the_collector_refuses_stays_spooled_and_is_alerted(tmp_path):
+    """A 4xx other than 401/408/409/429 was logged and retried silently for ever."""
+    from tests.collectorproc import CollectorProcess
+    collector = CollectorProcess().start()
+    try:
+        key = Ed25519PrivateKey.generate()
+        spool = Spool(str(tmp_path / "spool"))
+        writer = RecordWriter(AGENT, key, str(tmp_path / "state"), spool, batch_max_delay=0.05)
+        writer.emit("pg.statement", {"text": "SELECT 1"})
+        writer.flush()
+        bad = spool.append(b"\x28\xb5\x2f\xfd not a batch")      # undecodable: 400
+        writer.emit("pg.statement", {"text": "SELECT 2"})
+        writer.flush()
+        shipper = Shipper(spool, collector.url, key, AGENT, enrollment_token=collector.enrollment(),
+                          state_dir=str(tmp_path / "shipper"), backoff_initial=0.05, backoff_max=0.2,
+                          idle_poll=0.05)
+        shipper.park_retry = 60
+        shipper.on_alert = lambda fields: writer.emit("agent.alert", fields)
+        auditor = collector.token("auditor", "test")
+        _ship_for(shipper, 10, until=lambda: any(a.get("kind") == "batch_refused"
+                                                for a in _alerts_at(collector, auditor)))
+        assert [ref.frame_no for ref, _ in spool.pending()] == [bad.frame_no]
+        refused = [a for a in _alerts_at(collector, auditor) if a.get("kind") == "batch_refused"]
+        assert len(refused) == 1 and refused[0]["detail"]["status"] == 400
+        assert refused[0]["detail"]["frame"] == bad.frame_no
+        writer.close()
+        spool.close()
+    finally:
+        collector.cleanup()
+
+
+@pytest.mark.timeout(60)
+def test_a_spool_error_does_not_end_the_shipper(tmp_path, monkeypatch):
+    """Bug fix: an OSError acknowledging a batch (the ack file's fsync) ended the shipper task;
+    the daemon swallowed the exception at stop and nothing was shipped any more."""
+    import errno
+    key = Ed25519PrivateKey.generate()
+    collector = Collector()
+    collector.start()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter(AGENT, key, str(tmp_path / "state"), spool, batch_max_events=5)
+    for n in range(15):
+        writer.emit("pg.statement", {"text": f"SELECT {n}"})
+    writer.flush()
+    real_fsync, failures = os.fsync, {"left": 1}
+
+    def fsync(fd):         # the ack marker's fsync fails once (EIO), nothing else
+        if failures["left"] and os.readlink(f"/proc/self/fd/{fd}").endswith("/spool/acked.tmp"):
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    raised = []
+    shipper = Shipper(spool, f"http://127.0.0.1:{collector.port}", key, AGENT,
+                      enrollment_token="one-time-token", state_dir=str(tmp_path / "state"),
+                      backoff_initial=0.05, backoff_max=0.2, idle_poll=0.05)
+    shipper.on_alert = raised.append
+    try:
+        _ship_for(shipper, 20, until=lambda: spool.pending_count == 0)
+    finally:
+        writer.close()
+        collector.stop()
+        spool.close()
+    assert failures["left"] == 0 and spool.pending_count == 0
+    assert collector.seqs() == list(range(1, 16))
+    assert [a["kind"] for a in raised] == ["shipper_error"] and "Input/output error" in raised[0]["message"]

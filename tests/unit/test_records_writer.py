@@ -382,3 +382,29 @@ def test_the_emitter_is_native_when_the_writer_is():
             "print(type(RecordWriter.emitter(object.__new__(RecordWriter), 's')).__name__, c.NATIVE)")
     for env_value, want in (("1", "partial False"), ("0", "Emitter True")):
         assert printed_with_pure_python(code, env_value) == want
+
+
+def test_big_batches_are_stored_as_frames_under_batch_max_bytes(tmp_path):
+    """Bug fix: a batch of large statements could exceed the collector's 64 MiB, which refuses
+    it (413) for ever; batches are now cut by encoded size, each part a signed batch."""
+    import os
+    key = Ed25519PrivateKey.generate()
+    spool = Spool(str(tmp_path / "spool"))
+    writer = RecordWriter("agent-m", key, str(tmp_path / "state"), spool, batch_max_delay=5)
+    writer.batch_max_bytes = 20_000          # the constructor's batch_max_bytes (16 MiB by default)
+    texts = [os.urandom(n).hex() for n in (3000, 3000, 3000, 3000, 30_000, 10, 10, 5000)]
+    for n, text in enumerate(texts):
+        writer.emit("pg.statement", {"text": text}, session_id=f"s{n % 3}")
+    writer.emit("pg.result", {"rows": 1}, session_id="s9")
+    writer.flush()
+    stored = frames(spool)
+    assert len(stored) > 2
+    for data in stored:
+        batch = decode_batch(data)
+        size = sum(len(e["f"].get("text", "")) for e in batch.events)
+        assert size <= 20_000 + 100 or len(batch.events) == 1
+    report = verify_batches(stored, key.public_key())
+    assert report.ok and report.last_seq == len(texts) + 1, report.problems
+    got = [(e["sid"], e["f"].get("text")) for data in stored for e in decode_batch(data).events]
+    assert got[:-1] == [(f"s{n % 3}", t) for n, t in enumerate(texts)] and got[-1] == ("s9", None)
+    writer.close()
