@@ -24,7 +24,7 @@ from collector.integrity import verify_store
 from collector.metrics import Counters, render
 from collector.ocsf import OCSF_EVENT_TYPES, to_ocsf
 from collector.storage.engine import Store
-from collector.storage.schema import access_log, agents
+from collector.storage.schema import access_log, agent_keys, agents
 from collector.timeparse import TimeFormatError, format_ns, now_ns, parse_duration_ns, parse_time_ns
 
 log = logging.getLogger("warden.collector")
@@ -207,16 +207,21 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
 
     @app.post("/v1/agents/enroll", tags=["agents"])
     def enroll(body: EnrollRequest):
+        """Enroll an agent id with its Ed25519 key using a one-time enrollment token. An enrolled
+        agent id keeps its key: another key is refused (409) unless the token was created for that
+        agent id with `warden-collector enroll create --agent ID --rotate`."""
         try:
-            enroll_agent(store, token=body.token, agent_id=body.agent_id, public_key_b64=body.public_key,
-                         hostname=body.hostname, version=body.version)
-        except AuthError as exc:
+            result = enroll_agent(store, token=body.token, agent_id=body.agent_id, public_key_b64=body.public_key,
+                                  hostname=body.hostname, version=body.version)
+        except (AuthError, ForbiddenError) as exc:
             counters.inc("warden_collector_enrollments_total", result="refused")
-            raise HTTPException(401, str(exc)) from None
+            log.warning("refused enrollment of agent %r: %s", body.agent_id[:200], exc)
+            raise HTTPException(401 if isinstance(exc, AuthError) else 403, str(exc)) from None
         except IngestRejected as exc:
             counters.inc("warden_collector_enrollments_total", result="refused")
+            log.warning("refused enrollment of agent %r: %s", body.agent_id[:200], exc.detail)
             raise HTTPException(exc.status, exc.detail) from None
-        counters.inc("warden_collector_enrollments_total", result="ok")
+        counters.inc("warden_collector_enrollments_total", result="rotated" if result == "rotated" else "ok")
         return {"agent_id": body.agent_id}
 
     @app.post("/v1/ingest", tags=["agents"],
@@ -256,8 +261,22 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
 
     @app.get("/v1/agents", tags=["query"])
     def list_agents(_: Auditor):
+        """Enrolled agents, their chain state and their key history (`keys`, oldest first: which
+        sequence numbers each key signed, when it was enrolled or rotated in, and who created the
+        enrollment token)."""
         with store.read() as connection:
-            return {"items": queries.list_agents(connection)}
+            items = queries.list_agents(connection)
+            history: dict[str, list[dict]] = {}
+            for row in connection.execute(select(agent_keys).order_by(agent_keys.c.agent_id, agent_keys.c.id)):
+                history.setdefault(row.agent_id, []).append({
+                    "key_id": row.key_id, "valid_from_seq": row.valid_from_seq, "valid_to_seq": row.valid_to_seq,
+                    "enrolled": format_ns(row.enrolled_ns), "replaced": format_ns(row.replaced_ns),
+                    "current": row.replaced_ns is None, "rotation": bool(row.rotation), "hostname": row.hostname,
+                    "token_created_by": row.minted_by})
+        for item in items:
+            item["keys"] = history.get(item["agent_id"], [])
+            item["key_rotations"] = sum(1 for key in item["keys"] if key["rotation"])
+        return {"items": items}
 
     # --- sessions and events --------------------------------------------------
 
@@ -308,10 +327,24 @@ def create_app(config: CollectorConfig, store: Store | None = None) -> FastAPI:
 
     # --- integrity and export -------------------------------------------------
 
+    @contextlib.contextmanager
+    def _snapshot():
+        """One read transaction that sees one state of the database throughout (SQLite's read
+        transactions do; PostgreSQL needs REPEATABLE READ), so batches ingested while verify runs
+        cannot make the index look inconsistent with the evidence."""
+        if store.is_sqlite:
+            with store.read() as connection:
+                yield connection
+            return
+        with store.engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="REPEATABLE READ")
+            with connection.begin():
+                yield connection
+
     @app.get("/v1/verify", tags=["integrity"])
     def verify(_: Auditor, agent: str | None = None, since: str | None = None, until: str | None = None):
         started = time.monotonic()
-        with store.read() as connection:
+        with _snapshot() as connection:
             report = verify_store(connection, agent_id=agent, since_ns=_time(since, "since"),
                                   until_ns=_time(until, "until"), checkpoint_key=keys.public_key)
         if not report["ok"]:

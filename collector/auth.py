@@ -116,25 +116,50 @@ def _enroll_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_enrollment_token(connection: Connection, ttl_s: int) -> str:
+@dataclass(frozen=True)
+class EnrollmentGrant:
+    """What a consumed enrollment token allows."""
+    token_id: str             # tokens.id (sha256 of the token)
+    agent_id: str | None      # the agent id it was created for (None: any id not enrolled yet)
+    rotate: bool              # it may replace that agent's key
+    created_by: str | None
+    created_ns: int
+
+
+def create_enrollment_token(connection: Connection, ttl_s: int, *, agent_id: str | None = None,
+                            rotate: bool = False, created_by: str | None = None) -> str:
+    """A one-time token. Without agent_id it enrolls any agent id that is not enrolled yet; with
+    agent_id only that one, and with rotate=True it may also replace that agent's key."""
+    if rotate and not agent_id:
+        raise ValueError("a key rotation token must name the agent whose key it replaces")
     token = "wenr_" + secrets.token_urlsafe(32)
     now = time.time_ns()
     connection.execute(tokens.insert().values(
-        id=_enroll_hash(token), kind="enroll", created_ns=now, expires_ns=now + int(ttl_s) * 10**9))
+        id=_enroll_hash(token), kind="enroll", created_ns=now, expires_ns=now + int(ttl_s) * 10**9,
+        agent_id=agent_id or None, rotate=bool(rotate), created_by=created_by))
     return token
 
 
-def consume_enrollment_token(connection: Connection, token: str, agent_id: str) -> None:
-    """Mark the token used, atomically; raises AuthError if unknown, used or expired."""
+def consume_enrollment_token(connection: Connection, token: str, agent_id: str) -> EnrollmentGrant:
+    """Mark the token used, atomically; raises AuthError if unknown, used or expired, and
+    ForbiddenError if it was created for another agent id."""
     now = time.time_ns()
+    token_id = _enroll_hash(token)
+    row = connection.execute(select(tokens).where(tokens.c.id == token_id, tokens.c.kind == "enroll")).first()
+    if row is not None and row.agent_id is not None and row.agent_id != agent_id \
+            and row.used_ns is None and row.revoked_ns is None and row.expires_ns > now:
+        raise ForbiddenError(f"this enrollment token was created for agent {row.agent_id!r} and cannot enroll "
+                             f"{agent_id!r}")
     result = connection.execute(
         update(tokens)
-        .where(tokens.c.id == _enroll_hash(token), tokens.c.kind == "enroll",
+        .where(tokens.c.id == token_id, tokens.c.kind == "enroll",
                tokens.c.used_ns.is_(None), tokens.c.revoked_ns.is_(None), tokens.c.expires_ns > now)
         .values(used_ns=now, used_by=agent_id))
-    if result.rowcount != 1:
+    if row is None or result.rowcount != 1:
         raise AuthError("enrollment token unknown, already used or expired: "
                         "create a new one with `warden-collector enroll create`")
+    return EnrollmentGrant(token_id=token_id, agent_id=row.agent_id, rotate=bool(row.rotate),
+                           created_by=row.created_by, created_ns=row.created_ns)
 
 
 def looks_like_agent_token(token: str) -> str | None:

@@ -55,9 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     enroll = commands.add_parser("enroll", help="agent enrollment").add_subparsers(
         dest="enroll_command", required=True, metavar="ACTION")
-    enroll_create = enroll.add_parser("create", parents=[common], help="issue a one-time agent enrollment token",
-                                      description="Issue a one-time enrollment token for one agent.")
+    enroll_create = enroll.add_parser(
+        "create", parents=[common], help="issue a one-time agent enrollment token",
+        description="Issue a one-time enrollment token for one agent. It enrolls an agent id that is not enrolled "
+                    "yet (with --agent: only that id); an enrolled agent id keeps its key. To replace an enrolled "
+                    "agent's key, create a rotation token: --agent ID --rotate.")
     enroll_create.add_argument("--ttl", default="1h", help="lifetime (default 1h)")
+    enroll_create.add_argument("--agent", metavar="ID", help="the token enrolls only this agent id")
+    enroll_create.add_argument("--rotate", action="store_true",
+                               help="with --agent: the token may replace that enrolled agent's key (key rotation); "
+                                    "the old key stays on record for the sequence numbers it signed")
+    enroll_create.add_argument("--actor", default=os.environ.get("SUDO_USER") or os.environ.get("USER") or "cli",
+                               help="who creates the token (recorded with it and with the enrollment; default "
+                                    "$SUDO_USER or $USER)")
     enroll_create.add_argument("--json", action="store_true", help="print JSON")
 
     retention = commands.add_parser("retention", help="purge old evidence").add_subparsers(
@@ -302,16 +312,41 @@ def cmd_token_revoke(args, config: CollectorConfig) -> int:
 
 
 def cmd_enroll_create(args, config: CollectorConfig) -> int:
+    from sqlalchemy import select
+
     from collector.auth import create_enrollment_token
+    from collector.storage.schema import agents
+    if args.rotate and not args.agent:
+        raise ValueError("--rotate needs --agent ID: a rotation token replaces the key of one enrolled agent")
+    agent_id = args.agent.strip() if args.agent else None
+    if args.agent is not None and not (agent_id and len(agent_id) <= 200):
+        raise ValueError("--agent must be 1..200 characters")
     ttl_s = _ttl_seconds(args.ttl, "--ttl")
+    created_by = f"cli:{args.actor}"
     store = _open_store(config)
-    with store.write() as connection:
-        token = create_enrollment_token(connection, ttl_s)
-    store.dispose()
+    try:
+        with store.write() as connection:
+            enrolled = agent_id is not None and connection.execute(
+                select(agents.c.agent_id).where(agents.c.agent_id == agent_id)).first() is not None
+            if args.rotate and not enrolled:
+                print(f"error: no agent {agent_id!r} is enrolled here: nothing to rotate (`warden agents` lists "
+                      f"them; a first enrollment needs no --rotate)", file=sys.stderr)
+                return EXIT_FAIL
+            token = create_enrollment_token(connection, ttl_s, agent_id=agent_id, rotate=args.rotate,
+                                            created_by=created_by)
+    finally:
+        store.dispose()
     if args.json:
-        print(json.dumps({"token": token, "ttl_s": ttl_s}))
+        print(json.dumps({"token": token, "ttl_s": ttl_s, "agent_id": agent_id, "rotate": args.rotate,
+                          "created_by": created_by}))
     else:
-        print(token)
+        print(token)  # stdout: the token alone
+        if args.rotate:
+            print(f"key rotation token for agent {agent_id}: enrolling with it replaces the agent's key "
+                  f"(created by {created_by})", file=sys.stderr)
+        elif enrolled:
+            print(f"note: agent {agent_id} is already enrolled: this token only re-enrolls it with the same key; "
+                  f"add --rotate to replace its key", file=sys.stderr)
     return EXIT_OK
 
 

@@ -436,9 +436,3 @@ def build_index(agent_id: str, hostname: str | None, batch_id: int, events: list
         if denied:
             delta.denied += 1
     return index
-
-
-def index_fingerprint(event: dict) -> tuple:
-    """What /v1/verify compares between an evidence event and its index row."""
-    return (int(event["ts"]), event.get("sid"), event["type"], bytes(event["hash"]).hex(),
-            canonical_json(event.get("f") or {}))

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import BigInteger, Connection, String, Text, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from collector.auth import consume_enrollment_token
 from collector.indexer import (EVENT_COLUMNS, OPEN_DECISIONS, SESSION_END_COLUMNS, SESSION_START_COLUMNS,
                                TABLE_COLUMNS, LateDecision, build_index)
 from collector.storage.engine import Store
-from collector.storage.schema import agent_problems, agents, batches, events, sessions
+from collector.storage.schema import access_log, agent_keys, agent_problems, agents, batches, events, sessions
 
 
 log = logging.getLogger("warden.collector.ingest")
@@ -60,8 +61,21 @@ def _records():
     return records_batch, codec, verifier
 
 
+class AgentKeyConflict(IngestRejected):
+    """409: the agent id is enrolled with another key and the token may not replace it."""
+
+
+def _key_id(raw_key: bytes) -> str:
+    return hashlib.sha256(raw_key).hexdigest()
+
+
 def enroll_agent(store: Store, *, token: str, agent_id: str, public_key_b64: str,
-                 hostname: str | None, version: str | None = None) -> None:
+                 hostname: str | None, version: str | None = None) -> str:
+    """Enroll an agent id with its key. An enrolled agent id keeps its key: re-enrolling it with
+    another key is refused unless the token was created for that agent id as a rotation token
+    (`warden-collector enroll create --agent ID --rotate`). A rotation keeps the old key in the
+    agent's key history (agent_keys) for the sequence numbers it signed. Returns "enrolled",
+    "rotated" or "unchanged" (the same key again)."""
     try:
         raw_key = base64.b64decode(public_key_b64, validate=True)
         Ed25519PublicKey.from_public_bytes(raw_key)
@@ -69,18 +83,71 @@ def enroll_agent(store: Store, *, token: str, agent_id: str, public_key_b64: str
         raise IngestRejected(400, "bad_public_key", "public_key must be base64 of a raw 32-byte Ed25519 key") from None
     if not agent_id or len(agent_id) > 200:
         raise IngestRejected(400, "bad_agent_id", "agent_id must be 1..200 characters")
-    with store.write() as connection:
-        consume_enrollment_token(connection, token, agent_id)
-        existing = connection.execute(select(agents.c.public_key).where(agents.c.agent_id == agent_id)).first()
-        now = time.time_ns()
-        if existing is None:
-            connection.execute(insert(agents).values(
-                agent_id=agent_id, public_key=raw_key, hostname=hostname, version=version, enrolled_ns=now,
-                last_seq=0, batches=0, events=0, chain_ok=True, problem_count=0))
-        elif bytes(existing.public_key) != raw_key:
-            # Re-enrollment with a fresh token rotates the key; the chain continues.
-            connection.execute(update(agents).where(agents.c.agent_id == agent_id).values(
-                public_key=raw_key, hostname=hostname, enrolled_ns=now))
+    try:
+        with store.write() as connection:
+            grant = consume_enrollment_token(connection, token, agent_id)
+            agent_query = select(agents).where(agents.c.agent_id == agent_id)
+            if not store.is_sqlite:
+                agent_query = agent_query.with_for_update()  # serialized with this agent's ingest
+            existing = connection.execute(agent_query).first()
+            now = time.time_ns()
+            key_row = dict(agent_id=agent_id, public_key=raw_key, key_id=_key_id(raw_key), enrolled_ns=now,
+                           hostname=hostname, token_id=grant.token_id, minted_by=grant.created_by)
+            if existing is None:
+                connection.execute(insert(agents).values(
+                    agent_id=agent_id, public_key=raw_key, hostname=hostname, version=version, enrolled_ns=now,
+                    last_seq=0, batches=0, events=0, chain_ok=True, problem_count=0, key_from_seq=1))
+                connection.execute(insert(agent_keys).values(valid_from_seq=1, rotation=False, **key_row))
+                _audit(connection, now, "ENROLL", agent_id, grant, raw_key, hostname)
+                return "enrolled"
+            if bytes(existing.public_key) == raw_key:
+                return "unchanged"  # the same key again (e.g. the agent lost its enrollment state)
+            if not (grant.rotate and grant.agent_id == agent_id):
+                raise AgentKeyConflict(
+                    409, "already_enrolled",
+                    f"agent {agent_id!r} is already enrolled with another key; an enrollment token cannot replace "
+                    f"it. To rotate its key, an admin creates a rotation token: "
+                    f"warden-collector enroll create --agent {agent_id} --rotate")
+            _rotate(connection, existing, now, key_row, version)
+            _audit(connection, now, "ROTATE", agent_id, grant, raw_key, hostname,
+                   previous_key_id=_key_id(bytes(existing.public_key)), last_seq=existing.last_seq)
+    except IntegrityError:
+        # Two first enrollments of one agent id at once (PostgreSQL): the other one won.
+        raise AgentKeyConflict(409, "already_enrolled", f"agent {agent_id!r} was enrolled concurrently") from None
+    store.agent_identities.pop(agent_id, None)
+    log.warning("agent %s: key rotated (token created by %s)", agent_id, grant.created_by or "?")
+    return "rotated"
+
+
+def _rotate(connection: Connection, existing, now: int, key_row: dict, version: str | None) -> None:
+    """Replace the agent's key; the old one stays in agent_keys for the sequence numbers it
+    signed. The new key's range starts at its first batch (ingest fixes valid_from_seq then):
+    until then the old key's batches the agent had not delivered are still taken."""
+    agent_id = existing.agent_id
+    history = connection.execute(select(agent_keys.c.id).where(agent_keys.c.agent_id == agent_id)).first()
+    if history is None:  # enrolled before key history existed, or inserted directly
+        connection.execute(insert(agent_keys).values(
+            agent_id=agent_id, public_key=bytes(existing.public_key), key_id=_key_id(bytes(existing.public_key)),
+            valid_from_seq=existing.key_from_seq if existing.key_from_seq is not None else 1,
+            enrolled_ns=existing.enrolled_ns, hostname=existing.hostname, rotation=False))
+    connection.execute(update(agent_keys).where(agent_keys.c.agent_id == agent_id,
+                                                agent_keys.c.replaced_ns.is_(None)).values(replaced_ns=now))
+    connection.execute(insert(agent_keys).values(valid_from_seq=None, rotation=True, **key_row))
+    values = dict(public_key=key_row["public_key"], hostname=key_row["hostname"], key_from_seq=None)
+    if version is not None:
+        values["version"] = version
+    connection.execute(update(agents).where(agents.c.agent_id == agent_id).values(**values))
+
+
+def _audit(connection: Connection, now: int, what: str, agent_id: str, grant, raw_key: bytes,
+           hostname: str | None, **extra) -> None:
+    """Enrollments and key rotations go to the access log (admins: GET /v1/access-log)."""
+    detail = {"agent": agent_id, "key_id": _key_id(raw_key), "hostname": hostname,
+              "token_created_by": grant.created_by, "token_for_agent": grant.agent_id,
+              "token_rotate": grant.rotate, **extra}
+    connection.execute(insert(access_log).values(
+        ts=now, subject=f"agent:{agent_id}"[:255], role="agent", method=what, path="/v1/agents/enroll",
+        query=json.dumps(detail, sort_keys=True), status=200))
 
 
 def _problem_dict(problem) -> dict:
@@ -272,6 +339,16 @@ def _ingest_here(store: Store, agent_id: str, raw: bytes) -> IngestResult:
             store.agent_identities[agent_id] = (bytes(agent.public_key), agent.hostname)
             signed = _authentic(records_batch, batch, public_key)
             prepared = build_index(agent_id, agent.hostname, 0, batch.events, {}) if signed else None
+        index_hostname = agent.hostname
+        earlier = None
+        if not signed:
+            # Signed by the key this agent had before a rotation? Taken for that key's sequence
+            # range only (the request itself is authenticated by the current key).
+            earlier = _earlier_key(connection, records_batch, agent, batch)
+            if earlier is not None:
+                public_key, index_hostname = earlier
+                signed = True
+                prepared = build_index(agent_id, index_hostname, 0, batch.events, {})
 
         # agent.last_seq is the highest seq ever stored for this agent (it only grows, in the
         # same transaction as each batch), so a batch starting right after it can neither
@@ -287,6 +364,15 @@ def _ingest_here(store: Store, agent_id: str, raw: bytes) -> IngestResult:
         if not signed:
             raise IngestRejected(422, "bad_signature", "batch refused, it is not what the agent signed: "
                                  + _forgery_detail(verifier, batch, public_key))
+        starts_key_range = False
+        if earlier is None and agent.key_from_seq is None:
+            # The first batch of a rotated-in key: its range starts here, above everything stored.
+            starts_key_range = _start_key_range(connection, agent, batch)
+        elif earlier is None and batch.first_seq < agent.key_from_seq:
+            raise IngestRejected(422, "predates_key",
+                                 f"batch seq {batch.first_seq}..{batch.last_seq} is signed by agent {agent_id!r}'s "
+                                 f"current key, which took over at seq {agent.key_from_seq} (key rotation): "
+                                 f"refused, earlier sequence numbers belong to the previous key")
         prev_seq, prev_hash = _predecessor(connection, codec, agent, batch)
         if batch.first_seq == prev_seq + 1 and bytes(batch.prev_hash) == prev_hash:
             # The signature already covers every event hash (checked above), so a batch
@@ -312,8 +398,8 @@ def _ingest_here(store: Store, agent_id: str, raw: bytes) -> IngestResult:
         fresh_events = batch.events
         if already:
             fresh_events = [ev for ev in batch.events if ev["seq"] not in already]
-            prepared = build_index(agent_id, agent.hostname, 0, fresh_events, {})
-        _store_index(store, connection, agent, batch_id, prepared)
+            prepared = build_index(agent_id, index_hostname, 0, fresh_events, {})
+        _store_index(store, connection, agent, batch_id, prepared, index_hostname)
         stored_problems = [_problem_dict(p) for p in problems]
         for problem in stored_problems:
             connection.execute(insert(agent_problems).values(
@@ -326,6 +412,8 @@ def _ingest_here(store: Store, agent_id: str, raw: bytes) -> IngestResult:
         }
         if advance:
             values.update(last_seq=batch.last_seq, last_hash=bytes(batch.last_hash))
+        if starts_key_range:
+            values["key_from_seq"] = batch.first_seq
         if problems:
             values.update(chain_ok=False, problem_count=agents.c.problem_count + len(problems))
         connection.execute(update(agents).where(agents.c.agent_id == agent_id).values(**values))
@@ -344,6 +432,55 @@ def _duplicate(connection: Connection, verifier, agent, batch, public_key, same_
                              + _forgery_detail(verifier, batch, public_key))
     connection.execute(update(agents).where(agents.c.agent_id == agent.agent_id).values(last_seen_ns=now))
     return IngestResult(duplicate=True, last_seq=agent.last_seq, events=0, problems=[])
+
+
+def _key_ranges(connection: Connection, agent_id: str) -> list:
+    """The agent's keys that signed batches, oldest first: rows (valid_from_seq, public_key, hostname)."""
+    return connection.execute(select(agent_keys.c.valid_from_seq, agent_keys.c.public_key, agent_keys.c.hostname)
+                              .where(agent_keys.c.agent_id == agent_id, agent_keys.c.valid_from_seq.is_not(None))
+                              .order_by(agent_keys.c.valid_from_seq, agent_keys.c.id)).fetchall()
+
+
+def _earlier_key(connection: Connection, records_batch, agent, batch):
+    """(public key, hostname) of an earlier key of this agent that signed this batch, when the
+    batch lies entirely in that key's sequence range; else None. A key's range ends where the
+    next key's first batch starts (the previous key's range stays open while a rotated-in key
+    has signed nothing yet)."""
+    ranges = _key_ranges(connection, agent.agent_id)
+    current = bytes(agent.public_key)
+    for position, (valid_from, raw_key, hostname) in enumerate(ranges):
+        valid_to = ranges[position + 1].valid_from_seq - 1 if position + 1 < len(ranges) else None
+        if bytes(raw_key) == current or batch.first_seq < valid_from \
+                or (valid_to is not None and batch.first_seq > valid_to):
+            continue
+        if valid_to is not None and batch.last_seq > valid_to:
+            return None
+        key = Ed25519PublicKey.from_public_bytes(bytes(raw_key))
+        return (key, hostname) if _authentic(records_batch, batch, key) else None
+    return None
+
+
+def _start_key_range(connection: Connection, agent, batch) -> bool:
+    """Fix where a rotated-in key's range starts (its first batch) and where the previous one's
+    ends. False for an agent without a pending key in agent_keys (nothing to fix)."""
+    agent_id = agent.agent_id
+    pending = connection.execute(select(agent_keys.c.id).where(
+        agent_keys.c.agent_id == agent_id, agent_keys.c.replaced_ns.is_(None),
+        agent_keys.c.valid_from_seq.is_(None))).first()
+    if pending is None:
+        return False
+    if batch.first_seq <= agent.last_seq:
+        raise IngestRejected(422, "predates_key",
+                             f"batch seq {batch.first_seq}..{batch.last_seq} is the first signed by agent "
+                             f"{agent_id!r}'s new key (rotation), but seq {agent.last_seq} is already stored: a new "
+                             f"key's range must start after everything the previous key signed")
+    connection.execute(update(agent_keys).where(
+        agent_keys.c.agent_id == agent_id, agent_keys.c.valid_from_seq.is_not(None),
+        agent_keys.c.valid_to_seq.is_(None), agent_keys.c.replaced_ns.is_not(None))
+        .values(valid_to_seq=batch.first_seq - 1))
+    connection.execute(update(agent_keys).where(agent_keys.c.id == pending.id)
+                       .values(valid_from_seq=batch.first_seq))
+    return True
 
 
 def _predecessor(connection: Connection, codec, agent, batch) -> tuple[int, bytes]:
@@ -365,7 +502,9 @@ def _overlap_problem(verifier, agent_id, batch, already):
                             detail=f"{len(already)} event(s) in seq {min(already)}..{max(already)} were already stored")
 
 
-def _store_index(store: Store, connection: Connection, agent, batch_id: int, index) -> None:
+def _store_index(store: Store, connection: Connection, agent, batch_id: int, index, hostname: str | None) -> None:
+    """hostname: the one enrolled with the key that signed the batch (the agent's, unless an
+    earlier key signed it); a session with no session.start in the batch gets it."""
     known = store.sessions_by_sid(connection, list(index.sessions))
     existing_sessions = set(known)
     index.resolve(known)
@@ -378,7 +517,7 @@ def _store_index(store: Store, connection: Connection, agent, batch_id: int, ind
         end = delta.end or _NO_END
         if sid not in existing_sessions:
             start = delta.start or {}
-            new_rows.append((sid, agent.agent_id, start.get("host", agent.hostname), start.get("identity"),
+            new_rows.append((sid, agent.agent_id, start.get("host", hostname), start.get("identity"),
                              start.get("target"), start.get("protocol"), start.get("process"),
                              start.get("start_ns", delta.first_ts), delta.end_ns, delta.events, delta.statements,
                              delta.requests, delta.denied, *[start.get(name) for name in SESSION_START_COLUMNS],

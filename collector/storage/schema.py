@@ -35,6 +35,31 @@ agents = Table(
     Column("chain_ok", Boolean, nullable=False, default=True),
     Column("problem_count", Integer, nullable=False, default=0),
     Column("spool_backlog", BigInteger),
+    # The first sequence number the current key (public_key) signed; NULL after a rotation until
+    # the new key's first batch arrives (until then the previous key's batches are still taken,
+    # on a request authenticated by the new key). Migration 6.
+    Column("key_from_seq", BigInteger, default=1, server_default="1"),
+)
+
+# Every key an agent id has been enrolled with (migration 6): which one signed which sequence
+# numbers, so `warden verify` checks each stored batch with the key of its range, and who
+# rotated it when. A key's range is [valid_from_seq, the next key's valid_from_seq - 1];
+# valid_from_seq stays NULL for a rotated-in key until its first batch arrives.
+agent_keys = Table(
+    "agent_keys", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("agent_id", String(200), nullable=False),
+    Column("public_key", LargeBinary, nullable=False),
+    Column("key_id", String(64), nullable=False),       # sha256 of the raw public key, hex
+    Column("valid_from_seq", BigInteger),
+    Column("valid_to_seq", BigInteger),                 # set once the next key signed its first batch
+    Column("enrolled_ns", BigInteger, nullable=False),
+    Column("replaced_ns", BigInteger),                  # when a rotation replaced it
+    Column("hostname", String(255)),                    # the hostname enrolled with it (indexes its batches)
+    Column("rotation", Boolean, nullable=False, default=False),
+    Column("token_id", String(64)),                     # the enrollment token used (tokens.id)
+    Column("minted_by", String(255)),                   # who created that token
+    Index("ix_agent_keys_agent", "agent_id", "valid_from_seq"),
 )
 
 # Chain problems found at ingest: stored, never hidden.
@@ -171,6 +196,11 @@ tokens = Table(
     Column("used_ns", BigInteger),
     Column("used_by", String(200)),
     Column("revoked_ns", BigInteger),
+    # Enrollment tokens (migration 6): the agent id it may enroll (NULL: any id not enrolled
+    # yet), whether it may replace that agent's key, and who created it.
+    Column("agent_id", String(200)),
+    Column("rotate", Boolean),
+    Column("created_by", String(255)),
 )
 
 access_log = Table(
@@ -288,6 +318,38 @@ def _session_how(connection) -> None:
             connection.execute(fill_process, processes)
 
 
+def _add_columns(connection, table: Table, names: tuple[str, ...], defaults: dict | None = None) -> None:
+    from sqlalchemy import inspect
+    present = {column["name"] for column in inspect(connection).get_columns(table.name)}
+    for name in names:
+        if name not in present:
+            column_type = table.c[name].type.compile(dialect=connection.dialect)
+            default = f" DEFAULT {defaults[name]}" if defaults and name in defaults else ""
+            connection.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {name} {column_type}{default}")
+
+
+def _agent_keys(connection) -> None:
+    """Key history and enrollment tokens bound to an agent id: create agent_keys, add the token
+    and agents columns, and record each enrolled agent's current key as valid from seq 1 (what
+    verification assumed so far)."""
+    import hashlib
+
+    from sqlalchemy import select
+
+    _add_columns(connection, tokens, ("agent_id", "rotate", "created_by"))
+    _add_columns(connection, agents, ("key_from_seq",), {"key_from_seq": 1})
+    agent_keys.create(connection, checkfirst=True)
+    known = set(connection.execute(select(agent_keys.c.agent_id).distinct()).scalars())
+    rows = [{"agent_id": row.agent_id, "public_key": bytes(row.public_key),
+             "key_id": hashlib.sha256(bytes(row.public_key)).hexdigest(), "valid_from_seq": 1,
+             "enrolled_ns": row.enrolled_ns, "hostname": row.hostname, "rotation": False}
+            for row in connection.execute(select(agents.c.agent_id, agents.c.public_key, agents.c.enrolled_ns,
+                                                 agents.c.hostname))
+            if row.agent_id not in known]
+    if rows:
+        connection.execute(agent_keys.insert(), rows)
+
+
 # Append new steps; never edit an applied one.
 MIGRATIONS = [
     (1, "initial schema", _create(agents, agent_problems, batches, events, event_tables,
@@ -298,4 +360,6 @@ MIGRATIONS = [
      _drop_indexes("ix_event_tables_name_ts", "ix_events_type_ts")),
     (5, "sessions: how each session connected and ended (role, database, client, TLS, brokered, end)",
      _session_how),
+    (6, "agent key history (agent_keys); enrollment tokens bound to an agent id, rotation flag, creator",
+     _agent_keys),
 ]
