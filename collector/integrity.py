@@ -102,7 +102,7 @@ def _checkpoint_start(connection: Connection, agent_id: str, checkpoint_key, pro
     return (checkpoint.seq + 1, bytes(checkpoint.chain_hash)), info
 
 
-def _key_ranges(connection: Connection, agent, problems: list) -> list[KeyRange]:
+def key_ranges(connection: Connection, agent, problems: list) -> list[KeyRange]:
     """The agent's keys by the sequence numbers they signed, oldest first (agent_keys); an agent
     without key history has its one key from seq 1."""
     rows = connection.execute(select(agent_keys).where(agent_keys.c.agent_id == agent.agent_id)
@@ -120,7 +120,7 @@ def _key_ranges(connection: Connection, agent, problems: list) -> list[KeyRange]
             for r in ranged]
 
 
-def _range_for(ranges: list[KeyRange], seq: int) -> int:
+def range_for(ranges: list[KeyRange], seq: int) -> int:
     """Index of the key whose range holds seq (the first key for anything before it)."""
     found = 0
     for position, key_range in enumerate(ranges):
@@ -134,7 +134,7 @@ def _range_for(ranges: list[KeyRange], seq: int) -> int:
 def _verify_agent(connection: Connection, agent, since_ns, until_ns, check_index, checkpoint_key) -> dict:
     records_batch, codec, verifier = _records()
     problems: list[dict] = []
-    ranges = _key_ranges(connection, agent, problems)
+    ranges = key_ranges(connection, agent, problems)
     query = select(batches.c.id, batches.c.first_seq, batches.c.last_seq, batches.c.event_count).where(
         batches.c.agent_id == agent.agent_id)
     ranged = since_ns is not None or until_ns is not None
@@ -189,7 +189,7 @@ def _verify_agent(connection: Connection, agent, since_ns, until_ns, check_index
             if (batch.agent_id, batch.first_seq, batch.last_seq) != (agent.agent_id, ref.first_seq, ref.last_seq):
                 problems.append(_problem("index_mismatch", agent.agent_id, ref.first_seq, ref,
                                          f"stored batch says {batch.agent_id} {batch.first_seq}..{batch.last_seq}"))
-            key = _range_for(ranges, batch.first_seq)
+            key = range_for(ranges, batch.first_seq)
             if segment and key != segment_key:
                 flush()  # the chain continues across a key rotation, checked with the next key
             if not segment:

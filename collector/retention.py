@@ -95,7 +95,8 @@ def _purge_agent(store: Store, private_key: Ed25519PrivateKey, agent_id: str, be
     from records import codec, verifier
 
     with store.write() as connection:
-        agent_query = select(agents.c.agent_id, agents.c.public_key).where(agents.c.agent_id == agent_id)
+        agent_query = select(agents.c.agent_id, agents.c.public_key, agents.c.hostname).where(
+            agents.c.agent_id == agent_id)
         if not store.is_sqlite:
             agent_query = agent_query.with_for_update()  # no ingest of this agent while its chain start moves
         agent = connection.execute(agent_query).first()
@@ -115,15 +116,22 @@ def _purge_agent(store: Store, private_key: Ed25519PrivateKey, agent_id: str, be
         previous = latest_checkpoint(connection, agent_id)
         start_seq, start_hash = ((previous.seq + 1, bytes(previous.chain_hash)) if previous is not None
                                  else (1, codec.GENESIS_HASH))
-        public_key = Ed25519PublicKey.from_public_bytes(bytes(agent.public_key))
+        # each batch is checked with the key the agent had for its sequence numbers (rotations)
+        from collector.integrity import key_ranges, range_for
+        ranges = key_ranges(connection, agent, [])
         problems, events_count = 0, 0
         last_seq, last_hash = start_seq - 1, start_hash
         ids = [row.id for row in prefix]
-        for chunk_start in range(0, len(ids), VERIFY_CHUNK):
-            chunk = ids[chunk_start:chunk_start + VERIFY_CHUNK]
+        runs: list[tuple[int, list[int]]] = []          # (key index, batch ids), in chain order
+        for row in prefix:
+            key_index = range_for(ranges, int(row.first_seq))
+            if not runs or runs[-1][0] != key_index or len(runs[-1][1]) >= VERIFY_CHUNK:
+                runs.append((key_index, []))
+            runs[-1][1].append(row.id)
+        for key_index, chunk in runs:
             raws = connection.execute(select(batches.c.raw).where(batches.c.id.in_(chunk))
                                       .order_by(batches.c.first_seq, batches.c.id)).scalars()
-            report = verifier.verify_batches([bytes(raw) for raw in raws], public_key,
+            report = verifier.verify_batches([bytes(raw) for raw in raws], ranges[key_index].public_key,
                                              start_seq=last_seq + 1, start_hash=last_hash)
             problems += len(report.problems)
             events_count += report.events_checked
