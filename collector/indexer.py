@@ -140,7 +140,7 @@ def summarize(event_type: str, f: dict) -> str:
 
 
 def host_port(ip, port) -> str:
-    """"10.0.0.5:443", "[2001:db8::1]:443" (conn.observed's dst_ip/dst_port)."""
+    """"127.0.0.5:443", "[2001:db8::1]:443" (conn.observed's dst_ip/dst_port)."""
     ip = "" if ip is None else str(ip)
     if ":" in ip:
         ip = f"[{ip}]"

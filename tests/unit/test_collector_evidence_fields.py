@@ -33,7 +33,6 @@ from collector.client_cli import replay_steps  # noqa: E402
 from collector.config import CollectorConfig  # noqa: E402
 from collector.ingest import set_ingest_workers  # noqa: E402
 from collector.simulate import SimulatedAgent  # noqa: E402
-from collector.storage.engine import Store  # noqa: E402
 from collector.storage.schema import events as events_table  # noqa: E402
 from enforcer.approvals import ApprovalClient  # noqa: E402
 from enforcer.context import Attribution, ConnectionContext, TargetInfo  # noqa: E402
@@ -42,7 +41,7 @@ from enforcer.policy.engine import PolicyEngine  # noqa: E402
 from enforcer.postgres import protocol as P  # noqa: E402
 from enforcer.postgres.proxy import decide_now  # noqa: E402
 from enforcer.postgres.session import PostgresSession  # noqa: E402
-from tests.pg_harness import PostgresServer, postgres_available  # noqa: E402
+from tests.pg_harness import collector_pg_url_fixture, fresh_postgres_database  # noqa: E402
 from tests.unit.test_collector_retention import Env  # noqa: E402
 from tests.unit.test_pg_session import AUTH_DONE, STARTUP, Driver  # noqa: E402
 
@@ -248,24 +247,7 @@ def http_recording(tmp_path_factory):
     return recorded
 
 
-@pytest.fixture(scope="module")
-def pg_url():
-    if not postgres_available():
-        pytest.skip("PostgreSQL server binaries or the postgres user missing")
-    with PostgresServer() as pg:
-        pg.psql_local("CREATE DATABASE warden")
-        yield f"postgresql://postgres@{pg.host}:{pg.port}/warden"
-
-
-def _fresh_postgres_database(base_url: str, name: str) -> str:
-    admin = Store(base_url)
-    try:
-        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-            c.exec_driver_sql(f"CREATE DATABASE {name}")
-    finally:
-        admin.dispose()
-    return base_url.rsplit("/", 1)[0] + f"/{name}"
+pg_url = pytest.fixture(scope="module", name="pg_url")(collector_pg_url_fixture)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -274,7 +256,7 @@ def env(request, tmp_path):
     if request.param == "sqlite":
         db = f"sqlite:///{tmp_path}/c.db"
     else:
-        db = _fresh_postgres_database(request.getfixturevalue("pg_url"), f"fields_{request.node.name[:40]}"
+        db = fresh_postgres_database(request.getfixturevalue("pg_url"), f"fields_{request.node.name[:40]}"
                                       .replace("[", "_").replace("]", "").replace("-", "_").lower())
     env = Env(CollectorConfig(state_dir=str(tmp_path / "state"), db=db, ingest_workers=0))
     yield env
@@ -318,14 +300,14 @@ def test_http_response_summary_reads_body_bytes(sqlite_env, http_recording):
 def test_conn_observed_summary_and_ocsf_read_dst_ip_and_port(sqlite_env):
     agent = SimulatedAgent("inventory-agent")
     sqlite_env.enroll(agent)
-    recorded = record_conn_observed([("203.0.113.7", 443), ("2001:db8::7", 5432)])
+    recorded = record_conn_observed([("127.0.0.7", 443), ("2001:db8::7", 5432)])
     sqlite_env.ingest(agent, seal(agent, recorded))
     found = sqlite_env.client.get("/v1/events", params={"type": "conn.observed"},
                                   headers=sqlite_env.headers("auditor")).json()["items"]
     exe = recorded[0][1]["process"]["exe"]
-    assert exe and [e["summary"] for e in found] == [f"{exe} -> 203.0.113.7:443", f"{exe} -> [2001:db8::7]:5432"]
+    assert exe and [e["summary"] for e in found] == [f"{exe} -> 127.0.0.7:443", f"{exe} -> [2001:db8::7]:5432"]
     network = [r for r in ocsf_export(sqlite_env) if r["class_uid"] == 4001]
-    assert [r["dst_endpoint"] for r in network] == [{"ip": "203.0.113.7", "port": 443},
+    assert [r["dst_endpoint"] for r in network] == [{"ip": "127.0.0.7", "port": 443},
                                                     {"ip": "2001:db8::7", "port": 5432}]
     assert network[0]["actor"]["process"]["pid"] == os.getpid()
 
@@ -376,7 +358,7 @@ def test_simulator_refuses_field_names_the_agent_cannot_record():
     from records.schema import SchemaError
     agent = SimulatedAgent("sim")
     with pytest.raises(SchemaError, match="daddr"):
-        agent.event("conn.observed", {"daddr": "10.0.0.1", "dport": 443})
+        agent.event("conn.observed", {"daddr": "127.0.0.10", "dport": 443})
     with pytest.raises(SchemaError, match="decided_by"):
         agent.event("approval.decided", {"approval_id": "a1", "decision": "approved", "decided_by": "bob"})
     assert agent.seq == 0   # nothing was sealed

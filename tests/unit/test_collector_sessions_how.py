@@ -51,7 +51,7 @@ from enforcer.postgres import session as S  # noqa: E402
 from enforcer.postgres.broker import BrokerConfig, PostgresBroker, SecretFile  # noqa: E402
 from enforcer.postgres.session import PostgresSession  # noqa: E402
 from enforcer.tokens import TokenVerifier  # noqa: E402
-from tests.pg_harness import PostgresServer, postgres_available  # noqa: E402
+from tests.pg_harness import collector_pg_url_fixture, fresh_postgres_database  # noqa: E402
 from tests.unit.test_collector_retention import Env  # noqa: E402
 from tests.unit.test_pg_session import AUTH_DONE, STARTUP, Driver  # noqa: E402
 
@@ -89,7 +89,7 @@ def record_pg_tls() -> list[tuple[str, dict]]:
     it), md5 authentication, a statement that succeeds and one the server refuses; the client
     then goes away."""
     session = PostgresSession(identity="billing", target="db", client_tls_available=True,
-                              start_fields=agent_start_fields("postgres", "db", "10.0.0.5:5432", "10.1.2.3:45678"))
+                              start_fields=agent_start_fields("postgres", "db", "127.0.0.5:5432", "127.0.1.3:45678"))
     d = Driver(session=session)
     d.client(P.build_ssl_request())
     assert (S.START_CLIENT_TLS, "sslrequest") in d.other
@@ -132,7 +132,7 @@ def record_pg_brokered(service_token) -> list[tuple[str, dict]]:
     broker = PostgresBroker(BrokerConfig(target="db", user="app_rw", password_file=secret, accept="token"),
                             verifier=TokenVerifier(ISSUER, AUDIENCE, jwks), secret=SecretFile(secret))
     session = PostgresSession(identity="billing", target="db",
-                              start_fields=agent_start_fields("postgres", "db", "10.0.0.5:5432", "127.0.0.1:50123"))
+                              start_fields=agent_start_fields("postgres", "db", "127.0.0.5:5432", "127.0.0.1:50123"))
     d = Driver(session=session)
     d.client(P.build_startup_message({"user": "alice", "database": "app", "application_name": "billing-worker"}))
     assert [kind for kind, _ in d.other] == [S.CONNECT_UPSTREAM]
@@ -197,8 +197,8 @@ async def _record_http_plain() -> list[tuple[str, dict]]:
 def record_http_tls() -> list[tuple[str, dict]]:
     """The session.start of an HTTPS connection the HTTP enforcer intercepted (its start():
     the agent's fields plus _client_tls_fields), and a session.end as its _end() writes it."""
-    ctx = ConnectionContext("http-tls", "billing", {}, TargetInfo("api", "http", "10.0.0.9", 443), None, None)
-    ctx.extra["session_start_fields"] = agent_start_fields("http", "api", "10.0.0.9:443", "10.1.2.3:40001")
+    ctx = ConnectionContext("http-tls", "billing", {}, TargetInfo("api", "http", "127.0.0.9", 443), None, None)
+    ctx.extra["session_start_fields"] = agent_start_fields("http", "api", "127.0.0.9:443", "127.0.1.3:40001")
     start = dict(_start_fields_of(ctx), **_client_tls_fields(
         "intercept", {"sni": "api.example.com", "version": "TLSv1.3", "alpn": "http/1.1"}))
     end = {"reason": "client_closed", "duration_ns": 5_000_000, "requests": 1, "bytes_in": 120, "bytes_out": 900,
@@ -231,31 +231,14 @@ def ingest_all(env: Env, recordings: dict, agent_id: str = "how-agent") -> Simul
 
 # --- backends ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pg_url():
-    if not postgres_available():
-        pytest.skip("PostgreSQL server binaries or the postgres user missing")
-    with PostgresServer() as pg:
-        pg.psql_local("CREATE DATABASE warden")
-        yield f"postgresql://postgres@{pg.host}:{pg.port}/warden"
-
-
-def _fresh_postgres_database(base_url: str, name: str) -> str:
-    admin = Store(base_url)
-    try:
-        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-            c.exec_driver_sql(f"CREATE DATABASE {name}")
-    finally:
-        admin.dispose()
-    return base_url.rsplit("/", 1)[0] + f"/{name}"
+pg_url = pytest.fixture(scope="module", name="pg_url")(collector_pg_url_fixture)
 
 
 def _database_url(request, tmp_path, backend: str, name: str) -> str:
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/{name}.db"
     safe = "".join(ch if ch.isalnum() else "_" for ch in f"how_{name}_{request.node.name}".lower())[:60]
-    return _fresh_postgres_database(request.getfixturevalue("pg_url"), safe)
+    return fresh_postgres_database(request.getfixturevalue("pg_url"), safe)
 
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -290,14 +273,14 @@ def how(session: dict) -> dict:
 
 
 EXPECTED_HOW = {
-    "pg-tls": {"auth_user": "alice", "database": "app", "client": "10.1.2.3:45678", "orig_dst": "10.0.0.5:5432",
+    "pg-tls": {"auth_user": "alice", "database": "app", "client": "127.0.1.3:45678", "orig_dst": "127.0.0.5:5432",
                "tls_client": True, "tls_upstream": True, "credentials": None, "client_user": None,
                "end_reason": "client_closed", "end_error": None, "end_sqlstate": "42P01"},
     "pg-brokered": {"auth_user": "app_rw", "database": "app", "client": "127.0.0.1:50123",
-                    "orig_dst": "10.0.0.5:5432", "tls_client": False, "tls_upstream": False,
+                    "orig_dst": "127.0.0.5:5432", "tls_client": False, "tls_upstream": False,
                     "credentials": "brokered", "client_user": "alice", "end_reason": "idle_timeout",
                     "end_error": IDLE_MESSAGE, "end_sqlstate": "57P05"},
-    "http-tls": {"auth_user": None, "database": None, "client": "10.1.2.3:40001", "orig_dst": "10.0.0.9:443",
+    "http-tls": {"auth_user": None, "database": None, "client": "127.0.1.3:40001", "orig_dst": "127.0.0.9:443",
                  "tls_client": True, "tls_upstream": None, "credentials": None, "client_user": None,
                  "end_reason": "client_closed", "end_error": None, "end_sqlstate": None},
 }
@@ -374,7 +357,7 @@ def test_long_startup_values_are_clipped_not_refused(env):
     """The workload chooses its startup parameters: one longer than the column must not make
     PostgreSQL refuse the batch (the agent would retry it forever)."""
     session = PostgresSession(identity="billing", target="db",
-                              start_fields=agent_start_fields("postgres", "db", "10.0.0.5:5432", "10.1.2.3:1"))
+                              start_fields=agent_start_fields("postgres", "db", "127.0.0.5:5432", "127.0.1.3:1"))
     d = Driver(session=session)
     d.client(P.build_startup_message({"user": "u" * 300, "database": "d" * 1000}))
     d.server(AUTH_DONE)
@@ -440,7 +423,7 @@ def test_cli_sessions_show_answers_how(env, recordings, monkeypatch, capsys):
         assert _row(brokered, "process").startswith(f"{procinfo.as_record(this_process())['exe']} "
                                                     f"pid={os.getpid()} user={ME} (uid {uid})")
         assert _row(brokered, "host") == "app-1 (agent how-agent)"
-        assert _row(brokered, "from") == "127.0.0.1:50123 → 10.0.0.5:5432"
+        assert _row(brokered, "from") == "127.0.0.1:50123 → 127.0.0.5:5432"
         assert _row(brokered, "database login") == ("role app_rw on database app (auth brokered:md5, "
                                                     "application billing-worker)")
         assert _row(brokered, "credentials") == ("brokered by Warden: the client logged in as alice with a token, "
@@ -461,7 +444,7 @@ def test_cli_sessions_show_answers_how(env, recordings, monkeypatch, capsys):
         https = warden(url, token, "sessions", "show", "http-tls", monkeypatch=monkeypatch, capsys=capsys)
         assert _row(https, "TLS") == ("client yes (terminated by Warden, TLSv1.3, SNI api.example.com, "
                                       "ALPN http/1.1); upstream not recorded")
-        assert _row(https, "from") == "10.1.2.3:40001 → 10.0.0.9:443"
+        assert _row(https, "from") == "127.0.1.3:40001 → 127.0.0.9:443"
         assert "database login" not in https and "credentials" not in https
         plain = warden(url, token, "sessions", "show", "http-plain", monkeypatch=monkeypatch, capsys=capsys)
         assert _row(plain, "TLS") == "client no; upstream not recorded"

@@ -456,7 +456,7 @@ def test_heartbeat_and_inventory_survive_a_full_backlog(tmp_path):
     agent.bpf = Bpf()
 
     def connect(cookie, pid):
-        cap = Capture(cookie=cookie, cgroup_id=1, ktime_ns=0, orig_ip="10.0.0.1", orig_port=5432, target_id=0,
+        cap = Capture(cookie=cookie, cgroup_id=1, ktime_ns=0, orig_ip="127.0.0.10", orig_port=5432, target_id=0,
                       tgid=7, pid=pid, uid=0, gid=0, family=4, flags=0, comm="app")
         agent.inventory.on_event(EV_ATTEMPT, cap)
         agent.inventory.on_event(EV_ESTABLISHED, cap)
