@@ -358,3 +358,27 @@ def cancel_a_long_query(conn, after_s: float) -> float:
     finally:
         timer.join()
     raise AssertionError("pg_sleep(20) was not cancelled")
+
+
+def collector_pg_url_fixture():
+    """Body of the `pg_url` fixture the collector tests share: a PostgreSQL server with an empty
+    `warden` database for the module, or a skip with the reason."""
+    import pytest
+    if not postgres_available():
+        pytest.skip("PostgreSQL server binaries or the postgres user missing")
+    with PostgresServer() as pg:
+        pg.psql_local("CREATE DATABASE warden")
+        yield f"postgresql://postgres@{pg.host}:{pg.port}/warden"
+
+
+def fresh_postgres_database(base_url: str, name: str) -> str:
+    """A new, empty database `name` on the server of `base_url` (dropped first if it exists)."""
+    from collector.storage.engine import Store
+    admin = Store(base_url)
+    try:
+        with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+            c.exec_driver_sql(f"CREATE DATABASE {name}")
+    finally:
+        admin.dispose()
+    return base_url.rsplit("/", 1)[0] + f"/{name}"

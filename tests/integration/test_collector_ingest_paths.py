@@ -19,18 +19,12 @@ from collector.storage.engine import Store
 from collector.storage.schema import MIGRATIONS, agents, event_tables, events, schema_migrations, sessions
 from records.batch import decode_batch, encode_batch
 from records.signing import public_key_bytes
-from tests.pg_harness import PostgresServer, postgres_available
+from tests.pg_harness import collector_pg_url_fixture, fresh_postgres_database
 
 T0 = 1_714_530_900 * 10**9
 
 
-@pytest.fixture(scope="module")
-def pg_url():
-    if not postgres_available():
-        pytest.skip("PostgreSQL server binaries or the postgres user missing")
-    with PostgresServer() as pg:
-        pg.psql_local("CREATE DATABASE warden")
-        yield f"postgresql://postgres@{pg.host}:{pg.port}/warden"
+pg_url = pytest.fixture(scope="module", name="pg_url")(collector_pg_url_fixture)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -42,13 +36,7 @@ def make_store(request, tmp_path):
         if request.param == "sqlite":
             url = f"sqlite:///{tmp_path / name}.db"
         else:
-            base = request.getfixturevalue("pg_url")
-            admin = Store(base)
-            with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-                c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-                c.exec_driver_sql(f"CREATE DATABASE {name}")
-            admin.dispose()
-            url = base.rsplit("/", 1)[0] + f"/{name}"
+            url = fresh_postgres_database(request.getfixturevalue("pg_url"), name)
         store = Store(url)
         store.migrate()
         made.append(store)

@@ -13,6 +13,7 @@ from enforcer.postgres.broker import BrokerConfig, BrokerFailure, PostgresBroker
 from enforcer.postgres.session import PostgresSession, Verdict
 from records.schema import validate_fields
 from tests.unit.test_pg_session import AUTH_DONE, STARTUP, Driver
+from tests.unit.test_pg_session_masking import messages, rows, types
 
 SSN = "123-45-6789"
 MASKED_SSN = b"***-**-6789"
@@ -37,20 +38,6 @@ def ready(rules=None, decider=None) -> Driver:
     d.server(AUTH_DONE)
     d.reset()
     return d
-
-
-def messages(data: bytes) -> list:
-    msgs, rest = P.split_messages(data)
-    assert rest == b""
-    return msgs
-
-
-def types(data: bytes) -> bytes:
-    return b"".join(t for t, _ in messages(data))
-
-
-def rows(data: bytes) -> list:
-    return [P.parse_data_row(body) for t, body in messages(data) if t == b"D"]
 
 
 def statements(d: Driver) -> list:
