@@ -479,7 +479,8 @@ class _Connection:
                 return None
             reason = decision.reason
         return (f"Warden: identity {ctx.identity!r} may not connect to target {ctx.target.name!r} "
-                f"(action pg:connect; {reason})")
+                f"(action pg:connect; {reason}); a policy must permit Action::\"pg:connect\" on "
+                f"Target::\"{ctx.target.name}\" for this identity")
 
     def _apply_token_identity(self, claims) -> None:
         """A validated service token may name a different identity than the process did."""
