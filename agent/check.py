@@ -76,7 +76,7 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
                     problems.append(f"target {target.name}: {exc}")
 
     if cfg is not None and cfg.masking_engine is not None:
-        problems.extend(unresolvable_masking_rules(cfg))
+        notes.extend(uncataloged_masking_rules(cfg))
 
     if cfg is not None and cfg.collector.url:
         problems.extend(hostfacts.collector_capture(cfg))
@@ -92,17 +92,19 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def unresolvable_masking_rules(cfg) -> list[str]:
-    """schema.table.column rules on a Postgres target without catalog_dsn: result columns carry
-    only table OIDs, so without the catalog those rules would never match (values sent clear)."""
-    problems = []
+def uncataloged_masking_rules(cfg) -> list[str]:
+    """schema.table.column rules on a Postgres target without catalog_dsn: they are then matched by
+    the table names the statements use, which misses a view or a function over the table and
+    over-masks a same-named table in another schema. Worth a note, not a failure."""
+    notes = []
     rules = [r for r in cfg.masking_engine.rules if r.qualified is not None]
     for target in cfg.targets:
         if target.protocol != "postgres" or target.options.get("catalog_dsn"):
             continue
         for rule in rules:
             if not rule.targets or any(p.match(target.name) for p in rule.targets):
-                problems.append(f"masking rule {rule.name!r} names schema.table.column but target {target.name} "
-                                f"has no catalog_dsn: query results could not be matched to it; set "
-                                f"catalog_dsn for the target (a read-only DSN) or use a column label rule")
-    return problems
+                notes.append(f"masking rule {rule.name!r} names schema.table.column but target {target.name} "
+                             f"has no catalog_dsn: it is matched by the table names statements use (a view "
+                             f"or function over the table is not followed; a same-named table in another "
+                             f"schema is masked too); set catalog_dsn (a read-only DSN) to match by table OID")
+    return notes

@@ -238,7 +238,8 @@ def _parse_rule(item: dict, index: int, p: tuple, err, detector_list, hash_key, 
         return None
     selector = selectors[0]
 
-    column = qualified = table_column = json_key = json_key_glob = json_path = None
+    column = qualified = table_column = source_table = source_column = None
+    json_key = json_key_glob = json_path = None
     value = item[selector]
     if selector == "scan_all_text":
         if value is not True:
@@ -250,6 +251,8 @@ def _parse_rule(item: dict, index: int, p: tuple, err, detector_list, hash_key, 
         if dots == 2:
             qualified = glob_regex(value)
             table_column = glob_regex(value.split(".", 1)[1])
+            source_table = glob_regex(value.split(".")[1])
+            source_column = glob_regex(value.split(".")[2])
         elif dots == 0:
             column = glob_regex(value)
         else:
@@ -329,5 +332,6 @@ def _parse_rule(item: dict, index: int, p: tuple, err, detector_list, hash_key, 
     if not ok or strategy is None:
         return None
     return Rule(name=str(name), strategy=strategy, targets=targets, exempt=exempt, column=column,
-                qualified=qualified, table_column=table_column, scanner=scanner, scan_all_text=selector == "scan_all_text",
+                qualified=qualified, table_column=table_column, source_table=source_table,
+                source_column=source_column, scanner=scanner, scan_all_text=selector == "scan_all_text",
                 json_key=json_key, json_key_glob=json_key_glob, json_path=json_path, on_binary=on_binary)

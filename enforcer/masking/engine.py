@@ -5,20 +5,27 @@ result (None when nothing applies) in `ConnectionContext.masking`. Everything he
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
 from .copyrows import CachedFieldMasker, mask_csv_row, mask_text_row
 from .detectors import BUILTIN, Detector, Scanner
 from .jsonbody import JsonMasker
-from .pgrow import (UNCHANGED, Counter, MaskingRefused, RowPlan, detector_masker, is_text_like,
-                    mask_spans, null_masker, whole_value_masker)
+from .pgrow import (JSON_TYPES, UNCHANGED, Counter, MaskingRefused, RowPlan, detector_masker, is_text_like,
+                    json_document_masker, mask_spans, null_masker, whole_value_masker)
 from .rules import ON_BINARY_ERROR, Rule
+from ..sqlclass import statement_shape
+from .sources import OWN_LABEL, WHOLE_ROW, align, declared_cursor, result_sources
 from .strategies import Null, Redact, Strategy
 
 Catalog = Callable[[int, int], Optional[str]]   # (table oid, attnum) -> "schema.table.column"
 
 MAX_CACHED_PLANS = 256
+_MISSING = object()
+# statements whose result columns are those of a statement named earlier
+_FOLLOWS_A_NAME = re.compile(r"\s*(?:execute|fetch|move)\b", re.IGNORECASE)
 _TYPE_NAMES = {16: "boolean", 17: "bytea", 20: "bigint", 21: "smallint", 23: "integer", 700: "real",
                701: "double precision", 1700: "numeric", 1082: "date", 1114: "timestamp",
                1184: "timestamptz", 2950: "uuid"}
@@ -86,7 +93,6 @@ class _RuleSet:
         # only these act on HTTP bodies: column rules select Postgres result columns, and the
         # record detectors are for statement texts, parameters and errors
         self.http_bodies = bool(self.json_rules or self.scan_rules)
-        self.needs_catalog = any(r.qualified is not None for r in rules if r.selects_columns)
         self.scan = _merge_detectors(self.scan_rules) if self.scan_rules else None
         if self.scan is not None:
             self.scan_name = "+".join(r.name for r in self.scan_rules)
@@ -160,6 +166,8 @@ class SessionMasker:
         self._copy_rows = 0
         self._copy_fields: dict = {}          # COPY column names (or None) -> _CopyFields
         self._taken: Optional[dict] = None
+        self._entries: dict = {}              # statement shape -> result_sources (None: unknown)
+        self._cursors: dict[str, str] = {}    # cursor name -> the DECLARE text
 
     @property
     def needs_column_names(self) -> bool:
@@ -184,14 +192,19 @@ class SessionMasker:
                 self._names[key] = None
         return self._names[key]
 
-    def plan_for(self, fields) -> Optional[RowPlan]:
+    def plan_for(self, fields, text: Optional[str] = None,
+                 lookup: Optional[Callable[[str, str], Optional[str]]] = None) -> Optional[RowPlan]:
         """A plan for the DataRows following this RowDescription, or None when no column can need
-        masking. Raises MaskingRefused when a rule with on_binary: error meets a non-text column."""
-        key = tuple((f.name, f.table_oid, f.column_attnum, f.type_oid, f.format) for f in fields)
+        masking. `text` is the statement the rows answer: a column computed from a masked column
+        (`ssn AS x`, `upper(ssn)`, a subquery's column) is masked too (sources.py); `lookup`
+        gives the texts behind EXECUTE and FETCH. Raises MaskingRefused when a rule with
+        on_binary: error meets a non-text column."""
+        sources = self._sources(text, lookup, len(fields)) if text and self.needs_column_names else None
+        key = (tuple((f.name, f.table_oid, f.column_attnum, f.type_oid, f.format) for f in fields), sources)
         if key in self._plans:
             self._plans.move_to_end(key)
             return self._plans[key]
-        plan = self._build_plan(fields)
+        plan = self._build_plan(fields, sources)
         self._plans[key] = plan
         if len(self._plans) > MAX_CACHED_PLANS:
             _, old = self._plans.popitem(last=False)
@@ -199,15 +212,81 @@ class SessionMasker:
                 self._retired_rows += old.rows
         return plan
 
-    def _build_plan(self, fields) -> Optional[RowPlan]:
+    def _sources(self, text: str, lookup, nfields: int) -> Optional[tuple]:
+        if _FOLLOWS_A_NAME.match(text):
+            # EXECUTE and FETCH mean what their name means now: never cached
+            entries = result_sources(text, lookup)
+        else:
+            key = statement_shape(text) or text
+            entries = self._entries.get(key, _MISSING)
+            if entries is _MISSING:
+                entries = result_sources(text)
+                if len(self._entries) >= MAX_CACHED_PLANS:
+                    self._entries.pop(next(iter(self._entries)))
+                self._entries[key] = entries
+        return align(entries, nfields)
+
+    def cursor_declared(self, text: str) -> None:
+        """A DECLARE ... CURSOR completed: its FETCHes return what its query returns."""
+        name = declared_cursor(text)
+        if name is not None:
+            if len(self._cursors) >= MAX_CACHED_PLANS and name not in self._cursors:
+                self._cursors.pop(next(iter(self._cursors)))
+            self._cursors[name] = text
+
+    def cursor_text(self, name: str) -> Optional[str]:
+        return self._cursors.get(name)
+
+    @staticmethod
+    def _rule_for(rules, label: str, qualified: Optional[str], sources: Optional[frozenset]):
+        for r in rules:
+            if r.matches_column(label, qualified):
+                return r
+        if qualified is not None:
+            # the catalog names the table column behind an alias: label rules see its name
+            column = qualified.rsplit(".", 1)[-1]
+            return next((r for r in rules if r.column is not None and r.column.match(column)), None)
+        if sources:
+            for r in rules:
+                for table, column in sources:
+                    if r.matches_source(table, column):
+                        return r
+        return None
+
+    def _whole_row_document(self, index: int, sources: frozenset, type_oid: int, fmt: int, label: str):
+        """A JSON value made of whole rows and nothing else a rule selects: masked by key (the
+        column rules of those rows' tables) and by the scan rules, keeping the document."""
+        rs = self.ruleset
+        rows = {table for table, column in sources if column == WHOLE_ROW}
+        if not rows or any(r.matches_source(t, c) for r in rs.column_whole for t, c in sources if c != WHOLE_ROW):
+            return None
+        key_rules = [dataclasses.replace(r, json_key=r.column if r.column is not None else r.source_column,
+                                         json_key_glob=None, column=None, qualified=None)
+                     for r in rs.column_whole if any(r.matches_source(t, WHOLE_ROW) for t in rows)]
+        scanner, strategies, owners = rs.scan if rs.scan is not None else (None, {}, {})
+        masker = JsonMasker(key_rules, scanner, strategies, owners)
+        counter = self._counter("+".join(r.name for r in key_rules), label)
+        return json_document_masker(index, masker.mask_body, type_oid, fmt, counter)
+
+    def _build_plan(self, fields, sources: Optional[tuple] = None) -> Optional[RowPlan]:
         rs = self.ruleset
         actions = []
         counters = []
         for i, f in enumerate(fields):
             label = f.name
             type_oid, fmt = f.type_oid, f.format
-            qualified = self._qualified(f.table_oid, f.column_attnum) if rs.needs_catalog else None
-            rule = next((r for r in rs.column_whole if r.matches_column(label, qualified)), None)
+            # with a catalog every plain column is named by its table column, whatever its label
+            qualified = self._qualified(f.table_oid, f.column_attnum)
+            from_columns = None
+            if sources is not None:
+                from_columns = frozenset((t, label if c == OWN_LABEL else c) for t, c in sources[i])
+            rule = self._rule_for(rs.column_whole, label, qualified, from_columns)
+            if rule is not None and type_oid in JSON_TYPES and not rule.matches_column(label, qualified):
+                step = self._whole_row_document(i, from_columns, type_oid, fmt, label)
+                if step is not None:
+                    actions.append(step)
+                    counters.append(step.counter)
+                    continue
             if rule is not None:
                 counter = self._counter(rule.name, label)
                 if is_text_like(type_oid, fmt):
@@ -222,7 +301,7 @@ class SessionMasker:
                     actions.append(null_masker(i, counter))
                 counters.append(counter)
                 continue
-            rule = next((r for r in rs.column_detect if r.matches_column(label, qualified)), None)
+            rule = self._rule_for(rs.column_detect, label, qualified, from_columns)
             if rule is not None:
                 counter = self._counter(rule.name, label)
                 strategies = {d.name: rule.strategy for d in rule.scanner.detectors}

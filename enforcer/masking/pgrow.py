@@ -277,6 +277,25 @@ def detector_masker(index: int, scanner: Scanner, strategies: dict, type_oid: in
     return ColumnStep(index, DETECT, counter, fn=mask_other)
 
 
+def json_document_masker(index: int, mask_body: Callable, type_oid: int, fmt: int,
+                         counter: Counter) -> ColumnStep:
+    """A whole row rendered as JSON (row_to_json(c), json_agg(c)): `mask_body(bytes)` (a
+    JsonMasker's, with the column rules as key rules) masks it by key and keeps the document;
+    a value that is not JSON cannot be masked by key and becomes NULL."""
+    jsonb_binary = type_oid == JSONB_OID and fmt == 1
+
+    def mask_document(raw: bytes):
+        body = raw[1:] if jsonb_binary else raw
+        got = mask_body(body)
+        if got is None:
+            return None, 0, 1
+        data, counts = got
+        if data is body:
+            return UNCHANGED, 0, 0
+        return (b"\x01" + data if jsonb_binary else data), sum(counts.values()), 0
+    return ColumnStep(index, DETECT, counter, fn=mask_document)
+
+
 class RowPlan:
     """Masks the planned columns of DataRows for one RowDescription.
 

@@ -7,6 +7,7 @@ import re
 from typing import Optional
 
 from .detectors import Scanner
+from .sources import WHOLE_ROW
 from .strategies import Strategy
 
 ON_BINARY_NULL = "null"
@@ -71,6 +72,9 @@ class Rule:
     # its table.column part, for a COPY that names its table without a schema: over-masking a
     # same-named table elsewhere is the safe side of not knowing the search_path
     table_column: Optional[re.Pattern] = None
+    # its table and column parts, for a value the statement computes from a column (sources.py)
+    source_table: Optional[re.Pattern] = None
+    source_column: Optional[re.Pattern] = None
     scanner: Optional[Scanner] = None              # detectors; with a column: only there, else scan_all_text
     scan_all_text: bool = False
     json_key: Optional[re.Pattern] = None
@@ -106,3 +110,14 @@ class Rule:
         if qualified is not None:
             return bool(self.qualified.match(qualified))
         return table_column is not None and bool(self.table_column.match(table_column))
+
+    def matches_source(self, table: Optional[str], column: str) -> bool:
+        """A result value computed from `table`.`column` (table None: the statement does not say
+        which; column WHOLE_ROW: a whole row as one value, which holds every column)."""
+        if self.column is not None:
+            return column == WHOLE_ROW or bool(self.column.match(column))
+        if self.qualified is None:
+            return False
+        if column != WHOLE_ROW and not self.source_column.match(column):
+            return False
+        return table is None or bool(self.source_table.match(table))
