@@ -51,11 +51,16 @@ class ApprovalClient:
     async def request(self, ctx, statement_decision) -> Decision:
         """For a Postgres statement whose policy decision is "approval"."""
         statement, decision = statement_decision.statement, statement_decision.decision
-        text = statement.text
+        line = text = statement.text
+        executes = getattr(statement, "executes", None)
+        if executes is not None:
+            # an SQL EXECUTE: the approver sees what it runs, and a grant covers only that
+            line = f"{statement.text} -- prepared statement {statement.prepared_name}: {executes}"
+            text = line
         if ctx.masking is not None and hasattr(ctx.masking, "mask_text"):
             text, _count = ctx.masking.mask_text(text)
         resource = ",".join(statement.tables) or ctx.target.name
-        return await self._ask(ctx, decision, text, resource, key=(ctx.identity, ctx.target.name, statement.text))
+        return await self._ask(ctx, decision, text, resource, key=(ctx.identity, ctx.target.name, line))
 
     async def request_http(self, ctx, decision: Decision, method: str, host: str, path: str,
                            query: str = "", shown_query: Optional[str] = None, has_body: bool = False) -> Decision:

@@ -37,7 +37,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from pglast import parser as _pg
 
@@ -129,6 +129,8 @@ class StatementClass:
     locks_rows: bool = False              # SELECT ... FOR UPDATE/SHARE
     prepared_name: Optional[str] = None   # PREPARE / EXECUTE / DEALLOCATE target ("*" = all)
     resolved: bool = True                 # False: EXECUTE of a statement this session never prepared
+    executes: Optional[str] = None        # a resolved EXECUTE: the text of the statement it runs
+    prepared_kind: Optional[str] = None   # PREPARE: the kind of the statement it prepares
 
     def signature(self) -> tuple:
         """Everything a policy decision can depend on (the text's constants are not)."""
@@ -564,7 +566,7 @@ def _classify_node(kind: str, node: dict, dangerous: frozenset[str]) -> dict:
     if kind == "PrepareStmt":
         inner_kind, inner = next(iter(node.get("query", {"Node": {}}).items()))
         fields = _classify_node(inner_kind, inner, dangerous)
-        fields.update(kind="PrepareStmt", prepared_name=node.get("name", ""))
+        fields.update(kind="PrepareStmt", prepared_name=node.get("name", ""), prepared_kind=inner_kind)
         return fields
     if kind == "ExecuteStmt":
         walker = _Walker(dangerous)
@@ -754,7 +756,19 @@ def single_statement_text(sql: str) -> str:
 
 def reusable_by_shape(statement: StatementClass) -> bool:
     """Whether every text of this statement's shape classifies (and so is decided) alike."""
-    return statement.kind in _SHAPE_REUSABLE_KINDS and statement.parse_error is None and statement.resolved
+    return (statement.kind in _SHAPE_REUSABLE_KINDS and statement.parse_error is None and statement.resolved
+            and statement.prepared_name is None)
+
+
+# Every text holding an EXECUTE contains the word: a keyword cannot be quoted, escaped or split
+# by a comment. Such a text means what the session's prepared statements make it mean, so no
+# memo keyed on the text (or its shape) may answer for it.
+_EXECUTE_WORD = re.compile("execute", re.IGNORECASE)
+
+
+def mentions_execute(sql: str) -> bool:
+    """Whether `sql` may run a prepared statement (SQL EXECUTE), so its meaning depends on the session."""
+    return _EXECUTE_WORD.search(sql) is not None
 
 
 def _with_text(template: StatementClass, text: str) -> StatementClass:
@@ -816,28 +830,43 @@ def _bounded_put(entries: dict, key, value, max_entries: int) -> None:
 class SqlClassifier:
     """Per-session classifier: resolves EXECUTE to what this session PREPAREd.
 
-    The enforcer keeps one per client connection and also registers statements the client
-    prepares with the extended protocol (Parse messages share the SQL namespace).
+    `known` is the session's prepared statements (name -> text, SQL PREPARE and protocol Parse
+    share one namespace) before the message: the Postgres enforcer follows them as the server
+    holds them and passes them per decision; a name is classified only when an EXECUTE names it.
+    Statements the message itself prepares or deallocates are followed here, in order.
     """
 
     def __init__(self, cache: Optional[ClassificationCache] = None,
-                 dangerous_functions: frozenset[str] = DEFAULT_DANGEROUS):
+                 dangerous_functions: frozenset[str] = DEFAULT_DANGEROUS,
+                 known: Optional[Mapping[str, str]] = None):
         self.cache = cache or ClassificationCache(dangerous_functions)
-        self.prepared: dict[str, StatementClass] = {}
+        # None: deallocated by this message (the name is unknown, whatever `known` says)
+        self.prepared: dict[str, Optional[StatementClass]] = {}
+        self.known = known
 
     def classify(self, sql: str) -> list[StatementClass]:
         return [self._apply(statement) for statement in self.cache.classify(sql)]
 
     def register_prepared(self, name: str, sql: str) -> None:
         statements = self.cache.classify(sql)
-        if len(statements) == 1:
-            self.prepared[name] = statements[0]
+        self.prepared[name] = statements[0] if len(statements) == 1 else None
 
     def forget(self, name: str) -> None:
         if name == "*":
             self.prepared.clear()
+            self.known = None
         else:
-            self.prepared.pop(name, None)
+            self.prepared[name] = None
+
+    def lookup(self, name: str) -> Optional[StatementClass]:
+        """The statement an EXECUTE of `name` runs now, or None (unknown: it stays pg:other)."""
+        if name in self.prepared:
+            return self.prepared[name]
+        text = self.known.get(name) if self.known is not None else None
+        if text is None:
+            return None
+        self.register_prepared(name, text)
+        return self.prepared[name]
 
     def depends_on_session(self, statements: Iterable[StatementClass]) -> bool:
         """True when a message's meaning depends on (or changes) this session's state."""
@@ -851,17 +880,23 @@ class SqlClassifier:
             self.forget(statement.prepared_name or "*")
             return statement
         if statement.kind == "DiscardStmt":
-            self.prepared.clear()
+            self.forget("*")
             return statement
         if statement.kind == "ExecuteStmt":
-            target = self.prepared.get(statement.prepared_name or "")
-            if target is None:
-                return statement
-            # the parameters are evaluated too: EXECUTE p(pg_read_file('...'))
+            target = self.lookup(statement.prepared_name or "")
+            if target is None or not target.resolved or target.executes is not None:
+                return statement     # unknown, or itself an EXECUTE: pg:other, as without a session
+            # decided as what runs (action, kind, tables, has_where); the parameters are
+            # evaluated too: EXECUTE p(pg_read_file('...'))
             dangerous = _dedup(target.dangerous_functions + statement.dangerous_functions)
+            accesses = _dedup(target.accesses + statement.accesses)
             return dataclasses.replace(
-                target, kind="ExecuteStmt", text=statement.text, prepared_name=statement.prepared_name,
+                target, kind=target.prepared_kind or target.kind, prepared_kind=None,
+                text=statement.text, prepared_name=statement.prepared_name,
+                accesses=accesses, tables=_dedup(t for _, t in accesses),
+                tables_written=_dedup(t for a, t in accesses if a in WRITE_ACTIONS),
                 functions=_dedup(target.functions + statement.functions),
                 dangerous_functions=dangerous,
-                action="pg:function" if dangerous else target.action, resolved=True)
+                action="pg:function" if dangerous else target.action, resolved=True,
+                executes=target.text)
         return statement

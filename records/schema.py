@@ -31,7 +31,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
                     "bytes_out", "error", "sqlstate"),
     "pg.statement": ("text", "params", "kind", "tables", "functions", "fingerprint",
                      "statement_index", "protocol", "portal", "action", "decision",
-                     "policy_ids", "reason", "statement_name"),
+                     "policy_ids", "reason", "statement_name",
+                     # an SQL EXECUTE: the prepared statement it ran, {name, text}
+                     "prepared"),
     "pg.result": ("command_tag", "rows", "bytes", "sqlstate", "error", "duration_ns",
                   "statement_index"),
     "http.request": ("method", "scheme", "host", "port", "path", "query", "headers",

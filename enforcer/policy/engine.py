@@ -182,9 +182,10 @@ class PolicyEngine:
                   **options: Any) -> "PolicyEngine":
         return cls(load_policy_texts([(source, policy_text)], schema_path), **options)
 
-    def new_session_classifier(self) -> SqlClassifier:
-        """A classifier for one client session, sharing this engine's classification cache."""
-        return SqlClassifier(cache=self.classifications)
+    def new_session_classifier(self, known: Optional[Mapping[str, str]] = None) -> SqlClassifier:
+        """A classifier for one client session, sharing this engine's classification cache;
+        `known`: the session's prepared statements (name -> text), which EXECUTE resolves to."""
+        return SqlClassifier(cache=self.classifications, known=known)
 
     # -- SQL ---------------------------------------------------------------------------
     def decide_sql(self, identity: str, identity_attrs: Optional[dict], target: str, sql: str,
@@ -193,7 +194,8 @@ class PolicyEngine:
         hour_index = int(now // 3600)
         principal = self._principal(identity, identity_attrs)
         key = (principal or identity, target, sql, approved, hour_index)
-        found = self._messages.get(key)
+        # with a session's classifier the text alone does not say what runs (EXECUTE)
+        found = self._messages.get(key) if classifier is None else None
         if found is not None:
             self._stats["message_hits"] += 1
             return list(found)

@@ -100,8 +100,8 @@ class PolicyStore:
     def decide_connect(self, identity: str, identity_attrs: Optional[dict], target: str) -> Decision:
         return self.engine.decide_connect(identity, identity_attrs, target)
 
-    def new_session_classifier(self) -> SqlClassifier:
-        return self.engine.new_session_classifier()
+    def new_session_classifier(self, known: Optional[dict] = None) -> SqlClassifier:
+        return self.engine.new_session_classifier(known)
 
     @property
     def version(self) -> int:

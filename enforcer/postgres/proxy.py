@@ -24,7 +24,7 @@ from collections import OrderedDict
 from typing import Optional
 
 from ..policy.cachekeys import cache_base
-from ..sqlclass import reusable_by_shape, single_statement_text, statement_shape
+from ..sqlclass import mentions_execute, reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
 from . import protocol as P
 from . import native
@@ -82,11 +82,13 @@ def _verdict_from(sd, final=None) -> Verdict:
     st = sd.statement
     d = final if final is not None else sd.decision
     allowed = d.kind == "allow"
+    executes = getattr(st, "executes", None)
     return Verdict(
         allowed=allowed, text=st.text, action=getattr(st, "action", None) or d.action,
         kind=st.kind, tables=tuple(st.tables or ()), functions=tuple(st.functions or ()),
         decision="allow" if allowed else "deny", policy_ids=tuple(d.policy_ids or ()),
-        reason=d.reason or "")
+        reason=d.reason or "",
+        prepared={"name": st.prepared_name, "text": executes} if executes is not None else None)
 
 
 # how decide_now found its verdicts
@@ -96,15 +98,18 @@ DECIDED, CACHED_TEXT, CACHED_SHAPE = "decided", "text", "shape"
 _UNKNOWN = object()
 
 
-def decide_now(ctx, sql: str, base: Optional[tuple] = None, shape=_UNKNOWN):
+def decide_now(ctx, sql: str, base: Optional[tuple] = None, shape=_UNKNOWN, prepared: Optional[dict] = None):
     """The synchronous part of `decide`: (verdicts, how) when no approval is needed (how is
     DECIDED, CACHED_TEXT or CACHED_SHAPE), else (None, decisions) for `decide` to ask the
     approval service. A new text of a known shape (`WHERE id = 42` after `WHERE id = 41`) is
     decided like it without asking the policy engine. `base` (cache_base) and `shape`
-    (statement_shape of the text): when the caller already has them."""
+    (statement_shape of the text): when the caller already has them. `prepared`: the session's
+    prepared statements (name -> text), what an EXECUTE in the text runs."""
     policy = ctx.policy
     if policy is None:
         return [Verdict(True, sql, reason="no policy configured for this target")], DECIDED
+    if mentions_execute(sql):
+        return _decide_execute(ctx, policy, sql, prepared)
     base = base or cache_base(ctx, policy)    # callers that computed it pass it in
     cached = decision_cache.get((*base, sql))
     if cached is not None:
@@ -129,9 +134,28 @@ def decide_now(ctx, sql: str, base: Optional[tuple] = None, shape=_UNKNOWN):
     return verdicts, DECIDED
 
 
+def _decide_execute(ctx, policy, sql: str, prepared: Optional[dict]):
+    """decide_now for a text that may run a prepared statement: decided as what the session's
+    statement of that name is now (unknown: pg:other), never from or into a memo, since the same
+    text runs something else once the name is prepared again."""
+    new_classifier = getattr(policy, "new_session_classifier", None)
+    try:
+        if prepared and new_classifier is not None:
+            decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, sql,
+                                          classifier=new_classifier(prepared))
+        else:
+            decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, sql)
+    except Exception as e:  # a broken policy must not let statements through
+        return [Verdict(False, sql, action="pg:unknown", decision="deny",
+                        reason=f"policy evaluation failed: {e}")], DECIDED
+    if any(sd.decision.kind == "approval" for sd in decisions):
+        return None, decisions
+    return [_verdict_from(sd) for sd in decisions], DECIDED
+
+
 async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
     """Policy decision for one Query/Parse, with approvals; fails closed on policy errors."""
-    verdicts, extra = decide_now(ctx, req.sql)
+    verdicts, extra = decide_now(ctx, req.sql, prepared=req.prepared)
     if verdicts is not None:
         return verdicts
     # an approval is needed: never cached, each statement asks again
@@ -839,13 +863,17 @@ class _Connection:
         if not transport.is_closing():
             transport.write(P.build_notice_response({"S": "NOTICE", "V": "NOTICE", "C": "00000", "M": message}))
 
-    def _decide_inline(self, sql: str) -> Optional[list]:
+    def _decide_inline(self, sql: str, prepared: Optional[dict] = None) -> Optional[list]:
         """The session's synchronous decision (PostgresSession.decide), without awaiting: a dict
         lookup for a statement this connection saw before, else the shared cache or the policy
-        itself; None when an approval is needed."""
+        itself; None when an approval is needed. `prepared`: the session's prepared statements,
+        given with a text that may EXECUTE one (such texts are never memoized, so the lookup
+        below never answers for them)."""
         ctx = self.ctx
         policy = ctx.policy
         base = None
+        if prepared is not None:
+            return decide_now(ctx, sql, prepared=prepared)[0]
         if policy is not None:
             # the shared cache's key prefix; a change of it (new policy, principal, hour)
             # empties this connection's own verdicts
@@ -857,6 +885,8 @@ class _Connection:
             hit = self._verdicts.get(sql)
             if hit is not None:
                 return hit
+            if mentions_execute(sql):
+                return decide_now(ctx, sql, base)[0]      # decided anew each time (see decide_now)
             # a new text of a shape this connection has decided: no shared-cache lookups
             # (their keys hash the whole principal each time)
             shape = statement_shape(sql)

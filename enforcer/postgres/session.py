@@ -55,7 +55,7 @@ import time
 from typing import Any, Callable, Optional
 
 from ..masking.pgrow import MaskingRefused
-from ..sqlclass import CLIENT_ONLY_ENCODINGS
+from ..sqlclass import CLIENT_ONLY_ENCODINGS, mentions_execute
 from . import native
 from . import protocol as P
 from .copyopts import copy_options
@@ -105,6 +105,9 @@ class DecisionRequest:
     sql: str
     protocol: str                 # simple | extended
     statement_name: Optional[str]
+    # a text that may EXECUTE a prepared statement: the session's named statements (name -> text)
+    # as the server holds them when the text is sent, which such an EXECUTE is decided as
+    prepared: Optional[dict] = None
 
 
 @dataclasses.dataclass
@@ -119,6 +122,7 @@ class Verdict:
     decision: str = "allow"        # allow | deny
     policy_ids: tuple = ()
     reason: str = ""
+    prepared: Optional[dict] = None   # an SQL EXECUTE decided as a prepared statement: {name, text}
     # the simple protocol's pg.statement fields for this decision, built on first use and shared
     # with every with_text copy (one list): a shape's texts differ only in text and index
     simple_record: list = dataclasses.field(default_factory=lambda: [None], compare=False, repr=False)
@@ -127,7 +131,7 @@ class Verdict:
         """The same verdict for another text of the statement's shape (dataclasses.replace
         costs several times more on the decision path)."""
         return Verdict(self.allowed, text, self.action, self.kind, self.tables, self.functions,
-                       self.decision, self.policy_ids, self.reason, self.simple_record)
+                       self.decision, self.policy_ids, self.reason, self.prepared, self.simple_record)
 
 
 class _Statement:
@@ -443,7 +447,9 @@ class PostgresSession:
         self.random_bytes = random_bytes
         self.start_fields = dict(start_fields or {})
         # the shell's synchronous decision for a statement text: its verdicts, or None when it
-        # cannot decide at once (an approval is needed); then the session asks with DECIDE
+        # cannot decide at once (an approval is needed); then the session asks with DECIDE. A text
+        # that may EXECUTE a prepared statement comes with prepared= (DecisionRequest.prepared)
+        # when the session holds named statements
         self.decide = decide
 
         self.phase = STARTUP
@@ -843,7 +849,11 @@ class PostgresSession:
                         pending = ("P", msg, parse)
                 except P.ProtocolError as e:
                     return self._client_protocol_error(out, msg, 0, 0, e)
-                verdicts = self.decide(sql) if self.decide is not None else None
+                # an EXECUTE is decided as the statement the session holds under its name
+                prepared = self._prepared_texts() if self._statements and mentions_execute(sql) else None
+                verdicts = None
+                if self.decide is not None:
+                    verdicts = self.decide(sql, prepared=prepared) if prepared else self.decide(sql)
                 if verdicts is not None:
                     # decided at once: the loop goes on with the next message
                     if t == 81:
@@ -854,8 +864,8 @@ class PostgresSession:
                     continue
                 self._cbuf = buf[end:]
                 self._pending = pending
-                out.append((DECIDE, DecisionRequest(sql, "simple", None) if t == 81
-                            else DecisionRequest(sql, "extended", parse.name)))
+                out.append((DECIDE, DecisionRequest(sql, "simple", None, prepared) if t == 81
+                            else DecisionRequest(sql, "extended", parse.name, prepared)))
                 return
             elif t == 88:        # 'X' Terminate
                 self._terminated = True
@@ -935,6 +945,16 @@ class PostgresSession:
                 if wname == name and wbatch == batch:
                     statement = new
         return statement
+
+    def _prepared_texts(self) -> dict:
+        """The named statements (name -> text) an SQL EXECUTE sent now would run, for its decision
+        (the unnamed statement has no SQL name)."""
+        texts = {name: st.text for name, st in self._statements.items() if name}
+        for wname, _new, _held, _batch in self._parse_waits.values():
+            statement = self._statement_for(wname)
+            if wname and statement is not None:
+                texts[wname] = statement.text
+        return texts
 
     def _waiting(self, name: str) -> bool:
         return any(w[0] == name for w in self._parse_waits.values())
@@ -1068,6 +1088,13 @@ class PostgresSession:
             fields.update({"kind": verdict.kind, "action": verdict.action, "tables": list(verdict.tables),
                            "functions": list(verdict.functions), "decision": verdict.decision,
                            "policy_ids": list(verdict.policy_ids), "reason": verdict.reason})
+            prepared = verdict.prepared
+            if prepared is not None:
+                # an SQL EXECUTE: what it ran (its kind, action and tables are that statement's)
+                shown = prepared.get("text")
+                if shown and self.masking is not None:
+                    shown = self.masking.mask_text(shown)[0]
+                fields["prepared"] = {"name": prepared.get("name"), "text": shown}
         return fields
 
     def _resume_query(self, pending, verdicts: list[Verdict], out: list) -> None:
@@ -1088,7 +1115,11 @@ class PostgresSession:
             self.statements += 1
             index = self.statements
             effects = namespace_effects(v.text, v.kind) if denied is None else ()
-            if masking is None and not effects:
+            if v.prepared is not None and denied is None:
+                effects += self._executed_effects(v.prepared)
+            # an EXECUTE never leaves a template either: the C lane takes a text whose verdict has
+            # one, and what that text runs changes with the session's statements
+            if masking is None and not effects and v.prepared is None:
                 template = v.simple_record[0]
                 if template is None:
                     template = v.simple_record[0] = self._statement_fields(v.text, None, v, "simple", None, 0)
@@ -1114,6 +1145,14 @@ class PostgresSession:
         self._results.append(_Result(denied.text, now, batch, denied=True, index=self.statements))
         out.append((TO_SERVER, P.build_query(denial_do_block(message))))
 
+    def _executed_effects(self, prepared: dict) -> tuple:
+        """What an SQL EXECUTE of a protocol-prepared DEALLOCATE / PREPARE / DISCARD ALL does to the
+        statements (the name still holding the text it was decided as)."""
+        statement = self._statements.get(prepared.get("name") or "")
+        if statement is None or statement.text != prepared.get("text"):
+            return ()
+        return statement.effects
+
     def _resume_parse(self, pending, verdicts: list[Verdict], out: list) -> None:
         _, msg, parse = pending
         if not verdicts:
@@ -1124,7 +1163,10 @@ class PostgresSession:
             # the executions (Bind) are the recorded statements, each carrying this decision
             name = parse.name
             seq = self._parse_seq = self._parse_seq + 1
-            statement = _Statement(parse.query, verdict, seq, namespace_effects(parse.query, verdict.kind))
+            effects = namespace_effects(parse.query, verdict.kind)
+            if verdict.prepared is not None:
+                effects += self._executed_effects(verdict.prepared)
+            statement = _Statement(parse.query, verdict, seq, effects)
             held = self._statements.get(name) if name else None
             if held is None:
                 # expected to succeed: in force from now on for the client's next messages (and for

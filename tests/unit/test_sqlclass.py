@@ -271,7 +271,8 @@ def test_prepare_execute_resolved_per_session():
     assert prep.action == "pg:delete" and prep.prepared_name == "del"
     (run,) = session.classify("EXECUTE del(42)")
     assert (run.kind, run.action, run.tables, run.has_where, run.resolved) == (
-        "ExecuteStmt", "pg:delete", ("public.sessions",), True, True)
+        "DeleteStmt", "pg:delete", ("public.sessions",), True, True)
+    assert run.text == "EXECUTE del(42)" and run.executes == prep.text
     # another session never prepared it
     (other,) = SqlClassifier(cache=session.cache).classify("EXECUTE del(42)")
     assert other.action == "pg:other" and not other.resolved
