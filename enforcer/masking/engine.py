@@ -17,7 +17,7 @@ from .pgrow import (JSON_TYPES, UNCHANGED, Counter, MaskingRefused, RowPlan, det
                     json_document_masker, mask_spans, null_masker, whole_value_masker)
 from .rules import ON_BINARY_ERROR, Rule
 from ..sqlclass import statement_shape
-from .sources import OWN_LABEL, WHOLE_ROW, align, declared_cursor, result_sources
+from .sources import OWN_LABEL, WHOLE_ROW, Expanded, align, declared_cursor, result_sources, statement_sources
 from .strategies import Null, Redact, Strategy
 
 Catalog = Callable[[int, int], Optional[str]]   # (table oid, attnum) -> "schema.table.column"
@@ -318,11 +318,12 @@ class SessionMasker:
         return RowPlan(actions, counters)
 
     # -- COPY TO STDOUT ------------------------------------------------------------------
-    def mask_copy_line(self, line: bytes, format: str = "text", columns: Optional[Sequence[str]] = None,
+    def mask_copy_line(self, line: bytes, format: str = "text", columns: Optional[Sequence] = None,
                        delimiter: Optional[str] = None, quote: str = '"') -> bytes:
         """One CopyData row of COPY TO STDOUT. `format`: text | csv (from the COPY statement's
         options) | binary (refused: it cannot be masked). `columns`: the column names when known
-        (label rules then apply); without them every detector in use runs on every field."""
+        (label rules then apply), or for COPY (query) TO the (label, sources) of each field
+        (copy_query_columns); without them every detector in use runs on every field."""
         if format == "binary":
             raise MaskingRefused("Warden refused COPY ... (FORMAT binary) on a target with masking rules; "
                                  "use FORMAT text or csv")
@@ -344,8 +345,45 @@ class SessionMasker:
         self._copy_rows += 1
         return out.encode("utf-8", "surrogateescape")
 
-    def _copy_field_masker(self, column: Optional[str]) -> CachedFieldMasker:
+    def copy_query_columns(self, query: dict, ncols: int) -> Optional[tuple]:
+        """The fields of a COPY (query) TO as (label, sources) each, for mask_copy_line's
+        `columns`; None when they cannot all be named (a table's `*`: COPY has no
+        RowDescription to give those labels)."""
+        entries = statement_sources(query)
+        aligned = align(entries, ncols)
+        if aligned is None:
+            return None
+        labels = []
+        for e in entries:
+            if isinstance(e, Expanded):
+                if any(c == OWN_LABEL for _t, c in e.sources):
+                    return None
+                labels.append(None)
+            else:
+                labels.append(e[0])
+        if len(labels) != ncols:
+            labels = [None] * ncols       # positions of `*` columns: labels unknown, sources known
+        return tuple((label or "?column?", sources) for label, sources in zip(labels, aligned))
+
+    def _copy_field_masker(self, column) -> CachedFieldMasker:
         rs = self.ruleset
+        if isinstance(column, tuple):
+            # a COPY (query) field: its label and the columns it is computed from
+            label, sources = column
+            rule = self._rule_for(rs.column_whole, label, None, sources)
+            if rule is not None:
+                apply = rule.strategy.apply
+
+                def whole_of_query(value: str):
+                    return apply(value), 1
+                return CachedFieldMasker(whole_of_query, self._counter(rule.name, label))
+            rule = self._rule_for(rs.column_detect, label, None, sources)
+            if rule is not None:
+                return CachedFieldMasker(
+                    self._detecting(rule.scanner, {d.name: rule.strategy for d in rule.scanner.detectors}),
+                    self._counter(rule.name, label))
+            return CachedFieldMasker(self._detecting(rs.text_scanner, rs.text_strategies),
+                                     self._counter("detectors", label))
         if column is not None:
             qualified = column if column.count(".") == 2 else None
             table_column = column if column.count(".") == 1 else None      # COPY of an unqualified table

@@ -386,6 +386,14 @@ def result_sources(text: str, lookup: Optional[Callable[[str, str], Optional[str
         return None
 
 
+def statement_sources(tree: dict) -> Optional[list]:
+    """result_sources for a statement already parsed ({kind: node}, e.g. the query of a COPY)."""
+    try:
+        return _Reader(None).statement(*next(iter(tree.items())))
+    except Exception:   # noqa: BLE001 - as result_sources
+        return None
+
+
 def align(entries: Optional[list], nfields: int) -> Optional[tuple]:
     """Sources per result column, given the entries and the RowDescription's column count.
     Columns of an Expanded entry get its sources; where two or more `*` make positions

@@ -1,4 +1,5 @@
-"""What a COPY ... TO STDOUT statement asks for: row format, delimiter, quote and column names.
+"""What a COPY ... TO STDOUT statement asks for: row format, delimiter, quote, column names (or
+the query of a COPY (query) TO).
 
 The masking point needs these to split each CopyData row into fields. pglast normalises the
 legacy spellings (`WITH CSV HEADER`, `DELIMITER '|'`) into the same option list as the
@@ -18,7 +19,9 @@ class CopyOptions:
     format: str = "text"                   # text | csv | binary
     delimiter: str = "\t"                  # the COPY's DELIMITER; tab (text) or comma (csv) by default
     quote: str = '"'
-    columns: Optional[tuple[str, ...]] = None   # "schema.table.column" or "table.column" when listed
+    columns: Optional[tuple] = None   # "schema.table.column" or "table.column" when listed
+    # COPY (query) TO: the query's parse tree ({kind: node}), for masking to trace its columns
+    query: Optional[dict] = dataclasses.field(default=None, compare=False)
 
 
 def _sval(node: Optional[dict]) -> Optional[str]:
@@ -58,5 +61,6 @@ def copy_options(sql: Optional[str]) -> CopyOptions:
         if rel and node.get("attlist"):
             prefix = ".".join(p for p in (rel.get("schemaname"), rel.get("relname")) if p)
             columns = tuple(f"{prefix}.{_sval(a)}" for a in node["attlist"] if _sval(a))
-        return CopyOptions(fmt, delimiter or ("," if fmt == "csv" else "\t"), quote, columns)
+        return CopyOptions(fmt, delimiter or ("," if fmt == "csv" else "\t"), quote, columns,
+                           node.get("query") or None)
     return CopyOptions()

@@ -334,7 +334,8 @@ def _copy_out_refusal(masking, overall: int, opts) -> Optional[MaskingRefused]:
         # which field is which column is unknown: column rules could not apply, so the data would
         # leave unmasked. Refuse instead, and say how to make it maskable.
         return MaskingRefused("Warden refused COPY without a column list on a target with column masking "
-                              "rules: name the columns, e.g. COPY customers (id, name, ssn) TO STDOUT")
+                              "rules: name the columns, e.g. COPY customers (id, name, ssn) TO STDOUT, or "
+                              "list them in the query instead of *")
     return None
 
 
@@ -1312,6 +1313,8 @@ class PostgresSession:
                     tag = (None if r.refusal is not None
                            else P.parse_command_complete(buf[pos + 5:end]) if t == 67
                            else "" if t == 73 else "PORTAL SUSPENDED")
+                    if masking is not None and tag == "DECLARE CURSOR" and r.text:
+                        masking.cursor_declared(r.text)
                     self._emit_result(out, r, tag, None, None)
             elif t == 90:                    # 'Z' ReadyForQuery
                 self._mask_plan = plan = None
@@ -1370,7 +1373,8 @@ class PostgresSession:
                         # simple query: the rows of this statement follow
                         self._plan_known = True
                         try:
-                            plan = self._mask_plan = masking.plan_for(fields)
+                            plan = self._mask_plan = masking.plan_for(
+                                fields, results[0].text if results else None, self._named_text)
                         except MaskingRefused as e:
                             plan = self._mask_plan = None
                             run = self._refuse(out, buf, run, pos, end, e)
@@ -1383,6 +1387,11 @@ class PostgresSession:
                                            "upstream_protocol_error")
                         return out
                     opts = copy_options(results[0].text if results else None)
+                    if opts.columns is None and opts.query is not None and overall == 0:
+                        # COPY (query) TO: its fields are the query's columns
+                        columns = masking.copy_query_columns(opts.query, len(_cols))
+                        if columns is not None:
+                            opts = dataclasses.replace(opts, columns=columns)
                     refusal = _copy_out_refusal(masking, overall, opts)
                     if refusal is not None:
                         run = self._refuse(out, buf, run, pos, end, refusal)
@@ -1475,7 +1484,15 @@ class PostgresSession:
             raise MaskingRefused("Warden refused the result: no RowDescription was seen for it, so the "
                                  "target's masking rules cannot be applied; describe the statement or portal "
                                  "before executing it", "08P01")
-        return self.masking.plan_for(fields)
+        return self.masking.plan_for(fields, r.text, self._named_text)
+
+    def _named_text(self, kind: str, name: str) -> Optional[str]:
+        """For masking: the text a statement name means now (EXECUTE), or the DECLARE of a
+        cursor (FETCH)."""
+        if kind == "prepared":
+            statement = self._statements.get(name)
+            return statement.text if statement is not None else None
+        return self.masking.cursor_text(name) if self.masking is not None else None
 
     def _refuse(self, out: list, buf: bytes, run: int, pos: int, end: int, err: MaskingRefused) -> int:
         """Answer the current result with an ErrorResponse instead of its rows and withhold the rest

@@ -438,7 +438,7 @@ def test_messages_split_at_every_byte_are_reassembled():
 
 # ---- masking point ---------------------------------------------------------------------
 class MaskEmail:
-    def plan_for(self, fields):
+    def plan_for(self, fields, text=None, lookup=None):
         idx = [i for i, f in enumerate(fields) if f.name == "email"]
         return _Plan(idx) if idx else None
 
