@@ -1,12 +1,15 @@
-"""Resolving RowDescription's (table OID, attribute number) to schema.table.column names.
+"""Resolving RowDescription's (table OID, attribute number) to schema.table.column names, and a
+view's columns to the table columns they show.
 
-The enforcer runs CATALOG_QUERY on a catalog connection (brokered credentials or a configured
-catalog DSN) and hands the rows to `catalog_from_rows`; the result is the `catalog` callable of
-`MaskingEngine.for_session`. Pure: the query is run elsewhere.
+The enforcer runs CATALOG_QUERY and VIEWS_QUERY on a catalog connection (a configured catalog
+DSN) and hands the rows to `catalog_from_rows`; the result is the `catalog` of
+`MaskingEngine.for_session`. Pure: the queries are run elsewhere.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
+
+from .sources import OWN_LABEL, WHOLE_ROW, align, result_sources
 
 CATALOG_QUERY = (
     "SELECT c.oid::int8, a.attnum::int4, n.nspname, c.relname, a.attname "
@@ -17,12 +20,69 @@ CATALOG_QUERY = (
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
 )
 
+# views and materialized views: their definitions, read with the statement reader (sources.py)
+VIEWS_QUERY = (
+    "SELECT c.oid::int8, pg_catalog.pg_get_viewdef(c.oid) "
+    "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind IN ('v', 'm') "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
+)
 
-def catalog_from_rows(rows: Iterable[tuple]) -> Callable[[int, int], Optional[str]]:
-    """rows of CATALOG_QUERY -> lookup(table_oid, attnum) -> 'schema.table.column' or None."""
-    names = {(int(oid), int(attnum)): f"{schema}.{table}.{column}" for oid, attnum, schema, table, column in rows}
+_VIEW_DEPTH = 8      # views over views followed this deep
 
-    def lookup(table_oid: int, attnum: int) -> Optional[str]:
-        return names.get((table_oid, attnum))
 
-    return lookup
+class Catalog:
+    """lookup(table_oid, attnum) -> 'schema.table.column' or None; `sources(oid, attnum)`: for a
+    view's column, the (table, column) pairs it shows (through views over views), else None."""
+
+    def __init__(self, rows: Iterable[tuple], views: Iterable[tuple] = ()):
+        self.names: dict[tuple[int, int], str] = {}
+        columns: dict[int, dict[int, str]] = {}
+        relname: dict[int, str] = {}
+        for oid, attnum, schema, table, column in rows:
+            self.names[(int(oid), int(attnum))] = f"{schema}.{table}.{column}"
+            columns.setdefault(int(oid), {})[int(attnum)] = column
+            relname[int(oid)] = table
+        # view name -> {column name: sources}, read from each definition
+        self._view_columns: dict[str, dict[str, frozenset]] = {}
+        self._by_attnum: dict[tuple[int, int], frozenset] = {}
+        for oid, definition in views:
+            oid = int(oid)
+            cols = columns.get(oid)
+            if not cols or not definition:
+                continue
+            ordered = [cols[k] for k in sorted(cols)]
+            aligned = align(result_sources(definition), len(ordered))
+            if aligned is None:
+                # a definition this reader cannot follow: every column of it may show anything
+                aligned = (frozenset({(None, WHOLE_ROW)}),) * len(ordered)
+            named = {name: frozenset((t, name if c == OWN_LABEL else c) for t, c in srcs)
+                     for name, srcs in zip(ordered, aligned)}
+            self._view_columns[relname[oid]] = named
+            for attnum, name in zip(sorted(cols), ordered):
+                self._by_attnum[(oid, attnum)] = named[name]
+
+    def __call__(self, table_oid: int, attnum: int) -> Optional[str]:
+        return self.names.get((table_oid, attnum))
+
+    def sources(self, table_oid: int, attnum: int) -> Optional[frozenset]:
+        found = self._by_attnum.get((table_oid, attnum))
+        if found is None:
+            return None
+        out: set = set()
+        todo = [(pair, 0) for pair in found]
+        while todo:
+            (table, column), depth = todo.pop()
+            inner = self._view_columns.get(table) if depth < _VIEW_DEPTH else None
+            if inner is None:
+                out.add((table, column))
+            elif column == WHOLE_ROW:
+                todo.extend((pair, depth + 1) for srcs in inner.values() for pair in srcs)
+            else:
+                todo.extend((pair, depth + 1) for pair in inner.get(column, {(table, column)}))
+        return frozenset(out)
+
+
+def catalog_from_rows(rows: Iterable[tuple], views: Iterable[tuple] = ()) -> Catalog:
+    """rows of CATALOG_QUERY (and of VIEWS_QUERY) -> the session maskers' catalog."""
+    return Catalog(rows, views)

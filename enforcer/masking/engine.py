@@ -245,7 +245,9 @@ class SessionMasker:
         if qualified is not None:
             # the catalog names the table column behind an alias: label rules see its name
             column = qualified.rsplit(".", 1)[-1]
-            return next((r for r in rules if r.column is not None and r.column.match(column)), None)
+            rule = next((r for r in rules if r.column is not None and r.column.match(column)), None)
+            if rule is not None:
+                return rule
         if sources:
             for r in rules:
                 for table, column in sources:
@@ -268,6 +270,15 @@ class SessionMasker:
         counter = self._counter("+".join(r.name for r in key_rules), label)
         return json_document_masker(index, masker.mask_body, type_oid, fmt, counter)
 
+    def _view_sources(self, table_oid: int, attnum: int) -> Optional[frozenset]:
+        sources = getattr(self.catalog, "sources", None)
+        if sources is None:
+            return None
+        try:
+            return sources(table_oid, attnum)
+        except Exception:     # a failing lookup leaves label rules and detectors in force
+            return None
+
     def _build_plan(self, fields, sources: Optional[tuple] = None) -> Optional[RowPlan]:
         rs = self.ruleset
         actions = []
@@ -278,7 +289,10 @@ class SessionMasker:
             # with a catalog every plain column is named by its table column, whatever its label
             qualified = self._qualified(f.table_oid, f.column_attnum)
             from_columns = None
-            if sources is not None:
+            if qualified is not None:
+                # the catalog knows this column: a table's is exact, a view's shows table columns
+                from_columns = self._view_sources(f.table_oid, f.column_attnum)
+            elif sources is not None:
                 from_columns = frozenset((t, label if c == OWN_LABEL else c) for t, c in sources[i])
             rule = self._rule_for(rs.column_whole, label, qualified, from_columns)
             if rule is not None and type_oid in JSON_TYPES and not rule.matches_column(label, qualified):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from enforcer.masking import CATALOG_QUERY, catalog_from_rows, load_masking
+from enforcer.masking import CATALOG_QUERY, VIEWS_QUERY, catalog_from_rows, load_masking
 from tests.pg_harness import EnforcerThread, PostgresServer, postgres_available
 
 pytestmark = [pytest.mark.postgres,
@@ -44,14 +44,17 @@ def pg():
         values = ", ".join(f"({i}, '{n}', '{s}', '{e}', '{t}')" for i, n, s, e, t in ROWS)
         server.psql_local("CREATE TABLE customers (id int primary key, name text, ssn text, email varchar(200), "
                           f"notes text); INSERT INTO customers VALUES {values}; CREATE UNIQUE INDEX ON customers (ssn); "
-                          "ALTER TABLE customers OWNER TO alice", dbname="app")
+                          "ALTER TABLE customers OWNER TO alice; "
+                          "CREATE VIEW customer_view AS SELECT id, ssn AS tax_id, upper(ssn) AS loud, name "
+                          "FROM customers; CREATE VIEW view_of_view AS SELECT tax_id AS t FROM customer_view; "
+                          "GRANT SELECT ON customer_view, view_of_view TO alice", dbname="app")
         yield server
 
 
 @pytest.fixture(scope="module")
 def catalog(pg):
     with psycopg.connect(pg.dsn()) as conn:
-        return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall())
+        return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall())
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +155,13 @@ def test_select_star_without_catalog_masks_the_named_table_column(uncataloged_en
     rows = fetch(uncataloged_enforcer, pg, "SELECT * FROM customers ORDER BY id")
     assert [r[:4] for r in rows] == [(1, "Jane Doe", "***-**-6789", "jane.doe@example.com"),
                                      (2, "John Roe", "***-**-1120", "john@example.org")]
+
+
+def test_view_columns_are_masked_by_the_table_columns_they_show(enforcer, pg):
+    """With the catalog a view is read from its definition: a renamed or computed ssn is masked."""
+    assert fetch(enforcer, pg, "SELECT * FROM customer_view WHERE id = 1") == \
+        [(1, "***-**-6789", "***-**-6789", "Jane Doe")]
+    assert fetch(enforcer, pg, "SELECT t FROM view_of_view ORDER BY t") == [("***-**-1120",), ("***-**-6789",)]
 
 
 def test_filtering_on_a_masked_column_leaves_other_columns_clear(uncataloged_enforcer, pg):

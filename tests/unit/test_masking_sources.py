@@ -283,3 +283,22 @@ def test_copy_of_a_table_star_query_is_still_refused():
     got = copy_out(d, "COPY (SELECT * FROM customers) TO STDOUT", 2, [b"1\t123-45-6789\n"])
     assert not any(t == b"d" for t, _ in got)
     assert any(t == b"E" for t, _ in got)
+
+
+def test_catalog_reads_views_through_their_definitions():
+    rows = [(16384, 1, "public", "customers", "id"), (16384, 2, "public", "customers", "ssn"),
+            (16390, 1, "public", "customer_view", "id"), (16390, 2, "public", "customer_view", "tax_id"),
+            (16390, 3, "public", "customer_view", "loud"), (16395, 1, "public", "nested", "t")]
+    views = [(16390, " SELECT customers.id,\n    customers.ssn AS tax_id,\n    upper(customers.ssn) AS loud\n"
+                     "   FROM customers;"),
+             (16395, " SELECT customer_view.tax_id AS t\n   FROM customer_view;")]
+    catalog = catalog_from_rows(rows, views)
+    assert catalog(16390, 2) == "public.customer_view.tax_id"
+    assert catalog.sources(16390, 2) == frozenset({("customers", "ssn")})
+    assert catalog.sources(16390, 3) == frozenset({("customers", "ssn")})
+    assert catalog.sources(16395, 1) == frozenset({("customers", "ssn")})      # a view over a view
+    assert catalog.sources(16384, 2) is None                                   # a table's own column
+    d = driver(QUALIFIED_RULE, catalog=catalog)
+    fields = [int_field("id", 16390, 1), text_field("tax_id", 16390, 2), text_field("loud", 16390, 3)]
+    assert simple(d, "SELECT * FROM customer_view", fields, [b"1", SSN, SSN]) == [[b"1", MASKED, MASKED]]
+    assert simple(d, "SELECT t AS x FROM nested", [text_field("x", 16395, 1)], [SSN]) == [[MASKED]]
