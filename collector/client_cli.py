@@ -375,13 +375,19 @@ def cmd_agents(client: CollectorClient, args) -> int:
         _print_json(items)
         return EXIT_OK
     table = Table(title=f"{len(items)} agent(s)")
-    for column in ("agent", "host", "last seen", "lag s", "last seq", "events", "chain", "problems"):
+    for column in ("agent", "host", "last seen", "lag s", "last seq", "events", "chain", "key", "keys",
+                   "problems"):
         table.add_column(column, overflow="fold")
     for a in items:
         chain = "[green]ok[/green]" if a["chain_ok"] else "[red]FLAGGED[/red]"
         problems = "; ".join(f"{p['kind']}@{p['seq']}" for p in a["problems"][:3])
+        keys = a.get("keys") or []
+        current = next((k for k in keys if k["current"]), None)
+        # the key signing now, since when; and how many keys the agent has had (rotations)
+        key = f"{current['key_id'][:16]} since {_short_time(current['enrolled'])}" if current else ""
         table.add_row(a["agent_id"], a["hostname"] or "", _short_time(a["last_seen"]), str(a["lag_seconds"] or ""),
-                      str(a["last_seq"]), str(a["events"]), chain, problems)
+                      str(a["last_seq"]), str(a["events"]), chain, key,
+                      f"{len(keys)} ({a.get('key_rotations', 0)} rotated)" if keys else "", problems)
     out.print(table)
     return EXIT_OK
 

@@ -160,7 +160,7 @@ def compress_body(body: bytes, dictionary=CURRENT_DICTIONARY) -> bytes:
     return _compressor(dictionary).compress(body)
 
 
-def _pack_body(header: dict, field_encodings: list[bytes]) -> bytes:
+def pack_batch_body(header: dict, field_encodings: list[bytes]) -> bytes:
     # The field maps are already canonically encoded (they were hashed that way), so
     # they are spliced in as the final "f" entry instead of being packed again.
     packer = msgpack.Packer(use_bin_type=True)
@@ -174,9 +174,9 @@ def _pack_body(header: dict, field_encodings: list[bytes]) -> bytes:
                      *field_encodings))
 
 
-def _header(agent_id, first_seq, last_seq, prev_hash, last_hash, created_ns, signature,
-            schema_version, event_version, seq_deltas, ts_deltas, sids, sid_index, types,
-            type_index, tags) -> dict:
+def batch_header(agent_id, first_seq, last_seq, prev_hash, last_hash, created_ns, signature,
+                 schema_version, event_version, seq_deltas, ts_deltas, sids, sid_index, types,
+                 type_index, tags) -> dict:
     return {"fmt": WIRE_FORMAT, "sv": schema_version, "ev": event_version,
             "agent": agent_id, "first": first_seq, "last": last_seq, "prev": prev_hash,
             "lasth": last_hash, "created": created_ns, "sig": signature, "seqd": seq_deltas,
@@ -208,11 +208,11 @@ def encode_batch(batch: Batch, dictionary=CURRENT_DICTIONARY) -> bytes:
     tags = batch.tags
     if len(tags) != count * TAG_BYTES:
         tags = b"".join(content_tag(canonical_encode(event)) for event in events)
-    header = _header(batch.agent_id, batch.first_seq, batch.last_seq, batch.prev_hash,
-                     batch.last_hash, batch.created_ns, batch.signature,
-                     batch.schema_version, version, seq_deltas, ts_deltas, list(sids),
-                     sid_index, list(types), type_index, tags)
-    return compress_body(_pack_body(header, fields), dictionary)
+    header = batch_header(batch.agent_id, batch.first_seq, batch.last_seq, batch.prev_hash,
+                          batch.last_hash, batch.created_ns, batch.signature,
+                          batch.schema_version, version, seq_deltas, ts_deltas, list(sids),
+                          sid_index, list(types), type_index, tags)
+    return compress_body(pack_batch_body(header, fields), dictionary)
 
 
 class _PyBuilderCore:
@@ -322,11 +322,11 @@ class BatchBuilder(_BuilderCore):
         last_seq = self.last_seq
         digest = signing_digest(self.agent_id, self.first_seq, last_seq, self.prev_hash,
                                 self.last_hash, created_ns, SCHEMA_VERSION, hashes)
-        header = _header(self.agent_id, self.first_seq, last_seq, self.prev_hash,
-                         self.last_hash, created_ns, key.sign(digest), SCHEMA_VERSION,
-                         SCHEMA_VERSION, [0] + [1] * (len(hashes) - 1), ts_deltas, sids,
-                         sid_index, types, type_index, tags)
-        return _pack_body(header, fields)
+        header = batch_header(self.agent_id, self.first_seq, last_seq, self.prev_hash,
+                              self.last_hash, created_ns, key.sign(digest), SCHEMA_VERSION,
+                              SCHEMA_VERSION, [0] + [1] * (len(hashes) - 1), ts_deltas, sids,
+                              sid_index, types, type_index, tags)
+        return pack_batch_body(header, fields)
 
     def finish(self, key: Ed25519PrivateKey, created_ns: int | None = None,
                dictionary=CURRENT_DICTIONARY) -> bytes:

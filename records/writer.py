@@ -58,7 +58,7 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from records.batch import (CURRENT_DICTIONARY, BatchBuilder, BatchFormatError, _header, _pack_body,
+from records.batch import (CURRENT_DICTIONARY, BatchBuilder, BatchFormatError, batch_header, pack_batch_body,
                            compress_body, decode_batch, signing_digest)
 from records.codec import GENESIS_HASH, MAX_DEPTH, NATIVE, EncodingError, _native
 from records.durable import fsync_dir
@@ -573,11 +573,11 @@ class RecordWriter:
         created_ns = time.time_ns()
         digest = signing_digest(self.agent_id, first, last, prev_hash, own[-1], created_ns,
                                 SCHEMA_VERSION, own)
-        header = _header(self.agent_id, first, last, prev_hash, own[-1], created_ns,
-                         self.key.sign(digest), SCHEMA_VERSION, SCHEMA_VERSION,
-                         [0] + [1] * (end - start - 1), ts_column, list(sid_map), sid_column,
-                         list(type_map), type_column, tags[start * 8:end * 8])
-        return compress_body(_pack_body(header, fields[start:end]), self.dictionary)
+        header = batch_header(self.agent_id, first, last, prev_hash, own[-1], created_ns,
+                              self.key.sign(digest), SCHEMA_VERSION, SCHEMA_VERSION,
+                              [0] + [1] * (end - start - 1), ts_column, list(sid_map), sid_column,
+                              list(type_map), type_column, tags[start * 8:end * 8])
+        return compress_body(pack_batch_body(header, fields[start:end]), self.dictionary)
 
     def _append(self, data: bytes, first: int, last: int) -> bool:
         """Append one frame, holding it while the spool refuses it (full) or fails (I/O error);

@@ -102,6 +102,11 @@ def test_serve_and_warden_cli_end_to_end(collector):
     assert "billing" in run("warden", "events", "--table", "customers", "--since", "2024-05-01T00:00:00",
                             "--until", "2024-05-01T03:00:00", env=cli_env).stdout
 
+    agents_view = run("warden", "agents", env=cli_env).stdout
+    listed = json.loads(run("warden", "agents", "--json", env=cli_env).stdout)[0]
+    assert "host-a" in agents_view and listed["keys"][0]["key_id"][:16] in agents_view
+    assert "1 (0 rotated)" in agents_view
+
     replay = run("warden", "replay", sid, env=cli_env).stdout
     assert replay.index("SELECT name FROM public.customers") < replay.index("SELECT 1") < replay.index("session.end")
     assert "billing" in run("warden", "sessions", "show", sid, env=cli_env).stdout
