@@ -1,4 +1,3 @@
-import glob
 import os
 import shutil
 import tempfile
@@ -7,29 +6,28 @@ import pytest
 
 from tests.bpfenv import ScratchCgroup, require_bpf
 
-# work directories tests create with tempfile.mkdtemp (agents, collectors, Postgres data dirs
-# that other users must reach, so not under pytest's private tmp_path)
-_TEST_DIR_PREFIXES = ("warden-agent-http-", "warden-agent-test-", "warden-collector-pg-", "warden-demo-test-",
-                      "warden-direct-ssl-", "warden-e2e-agent-", "warden-http-approvals-", "warden-notify-",
-                      "warden-notify-agent-", "warden-ops-", "warden-pg-", "warden-test-collector-", "warden-tls-",
-                      "warden-rel-")
-
-
-def _test_dirs() -> set:
-    base = tempfile.gettempdir()
-    return {path for prefix in _TEST_DIR_PREFIXES for path in glob.glob(os.path.join(base, prefix + "*"))}
-
 
 @pytest.fixture(scope="session", autouse=True)
-def _remove_test_work_dirs(request):
-    """Work directories this session created are removed when it passes (kept for a look when a
-    test failed, or with WARDEN_KEEP_TEST_DIRS=1)."""
-    before = _test_dirs()
-    yield
+def _session_work_dir(request):
+    """Every work directory of this test session (tempfile.mkdtemp: agents, collectors, Postgres
+    data dirs) lives under one base of its own, so removing them touches no other session's.
+    The base is world-traversable: Postgres (another user) and unprivileged agents reach into it.
+    Removed when the session passes; kept for a look when a test failed or with
+    WARDEN_KEEP_TEST_DIRS=1."""
+    base = tempfile.mkdtemp(prefix="warden-tests-")
+    os.chmod(base, 0o755)
+    saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = base          # subprocesses too
+    tempfile.tempdir = base
+    yield base
+    tempfile.tempdir = saved_tempdir
+    if saved_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved_env
     if request.session.testsfailed or os.environ.get("WARDEN_KEEP_TEST_DIRS"):
         return
-    for path in _test_dirs() - before:
-        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
