@@ -763,12 +763,11 @@ def reusable_by_shape(statement: StatementClass) -> bool:
 # Every text holding an EXECUTE contains the word: a keyword cannot be quoted, escaped or split
 # by a comment. Such a text means what the session's prepared statements make it mean, so no
 # memo keyed on the text (or its shape) may answer for it.
-_EXECUTE_WORD = re.compile("execute", re.IGNORECASE)
-
-
 def mentions_execute(sql: str) -> bool:
     """Whether `sql` may run a prepared statement (SQL EXECUTE), so its meaning depends on the session."""
-    return _EXECUTE_WORD.search(sql) is not None
+    # keywords are ASCII to Postgres: lower() then `in` is ~10x cheaper than an IGNORECASE search
+    # on the hot path of every new statement text
+    return "execute" in sql.lower()
 
 
 def _with_text(template: StatementClass, text: str) -> StatementClass:

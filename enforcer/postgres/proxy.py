@@ -885,8 +885,7 @@ class _Connection:
             hit = self._verdicts.get(sql)
             if hit is not None:
                 return hit
-            if mentions_execute(sql):
-                return decide_now(ctx, sql, base)[0]      # decided anew each time (see decide_now)
+            # (an EXECUTE text is never a memo or shape template: decide_now decides it anew)
             # a new text of a shape this connection has decided: no shared-cache lookups
             # (their keys hash the whole principal each time)
             shape = statement_shape(sql)
