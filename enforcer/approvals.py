@@ -21,6 +21,12 @@ log = logging.getLogger("warden.approvals")
 POLL_SLICE_S = 25.0      # one long-poll; the collector caps a single wait itself
 
 
+def format_params(params: list) -> str:
+    """A Bind's parameters as the approver reads them: $1 = '42', $2 = NULL."""
+    return ", ".join(f"${i} = " + ("NULL" if v is None else "'" + str(v).replace("'", "''") + "'")
+                     for i, v in enumerate(params, 1)) or "none"
+
+
 class ApprovalClient:
     def __init__(self, collector_url: str, token_source: Callable[[], str], timeout_s: float = 300.0,
                  ca_file: Optional[str] = None, grant_window_s: float = 0.0):
@@ -48,8 +54,11 @@ class ApprovalClient:
             return None
         return grant[1], grant[2]
 
-    async def request(self, ctx, statement_decision) -> Decision:
-        """For a Postgres statement whose policy decision is "approval"."""
+    async def request(self, ctx, statement_decision, params: Optional[list] = None,
+                      params_key: Optional[str] = None, statement_index: Optional[int] = None) -> Decision:
+        """For a Postgres statement whose policy decision is "approval". `params`: one execution
+        (Bind) of a prepared statement, its parameters as recorded (masked), shown to the
+        approver; `params_key` identifies the values as sent, so a grant covers only them."""
         statement, decision = statement_decision.statement, statement_decision.decision
         line = text = statement.text
         executes = getattr(statement, "executes", None)
@@ -59,8 +68,13 @@ class ApprovalClient:
             text = line
         if ctx.masking is not None and hasattr(ctx.masking, "mask_text"):
             text, _count = ctx.masking.mask_text(text)
+        key: tuple = (ctx.identity, ctx.target.name, line)
+        if params is not None:
+            # the approver approves these values, not the statement with any values
+            text += " -- parameters: " + format_params(params)
+            key += ("params", params_key if params_key is not None else tuple(params))
         resource = ",".join(statement.tables) or ctx.target.name
-        return await self._ask(ctx, decision, text, resource, key=(ctx.identity, ctx.target.name, line))
+        return await self._ask(ctx, decision, text, resource, key=key, statement_index=statement_index)
 
     async def request_http(self, ctx, decision: Decision, method: str, host: str, path: str,
                            query: str = "", shown_query: Optional[str] = None, has_body: bool = False) -> Decision:
@@ -73,7 +87,8 @@ class ApprovalClient:
         key = None if has_body else (ctx.identity, ctx.target.name, line)
         return await self._ask(ctx, decision, summary, f"{host}{path}", key=key)
 
-    async def _ask(self, ctx, decision: Decision, summary: str, resource: str, key: Optional[tuple]) -> Decision:
+    async def _ask(self, ctx, decision: Decision, summary: str, resource: str, key: Optional[tuple],
+                   statement_index: Optional[int] = None) -> Decision:
         granted = self._granted(key) if self.grant_window_s > 0 and key is not None else None
         if granted is not None:
             return Decision("allow", decision.action, decision.policy_ids,
@@ -90,9 +105,11 @@ class ApprovalClient:
                                                            f"({resp.status_code}: {resp.text[:200]})")
                 approval = resp.json()
                 approval_id = approval["id"]
-                ctx.emit("approval.requested", {
-                    "approval_id": approval_id, "identity": ctx.identity, "action": decision.action,
-                    "resource": resource, "summary": summary, "timeout_s": self.timeout_s})
+                requested = {"approval_id": approval_id, "identity": ctx.identity, "action": decision.action,
+                             "resource": resource, "summary": summary, "timeout_s": self.timeout_s}
+                if statement_index is not None:
+                    requested["statement_index"] = statement_index    # the execution it holds
+                ctx.emit("approval.requested", requested)
                 notify = ctx.extra.get("notify_client")
                 if notify is not None:
                     notify(f"Warden: this needs an approval ({decision.action} on {resource}). "
@@ -122,7 +139,8 @@ class ApprovalClient:
         if status in ("approved", "denied"):
             approver, why = approval.get("decided_by"), approval.get("reason")
             ctx.emit("approval.decided", {"approval_id": approval_id, "decision": status,
-                                          "approver": approver, "reason": why, "latency_ns": latency})
+                                          "approver": approver, "reason": why, "latency_ns": latency,
+                                          "summary": summary})
             if status == "denied":
                 return Decision("deny", decision.action, decision.policy_ids,
                                 f"approval {approval_id} denied by {approver}: {why}", decision.resources)
@@ -130,7 +148,7 @@ class ApprovalClient:
                 self._grants[key] = (time.monotonic() + self.grant_window_s, approval_id, approver)
             return Decision("allow", decision.action, decision.policy_ids,
                             f"approved by {approver}: {why}", decision.resources)
-        ctx.emit("approval.expired", {"approval_id": approval_id, "timeout_s": self.timeout_s})
+        ctx.emit("approval.expired", {"approval_id": approval_id, "timeout_s": self.timeout_s, "summary": summary})
         return Decision("deny", decision.action, decision.policy_ids,
                         f"approval {approval_id} was not decided within {int(self.timeout_s)} s "
                         f"(approvals.timeout); retry once an approver is available", decision.resources)

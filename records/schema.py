@@ -44,8 +44,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
                         "resource", "cached", "statement_index", "request_index"),
     "approval.requested": ("approval_id", "identity", "action", "resource", "summary",
                            "timeout_s", "statement_index", "request_index"),
-    "approval.decided": ("approval_id", "decision", "approver", "reason", "latency_ns"),
-    "approval.expired": ("approval_id", "timeout_s"),
+    # summary: what the approver was shown (as approval.requested)
+    "approval.decided": ("approval_id", "decision", "approver", "reason", "latency_ns", "summary"),
+    "approval.expired": ("approval_id", "timeout_s", "summary"),
     "mask.applied": ("rules", "columns", "fields", "method", "values_masked", "rows",
                      "statement_index", "request_index"),
     "conn.observed": (*_PROCESS, "identity", "family", "src", "dst", "dport",

@@ -154,10 +154,14 @@ def _decide_execute(ctx, policy, sql: str, prepared: Optional[dict]):
 
 
 async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
-    """Policy decision for one Query/Parse, with approvals; fails closed on policy errors."""
+    """Policy decision for one Query, Parse or held execution (Bind), with approvals; fails
+    closed on policy errors."""
     verdicts, extra = decide_now(ctx, req.sql, prepared=req.prepared)
     if verdicts is not None:
         return verdicts
+    # a protocol Parse runs nothing: the approver is asked for each execution instead, which
+    # comes with the values it binds (req.params)
+    at_parse = req.protocol == "extended" and req.params is None
     # an approval is needed: never cached, each statement asks again
     verdicts = []
     for sd in extra:
@@ -167,9 +171,17 @@ async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
                 v.allowed, v.decision = False, "deny"
                 v.reason = "approval required but no approval service is configured"
                 verdicts.append(v)
+            elif at_parse:
+                v = _verdict_from(sd)          # not allowed: only a Parse may take "approval"
+                v.decision = "approval"
+                verdicts.append(v)
             else:
                 try:
-                    final = await ctx.approvals.request(ctx, sd)
+                    if req.params is None:
+                        final = await ctx.approvals.request(ctx, sd)
+                    else:
+                        final = await ctx.approvals.request(ctx, sd, params=req.params, params_key=req.params_key,
+                                                            statement_index=req.statement_index)
                     verdicts.append(_verdict_from(sd, final))
                 except Exception as e:
                     v = _verdict_from(sd)

@@ -26,13 +26,20 @@ aborted, an implicit one is rolled back, later statements of a pipeline are skip
 enforcer sends in its place a DO block that raises SQLSTATE 42501 with the denial message:
 - simple Query: the whole Query message is replaced (none of its statements run — a
   multi-statement string is all-or-nothing under Warden, which is stricter than Postgres);
-- extended protocol: the denied Parse is replaced by Parse/Bind/Execute of the DO block on
-  the unnamed statement and portal; their ParseComplete/BindComplete are swallowed, the
-  client's following messages are discarded until Sync, and Sync is forwarded so the
-  server answers ReadyForQuery with the true transaction status;
+- extended protocol: the denied Parse (or Bind, see approvals) is replaced by Parse/Bind/Execute
+  of the DO block on the unnamed statement and portal; their ParseComplete/BindComplete are
+  swallowed, the client's following messages are discarded until Sync, and Sync is forwarded
+  so the server answers ReadyForQuery with the true transaction status;
 - FunctionCall (the fast-path interface, which calls a function by OID that policy cannot see)
   is always refused: the DO block goes as a simple Query in its place, whose ErrorResponse and
   ReadyForQuery end the FunctionCall's cycle.
+
+Approvals in the extended protocol: a Parse runs nothing, so a statement that needs approval
+is parsed (its verdict says decision "approval") and each execution is held instead: the Bind,
+with its parameters rendered (masked) for the approver, waits for DECIDE like a held Query, and
+the client's later messages wait behind it. An approved Bind goes on; a denied one is refused
+like a denied Parse. The executions of such a statement are never left to the C lane (its
+statement never gets a record template), so none passes undecided.
 
 Startup parameters outside STARTUP_SETTINGS (also inside `options`) are refused with FATAL
 42501 before any upstream connection: they would take effect before the first decision.
@@ -47,11 +54,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
+import hashlib
 import json
 import os
 import re
 import struct
 import time
+import uuid
 from typing import Any, Callable, Optional
 
 from ..masking.pgrow import MaskingRefused
@@ -108,6 +118,13 @@ class DecisionRequest:
     # a text that may EXECUTE a prepared statement: the session's named statements (name -> text)
     # as the server holds them when the text is sent, which such an EXECUTE is decided as
     prepared: Optional[dict] = None
+    # one execution (Bind) of a prepared statement that needs approval: its parameters as the
+    # approver is shown them (masked, approval_params; None for a Query or Parse), a digest of the
+    # values as sent (what approvals.grant_window matches: an approval of id=1 never covers id=2,
+    # even when masking shows both alike) and the statement_index its pg.statement will have
+    params: Optional[list] = None
+    params_key: Optional[str] = None
+    statement_index: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -119,7 +136,9 @@ class Verdict:
     kind: Optional[str] = None
     tables: tuple = ()
     functions: tuple = ()
-    decision: str = "allow"        # allow | deny
+    # allow | deny | approval: only a Parse gets "approval" (allowed False): the statement is
+    # parsed and each of its executions is decided, and held, with its parameters
+    decision: str = "allow"
     policy_ids: tuple = ()
     reason: str = ""
     prepared: Optional[dict] = None   # an SQL EXECUTE decided as a prepared statement: {name, text}
@@ -139,9 +158,10 @@ class _Statement:
     Describe 'S' was answered ([] for NoData), `described` once the client asked. `seq` numbers
     the Parse that made it (0: an SQL PREPARE); `effects` are what running it does to the
     prepared statements (namespace_effects: SQL PREPARE, DEALLOCATE, DISCARD ALL)."""
-    __slots__ = ("text", "verdict", "fields", "described", "record", "seq", "effects")
+    __slots__ = ("text", "verdict", "fields", "described", "record", "seq", "effects", "param_types")
 
-    def __init__(self, text: str, verdict: Optional[Verdict], seq: int = 0, effects: tuple = ()):
+    def __init__(self, text: str, verdict: Optional[Verdict], seq: int = 0, effects: tuple = (),
+                 param_types: tuple = ()):
         self.text = text
         self.verdict = verdict
         self.fields: Optional[list] = None
@@ -151,6 +171,7 @@ class _Statement:
         self.record: Optional[dict] = None
         self.seq = seq
         self.effects = effects
+        self.param_types = param_types      # the Parse's parameter type OIDs (0: the server infers)
 
 
 class _Portal:
@@ -318,6 +339,73 @@ def _render(values: list, fmts: list, mask_text: Optional[Callable[[str], tuple]
                     shown = masked
         out.append(shown)
     return out
+
+
+_PG_EPOCH = datetime.datetime(2000, 1, 1)
+
+
+def _binary_bool(v: bytes) -> str:
+    if len(v) != 1:
+        raise ValueError("a binary bool is one byte")
+    return "false" if v == b"\x00" else "true"
+
+
+# binary formats an approver can be shown as text, by the parameter's declared type OID
+_BINARY_AS_TEXT = {
+    16: lambda v: _binary_bool(v),                                             # bool
+    20: lambda v: str(struct.unpack("!q", v)[0]),                              # int8
+    21: lambda v: str(struct.unpack("!h", v)[0]),                              # int2
+    23: lambda v: str(struct.unpack("!i", v)[0]),                              # int4
+    26: lambda v: str(struct.unpack("!I", v)[0]),                              # oid
+    700: lambda v: repr(struct.unpack("!f", v)[0]),                            # float4
+    701: lambda v: repr(struct.unpack("!d", v)[0]),                            # float8
+    2950: lambda v: str(uuid.UUID(bytes=v)),                                   # uuid
+    1082: lambda v: (_PG_EPOCH + datetime.timedelta(days=struct.unpack("!i", v)[0])).date().isoformat(),
+    1114: lambda v: (_PG_EPOCH + datetime.timedelta(microseconds=struct.unpack("!q", v)[0])).isoformat(" "),
+    1184: lambda v: (_PG_EPOCH + datetime.timedelta(microseconds=struct.unpack("!q", v)[0])).isoformat(" ") + "+00",
+}
+_BINARY_TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114})      # text, varchar, bpchar, name, json
+
+
+def approval_params(values: list, fmts: list, types: tuple,
+                    mask_text: Optional[Callable[[str], tuple]] = None) -> list:
+    """A Bind's parameters as an approver reads them: as recorded (render_params), except that a
+    binary value of a type the Parse declared and we can read (integers, bool, floats, uuid,
+    dates, text) is shown as its text, masked like any text value (psycopg sends an int as
+    binary int2, which the records show as '\\x0001')."""
+    shown = _render(values, fmts, mask_text)
+    for i, v in enumerate(values):
+        fmt = fmts[0] if len(fmts) == 1 else (fmts[i] if i < len(fmts) else 0)
+        oid = types[i] if i < len(types) else 0
+        if v is None or fmt != 1 or not oid:
+            continue
+        try:
+            if oid in _BINARY_TEXT_TYPES:
+                text = v.decode("utf-8")
+            elif oid == 3802 and v[:1] == b"\x01":                              # jsonb: version 1, text
+                text = v[1:].decode("utf-8")
+            elif oid in _BINARY_AS_TEXT:
+                text = _BINARY_AS_TEXT[oid](v)
+            else:
+                continue
+        except (ValueError, struct.error, OverflowError):
+            continue        # not what the type says: the recorded hex
+        shown[i] = mask_text(text)[0] if mask_text is not None else text
+    return shown
+
+
+def _params_key(values: list, fmts: list) -> str:
+    """A digest of a Bind's parameter values and formats as sent: what a grant of an approval
+    matches, without keeping the values themselves."""
+    h = hashlib.sha256()
+    for i, v in enumerate(values):
+        fmt = fmts[0] if len(fmts) == 1 else (fmts[i] if i < len(fmts) else 0)
+        if v is None:
+            h.update(b"N;")
+        else:
+            h.update(b"%d:%d:" % (fmt, len(v)))
+            h.update(v)
+    return h.hexdigest()
 
 
 def _copy_out_refusal(masking, overall: int, opts) -> Optional[MaskingRefused]:
@@ -584,6 +672,8 @@ class PostgresSession:
         kind = pending[0]
         if kind == "Q":
             self._resume_query(pending, verdicts, out)
+        elif kind == "B":
+            self._resume_bind(pending, verdicts, out)
         else:
             self._resume_parse(pending, verdicts, out)
         if self._cbuf and self.phase != CLOSED and self._pending is None:
@@ -788,8 +878,30 @@ class PostgresSession:
                     bind = P.parse_bind_at(buf, pos + 5, end)
                 except P.ProtocolError:
                     return self._client_protocol_error(out, buf, run, pos, P.bind_error(buf[pos + 5:end]))
+                statement = self._statement_for(bind[1])
+                if statement is not None and statement.verdict is not None \
+                        and statement.verdict.decision == "approval":
+                    # an execution of a statement that needs approval: decided now, with the
+                    # values it binds; held (and what follows with it) while an approver decides
+                    if run < pos:
+                        out.append((TO_SERVER, buf[run:pos]))
+                    pending = ("B", buf[pos:end], bind, statement)
+                    text = statement.text
+                    prepared = self._prepared_texts() if self._statements and mentions_execute(text) else None
+                    verdicts = None
+                    if self.decide is not None:
+                        verdicts = self.decide(text, prepared=prepared) if prepared else self.decide(text)
+                    if verdicts is not None:
+                        # the policy answers at once now (it was reloaded): no approval to wait for
+                        self._resume_bind(pending, verdicts, out)
+                        run = pos = end
+                        continue
+                    self._cbuf = buf[end:]
+                    self._pending = pending
+                    out.append((DECIDE, self._bind_request(statement, bind, prepared)))
+                    return
                 expect.append(_BIND_EXPECT)
-                self._record_bind(bind, out)
+                self._record_bind(bind, out, None, statement)
             elif t == 69:        # 'E' Execute
                 nul = buf.find(b"\0", pos + 5, end)
                 name = buf[pos + 5:nul].decode("utf-8", "replace") if nul > pos + 5 else ""
@@ -900,11 +1012,13 @@ class PostgresSession:
         self._cbuf = b""
         out += self._fatal("08P01", f"invalid frontend message: {err}", "protocol_error")
 
-    def _record_bind(self, bind: tuple, out: list) -> None:
+    def _record_bind(self, bind: tuple, out: list, verdict: Optional[Verdict],
+                     statement: Optional[_Statement]) -> None:
         """A Bind is one execution of its statement: a new portal and a pg.statement record.
-        `bind` is protocol.parse_bind_at's (portal, statement, param formats, params, result formats)."""
+        `bind` is protocol.parse_bind_at's (portal, statement, param formats, params, result formats);
+        `verdict`: this execution's own decision (an approved execution), instead of the statement's;
+        `statement`: what the Bind's name refers to (_statement_for)."""
         portal_name, name, fmts, values, rfmts = bind
-        statement = self._statement_for(name)
         index = self.statements = self.statements + 1
         portal = _Portal(statement, rfmts, index)
         if portal_name:
@@ -916,7 +1030,8 @@ class PostgresSession:
             # an SQL PREPARE / DEALLOCATE / DISCARD ALL: its execution changes the statements
             # (taken back if it does not run); never a record template, so these Binds stay here
             portal.undo = self._apply_effects(statement.effects, statement.verdict)
-        elif masking is None and statement is not None and not (self._parse_waits and self._waiting(name)):
+        elif (masking is None and statement is not None and verdict is None
+              and not (self._parse_waits and self._waiting(name))):
             # the statement's constant fields were built once; only parameters and index differ
             template = statement.record
             if template is None:
@@ -930,9 +1045,39 @@ class PostgresSession:
             out.append((EVENT, ("pg.statement", fields)))
             return
         params = _render(values, fmts, masking.mask_text if masking is not None else None)
+        if verdict is None and statement is not None:
+            verdict = statement.verdict
         out.append((EVENT, ("pg.statement", self._statement_fields(
-            portal.text, params, statement.verdict if statement is not None else None,
-            "extended", name, index, portal_name))))
+            portal.text, params, verdict, "extended", name, index, portal_name))))
+
+    def _bind_request(self, statement: _Statement, bind: tuple, prepared: Optional[dict]) -> DecisionRequest:
+        """The DECIDE of one held execution: the statement, and its parameters as recorded."""
+        portal_name, name, fmts, values, _rfmts = bind
+        masking = self.masking
+        params = approval_params(values, fmts, statement.param_types,
+                                 masking.mask_text if masking is not None else None)
+        # nothing else is recorded while the client is held: this is the index its record gets
+        return DecisionRequest(statement.text, "extended", name, prepared, params=params,
+                               params_key=_params_key(values, fmts), statement_index=self.statements + 1)
+
+    def _resume_bind(self, pending, verdicts: list[Verdict], out: list) -> None:
+        """The decision of one execution of a statement that needs approval (held at its Bind)."""
+        _, msg, bind, statement = pending
+        # no verdict at all: the statement's own ("approval", not allowed) refuses it
+        denied = next((v for v in verdicts if not v.allowed), None) if verdicts else statement.verdict
+        if denied is None:
+            self._expect.append(_BIND_EXPECT)
+            self._record_bind(bind, out, verdicts[0], statement)
+            out.append((TO_SERVER, msg))
+            return
+        portal_name, name, fmts, values, _rfmts = bind
+        index = self.statements = self.statements + 1
+        masking = self.masking
+        params = _render(values, fmts, masking.mask_text if masking is not None else None)
+        out.append((EVENT, ("pg.statement", self._statement_fields(statement.text, params, denied, "extended",
+                                                                     name, index, portal_name))))
+        # the client's Bind never reaches the server: no portal of that name exists there either
+        self._refuse_extended(denied, statement.text, index, out)
 
     # ---- the prepared statements as the server will hold them -----------------------------------
     def _statement_for(self, name: str) -> Optional[_Statement]:
@@ -1158,16 +1303,17 @@ class PostgresSession:
         _, msg, parse = pending
         if not verdicts:
             verdicts = [Verdict(True, parse.query)]
-        denied = next((v for v in verdicts if not v.allowed), None)
-        verdict = denied or verdicts[0]
+        # "approval" is no denial here: parsing runs nothing; each execution is held instead
+        denied = next((v for v in verdicts if not v.allowed and v.decision != "approval"), None)
         if denied is None:
+            verdict = next((v for v in verdicts if v.decision == "approval"), verdicts[0])
             # the executions (Bind) are the recorded statements, each carrying this decision
             name = parse.name
             seq = self._parse_seq = self._parse_seq + 1
             effects = namespace_effects(parse.query, verdict.kind)
             if verdict.prepared is not None:
                 effects += self._executed_effects(verdict.prepared)
-            statement = _Statement(parse.query, verdict, seq, effects)
+            statement = _Statement(parse.query, verdict, seq, effects, tuple(parse.param_types))
             held = self._statements.get(name) if name else None
             if held is None:
                 # expected to succeed: in force from now on for the client's next messages (and for
@@ -1187,13 +1333,17 @@ class PostgresSession:
         self.statements += 1
         out.append((EVENT, ("pg.statement", self._statement_fields(parse.query, None, denied, "extended",
                                                                      parse.name, self.statements))))
+        self._refuse_extended(denied, parse.query, self.statements, out)
+
+    def _refuse_extended(self, denied: Verdict, text: str, index: int, out: list) -> None:
+        """A denied Parse or Bind: the server itself raises 42501 in its place (an explicit
+        transaction becomes aborted), and the client's messages are discarded until Sync."""
         message = denial_message(self.identity, self.target, denied)
-        # the server never sees the denied Parse; its unnamed statement becomes the DO block below
+        # the server never sees the denied message; its unnamed statement becomes the DO block below
         self._statements.pop("", None)
         self._expect.append((49, True))
         self._expect.append((50, True))
-        self._results.append(_Result(parse.query, self.clock(), self._client_batch, denied=True,
-                                     index=self.statements))
+        self._results.append(_Result(text, self.clock(), self._client_batch, denied=True, index=index))
         out.append((TO_SERVER, P.build_parse("", denial_do_block(message)) + P.build_bind("", "")
                     + P.build_execute("", 0)))
         self._discard_until_sync = True
