@@ -464,7 +464,20 @@ finish:
     return failed ? -1 : pos;
 }
 
+/* the lanes build and compare session.py's own objects: used before session.py configured them
+ * (a caller that imported the module directly), they would dereference NULL. 0 ok, -1 raised */
+static int require_configured(void) {
+    if (Ready == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_pglanes is not configured: import enforcer.postgres.session first "
+                                            "(it is not, with WARDEN_PURE_PYTHON=1)");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *client_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (require_configured() < 0)
+        return NULL;
     if (nargs != 5 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[4])) {
         PyErr_SetString(PyExc_TypeError, "client_lane(session, buf: bytes, pos, limit, out: list)");
         return NULL;
@@ -778,6 +791,8 @@ static Py_ssize_t run_server_lane(PyObject *dict, const unsigned char *buf, Py_s
 }
 
 static PyObject *server_lane(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (require_configured() < 0)
+        return NULL;
     if (nargs != 4 || !PyBytes_CheckExact(args[1]) || !PyList_CheckExact(args[3])) {
         PyErr_SetString(PyExc_TypeError, "server_lane(session, buf: bytes, pos, out: list)");
         return NULL;
@@ -902,6 +917,8 @@ done:
 }
 
 static PyObject *feed_client(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (require_configured() < 0)
+        return NULL;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "feed_client(session, data)");
         return NULL;
@@ -941,6 +958,8 @@ done:
 }
 
 static PyObject *feed_server(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (require_configured() < 0)
+        return NULL;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "feed_server(session, data)");
         return NULL;
@@ -1037,6 +1056,8 @@ static int steady_apply(PyObject *emit, PyObject *server_transport, PyObject *cl
 }
 
 static PyObject *apply_steady(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (require_configured() < 0)
+        return NULL;
     if (nargs != 4 || !PyList_CheckExact(args[3])) {
         PyErr_SetString(PyExc_TypeError, "apply_steady(emit, server_transport, client_transport, actions: list)");
         return NULL;
@@ -1132,6 +1153,8 @@ static PyObject *Reader_vectorcall(Reader *self, PyObject *const *args, size_t n
 }
 
 static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    if (require_configured() < 0)
+        return NULL;
     PyObject *session, *done, *emit, *server_transport, *client_transport, *handler, *rest, *fail;
     int client;
     if (!PyArg_ParseTuple(args, "OpOOOOOOO:Reader", &session, &client, &done, &emit, &server_transport,

@@ -26,6 +26,9 @@ except ImportError:
     pytest.skip("enforcer.postgres._pglanes is not built (pip install -e .)", allow_module_level=True)
 
 LANES = S._lanes
+# tests that call the lanes directly need them configured by session.py; with WARDEN_PURE_PYTHON=1
+# it leaves them off (the Python loops are then the ones every other test file runs)
+needs_lanes = pytest.mark.skipif(LANES is None, reason="the session runs without the C lanes (WARDEN_PURE_PYTHON=1)")
 
 
 @contextlib.contextmanager
@@ -245,6 +248,7 @@ def answer(rows: int) -> bytes:
             + P.build_command_complete(f"SELECT {rows}") + P.build_ready_for_query("I"))
 
 
+@needs_lanes
 def test_prepared_cycle_is_taken_whole_by_the_lanes():
     s = new_session()
     normal(s.feed_client(PREPARE), s)
@@ -264,6 +268,7 @@ def test_prepared_cycle_is_taken_whole_by_the_lanes():
     assert s._server_batch == s._client_batch and not s._results and not s._expect
 
 
+@needs_lanes
 def test_lanes_stop_at_what_they_leave_to_python():
     s = new_session()
     normal(s.feed_client(PREPARE), s)
@@ -298,6 +303,22 @@ def test_denied_statement_in_a_transaction_still_aborts_it_with_the_lanes():
         ("error", "denied"), ("statement_index", 3)]
 
 
+def test_unconfigured_lanes_raise_instead_of_crashing():
+    """Bug fix: with WARDEN_PURE_PYTHON=1 session.py never configures the module, and calling it
+    directly then dereferenced NULL (a segfault of the whole process)."""
+    from tests.native_switch import printed_with_pure_python
+    code = ("from enforcer.postgres import _pglanes, session\n"
+            "for call in (lambda: _pglanes.client_lane(object(), b'', 0, 1, []),\n"
+            "             lambda: _pglanes.server_lane(object(), b'', 0, []),\n"
+            "             lambda: _pglanes.feed_client(object(), b''), lambda: _pglanes.feed_server(object(), b''),\n"
+            "             lambda: _pglanes.apply_steady(None, None, None, [])):\n"
+            "    try:\n"
+            "        call()\n"
+            "    except RuntimeError as e:\n"
+            "        print('configured' in str(e))\n")
+    assert printed_with_pure_python(code, "1").split() == ["True"] * 5
+
+
 def test_pure_python_switch_turns_the_lanes_off():
     from tests.native_switch import printed_with_pure_python
     code = ("from enforcer.postgres import session, proxy; from enforcer import sqlclass; "
@@ -310,6 +331,7 @@ def test_pure_python_switch_turns_the_lanes_off():
 @pytest.mark.parametrize("attr, value", [("phase", "auth"), ("masking", object()), ("_pending", ("Q", b"", "")),
                                          ("_cbig", [[b"x"], 1, 9]), ("_discard_until_sync", True),
                                          ("_cbuf", b"B\0")])
+@needs_lanes
 def test_client_reads_outside_the_steady_state_are_left_to_python(attr, value):
     s = new_session()
     setattr(s, attr, value)
@@ -320,6 +342,7 @@ def test_client_reads_outside_the_steady_state_are_left_to_python(attr, value):
 
 @pytest.mark.parametrize("attr, value", [("phase", "auth"), ("masking", object()), ("_withhold", True),
                                          ("_sbig", [[b"x"], 1, 9]), ("_sbuf", b"D\0")])
+@needs_lanes
 def test_server_reads_outside_the_steady_state_are_left_to_python(attr, value):
     s = new_session()
     normal(s.feed_client(execution(b"1")), s)
@@ -406,6 +429,7 @@ steady_action = st.one_of(
 )
 
 
+@needs_lanes
 @settings(max_examples=500, deadline=None)
 @given(st.lists(steady_action, max_size=8), st.booleans(), st.booleans())
 def test_apply_steady_does_what_the_shell_does(actions, server_closing, client_closing):
@@ -423,6 +447,7 @@ def test_apply_steady_does_what_the_shell_does(actions, server_closing, client_c
 
 @pytest.mark.parametrize("other", [(DECIDE, None), (S.CLOSE, "done"), (S.REGISTER_CANCEL_KEY, (1, b"k", 2, b"k")),
                                    (EVENT, ("pg.result",)), ("junk",)])
+@needs_lanes
 def test_apply_steady_leaves_any_other_list_untouched(other):
     events, server = [], FakeTransport()
     actions = [(EVENT, ("pg.result", {"rows": 1})), (TO_SERVER, b"x"), other]
@@ -430,6 +455,7 @@ def test_apply_steady_leaves_any_other_list_untouched(other):
     assert events == [] and server.calls == []
 
 
+@needs_lanes
 def test_apply_steady_writes_nothing_when_a_record_cannot_be_taken():
     class Refused(Exception):
         pass
@@ -511,12 +537,14 @@ def assert_shell_same(steps: list, emit_fails_at: int = -1) -> None:
     assert run_shell(steps, True, emit_fails_at) == run_shell(steps, False, emit_fails_at)
 
 
+@needs_lanes
 @settings(max_examples=800, deadline=None)
 @given(streams())
 def test_reader_does_what_the_python_handlers_do(steps):
     assert_shell_same(steps)
 
 
+@needs_lanes
 @settings(max_examples=500, deadline=None)
 @given(executions(), st.integers(-1, 12))
 def test_reader_matches_the_handlers_on_executions_and_refused_records(steps, emit_fails_at):
@@ -534,6 +562,7 @@ def steady_steps(n: int) -> list:
     return steps
 
 
+@needs_lanes
 def test_reader_takes_steady_reads_itself_and_counts_them():
     session = new_session(inline=True)
     conn, legs = shell(session, lambda t, f: None, True)
@@ -555,6 +584,7 @@ def test_reader_takes_steady_reads_itself_and_counts_them():
     assert sent(conn.cwriter.transport) == b"".join(d for side, d in steps if side == "s")
 
 
+@needs_lanes
 def test_reader_hands_reads_outside_the_steady_state_to_the_handler():
     calls = []
     session = new_session(inline=True)
@@ -566,6 +596,7 @@ def test_reader_hands_reads_outside_the_steady_state_to_the_handler():
     assert calls == [execution(b"1")] and reader.reads == 0
 
 
+@needs_lanes
 def test_reader_drops_reads_once_the_connection_finished():
     session = new_session(inline=True)
     conn, legs = shell(session, lambda t, f: None, True)
@@ -574,12 +605,14 @@ def test_reader_drops_reads_once_the_connection_finished():
     assert conn.swriter.transport.calls == [] and session.statements == 0
 
 
+@needs_lanes
 def test_reader_ends_the_connection_on_terminate():
     for reader in (True, False):
         got = run_shell(steady_steps(2) + [("c", execution(b"9") + P.build_terminate())], reader)
         assert got[3] == ("finished", "client_terminated")
 
 
+@needs_lanes
 def test_reader_fails_the_connection_when_a_record_is_refused():
     steps = steady_steps(3)
     got = run_shell(steps, True, emit_fails_at=4)      # the third execution's pg.statement
@@ -592,6 +625,7 @@ def test_reader_fails_the_connection_when_a_record_is_refused():
     assert b"Warden ended this session" in got[2][-1][1]
 
 
+@needs_lanes
 def test_reader_lets_base_exceptions_through():
     session = new_session(inline=True)
 
