@@ -7,13 +7,23 @@ import pytest
 from tests.bpfenv import ScratchCgroup, require_bpf
 
 
+_INHERITED_TMPDIR = os.environ.get("TMPDIR", "").rstrip("/")
+if os.path.basename(_INHERITED_TMPDIR).startswith("warden-tests-"):
+    # a session started by a test of another session (the sanitizer run): it works beside that
+    # session's base, not inside it, so its paths (unix sockets) are no longer than at top level
+    os.environ["TMPDIR"] = os.path.dirname(_INHERITED_TMPDIR)
+    tempfile.tempdir = None
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _session_work_dir(request):
+def _session_work_dir(request, tmp_path_factory):
     """Every work directory of this test session (tempfile.mkdtemp: agents, collectors, Postgres
     data dirs) lives under one base of its own, so removing them touches no other session's.
     The base is world-traversable: Postgres (another user) and unprivileged agents reach into it.
     Removed when the session passes; kept for a look when a test failed or with
     WARDEN_KEEP_TEST_DIRS=1."""
+    # pytest's own tmp_path stays where it was: unix socket paths there must stay short
+    tmp_path_factory.getbasetemp()
     base = tempfile.mkdtemp(prefix="warden-tests-")
     os.chmod(base, 0o755)
     saved_env, saved_tempdir = os.environ.get("TMPDIR"), tempfile.tempdir
