@@ -120,14 +120,11 @@ def decide_now(ctx, sql: str, base: Optional[tuple] = None, shape=_UNKNOWN, prep
         template = decision_cache.get((*base, None, shape))
         if template is not None:
             return [template.with_text(single_statement_text(sql))], CACHED_SHAPE
-    try:
-        decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, sql)
-    except Exception as e:  # a broken policy must not let statements through
-        return [Verdict(False, sql, action="pg:unknown", decision="deny",
-                        reason=f"policy evaluation failed: {e}")], DECIDED
-    if any(sd.decision.kind == "approval" for sd in decisions):
-        return None, decisions
-    verdicts = [_verdict_from(sd) for sd in decisions]
+    verdicts, decisions = _policy_verdicts(ctx, policy, sql)
+    if verdicts is None:
+        return None, decisions              # an approval is needed
+    if decisions is None:
+        return verdicts, DECIDED            # the policy failed: denied, and never cached
     decision_cache.put((*base, sql), verdicts)
     if shape is not None and len(decisions) == 1 and reusable_by_shape(decisions[0].statement):
         decision_cache.put((*base, None, shape), verdicts[0])
@@ -139,18 +136,26 @@ def _decide_execute(ctx, policy, sql: str, prepared: Optional[dict]):
     statement of that name is now (unknown: pg:other), never from or into a memo, since the same
     text runs something else once the name is prepared again."""
     new_classifier = getattr(policy, "new_session_classifier", None)
+    classifier = new_classifier(prepared) if prepared and new_classifier is not None else None
+    verdicts, decisions = _policy_verdicts(ctx, policy, sql, classifier)
+    return (None, decisions) if verdicts is None else (verdicts, DECIDED)
+
+
+def _policy_verdicts(ctx, policy, sql: str, classifier=None):
+    """The policy engine's answer for `sql`: (verdicts, decisions) when no approval is needed,
+    (None, decisions) when one is; (deny verdict, None) when the policy fails (fail closed)."""
     try:
-        if prepared and new_classifier is not None:
+        if classifier is not None:
             decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, sql,
-                                          classifier=new_classifier(prepared))
+                                          classifier=classifier)
         else:
             decisions = policy.decide_sql(ctx.identity, ctx.identity_attrs, ctx.target.name, sql)
     except Exception as e:  # a broken policy must not let statements through
         return [Verdict(False, sql, action="pg:unknown", decision="deny",
-                        reason=f"policy evaluation failed: {e}")], DECIDED
+                        reason=f"policy evaluation failed: {e}")], None
     if any(sd.decision.kind == "approval" for sd in decisions):
         return None, decisions
-    return [_verdict_from(sd) for sd in decisions], DECIDED
+    return [_verdict_from(sd) for sd in decisions], decisions
 
 
 async def decide(ctx, req: DecisionRequest) -> list[Verdict]:
