@@ -11,7 +11,9 @@ small dataclasses; builders return complete wire messages as bytes.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import struct
+import uuid
 from typing import Iterable, Optional, Sequence
 
 # -- startup-phase codes ---------------------------------------------------------------
@@ -431,6 +433,59 @@ def build_bind(portal: str, statement: str, params: Sequence[Optional[bytes]] = 
     body.append(_I16.pack(len(result_formats)))
     body += [_I16.pack(f) for f in result_formats]
     return _msg(b"B", b"".join(body))
+
+
+def param_format(formats: Sequence[int], index: int) -> int:
+    """Bind's parameter-format rule: no code = text, one code = every parameter, else one each."""
+    if len(formats) == 1:
+        return formats[0]
+    return formats[index] if index < len(formats) else 0
+
+
+_PG_EPOCH = datetime.datetime(2000, 1, 1)
+
+
+def _binary_bool(value: bytes) -> str:
+    if len(value) != 1:
+        raise ValueError("a binary bool is one byte")
+    return "false" if value == b"\x00" else "true"
+
+
+# binary send formats read back as the text Postgres would print, by type OID
+_BINARY_AS_TEXT = {
+    16: _binary_bool,                                                              # bool
+    20: lambda v: str(struct.unpack("!q", v)[0]),                                  # int8
+    21: lambda v: str(struct.unpack("!h", v)[0]),                                  # int2
+    23: lambda v: str(struct.unpack("!i", v)[0]),                                  # int4
+    26: lambda v: str(struct.unpack("!I", v)[0]),                                  # oid
+    700: lambda v: repr(struct.unpack("!f", v)[0]),                                # float4
+    701: lambda v: repr(struct.unpack("!d", v)[0]),                                # float8
+    2950: lambda v: str(uuid.UUID(bytes=v)),                                       # uuid
+    1082: lambda v: (_PG_EPOCH + datetime.timedelta(days=struct.unpack("!i", v)[0])).date().isoformat(),
+    1114: lambda v: (_PG_EPOCH + datetime.timedelta(microseconds=struct.unpack("!q", v)[0])).isoformat(" "),
+    1184: lambda v: (_PG_EPOCH + datetime.timedelta(microseconds=struct.unpack("!q", v)[0])).isoformat(" ")
+    + "+00",
+    25: lambda v: v.decode("utf-8"), 1043: lambda v: v.decode("utf-8"),            # text, varchar
+    1042: lambda v: v.decode("utf-8"), 19: lambda v: v.decode("utf-8"),            # bpchar, name
+    114: lambda v: v.decode("utf-8"),                                              # json
+    3802: lambda v: v[1:].decode("utf-8") if v[:1] == b"\x01" else _not_jsonb(),  # jsonb: version 1
+}
+
+
+def _not_jsonb():
+    raise ValueError("unknown jsonb binary version")
+
+
+def binary_value_text(type_oid: int, value: bytes) -> Optional[str]:
+    """A value in binary format as text, for the types whose binary form is simple (integers,
+    bool, floats, uuid, dates, text, json); None for other types or bytes that do not fit."""
+    decode = _BINARY_AS_TEXT.get(type_oid)
+    if decode is None:
+        return None
+    try:
+        return decode(value)
+    except (ValueError, struct.error, OverflowError):
+        return None
 
 
 def parse_describe(body: bytes) -> tuple[str, str]:

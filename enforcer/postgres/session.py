@@ -54,14 +54,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
 import hashlib
 import json
 import os
 import re
 import struct
 import time
-import uuid
 from typing import Any, Callable, Optional
 
 from ..masking.pgrow import MaskingRefused
@@ -323,8 +321,7 @@ def _render(values: list, fmts: list, mask_text: Optional[Callable[[str], tuple]
         if v is None:
             out.append(None)
             continue
-        fmt = fmts[0] if len(fmts) == 1 else (fmts[i] if i < len(fmts) else 0)
-        if fmt == 0:
+        if P.param_format(fmts, i) == 0:
             shown = v.decode("utf-8", "replace")
             if mask_text is not None:
                 shown = mask_text(shown)[0]
@@ -341,32 +338,6 @@ def _render(values: list, fmts: list, mask_text: Optional[Callable[[str], tuple]
     return out
 
 
-_PG_EPOCH = datetime.datetime(2000, 1, 1)
-
-
-def _binary_bool(v: bytes) -> str:
-    if len(v) != 1:
-        raise ValueError("a binary bool is one byte")
-    return "false" if v == b"\x00" else "true"
-
-
-# binary formats an approver can be shown as text, by the parameter's declared type OID
-_BINARY_AS_TEXT = {
-    16: lambda v: _binary_bool(v),                                             # bool
-    20: lambda v: str(struct.unpack("!q", v)[0]),                              # int8
-    21: lambda v: str(struct.unpack("!h", v)[0]),                              # int2
-    23: lambda v: str(struct.unpack("!i", v)[0]),                              # int4
-    26: lambda v: str(struct.unpack("!I", v)[0]),                              # oid
-    700: lambda v: repr(struct.unpack("!f", v)[0]),                            # float4
-    701: lambda v: repr(struct.unpack("!d", v)[0]),                            # float8
-    2950: lambda v: str(uuid.UUID(bytes=v)),                                   # uuid
-    1082: lambda v: (_PG_EPOCH + datetime.timedelta(days=struct.unpack("!i", v)[0])).date().isoformat(),
-    1114: lambda v: (_PG_EPOCH + datetime.timedelta(microseconds=struct.unpack("!q", v)[0])).isoformat(" "),
-    1184: lambda v: (_PG_EPOCH + datetime.timedelta(microseconds=struct.unpack("!q", v)[0])).isoformat(" ") + "+00",
-}
-_BINARY_TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114})      # text, varchar, bpchar, name, json
-
-
 def approval_params(values: list, fmts: list, types: tuple,
                     mask_text: Optional[Callable[[str], tuple]] = None) -> list:
     """A Bind's parameters as an approver reads them: as recorded (render_params), except that a
@@ -375,22 +346,12 @@ def approval_params(values: list, fmts: list, types: tuple,
     binary int2, which the records show as '\\x0001')."""
     shown = _render(values, fmts, mask_text)
     for i, v in enumerate(values):
-        fmt = fmts[0] if len(fmts) == 1 else (fmts[i] if i < len(fmts) else 0)
         oid = types[i] if i < len(types) else 0
-        if v is None or fmt != 1 or not oid:
+        if v is None or not oid or P.param_format(fmts, i) != 1:
             continue
-        try:
-            if oid in _BINARY_TEXT_TYPES:
-                text = v.decode("utf-8")
-            elif oid == 3802 and v[:1] == b"\x01":                              # jsonb: version 1, text
-                text = v[1:].decode("utf-8")
-            elif oid in _BINARY_AS_TEXT:
-                text = _BINARY_AS_TEXT[oid](v)
-            else:
-                continue
-        except (ValueError, struct.error, OverflowError):
-            continue        # not what the type says: the recorded hex
-        shown[i] = mask_text(text)[0] if mask_text is not None else text
+        text = P.binary_value_text(oid, v)
+        if text is not None:        # else not what the type says: the recorded hex
+            shown[i] = mask_text(text)[0] if mask_text is not None else text
     return shown
 
 
@@ -399,11 +360,10 @@ def _params_key(values: list, fmts: list) -> str:
     matches, without keeping the values themselves."""
     h = hashlib.sha256()
     for i, v in enumerate(values):
-        fmt = fmts[0] if len(fmts) == 1 else (fmts[i] if i < len(fmts) else 0)
         if v is None:
             h.update(b"N;")
         else:
-            h.update(b"%d:%d:" % (fmt, len(v)))
+            h.update(b"%d:%d:" % (P.param_format(fmts, i), len(v)))
             h.update(v)
     return h.hexdigest()
 
@@ -886,11 +846,7 @@ class PostgresSession:
                     if run < pos:
                         out.append((TO_SERVER, buf[run:pos]))
                     pending = ("B", buf[pos:end], bind, statement)
-                    text = statement.text
-                    prepared = self._prepared_texts() if self._statements and mentions_execute(text) else None
-                    verdicts = None
-                    if self.decide is not None:
-                        verdicts = self.decide(text, prepared=prepared) if prepared else self.decide(text)
+                    verdicts, prepared = self._decide_at_once(statement.text)
                     if verdicts is not None:
                         # the policy answers at once now (it was reloaded): no approval to wait for
                         self._resume_bind(pending, verdicts, out)
@@ -962,11 +918,7 @@ class PostgresSession:
                         pending = ("P", msg, parse)
                 except P.ProtocolError as e:
                     return self._client_protocol_error(out, msg, 0, 0, e)
-                # an EXECUTE is decided as the statement the session holds under its name
-                prepared = self._prepared_texts() if self._statements and mentions_execute(sql) else None
-                verdicts = None
-                if self.decide is not None:
-                    verdicts = self.decide(sql, prepared=prepared) if prepared else self.decide(sql)
+                verdicts, prepared = self._decide_at_once(sql)
                 if verdicts is not None:
                     # decided at once: the loop goes on with the next message
                     if t == 81:
@@ -1091,6 +1043,14 @@ class PostgresSession:
                 if wname == name and wbatch == batch:
                     statement = new
         return statement
+
+    def _decide_at_once(self, text: str) -> tuple:
+        """(the shell's inline verdicts or None, the prepared statements they were decided with):
+        an EXECUTE is decided as the statement the session holds under its name."""
+        prepared = self._prepared_texts() if self._statements and mentions_execute(text) else None
+        if self.decide is None:
+            return None, prepared
+        return (self.decide(text, prepared=prepared) if prepared else self.decide(text)), prepared
 
     def _prepared_texts(self) -> dict:
         """The named statements (name -> text) an SQL EXECUTE sent now would run, for its decision

@@ -219,3 +219,25 @@ def test_split_messages_keeps_incomplete_tail():
     assert rest == P.build_query("bbb")[:4]
     with pytest.raises(P.ProtocolError):
         P.split_messages(b"Q\x00\x00\x00\x02")
+
+
+def test_param_format_follows_binds_rule():
+    assert [P.param_format([], i) for i in range(3)] == [0, 0, 0]
+    assert [P.param_format([1], i) for i in range(3)] == [1, 1, 1]
+    assert [P.param_format([0, 1], i) for i in range(3)] == [0, 1, 0]
+
+
+def test_binary_values_read_as_text():
+    import struct
+    import uuid
+    assert P.binary_value_text(21, struct.pack("!h", 1)) == "1"
+    assert P.binary_value_text(20, struct.pack("!q", -7)) == "-7"
+    assert P.binary_value_text(16, b"\x01") == "true"
+    assert P.binary_value_text(2950, uuid.UUID(int=5).bytes) == str(uuid.UUID(int=5))
+    assert P.binary_value_text(1082, struct.pack("!i", 1)) == "2000-01-02"
+    assert P.binary_value_text(3802, b'\x01{"a": 1}') == '{"a": 1}'
+    # bytes that do not fit the type, or a type without a simple binary form: None (shown as hex)
+    assert P.binary_value_text(23, b"\x00\x01") is None
+    assert P.binary_value_text(3802, b'\x02{}') is None
+    assert P.binary_value_text(25, b"\xff") is None
+    assert P.binary_value_text(1700, b"\x00\x01\x00\x00") is None
