@@ -367,16 +367,11 @@ class SessionMasker:
         aligned = align(entries, ncols)
         if aligned is None:
             return None
-        labels = []
-        for e in entries:
-            if isinstance(e, Expanded):
-                if any(c == OWN_LABEL for _t, c in e.sources):
-                    return None
-                labels.append(None)
-            else:
-                labels.append(e[0])
-        if len(labels) != ncols:
-            labels = [None] * ncols       # positions of `*` columns: labels unknown, sources known
+        stars = [e for e in entries if isinstance(e, Expanded)]
+        if any(c == OWN_LABEL for e in stars for _t, c in e.sources):
+            return None
+        # a `*` of a subquery or function: its columns' labels are unknown, their sources known
+        labels = [None] * ncols if stars else [e[0] for e in entries]
         return tuple((label or "?column?", sources) for label, sources in zip(labels, aligned))
 
     def _copy_field_masker(self, column) -> CachedFieldMasker:
