@@ -5,6 +5,7 @@ import tempfile
 import pytest
 
 from tests.bpfenv import ScratchCgroup, require_bpf
+from tests.native_switch import lanes
 
 
 _INHERITED_TMPDIR = os.environ.get("TMPDIR", "").rstrip("/")
@@ -38,6 +39,16 @@ def _session_work_dir(request, tmp_path_factory):
     if request.session.testsfailed or os.environ.get("WARDEN_KEEP_TEST_DIRS"):
         return
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=[True, False], ids=["c-lane", "python"])
+def lane(request):
+    """Runs a test with the Postgres session's C lanes and with its Python loops."""
+    from enforcer.postgres import native
+    if request.param and native.lanes is None:
+        pytest.skip("the C lanes are not built or are off (WARDEN_PURE_PYTHON=1)")
+    with lanes(request.param):
+        yield request.param
 
 
 @pytest.fixture

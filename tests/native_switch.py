@@ -1,4 +1,6 @@
-"""Run a snippet in a fresh interpreter with the C twins switched on or off (WARDEN_PURE_PYTHON)."""
+"""The C twins switched on or off: in a fresh interpreter (WARDEN_PURE_PYTHON), or the Postgres
+session's C lanes in this one (`lanes`)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -12,3 +14,16 @@ def printed_with_pure_python(code: str, value: str) -> str:
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                          check=True)
     return out.stdout.strip()
+
+
+@contextlib.contextmanager
+def lanes(enabled: bool):
+    """The Postgres session with its C lanes as built (enabled) or off, for the duration."""
+    from enforcer.postgres import native
+    from enforcer.postgres import session
+    saved = session._lanes
+    session._lanes = native.lanes if enabled else None
+    try:
+        yield
+    finally:
+        session._lanes = saved

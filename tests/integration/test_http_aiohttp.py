@@ -5,7 +5,8 @@ import asyncio
 
 import aiohttp
 
-from tests.integration.test_http_proxy import _wait_for, enforcer, upstream  # noqa: F401  (fixtures)
+from tests.integration.test_http_proxy import enforcer, upstream  # noqa: F401  (fixtures)
+from tests.waiting import wait_for
 
 
 def test_aiohttp_methods_streamed_upload_and_reuse(upstream, enforcer):  # noqa: F811
@@ -29,6 +30,6 @@ def test_aiohttp_methods_streamed_upload_and_reuse(upstream, enforcer):  # noqa:
     assert [status for status, _ in results] == [200, 200, 200, 200]
     assert [body["method"] for _, body in results] == ["GET", "POST", "PUT", "DELETE"]
     assert results[1][1]["body_len"] == 64 * 16384
-    assert _wait_for(lambda: enforcer.sink.of("session.end"))
+    assert wait_for(lambda: enforcer.sink.of("session.end"))
     assert len(enforcer.sink.of("session.start")) == 1
     assert [r["method"] for r in enforcer.sink.of("http.request")] == ["GET", "POST", "PUT", "DELETE"]

@@ -20,7 +20,8 @@ from enforcer.context import UpstreamTLS
 from enforcer.policy.engine import PolicyEngine
 from enforcer.tls import LocalCA
 from tests.integration import test_http_proxy
-from tests.integration.test_http_proxy import _CardMasker, Enforcer, _curl, _wait_for
+from tests.integration.test_http_proxy import _CardMasker, Enforcer, _curl
+from tests.waiting import wait_for
 
 tls_upstream = test_http_proxy.tls_upstream      # the module-scoped fixture: uvicorn with TLS on 127.0.0.3
 
@@ -51,7 +52,7 @@ def _resolve(enforcer, name="api.test") -> str:
 def _session_end(enforcer) -> dict:
     """session.end of the latest session (sessions are numbered sess1, sess2, ... by the harness)."""
     sid = f"sess{enforcer.sessions}"
-    assert _wait_for(lambda: enforcer.sink.of_session("session.end", sid), timeout=10)
+    assert wait_for(lambda: enforcer.sink.of_session("session.end", sid), timeout=10)
     return enforcer.sink.of_session("session.end", sid)[0]
 
 

@@ -26,6 +26,7 @@ import pytest
 from enforcer.context import ConnectionContext, TargetInfo, UpstreamTLS
 from enforcer.http.proxy import serve_http
 from enforcer.masking import MaskingRefused
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CARD = "4111 1111 1111 1111"
@@ -359,13 +360,14 @@ def _recv_response(sock: socket.socket) -> bytes:
     return data
 
 
-def _wait_for(predicate, timeout=3.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
+def _trickle(sock, byte: bytes, count: int = 10, pause: float = 0.25) -> None:
+    """A slow upload: one byte per `pause`; the enforcer may close the connection meanwhile."""
+    try:
+        for _ in range(count):
+            time.sleep(pause)
+            sock.sendall(byte)
+    except OSError:
+        pass
 
 
 # -- tests -----------------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def test_httpx_methods_and_keep_alive_reuse(upstream, enforcer):
     assert [r.json()["method"] for r in results] == ["GET", "POST", "PUT", "DELETE"]
     assert results[1].json()["body_len"] == 1000
     assert results[0].json()["query"] == "a=1"
-    assert _wait_for(lambda: enforcer.sink.of("session.end"))
+    assert wait_for(lambda: enforcer.sink.of("session.end"))
     assert len(enforcer.sink.of("session.start")) == 1          # one connection, reused
     requests = enforcer.sink.of("http.request")
     assert [r["method"] for r in requests] == ["GET", "POST", "PUT", "DELETE"]
@@ -409,7 +411,7 @@ def test_curl_large_streamed_download(upstream, enforcer, tmp_path):
     assert out.stat().st_size == size
     expected = hashlib.sha256((bytes(range(256)) * 256 * (size // 65536 + 1))[:size]).hexdigest()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == expected
-    assert _wait_for(lambda: enforcer.sink.of("http.response"))
+    assert wait_for(lambda: enforcer.sink.of("http.response"))
     assert enforcer.sink.of("http.response")[0]["body_bytes"] == size
 
 
@@ -566,7 +568,7 @@ def test_websocket_upgrade_is_relayed_as_a_tunnel(enforcer):
         while len(got) < len(b"echo:frame-1"):
             got += sock.recv(4096)
         assert got == b"echo:frame-1"
-    assert _wait_for(lambda: enforcer.sink.of("session.end"))
+    assert wait_for(lambda: enforcer.sink.of("session.end"))
     end = enforcer.sink.of("session.end")[0]
     assert end["x_tunnel_bytes_up"] == 7 and end["x_tunnel_bytes_down"] == 12
     enforcer.loop.call_soon_threadsafe(server.close)
@@ -652,7 +654,7 @@ def test_connect_is_decided_and_recorded_by_its_target_not_its_host_header(enfor
     assert denied.startswith(b"HTTP/1.1 403") and b"http:CONNECT" in denied
     assert tunnel.startswith(b"HTTP/1.1 200") and tunnel.endswith(b"tunnel:x")
     assert [h.split(b"\r\n", 1)[0] for h in heads] == [b"CONNECT allowed.example:443 HTTP/1.1"]
-    assert _wait_for(lambda: len(enforcer.sink.of("session.end")) == 3)
+    assert wait_for(lambda: len(enforcer.sink.of("session.end")) == 3)
     requests = enforcer.sink.of("http.request")
     assert sorted((r["host"], r["port"], r["decision"]) for r in requests) == [
         ("allowed.example", 443, "allow"), ("evil.example", 443, "deny")]
@@ -666,12 +668,7 @@ def test_response_timeout_starts_when_the_request_body_has_all_gone_upstream(ups
     enforcer.configure(upstream, options={"response_timeout": 1})
     with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as sock:
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: api\r\nContent-Length: 10\r\n\r\n")
-        try:
-            for _ in range(10):             # 10 bytes over 2.5 s, well past response_timeout
-                time.sleep(0.25)
-                sock.sendall(b"x")
-        except OSError:
-            pass
+        _trickle(sock, b"x")                # 10 bytes over 2.5 s, well past response_timeout
         answer = _recv_response(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert b'"body_len": 10' in answer
@@ -699,7 +696,7 @@ def test_a_response_timeout_is_a_504_counted_from_the_end_of_the_body(enforcer):
     assert answer.startswith(b"HTTP/1.1 504 Gateway Timeout"), answer[:300]
     assert b"upstream_timeout" in answer and b"end of the request" in answer
     assert bodies == [b"yyyy"] and 0.5 <= waited < 5
-    assert _wait_for(lambda: enforcer.sink.of("http.response"))
+    assert wait_for(lambda: enforcer.sink.of("http.response"))
     record = enforcer.sink.of("http.response")[0]
     assert record["status"] == 504 and record["x_refused"] == "upstream_timeout"
 
@@ -720,12 +717,7 @@ def test_with_expect_continue_the_upstream_owes_an_answer_before_the_body(upstre
     with socket.create_connection(("127.0.0.1", enforcer.port), timeout=10) as sock:
         sock.sendall(b"PUT /echo HTTP/1.1\r\nHost: api\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n")
         assert _recv_head(sock).startswith(b"HTTP/1.1 100")
-        try:
-            for _ in range(10):
-                time.sleep(0.25)
-                sock.sendall(b"z")
-        except OSError:
-            pass
+        _trickle(sock, b"z")
         answer = _recv_response(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert b'"body_len": 10' in answer
@@ -750,7 +742,7 @@ def test_an_early_response_during_a_slow_upload_is_passed_on(enforcer):
             except OSError:
                 pass
     assert answer.startswith(b"HTTP/1.1 413") and answer.endswith(b"too big!")
-    assert _wait_for(lambda: enforcer.sink.of("http.response"))
+    assert wait_for(lambda: enforcer.sink.of("http.response"))
     assert enforcer.sink.of("http.response")[0]["status"] == 413
 
 

@@ -3,10 +3,11 @@ CTEs, whole rows, EXECUTE of a prepared statement, FETCH from a cursor, and qual
 without a catalog. Bytes in, bytes out, through the session's masking point."""
 import json
 
-from enforcer.masking import catalog_from_rows, load_masking
+from enforcer.masking import catalog_from_rows
 from enforcer.masking.sources import OWN_LABEL, WHOLE_ROW, Expanded, align, result_sources
 from enforcer.postgres import protocol as P
-from tests.unit.test_pg_session import AUTH_DONE, STARTUP, Driver
+from tests.unit.test_pg_session import Driver
+from tests.unit.test_pg_session_masking import masked_driver, messages, rows
 
 SSN = b"123-45-6789"
 MASKED = b"***-**-6789"
@@ -22,19 +23,8 @@ def int_field(name, table_oid=0, attnum=0):
     return P.FieldDescription(name, table_oid, attnum, 23, 4, -1, 0)
 
 
-def driver(rules, catalog=None) -> Driver:
-    masker = load_masking({"rules": rules}).for_session("svc-a", {}, "db1", catalog=catalog)
-    d = Driver(masking=masker)
-    d.client(STARTUP)
-    d.server(AUTH_DONE)
-    d.reset()
-    return d
-
-
-def rows(data: bytes) -> list:
-    msgs, rest = P.split_messages(data)
-    assert rest == b""
-    return [P.parse_data_row(body) for t, body in msgs if t == b"D"]
+def driver(rules: list, catalog=None) -> Driver:
+    return masked_driver({"rules": rules}, catalog)
 
 
 def simple(d: Driver, sql: str, fields, values) -> list:
@@ -263,9 +253,7 @@ def copy_out(d: Driver, sql: str, ncols: int, lines: list) -> list:
     d.client(P.build_query(sql))
     d.server(P.build_copy_out_response(0, [0] * ncols) + b"".join(P.build_copy_data(x) for x in lines)
              + P.build_copy_done() + P.build_command_complete(f"COPY {len(lines)}") + Z_IDLE)
-    msgs, rest = P.split_messages(d.to_client)
-    assert rest == b""
-    return [(t, body) for t, body in msgs]
+    return messages(d.to_client)
 
 
 def test_copy_of_a_query_is_masked_by_the_columns_it_reads():

@@ -5,7 +5,6 @@ it binds shown to the approver. Bytes in, actions out, with the shell's real dec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import httpx
@@ -20,7 +19,8 @@ from enforcer.postgres import session as S
 from enforcer.postgres.proxy import _Connection
 from enforcer.postgres.session import PostgresSession
 from records.schema import validate_fields
-from tests.unit.test_pg_session import AUTH_DONE, STARTUP
+from tests.unit.test_pg_session import AUTH_DONE, STARTUP, Driver
+from tests.unit.test_pg_session_masking import messages
 
 POLICY = """
 @id("housekeeping")
@@ -64,7 +64,7 @@ class Sink:
         self.events.append((event_type, fields))
 
 
-class Held:
+class Held(Driver):
     """A session with the shell's decider; a DECIDE is kept (not answered) until `decide()`,
     which answers it with proxy.decide as the shell's _decide_slow does."""
 
@@ -76,44 +76,21 @@ class Held:
                                      approvals=approvals, masking=masking)
         conn = object.__new__(_Connection)      # only the decision state, no sockets
         conn.ctx, conn._verdicts, conn._shape_verdicts, conn._verdicts_key = self.ctx, {}, {}, None
-        self.s = PostgresSession(identity="svc", target="db", random_bytes=lambda n: b"\x11" * n,
-                                 decide=conn._decide_inline, masking=masking)
-        self.requests = []
+        super().__init__(PostgresSession(identity="svc", target="db", random_bytes=lambda n: b"\x11" * n,
+                                         decide=conn._decide_inline, masking=masking))
         self.pending = None
-        self.reset()
         self.client(STARTUP)
         self.server(AUTH_DONE)
         self.reset()
 
-    def reset(self):
-        self.to_server = b""
-        self.to_client = b""
-        self.events = []
-
-    def _run(self, actions):
-        for i, (kind, payload) in enumerate(actions):
-            if kind == S.TO_SERVER:
-                self.to_server += payload
-            elif kind == S.TO_CLIENT:
-                self.to_client += payload
-            elif kind == S.EVENT:
-                self.events.append(payload)
-            elif kind == S.DECIDE:
-                assert i == len(actions) - 1, "DECIDE is the last action"
-                self.requests.append(payload)
-                if getattr(payload, "params", None) is None:
-                    # a Query or Parse: the shell answers at once unless an approval is needed
-                    self._run(self.s.resume(asyncio.run(proxy.decide(self.ctx, payload))))
-                else:
-                    assert self.s.waiting_for_decision
-                    self.pending = payload
-        return self
-
-    def client(self, data):
-        return self._run(self.s.feed_client(data))
-
-    def server(self, data):
-        return self._run(self.s.feed_server(data))
+    def on_decide(self, request, last: bool):
+        assert last, "DECIDE is the last action"
+        if getattr(request, "params", None) is None:
+            # a Query or Parse: the shell answers at once unless an approval is needed
+            self._run(self.s.resume(asyncio.run(proxy.decide(self.ctx, request))))
+        else:
+            assert self.s.waiting_for_decision
+            self.pending = request
 
     def decide(self):
         req, self.pending = self.pending, None
@@ -123,32 +100,8 @@ class Held:
         return [f for t, f in self.events if t == "pg.statement"]
 
 
-def messages(data: bytes) -> list:
-    msgs, rest = P.split_messages(data)
-    assert rest == b""
-    return msgs
-
-
 def execution(params, portal="", statement="") -> bytes:
     return P.build_bind(portal, statement, params) + P.build_describe("P", portal) + P.build_execute(portal, 0)
-
-
-@contextlib.contextmanager
-def lanes(enabled: bool):
-    saved = S._lanes
-    S._lanes = saved if enabled else None
-    try:
-        yield
-    finally:
-        S._lanes = saved
-
-
-@pytest.fixture(params=[True, False], ids=["c-lane", "python"])
-def lane(request):
-    if request.param and S._lanes is None:
-        pytest.skip("the C lanes are not built (WARDEN_PURE_PYTHON or no compiler)")
-    with lanes(request.param):
-        yield request.param
 
 
 def test_parse_is_forwarded_and_the_bind_held_with_its_parameters(lane):

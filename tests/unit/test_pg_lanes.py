@@ -17,6 +17,7 @@ from enforcer.postgres import protocol as P
 from enforcer.postgres import session as S
 from enforcer.postgres.protocol import FieldDescription
 from enforcer.postgres.session import DECIDE, EVENT, TO_CLIENT, TO_SERVER, PostgresSession, Verdict
+from tests.native_switch import lanes
 
 try:
     from enforcer.postgres import _pglanes as native
@@ -29,16 +30,6 @@ LANES = S._lanes
 # tests that call the lanes directly need them configured by session.py; with WARDEN_PURE_PYTHON=1
 # it leaves them off (the Python loops are then the ones every other test file runs)
 needs_lanes = pytest.mark.skipif(LANES is None, reason="the session runs without the C lanes (WARDEN_PURE_PYTHON=1)")
-
-
-@contextlib.contextmanager
-def lanes(enabled: bool):
-    saved = S._lanes
-    S._lanes = LANES if enabled else None
-    try:
-        yield
-    finally:
-        S._lanes = saved
 
 
 def new_session(inline: bool = False) -> PostgresSession:

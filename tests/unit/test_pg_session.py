@@ -22,7 +22,7 @@ class Driver:
         self.other = []
 
     def _run(self, actions):
-        for kind, payload in actions:
+        for i, (kind, payload) in enumerate(actions):
             if kind == S.TO_SERVER:
                 self.to_server += payload
             elif kind == S.TO_CLIENT:
@@ -31,9 +31,14 @@ class Driver:
                 self.events.append(payload)
             elif kind == S.DECIDE:
                 self.requests.append(payload)
-                self._run(self.s.resume(self.decider(payload)))
+                self.on_decide(payload, last=i == len(actions) - 1)
             else:
                 self.other.append((kind, payload))
+        return self
+
+    def on_decide(self, request, last: bool):
+        """A DECIDE: answered at once by the decider."""
+        self._run(self.s.resume(self.decider(request)))
 
     def client(self, data):
         self._run(self.s.feed_client(data))

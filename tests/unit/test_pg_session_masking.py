@@ -21,8 +21,8 @@ INT_ID = P.FieldDescription("id", 0, 0, 23, 4, -1, 0)
 Z_IDLE = P.build_ready_for_query("I")
 
 
-def masked_driver(**kw) -> Driver:
-    d = Driver(masking=load_masking(RULES).for_session("svc-a", {}, "db1"), **kw)
+def masked_driver(rules: dict = RULES, catalog=None, **kw) -> Driver:
+    d = Driver(masking=load_masking(rules).for_session("svc-a", {}, "db1", catalog=catalog), **kw)
     d.client(STARTUP)
     d.server(AUTH_DONE)
     d.reset()

@@ -4,7 +4,6 @@ pg:other. Bytes in, actions out, with the shell's real decider (memos included) 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
 
@@ -12,7 +11,6 @@ from enforcer.context import ConnectionContext, TargetInfo
 from enforcer.policy.engine import ALLOW, DENY, Decision, PolicyEngine
 from enforcer.postgres import protocol as P
 from enforcer.postgres import proxy
-from enforcer.postgres import session as S
 from enforcer.postgres.proxy import _Connection
 from enforcer.postgres.session import PostgresSession
 from enforcer.sqlclass import SqlClassifier, classify_sql, mentions_execute
@@ -83,22 +81,6 @@ class Setup:
 
     def execute(self, sql: str) -> dict:
         return self.query(sql, P.build_data_row([b"1"]) + P.build_command_complete("SELECT 1"))
-
-
-@contextlib.contextmanager
-def lanes(enabled: bool):
-    saved = S._lanes
-    S._lanes = saved if enabled else None
-    try:
-        yield
-    finally:
-        S._lanes = saved
-
-
-@pytest.fixture(params=[True, False], ids=["c-lane", "python"])
-def lane(request):
-    with lanes(request.param):
-        yield request.param
 
 
 def test_execute_is_decided_and_recorded_as_the_prepared_select(lane):

@@ -19,6 +19,7 @@ from records.batch import decode_batch
 from records.spool import Spool
 from records.verifier import verify_batches
 from records.writer import RecordBacklogFull, RecordWriter
+from tests.waiting import wait_for
 
 LOST_FILE = "lost-records"        # records.writer.LOST_FILE
 
@@ -87,15 +88,6 @@ def events(spool):
 
 def alerts(spool):
     return [e["f"] for e in events(spool) if e["type"] == "agent.alert" and e["f"]["kind"] != "probe"]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def seg_sizes(path):
