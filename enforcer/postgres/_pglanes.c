@@ -29,7 +29,7 @@
 
 /* set by configure(): session.py's classes and constants */
 static PyObject *Portal, *Result, *BindExpect, *SyncExpect, *EventKind, *NotExecuted, *ToServer, *ToClient,
-    *Ready, *PgStatement, *PgResult, *PortalSuspendedTag, *EmptyTag;
+    *Ready, *PgStatement, *PgResult, *PortalSuspendedTag, *EmptyTag, *BinaryValueText;
 
 static PyObject *s_statements, *s_client_batch, *s_server_batch, *s_statements_map, *s_portals,
     *s_unnamed_portal, *s_expect, *s_results, *s_clock, *s_record, *s_text, *s_statement,
@@ -37,7 +37,7 @@ static PyObject *s_statements, *s_client_batch, *s_server_batch, *s_statements_m
     *s_append, *s_popleft, *s_params, *s_statement_index, *s_portal, *s_command_tag, *s_bytes,
     *s_duration_ns, *s_sqlstate, *s_error, *s_phase, *s_masking, *s_pending, *s_cbig, *s_cbuf, *s_sbig, *s_sbuf,
     *s_discard_until_sync, *s_withhold, *s_max_message_bytes, *s_bytes_in, *s_bytes_out, *s_process_messages,
-    *s_server_from, *s_decide, *s_allowed, *s_simple_record;
+    *s_server_from, *s_decide, *s_allowed, *s_simple_record, *s_param_types;
 
 static inline int32_t read_i32(const unsigned char *p) {
     return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
@@ -94,6 +94,56 @@ static PyObject *render_value(const unsigned char *p, Py_ssize_t len, int fmt) {
         d[3 + 2 * i] = hexdigits[p[i] & 15];
     }
     return s;
+}
+
+/* session.render_bind_params for one binary value whose statement gives the type `oid`: the text
+ * Postgres prints for the integer, bool and text types here, protocol.binary_value_text for the
+ * other types, and the hex of render_value when the bytes do not fit the type or it is unknown */
+static PyObject *render_typed(const unsigned char *p, Py_ssize_t len, unsigned long oid) {
+    switch (oid) {
+    case 0:
+        break;
+    case 16:        /* bool */
+        if (len == 1)
+            return PyUnicode_FromString(p[0] ? "true" : "false");
+        break;
+    case 21:        /* int2 */
+        if (len == 2)
+            return PyUnicode_FromFormat("%d", (int)read_i16(p));
+        break;
+    case 23:        /* int4 */
+        if (len == 4)
+            return PyUnicode_FromFormat("%d", (int)read_i32(p));
+        break;
+    case 26:        /* oid */
+        if (len == 4)
+            return PyUnicode_FromFormat("%u", (unsigned int)(uint32_t)read_i32(p));
+        break;
+    case 20:        /* int8 */
+        if (len == 8) {
+            uint64_t u = ((uint64_t)(uint32_t)read_i32(p) << 32) | (uint32_t)read_i32(p + 4);
+            return PyUnicode_FromFormat("%lld", (long long)u);
+        }
+        break;
+    case 25: case 1043: case 1042: case 19: case 114: {     /* text, varchar, bpchar, name, json */
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)p, len, NULL);
+        if (text != NULL || !PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            return text;
+        PyErr_Clear();
+        break;
+    }
+    default: {
+        PyObject *value = PyBytes_FromStringAndSize((const char *)p, len);
+        PyObject *type = value == NULL ? NULL : PyLong_FromUnsignedLong(oid);
+        PyObject *text = type == NULL ? NULL : PyObject_CallFunctionObjArgs(BinaryValueText, type, value, NULL);
+        Py_XDECREF(value);
+        Py_XDECREF(type);
+        if (text != Py_None)
+            return text;
+        Py_DECREF(text);
+    }
+    }
+    return render_value(p, len, 1);
 }
 
 /* ---- client -------------------------------------------------------------------------------- */
@@ -170,7 +220,7 @@ static int client_bind(ClientState *st, const unsigned char *buf, Py_ssize_t pos
 
     int rc = -1;
     PyObject *portal_name = NULL, *rfmts = NULL, *index = NULL, *portal = NULL, *fields = NULL,
-             *params = NULL;
+             *params = NULL, *types = NULL;
     PyObject *appended = PyObject_CallOneArg(st->expect_append, BindExpect);
     if (appended == NULL)
         goto done;
@@ -217,7 +267,27 @@ static int client_bind(ClientState *st, const unsigned char *buf, Py_ssize_t pos
             v = Py_NewRef(Py_None);
         } else {
             int fmt = nf == 0 ? 0 : nf == 1 ? read_i16(buf + fmts_at) : k < nf ? read_i16(buf + fmts_at + 2 * k) : 0;
-            v = render_value(buf + q, ln, fmt);
+            if (fmt == 0) {
+                v = render_value(buf + q, ln, fmt);
+            } else {
+                /* a binary value reads by the statement's type for it (session.render_bind_params) */
+                if (types == NULL) {
+                    types = PyObject_GetAttr(statement, s_param_types);
+                    if (types == NULL)
+                        goto done;
+                    if (!PyTuple_CheckExact(types)) {
+                        PyErr_SetString(PyExc_TypeError, "param_types is not a tuple");
+                        goto done;
+                    }
+                }
+                unsigned long oid = 0;
+                if (k < PyTuple_GET_SIZE(types)) {
+                    oid = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(types, k));
+                    if (oid == (unsigned long)-1 && PyErr_Occurred())
+                        goto done;
+                }
+                v = render_typed(buf + q, ln, oid);
+            }
             q += ln;
             if (v == NULL)
                 goto done;
@@ -239,6 +309,7 @@ done:
     Py_XDECREF(portal);
     Py_XDECREF(fields);
     Py_XDECREF(params);
+    Py_XDECREF(types);
     return rc;
 }
 
@@ -436,7 +507,13 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
                 st.batch += 1;
                 st.batch_changed = 1;
             }
-        } else if (!(t == 'H' || t == 'D' || t == 'd' || t == 'c' || t == 'f')) {
+        } else if (t == 'D') {
+            /* a well-formed Describe 'P' passes; Describe 'S' (the reference notes which
+             * ParameterDescription answers it) and a malformed one (its protocol error) do not */
+            if (end - pos < 7 || buf[pos + 5] != 'P' || buf[end - 1] != 0 ||
+                memchr(buf + pos + 6, 0, (size_t)(end - pos - 7)) != NULL)
+                rc = 0;
+        } else if (!(t == 'H' || t == 'd' || t == 'c' || t == 'f')) {
             rc = 0;     /* Parse, Query, Close, Terminate, FunctionCall, unknown: the reference's */
         }
         if (rc < 0) {
@@ -777,8 +854,8 @@ static Py_ssize_t run_server_lane(PyObject *dict, const unsigned char *buf, Py_s
                     Py_DECREF(popped);
                 }
             }
-        } else if (t == 'E' || t == 'K' || t == 'R') {
-            break;      /* errors, keys and authentication: the reference's */
+        } else if (t == 'E' || t == 'K' || t == 'R' || t == 't') {
+            break;      /* errors, keys, authentication and parameter types: the reference's */
         }
         /* anything else (RowDescription, NoData, notices, ParameterStatus, notifications, copy
          * responses) passes unchanged with nothing to note when nothing is masked */
@@ -1307,10 +1384,12 @@ static PyObject *number_shape(PyObject *module, PyObject *sql) {
 
 static PyObject *configure(PyObject *module, PyObject *args) {
     PyObject *portal, *result, *bind_expect, *sync_expect, *event_kind, *not_executed, *to_server, *to_client,
-        *ready;
-    if (!PyArg_ParseTuple(args, "OOO!O!OUOOU", &portal, &result, &PyTuple_Type, &bind_expect, &PyTuple_Type,
-                          &sync_expect, &event_kind, &not_executed, &to_server, &to_client, &ready))
+        *ready, *binary_value_text;
+    if (!PyArg_ParseTuple(args, "OOO!O!OUOOUO", &portal, &result, &PyTuple_Type, &bind_expect, &PyTuple_Type,
+                          &sync_expect, &event_kind, &not_executed, &to_server, &to_client, &ready,
+                          &binary_value_text))
         return NULL;
+    Py_XSETREF(BinaryValueText, Py_NewRef(binary_value_text));
     Py_XSETREF(Portal, Py_NewRef(portal));
     Py_XSETREF(Result, Py_NewRef(result));
     Py_XSETREF(BindExpect, Py_NewRef(bind_expect));
@@ -1325,7 +1404,8 @@ static PyObject *configure(PyObject *module, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(Portal, Result, bind_expect, sync_expect, EVENT, not_executed_message, TO_SERVER, TO_CLIENT, READY)"},
+     "configure(Portal, Result, bind_expect, sync_expect, EVENT, not_executed_message, TO_SERVER, TO_CLIENT, READY, "
+     "binary_value_text)"},
     {"number_shape", number_shape, METH_O,
      "number_shape(sql) -> sqlclass.statement_shape(sql) for a quote-free ASCII text, else None"},
     {"apply_steady", (PyCFunction)(void (*)(void))apply_steady, METH_FASTCALL,
@@ -1353,6 +1433,7 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__pglanes(void) {
     INTERN(s_statements, "statements");
+    INTERN(s_param_types, "param_types");
     INTERN(s_client_batch, "_client_batch");
     INTERN(s_server_batch, "_server_batch");
     INTERN(s_statements_map, "_statements");

@@ -117,7 +117,7 @@ class DecisionRequest:
     # as the server holds them when the text is sent, which such an EXECUTE is decided as
     prepared: Optional[dict] = None
     # one execution (Bind) of a prepared statement that needs approval: its parameters as the
-    # approver is shown them (masked, approval_params; None for a Query or Parse), a digest of the
+    # approver is shown them (masked, render_bind_params; None for a Query or Parse), a digest of the
     # values as sent (what approvals.grant_window matches: an approval of id=1 never covers id=2,
     # even when masking shows both alike) and the statement_index its pg.statement will have
     params: Optional[list] = None
@@ -169,7 +169,9 @@ class _Statement:
         self.record: Optional[dict] = None
         self.seq = seq
         self.effects = effects
-        self.param_types = param_types      # the Parse's parameter type OIDs (0: the server infers)
+        # parameter type OIDs: the Parse's (0: the server infers), replaced by the server's own
+        # ParameterDescription once a Describe 'S' of the statement is answered
+        self.param_types = param_types
 
 
 class _Portal:
@@ -303,15 +305,6 @@ def denial_do_block(message: str, hint: Optional[str] = None) -> str:
     return f"DO {tag}{body}{tag}"
 
 
-def render_params(bind: P.BindMessage, mask_text: Optional[Callable[[str], tuple]] = None) -> list:
-    """Bind parameters as recorded: text format decoded, binary format as hex '\\x..'.
-
-    With `mask_text` (the session's masker), text values are masked, and a binary value that is
-    UTF-8 text (a text parameter sent in binary format, as asyncpg does) is recorded masked
-    instead of as hex when it holds something to mask, so its hex cannot carry the raw value."""
-    return _render(bind.params, bind.param_formats, mask_text)
-
-
 def _render(values: list, fmts: list, mask_text: Optional[Callable[[str], tuple]]) -> list:
     if mask_text is None and not fmts:
         # all text format, nothing to mask: the common case, one decode per value
@@ -338,12 +331,17 @@ def _render(values: list, fmts: list, mask_text: Optional[Callable[[str], tuple]
     return out
 
 
-def approval_params(values: list, fmts: list, types: tuple,
-                    mask_text: Optional[Callable[[str], tuple]] = None) -> list:
-    """A Bind's parameters as an approver reads them: as recorded (render_params), except that a
-    binary value of a type the Parse declared and we can read (integers, bool, floats, uuid,
-    dates, text) is shown as its text, masked like any text value (psycopg sends an int as
-    binary int2, which the records show as '\\x0001')."""
+def render_bind_params(values: list, fmts: list, types: tuple,
+                       mask_text: Optional[Callable[[str], tuple]] = None) -> list:
+    """A Bind's parameters as records and approvers show them: text format decoded; binary format
+    as the text Postgres would print when the statement's type for it is known (declared in the
+    Parse or described by the server) and simple to read (integers, bool, floats, uuid, dates,
+    text, json), else as hex '\\x..'. Without a known type a binary value is all an auditor gets
+    as hex: psycopg sends an int as binary int2, asyncpg every value in binary.
+
+    With `mask_text` (the session's masker) every value shown as text is masked, and a binary
+    value shown as hex that is UTF-8 text is recorded masked instead when it holds something to
+    mask, so its hex cannot carry the raw value."""
     shown = _render(values, fmts, mask_text)
     for i, v in enumerate(values):
         oid = types[i] if i < len(types) else 0
@@ -531,6 +529,9 @@ class PostgresSession:
         # the statement held, client batch of the Parse)
         self._parse_waits: dict[int, tuple] = {}
         self._portals: dict[str, _Portal] = {}          # named portals
+        # Describe 'S' sent, in order, until the server's ParameterDescription answers it:
+        # (client batch, statement or None); a batch skipped after an error answers none of its own
+        self._described_params: collections.deque = collections.deque()
         self._unnamed_portal: Optional[_Portal] = None
         self._client_batch = 0                     # Sync/Query messages sent
         self._server_batch = 0                     # ReadyForQuery received
@@ -877,16 +878,18 @@ class PostgresSession:
                         run = pos
                     self._results.append(_Result(portal.text, self.clock(), self._client_batch,
                                                  index=portal.index, portal=portal))
-            elif t == 68:        # 'D' Describe: remember which RowDescription answers it (masking plans)
-                if self.masking is not None:
-                    try:
-                        kind, name = P.parse_describe(buf[pos + 5:end])
-                    except P.ProtocolError as e:
-                        return self._client_protocol_error(out, buf, run, pos, e)
-                    if kind == "S":
-                        target = self._statement_for(name)
-                    else:
-                        target = self._portals.get(name) if name else self._unnamed_portal
+            elif t == 68:        # 'D' Describe: remember what its answers describe
+                try:
+                    kind, name = P.parse_describe(buf[pos + 5:end])
+                except P.ProtocolError as e:
+                    return self._client_protocol_error(out, buf, run, pos, e)
+                if kind == "S":
+                    target = self._statement_for(name)
+                    # its ParameterDescription gives the types the records read binary values by
+                    self._described_params.append((self._client_batch, target))
+                else:
+                    target = self._portals.get(name) if name else self._unnamed_portal
+                if self.masking is not None:      # its RowDescription: masking plans
                     if target is not None:
                         target.described = True
                     expect.append((_DESCRIBE_REPLY, False, target))
@@ -990,13 +993,14 @@ class PostgresSession:
                 template = statement.record = self._statement_fields(
                     statement.text, None, statement.verdict, "extended", name, 0)
             fields = template.copy()
-            fields["params"] = _render(values, fmts, None)
+            fields["params"] = render_bind_params(values, fmts, statement.param_types)
             fields["statement_index"] = index
             if portal_name:
                 fields["portal"] = portal_name
             out.append((EVENT, ("pg.statement", fields)))
             return
-        params = _render(values, fmts, masking.mask_text if masking is not None else None)
+        params = render_bind_params(values, fmts, statement.param_types if statement is not None else (),
+                                    masking.mask_text if masking is not None else None)
         if verdict is None and statement is not None:
             verdict = statement.verdict
         out.append((EVENT, ("pg.statement", self._statement_fields(
@@ -1006,7 +1010,7 @@ class PostgresSession:
         """The DECIDE of one held execution: the statement, and its parameters as recorded."""
         portal_name, name, fmts, values, _rfmts = bind
         masking = self.masking
-        params = approval_params(values, fmts, statement.param_types,
+        params = render_bind_params(values, fmts, statement.param_types,
                                  masking.mask_text if masking is not None else None)
         # nothing else is recorded while the client is held: this is the index its record gets
         return DecisionRequest(statement.text, "extended", name, prepared, params=params,
@@ -1025,7 +1029,8 @@ class PostgresSession:
         portal_name, name, fmts, values, _rfmts = bind
         index = self.statements = self.statements + 1
         masking = self.masking
-        params = _render(values, fmts, masking.mask_text if masking is not None else None)
+        params = render_bind_params(values, fmts, statement.param_types,
+                                    masking.mask_text if masking is not None else None)
         out.append((EVENT, ("pg.statement", self._statement_fields(statement.text, params, denied, "extended",
                                                                      name, index, portal_name))))
         # the client's Bind never reaches the server: no portal of that name exists there either
@@ -1458,6 +1463,19 @@ class PostgresSession:
                         run = end            # reply to our injected message: swallow
                     elif e[1] == _CONFIRM:
                         self._parse_confirmed(e[3])
+            elif t == 116:                   # 't' ParameterDescription: answers a Describe 'S'
+                waits = self._described_params
+                while waits and waits[0][0] < self._server_batch:
+                    waits.popleft()          # Describes of a batch the server skipped after an error
+                if waits:
+                    statement = waits.popleft()[1]
+                    if statement is not None:
+                        try:
+                            statement.param_types = tuple(P.parse_parameter_description(buf[pos + 5:end]))
+                        except P.ProtocolError as e:
+                            out += self._fatal("08P01", f"upstream sent a malformed ParameterDescription: {e}",
+                                               "upstream_protocol_error")
+                            return out
             elif t == 84 or t == 110:        # 'T' RowDescription, 'n' NoData
                 if masking is not None:
                     if t == 84:
@@ -1706,4 +1724,4 @@ class PostgresSession:
 _lanes = native.lanes
 if _lanes is not None:
     _lanes.configure(_Portal, _Result, _BIND_EXPECT, _SYNC_EXPECT, EVENT, _NOT_EXECUTED, TO_SERVER, TO_CLIENT,
-                     READY)
+                     READY, P.binary_value_text)

@@ -111,10 +111,10 @@ def test_each_execution_waits_for_an_approver_who_sees_its_parameters(pg, collec
             conn.close()
 
         statements = [f for f in enf.sink.of_type("pg.statement") if f["text"] == DELETE]
-        # psycopg sends a small int as binary int2: the records keep binary values as hex (the
-        # approver was shown them as the Parse's declared type reads them)
+        # psycopg sends a small int as binary int2: records and approvers read it by the Parse's
+        # declared type
         assert [(f["params"], f["decision"]) for f in statements] == [
-            (["\\x0001"], "allow"), (["\\x0002"], "deny"), (["\\x0003"], "deny")]
+            (["1"], "allow"), (["2"], "deny"), (["3"], "deny")]
         requested = enf.sink.of_type("approval.requested")
         assert [f["summary"] for f in requested] == [f"{DELETE} -- parameters: $1 = '{i}'" for i in (1, 2, 3)]
         assert [f["statement_index"] for f in requested] == [f["statement_index"] for f in statements]

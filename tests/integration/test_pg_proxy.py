@@ -209,6 +209,40 @@ def test_asyncpg_prepared_copy_and_timeout(enforcer, pg):
     asyncio.run(main())
 
 
+def test_binary_parameters_are_recorded_as_the_server_prints_them(enforcer, pg):
+    """asyncpg sends every parameter in binary, typed by the server's ParameterDescription;
+    psycopg sends an int in binary, typed in its Parse: the records read both as Postgres would
+    print them (an auditor searching for customer 42 finds "42", not "\\x0000002a")."""
+    import datetime
+    import uuid
+    before = set(enforcer.sink.sessions())
+    some_uuid = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+    async def main():
+        conn = await asyncpg.connect(host=enforcer.host, port=enforcer.port, user="alice", password="alice-pw",
+                                     database="app", timeout=10)
+        try:
+            row = await conn.fetchrow("SELECT $1::int8 + $2::int4 AS n, $3::text AS t, $4::bool AS b, "
+                                      "$5::uuid AS u, $6::float8 AS f, $7::date AS d, $8::bytea AS x",
+                                      9007199254740993, -7, "zoë", True, some_uuid, 1.5,
+                                      datetime.date(2026, 11, 30), b"\x00\x01")
+            assert row["n"] == 9007199254740986 and row["t"] == "zoë"
+            stmt = await conn.prepare("SELECT $1::int4 * 2")
+            assert [await stmt.fetchval(i) for i in (20, 21)] == [40, 42]
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    with psycopg.connect(enforcer.dsn(pg, user="alice"), autocommit=True) as conn:
+        assert conn.execute("SELECT %s + 1", (41,)).fetchone() == (42,)
+    wait_for_session_end(enforcer.sink, len(before) + 2)
+    params = [f["params"] for t, f, sid in list(enforcer.sink.events)
+              if t == "pg.statement" and sid not in before and f.get("params")]
+    assert params == [
+        ["9007199254740993", "-7", "zoë", "true", str(some_uuid), "1.5", "2026-11-30", "\\x0001"],
+        ["20"], ["21"], ["41"]]
+
+
 # ---- pgbench -----------------------------------------------------------------------------
 def test_pgbench_init_and_runs(enforcer, pg):
     env = dict(os.environ, PGPASSWORD="alice-pw")

@@ -100,6 +100,8 @@ def state(s: PostgresSession) -> dict:
                     for r in s._results],
         "portals": {k: portal(v) for k, v in s._portals.items()}, "unnamed": portal(s._unnamed_portal),
         "prepared": sorted(s._statements), "bytes": (s.bytes_in, s.bytes_out), "cbuf": s._cbuf,
+        "param_types": {k: v.param_types for k, v in s._statements.items()},
+        "described": [(b, st.text if st is not None else None) for b, st in s._described_params],
         "sbuf": s._sbuf, "discard": s._discard_until_sync, "sqlstate": s.last_sqlstate,
         "terminated": s.terminated, "end": s.end_reason,
     }
@@ -130,6 +132,9 @@ names = st.sampled_from(["", "s1", "s2", "nope", "sé"])
 portals = st.sampled_from(["", "p1", "p2"])
 values = st.one_of(st.none(), st.binary(max_size=12), st.sampled_from([b"12345", "é".encode(), b"\xff\xfe"]))
 formats = st.lists(st.sampled_from([0, 1]), max_size=3)
+# parameter types: unknown, read in C (bool, integers, oid, text), read by protocol.binary_value_text
+# (floats, uuid, date), and one neither reads (bytea)
+type_oids = st.lists(st.sampled_from([0, 16, 20, 21, 23, 25, 26, 700, 701, 1082, 2950, 17]), max_size=4)
 
 
 def _cstr_msg(kind: bytes, body: bytes) -> bytes:
@@ -137,8 +142,8 @@ def _cstr_msg(kind: bytes, body: bytes) -> bytes:
 
 
 client_message = st.one_of(
-    st.builds(lambda n, q: P.build_parse(n, q), names,
-              st.sampled_from(["SELECT $1::int", "SELECT a FROM t WHERE b = $1", "DELETE FROM forbidden"])),
+    st.builds(lambda n, q, ty: P.build_parse(n, q, ty), names,
+              st.sampled_from(["SELECT $1::int", "SELECT a FROM t WHERE b = $1", "DELETE FROM forbidden"]), type_oids),
     st.builds(lambda p, n, v, f, r: P.build_bind(p, n, v, param_formats=f, result_formats=r),
               portals, names, st.lists(values, max_size=4), formats, formats),
     st.builds(lambda p, m: P.build_execute(p, m), portals, st.sampled_from([0, 1])),
@@ -169,6 +174,7 @@ server_message = st.one_of(
     st.builds(lambda c: P.build_error_response(c, "boom"), st.sampled_from(["42601", "57014"])),
     st.just(P.build_notice_response({"S": "NOTICE", "C": "00000", "M": "hi"})),
     st.just(P.build_row_description(FIELDS)), st.just(b"n\0\0\0\4"),
+    st.builds(P.build_parameter_description, type_oids), st.just(b"t\0\0\0\x05\0"),   # and one cut short
     st.just(b"S\0\0\0\x0ba\0b\0c\0"[:5] + b"a\0b\0"),    # ParameterStatus (length ignored below)
     st.just(P.build_backend_key_data(7, b"\0\0\0\x09")),
     st.just(b"D\0\0\0\2"),                                # invalid length
