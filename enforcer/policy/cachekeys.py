@@ -40,8 +40,22 @@ def principal_key(ctx) -> int:
     return number
 
 
+_policy_numbers = itertools.count(1)
+
+
+def policy_key(policy) -> int:
+    """A number for this policy object that no other object ever gets. Not id(): a freed object's
+    id is given to the next one, and the process-wide caches would serve a replaced policy's
+    answers (an allow where the new one wants an approval) to a new policy built at its address."""
+    number = getattr(policy, "_warden_cache_number", None)
+    if number is None:
+        number = next(_policy_numbers)
+        policy._warden_cache_number = number
+    return number
+
+
 def cache_base(ctx, policy) -> tuple:
     """The key prefix of every cached answer for this connection; when it changes (new policy
     or version, other principal, next hour) what was cached under the old one is stale."""
-    return (id(policy), getattr(policy, "version", None), principal_key(ctx), ctx.target.name,
+    return (policy_key(policy), getattr(policy, "version", None), principal_key(ctx), ctx.target.name,
             int(time.time() // 3600))

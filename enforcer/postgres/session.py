@@ -156,7 +156,8 @@ class _Statement:
     Describe 'S' was answered ([] for NoData), `described` once the client asked. `seq` numbers
     the Parse that made it (0: an SQL PREPARE); `effects` are what running it does to the
     prepared statements (namespace_effects: SQL PREPARE, DEALLOCATE, DISCARD ALL)."""
-    __slots__ = ("text", "verdict", "fields", "described", "record", "seq", "effects", "param_types")
+    __slots__ = ("text", "verdict", "fields", "described", "record", "seq", "effects", "param_types",
+                 "decided_with")
 
     def __init__(self, text: str, verdict: Optional[Verdict], seq: int = 0, effects: tuple = (),
                  param_types: tuple = ()):
@@ -172,6 +173,9 @@ class _Statement:
         # parameter type OIDs: the Parse's (0: the server infers), replaced by the server's own
         # ParameterDescription once a Describe 'S' of the statement is answered
         self.param_types = param_types
+        # a text that may EXECUTE a prepared statement: the named statements (name -> text) it was
+        # decided with; None for any other text
+        self.decided_with: Optional[dict] = None
 
 
 class _Portal:
@@ -840,9 +844,12 @@ class PostgresSession:
                 except P.ProtocolError:
                     return self._client_protocol_error(out, buf, run, pos, P.bind_error(buf[pos + 5:end]))
                 statement = self._statement_for(bind[1])
-                if statement is not None and statement.verdict is not None \
-                        and statement.verdict.decision == "approval":
-                    # an execution of a statement that needs approval: decided now, with the
+                if statement is not None and statement.verdict is not None and (
+                        statement.verdict.decision == "approval" or (
+                            statement.decided_with is not None
+                            and statement.decided_with != self._prepared_texts())):
+                    # an execution of a statement that needs approval, or of an EXECUTE whose name
+                    # was prepared again since its Parse was decided: decided now, with the
                     # values it binds; held (and what follows with it) while an approver decides
                     if run < pos:
                         out.append((TO_SERVER, buf[run:pos]))
@@ -918,7 +925,8 @@ class PostgresSession:
                     else:
                         parse = P.parse_parse(msg[5:])
                         sql = parse.query
-                        pending = ("P", msg, parse)
+                        # what an EXECUTE in it runs may change before it is bound: kept to compare
+                        pending = ("P", msg, parse, self._prepared_texts() if mentions_execute(sql) else None)
                 except P.ProtocolError as e:
                     return self._client_protocol_error(out, msg, 0, 0, e)
                 verdicts, prepared = self._decide_at_once(sql)
@@ -985,9 +993,11 @@ class PostgresSession:
             # an SQL PREPARE / DEALLOCATE / DISCARD ALL: its execution changes the statements
             # (taken back if it does not run); never a record template, so these Binds stay here
             portal.undo = self._apply_effects(statement.effects, statement.verdict)
-        elif (masking is None and statement is not None and verdict is None
+        elif (masking is None and statement is not None and verdict is None and statement.decided_with is None
               and not (self._parse_waits and self._waiting(name))):
             # the statement's constant fields were built once; only parameters and index differ
+            # (never for an EXECUTE: the C lane takes the Binds of a statement with a template,
+            # and each Bind of an EXECUTE is checked here for a name prepared again)
             template = statement.record
             if template is None:
                 template = statement.record = self._statement_fields(
@@ -1265,7 +1275,7 @@ class PostgresSession:
         return statement.effects
 
     def _resume_parse(self, pending, verdicts: list[Verdict], out: list) -> None:
-        _, msg, parse = pending
+        _, msg, parse, decided_with = pending
         if not verdicts:
             verdicts = [Verdict(True, parse.query)]
         # "approval" is no denial here: parsing runs nothing; each execution is held instead
@@ -1279,6 +1289,7 @@ class PostgresSession:
             if verdict.prepared is not None:
                 effects += self._executed_effects(verdict.prepared)
             statement = _Statement(parse.query, verdict, seq, effects, tuple(parse.param_types))
+            statement.decided_with = decided_with
             held = self._statements.get(name) if name else None
             if held is None:
                 # expected to succeed: in force from now on for the client's next messages (and for

@@ -1,6 +1,8 @@
 """The Postgres enforcer's decision caches: by exact text, by statement shape, per principal."""
 from __future__ import annotations
 
+import pytest
+
 from enforcer.context import ConnectionContext, TargetInfo
 from enforcer.policy.engine import PolicyEngine
 from enforcer.postgres.proxy import CACHED_SHAPE, CACHED_TEXT, DECIDED, decide_now
@@ -129,3 +131,25 @@ def test_principal_numbers_tell_attribute_sets_apart_and_survive_a_full_table(mo
     # a context that learned its number before the table was emptied keeps it; a fresh one
     # for the same principal gets a new number, never another principal's
     assert cachekeys.principal_key(_ctx(policy, "intruder")) != cachekeys.principal_key(newcomer)
+
+
+def test_a_policy_built_where_a_freed_one_was_gets_none_of_its_cached_answers():
+    """Found by a test that built one policy requiring approval after another that allowed the
+    same PREPARE: the decision cache keyed policies by id(), which CPython gives to the next
+    object allocated at a freed one's address, so the new policy served the old one's allow."""
+    from enforcer.policy import cachekeys
+
+    class Policy:
+        pass
+
+    first = Policy()
+    first_id, first_key = id(first), cachekeys.policy_key(first)
+    del first
+    for _ in range(1000):
+        successor = Policy()
+        if id(successor) == first_id:
+            break
+    else:
+        pytest.skip("the allocator did not reuse the freed address")
+    assert cachekeys.policy_key(successor) != first_key
+    assert cachekeys.policy_key(successor) == cachekeys.policy_key(successor)

@@ -43,7 +43,7 @@ class _Approvals:
         self.answer = answer
         self.asked = []
 
-    async def request(self, ctx, sd):
+    async def request(self, ctx, sd, **execution):
         self.asked.append(sd.statement)
         return Decision(self.answer, sd.decision.action, ("approver",), "")
 
@@ -192,6 +192,47 @@ def test_parse_of_execute_in_the_extended_protocol(lane):
     assert (rec["action"], rec["tables"], rec["decision"], rec["statement_name"]) == (
         "pg:select", ["public.customers"], "deny", "e")
     assert b"EXECUTE q" not in s.d.to_server
+
+
+def test_a_parsed_execute_is_decided_again_once_its_name_is_prepared_again(lane):
+    """A named Parse of `EXECUTE q` was decided as what q was then; bound after q was deallocated
+    and prepared as another statement, it runs that one: each Bind is decided anew (never by the
+    C lane), here denied, then held for approval."""
+    approvals = _Approvals(DENY)
+    s = Setup(READS + CUSTOMERS_NEED_APPROVAL, approvals)
+    s.prepare("PREPARE q AS SELECT * FROM orders")
+    s.d.reset()
+    s.d.client(P.build_parse("e", "EXECUTE q") + P.SYNC)
+    s.d.server(P.PARSE_COMPLETE + Z)
+    run = P.build_bind("", "e") + P.build_execute() + P.SYNC
+    answer = P.BIND_COMPLETE + P.build_data_row([b"1"]) + P.build_command_complete("SELECT 1") + Z
+    for _ in range(2):       # the second Bind would be the C lane's, with a record template
+        s.d.reset()
+        s.d.client(run)
+        s.d.server(answer)
+        (rec,) = [f for t, f in s.d.events if t == "pg.statement"]
+        assert (rec["tables"], rec["decision"]) == (["public.orders"], "allow")
+    assert not approvals.asked
+    s.query("DEALLOCATE q", P.build_command_complete("DEALLOCATE"))
+    approvals.answer = ALLOW
+    s.prepare("PREPARE q AS SELECT * FROM customers")          # approved once, as a PREPARE
+    assert len(approvals.asked) == 1
+    approvals.answer = DENY
+    s.d.reset()
+    s.d.client(run)
+    (rec,) = [f for t, f in s.d.events if t == "pg.statement"]
+    assert (rec["tables"], rec["decision"], rec["reason"]) == (["public.customers"], "deny", "")
+    assert rec["prepared"] == {"name": "q", "text": "PREPARE q AS SELECT * FROM customers"}
+    assert len(approvals.asked) == 2 and approvals.asked[-1].tables == ("public.customers",)
+    assert b"permission denied by Warden" in s.d.to_server and P.build_bind("", "e") not in s.d.to_server
+    s.d.server(P.PARSE_COMPLETE + P.BIND_COMPLETE
+               + P.build_error_response("42501", "permission denied by Warden") + Z)
+    approvals.answer = ALLOW
+    s.d.reset()
+    s.d.client(run)
+    (rec,) = [f for t, f in s.d.events if t == "pg.statement"]
+    assert (rec["tables"], rec["decision"]) == (["public.customers"], "allow")
+    assert s.d.to_server == run
 
 
 def test_execute_parameters_are_decided_too():
