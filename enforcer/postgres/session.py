@@ -892,8 +892,12 @@ class PostgresSession:
                     return self._client_protocol_error(out, buf, run, pos, e)
                 if kind == "S":
                     target = self._statement_for(name)
-                    # its ParameterDescription gives the types the records read binary values by
-                    self._described_params.append((self._client_batch, target))
+                    # its ParameterDescription gives the types the records read binary values by;
+                    # the notes of batches already answered are dead (their Describes failed)
+                    waits = self._described_params
+                    while waits and waits[0][0] < self._server_batch:
+                        waits.popleft()
+                    waits.append((self._client_batch, target))
                 else:
                     target = self._portals.get(name) if name else self._unnamed_portal
                 if self.masking is not None:      # its RowDescription: masking plans

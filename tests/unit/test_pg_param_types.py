@@ -164,3 +164,13 @@ def test_a_malformed_describe_gets_08P01_with_or_without_the_lanes(lane, describ
     assert d.to_server == b""
     errors = [f for f in P.split_messages(d.to_client)[0] if f[0] == b"E"]
     assert errors and b"08P01" in errors[-1][1]
+
+
+def test_describes_that_fail_leave_no_notes_behind(lane):
+    """A client describing unknown statements again and again: each batch's note is dropped once a
+    later batch notes its own, so they do not pile up while no ParameterDescription comes."""
+    d = ready()
+    for _ in range(50):
+        d.client(P.build_describe("S", "nope") + P.SYNC)
+        d.server(P.build_error_response("26000", 'prepared statement "nope" does not exist') + Z_IDLE)
+    assert len(d.s._described_params) == 1
