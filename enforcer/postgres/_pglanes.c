@@ -854,8 +854,8 @@ static Py_ssize_t run_server_lane(PyObject *dict, const unsigned char *buf, Py_s
                     Py_DECREF(popped);
                 }
             }
-        } else if (t == 'E' || t == 'K' || t == 'R' || t == 't') {
-            break;      /* errors, keys, authentication and parameter types: the reference's */
+        } else if (t == 'E' || t == 'K' || t == 'R' || t == 't' || t == 'V') {
+            break;      /* errors, keys, authentication, parameter types, fast-path results: the reference's */
         }
         /* anything else (RowDescription, NoData, notices, ParameterStatus, notifications, copy
          * responses) passes unchanged with nothing to note when nothing is masked */

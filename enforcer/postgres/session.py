@@ -64,6 +64,7 @@ from typing import Any, Callable, Optional
 
 from ..masking.pgrow import MaskingRefused
 from ..sqlclass import CLIENT_ONLY_ENCODINGS, mentions_execute
+from . import fastpath
 from . import native
 from . import protocol as P
 from .copyopts import copy_options
@@ -639,6 +640,8 @@ class PostgresSession:
             self._resume_query(pending, verdicts, out)
         elif kind == "B":
             self._resume_bind(pending, verdicts, out)
+        elif kind == "F":
+            self._resume_function_call(pending, verdicts, out)
         else:
             self._resume_parse(pending, verdicts, out)
         if self._cbuf and self.phase != CLOSED and self._pending is None:
@@ -949,15 +952,28 @@ class PostgresSession:
                 return
             elif t == 88:        # 'X' Terminate
                 self._terminated = True
-            elif t == 70:        # 'F' FunctionCall: refused, the server itself raising the error
+            elif t == 70:        # 'F' FunctionCall: decided as the SQL call it is, when that is known
                 if run < pos:
                     out.append((TO_SERVER, buf[run:pos]))
                 try:
                     call = P.parse_function_call(buf[pos + 5:end])
                 except P.ProtocolError as e:
                     return self._client_protocol_error(out, buf, pos, pos, e)
-                self._refuse_function_call(call, out)
-                run = end
+                known = fastpath.known_call(call.function_oid, len(call.args))
+                if known is None:
+                    self._refuse_function_call(call, out)
+                    run = end
+                else:
+                    pending = ("F", buf[pos:end], call, known)
+                    verdicts, _ = self._decide_at_once(known[0])
+                    if verdicts is not None:
+                        self._resume_function_call(pending, verdicts, out)
+                        run = pos = end
+                        continue
+                    self._cbuf = buf[end:]
+                    self._pending = pending
+                    out.append((DECIDE, DecisionRequest(known[0], "fastpath", None)))
+                    return
             elif t not in _CLIENT_FORWARD_TYPES:
                 return self._client_protocol_error(out, buf, run, pos,
                                                    P.ProtocolError(f"unknown message type {chr(t)!r}"))
@@ -1171,14 +1187,47 @@ class PostgresSession:
                 r.portal.undo = None
             self._undo_effects(undo, sqlstate if r is results[0] else None)
 
+    def _resume_function_call(self, pending, verdicts: list[Verdict], out: list) -> None:
+        """The decision of a fast-path call policy can see (fastpath.known_call): allowed, the
+        FunctionCall goes to the server as sent and its FunctionCallResponse is its result;
+        denied, it is refused like any denied statement."""
+        _, msg, call, (text, types) = pending
+        if not verdicts:
+            verdicts = [Verdict(True, text)]
+        denied = next((v for v in verdicts if not v.allowed), None)
+        self.statements += 1
+        index = self.statements
+        params = self._function_call_params(call, types)
+        out.append((EVENT, ("pg.statement", self._statement_fields(text, params, denied or verdicts[0], "fastpath",
+                                                                     None, index))))
+        if denied is not None:
+            self._refuse_call(text, index, denial_message(self.identity, self.target, denied), None, out)
+            return
+        self._results.append(_Result(text, self.clock(), self._client_batch, index=index))
+        self._client_batch += 1
+        self._expect.append(_SYNC_EXPECT)
+        out.append((TO_SERVER, msg))
+
+    def _function_call_params(self, call: P.FunctionCallMessage, types: tuple) -> list:
+        """A call's arguments as recorded: as Bind parameters are, except that data written to a
+        large object is recorded by its size (as COPY data is), not as a copy of it."""
+        masking = self.masking
+        params = render_bind_params(call.args, call.arg_formats, types,
+                                    masking.mask_text if masking is not None else None)
+        for i, value in enumerate(call.args):
+            if value is not None and i < len(types) and types[i] == fastpath.BYTEA:
+                params[i] = f"[{len(value)} bytes]"
+        return params
+
     def _refuse_function_call(self, call: P.FunctionCallMessage, out: list) -> None:
-        """FunctionCall (the fast-path interface) calls a function by its OID, which policy cannot see:
-        refused. Like a denied statement, the server itself raises the error (an explicit
-        transaction becomes aborted) and answers ReadyForQuery, which ends the cycle."""
+        """FunctionCall (the fast-path interface) of a function policy cannot see (by OID, and not
+        one fastpath.known_call knows): refused. Like a denied statement, the server itself raises
+        the error (an explicit transaction becomes aborted) and answers ReadyForQuery, which ends
+        the cycle."""
         text = f"<FunctionCall of function OID {call.function_oid}>"
         verdict = Verdict(False, text, action="pg:function", kind="FunctionCall", decision="deny",
-                          reason="the fast-path function call interface is refused: it calls a function by OID, "
-                                 "which policy cannot see")
+                          reason="the fast-path function call interface is refused for this function: it is "
+                                 "called by OID, which policy cannot see")
         self.statements += 1
         index = self.statements
         masking = self.masking
@@ -1187,8 +1236,12 @@ class PostgresSession:
         message = (f'permission denied by Warden: identity "{self.identity}" may not use the fast-path function '
                    f'call interface (FunctionCall of function OID {call.function_oid}) on target "{self.target}": '
                    f"it calls a function by OID, which policy cannot see")
-        hint = ("Call the function in SQL instead, e.g. SELECT fn(...), which policy decides; for large objects "
-                "use the SQL functions lo_get, lo_put, lo_from_bytea instead of the client library's lo_* calls.")
+        hint = ("Call the function in SQL instead, e.g. SELECT fn(...), which policy decides (the client "
+                "library's large-object calls pass, decided as the SQL calls they are).")
+        self._refuse_call(text, index, message, hint, out)
+
+    def _refuse_call(self, text: str, index: int, message: str, hint: Optional[str], out: list) -> None:
+        """A refused FunctionCall: the server raises 42501 in its place and answers ReadyForQuery."""
         self._results.append(_Result(text, self.clock(), self._client_batch, denied=True, index=index))
         self._client_batch += 1
         self._expect.append(_SYNC_EXPECT)
@@ -1540,6 +1593,11 @@ class PostgresSession:
                         run = self._refuse(out, buf, run, pos, end, refusal)
                     else:
                         self._copy_out = opts
+            elif t == 86:                    # 'V' FunctionCallResponse: an allowed fast-path call's result
+                if results:
+                    r = results.popleft()
+                    r.nbytes += max(length - 8, 0)       # the value, without its length word
+                    self._emit_result(out, r, None, None, None)
             elif t == 99:                    # 'c' CopyDone
                 self._copy_out = None
             elif t == 69 or t == 78:         # 'E' ErrorResponse, 'N' NoticeResponse

@@ -18,12 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from enforcer.postgres import fastpath
 from enforcer.postgres import protocol as P
 from enforcer.postgres import session as S
 from tests.fuzz.common import PropertyViolation, Stats, mutate, run_one, split_points, timed
 
-# FunctionCall ('F') is never forwarded: the session refuses it (a DO block raising 42501 goes instead)
-CLIENT_TYPES = frozenset(b"QPBDECSHdcfX")
+# FunctionCall ('F') is forwarded only for a call policy can see (a built-in large-object function,
+# enforcer/postgres/fastpath.py) that it allowed; any other is refused (a DO block raising 42501 goes instead)
+CLIENT_TYPES = frozenset(b"QPBDECSHdcfXF")
 SERVER_TYPES = frozenset(b"RSKZTDCIsnt12 3AENGHWdcv")
 # 42501: startup parameters refused (settings that would bypass policy), before any upstream exists
 PROTOCOL_ERROR_STATES = {"08P01", "0A000", "28000", "57P05", "08006", "42501"}
@@ -44,6 +46,7 @@ def client_seeds() -> list[bytes]:
         q("COPY t FROM STDIN") + P.build_copy_data(b"1\tx\n") + P.build_copy_done(),
         q("COPY t FROM STDIN") + P.build_copy_fail("client gave up"),
         P.build_function_call(1598, [b"\x00\x00\x00\x01", None], [1]),      # refused, never forwarded
+        P.build_function_call(952, [b"\x00\x00\x40\x01", b"\x00\x04\x00\x00"], [1]),  # lo_open: decided
         q("BEGIN") + P.build_function_call(1598, []) + q("COMMIT"),
         q("DEALLOCATE s1; PREPARE s1 AS SELECT 1") + P.build_bind("", "s1", []) + P.build_execute("", 0)
         + P.build_sync(),
@@ -193,6 +196,11 @@ class Driver:
                 bad = [t for t, _ in msgs if t[0] not in types]
                 if bad:
                     raise PropertyViolation(f"message types {bad[:3]} forwarded to the server")
+                for t, body in msgs:
+                    if t == b"F":
+                        call = P.parse_function_call(body)
+                        if fastpath.known_call(call.function_oid, len(call.args)) is None:
+                            raise PropertyViolation(f"a FunctionCall of OID {call.function_oid} reached the server")
 
     # the session brought to READY with a normal handshake
     def handshake(self) -> None:
@@ -307,7 +315,8 @@ def client_message(draw):
     if kind == "f":
         return P.build_copy_fail(draw(_text))
     if kind == "F":
-        return P.build_function_call(draw(st.integers(0, 5000)), draw(st.lists(_param, max_size=3)))
+        oid = draw(st.one_of(st.integers(0, 5000), st.sampled_from([952, 953, 954, 955, 964, 3170])))
+        return P.build_function_call(oid, draw(st.lists(_param, max_size=3)))
     return P.build_terminate()
 
 

@@ -185,6 +185,33 @@ def test_psycopg_cancel_reaches_upstream(enforcer, pg):
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
+def test_psql_large_objects_go_through_the_fast_path_decided_as_sql(enforcer, pg, tmp_path):
+    """psql's \\lo_import, \\lo_export and \\lo_unlink use libpq's lo_* calls (protocol
+    FunctionCall of the built-in large-object functions): decided as the SQL calls they are,
+    forwarded as sent, recorded; the file comes back byte for byte."""
+    src, back = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(os.urandom(70_000))                 # several lowrite chunks
+    before = set(enforcer.sink.sessions())
+    r = run_psql(enforcer, pg, "alice", "-c", f"\\lo_import {src}")
+    assert r.returncode == 0 and r.stdout.startswith("lo_import "), r.stderr
+    oid = int(r.stdout.split()[1])
+    r = run_psql(enforcer, pg, "alice", "-c", f"\\lo_export {oid} {back}")
+    assert r.returncode == 0, r.stderr
+    assert back.read_bytes() == src.read_bytes()
+    r = run_psql(enforcer, pg, "alice", "-c", f"\\lo_unlink {oid}")
+    assert r.returncode == 0 and "lo_unlink" in r.stdout, r.stderr
+    wait_for_session_end(enforcer.sink, len(before) + 3)
+    calls = [f for t, f, sid in list(enforcer.sink.events)
+             if t == "pg.statement" and sid not in before and f["protocol"] == "fastpath"]
+    names = {f["text"].split("(")[0].removeprefix("SELECT pg_catalog.") for f in calls}
+    assert {"lo_open", "lowrite", "loread", "lo_close", "lo_unlink"} <= names and names & {"lo_creat", "lo_create"}
+    assert all(f["decision"] == "allow" for f in calls)
+    written = [f["params"][1] for f in calls if "lowrite" in f["text"]]
+    assert sum(int(p.strip("[] bytes")) for p in written) == 70_000
+    results = [f for t, f, sid in list(enforcer.sink.events) if t == "pg.result" and sid not in before]
+    assert not [f for f in results if f["sqlstate"]]
+
+
 # ---- asyncpg -----------------------------------------------------------------------------
 def test_asyncpg_prepared_copy_and_timeout(enforcer, pg):
     async def main():
