@@ -972,7 +972,10 @@ class PostgresSession:
                         continue
                     self._cbuf = buf[end:]
                     self._pending = pending
-                    out.append((DECIDE, DecisionRequest(known[0], "fastpath", None)))
+                    # the approver sees the arguments, and a grant covers only these
+                    out.append((DECIDE, DecisionRequest(
+                        known[0], "fastpath", None, params=self._function_call_params(call, known[1]),
+                        params_key=_params_key(call.args, call.arg_formats), statement_index=self.statements + 1)))
                     return
             elif t not in _CLIENT_FORWARD_TYPES:
                 return self._client_protocol_error(out, buf, run, pos,

@@ -96,7 +96,7 @@ def test_a_call_waiting_for_approval_holds_what_follows():
     call = P.build_function_call(LO_CLOSE, [int4(0)], [1])
     d.client(call + P.build_query("SELECT 1"))
     assert d.to_server == b"" and [r.sql for r in d.requests] == ["SELECT pg_catalog.lo_close($1)"]
-    assert d.requests[0].protocol == "fastpath"
+    assert (d.requests[0].protocol, d.requests[0].params, d.requests[0].statement_index) == ("fastpath", ["0"], 1)
     d._run(d.s.resume(allow_functions(d.requests[0])))
     assert d.to_server.startswith(call)
 
