@@ -1044,7 +1044,7 @@ class PostgresSession:
         portal_name, name, fmts, values, _rfmts = bind
         masking = self.masking
         params = render_bind_params(values, fmts, statement.param_types,
-                                 masking.mask_text if masking is not None else None)
+                                    masking.mask_text if masking is not None else None)
         # nothing else is recorded while the client is held: this is the index its record gets
         return DecisionRequest(statement.text, "extended", name, prepared, params=params,
                                params_key=_params_key(values, fmts), statement_index=self.statements + 1)
@@ -1195,8 +1195,8 @@ class PostgresSession:
         FunctionCall goes to the server as sent and its FunctionCallResponse is its result;
         denied, it is refused like any denied statement."""
         _, msg, call, (text, types) = pending
-        if not verdicts:
-            verdicts = [Verdict(True, text)]
+        if not verdicts:        # no answer for the call: it does not run
+            verdicts = [Verdict(False, text, action="pg:function", decision="deny", reason="no decision for the call")]
         denied = next((v for v in verdicts if not v.allowed), None)
         self.statements += 1
         index = self.statements

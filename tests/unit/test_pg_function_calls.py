@@ -144,3 +144,11 @@ def test_cedar_decides_the_calls_as_the_dangerous_functions_they_are():
     assert (sd.statement.action, sd.decision.kind) == ("pg:function", "deny")
     (sd,) = PolicyEngine.from_text(reads + functions).decide_sql("svc", {}, "db", sql)
     assert (sd.decision.kind, sd.decision.policy_ids) == ("allow", ("large-objects",))
+
+
+def test_a_call_with_no_decision_does_not_run(lane):
+    d = ready(lambda req: [])
+    d.s.decide = None                                  # decided through DECIDE, answered with nothing
+    d.client(P.build_function_call(LO_CLOSE, [int4(0)], [1]))
+    (st,) = records(d, "pg.statement")
+    assert st["decision"] == "deny" and b"42501" in d.to_server and not d.to_server.startswith(b"F")
