@@ -10,7 +10,7 @@ from enforcer.postgres import fastpath
 from enforcer.postgres import protocol as P
 from enforcer.postgres import session as S
 from enforcer.postgres.session import Verdict
-from tests.unit.test_pg_session import AUTH_DONE, STARTUP, Driver
+from tests.unit.test_pg_session import Driver, ready_driver
 
 Z_IDLE = P.build_ready_for_query("I")
 LO_OPEN, LO_CLOSE, LOREAD, LOWRITE, LO_UNLINK, NOW = 952, 953, 954, 955, 964, 1299
@@ -31,11 +31,7 @@ def deny_functions(req):
 
 
 def ready(decider=allow_functions) -> Driver:
-    d = Driver(decider=decider)
-    d.client(STARTUP)
-    d.server(AUTH_DONE)
-    d.reset()
-    return d
+    return ready_driver(decider=decider)
 
 
 def records(d: Driver, event_type: str) -> list:
@@ -87,11 +83,8 @@ def test_a_denied_call_never_reaches_the_server_and_aborts_a_transaction(lane):
 
 
 def test_a_call_waiting_for_approval_holds_what_follows():
-    d = Driver()
+    d = ready()
     d.on_decide = lambda request, last: None          # not answered yet
-    d.client(STARTUP)
-    d.server(AUTH_DONE)
-    d.reset()
     d.s.decide = lambda text, **kw: None              # the inline decider asks for an approval
     call = P.build_function_call(LO_CLOSE, [int4(0)], [1])
     d.client(call + P.build_query("SELECT 1"))

@@ -9,20 +9,12 @@ import pytest
 
 from enforcer.postgres import protocol as P
 from enforcer.postgres import session as S
-from tests.unit.test_pg_session import AUTH_DONE, STARTUP, Driver
+from tests.unit.test_pg_session import Driver, ready_driver
 from tests.unit.test_pg_session_masking import masked_driver
 
 Z_IDLE = P.build_ready_for_query("I")
 SELECT = "SELECT * FROM customers WHERE id = $1"
 UUID = uuid.UUID("12345678-1234-5678-1234-567812345678")
-
-
-def ready() -> Driver:
-    d = Driver()
-    d.client(STARTUP)
-    d.server(AUTH_DONE)
-    d.reset()
-    return d
 
 
 def params_of(d: Driver) -> list:
@@ -38,7 +30,7 @@ def answer(tag="SELECT 0") -> bytes:
 
 
 def test_declared_types_read_binary_values_as_postgres_prints_them(lane):
-    d = ready()
+    d = ready_driver()
     types = [21, 23, 20, 26, 16, 25, 2950, 701, 1082, 17, 0, 23]
     d.client(P.build_parse("q", SELECT, types) + P.SYNC)
     d.server(P.build_parse_complete() + Z_IDLE)
@@ -57,7 +49,7 @@ def test_declared_types_read_binary_values_as_postgres_prints_them(lane):
 
 
 def test_text_format_values_and_nulls_are_unchanged(lane):
-    d = ready()
+    d = ready_driver()
     d.client(P.build_parse("q", SELECT, [23, 23]) + P.SYNC)
     d.server(P.build_parse_complete() + Z_IDLE)
     for _ in range(2):
@@ -70,7 +62,7 @@ def test_text_format_values_and_nulls_are_unchanged(lane):
 
 def test_types_described_by_the_server_are_used_for_later_executions(lane):
     """asyncpg prepares with untyped parameters and a Describe 'S', then binds every value in binary."""
-    d = ready()
+    d = ready_driver()
     d.client(P.build_parse("q", SELECT) + P.build_describe("S", "q") + P.SYNC)
     d.server(P.build_parse_complete() + P.build_parameter_description([23, 25]) + P.NO_DATA + Z_IDLE)
     for i in range(2):
@@ -81,7 +73,7 @@ def test_types_described_by_the_server_are_used_for_later_executions(lane):
 
 
 def test_each_describe_of_a_batch_gets_its_own_answer(lane):
-    d = ready()
+    d = ready_driver()
     d.client(P.build_parse("a", SELECT) + P.build_parse("b", SELECT) + P.build_describe("S", "a")
              + P.build_describe("S", "b") + P.SYNC)
     d.server(P.build_parse_complete() * 2 + P.build_parameter_description([21]) + P.NO_DATA
@@ -96,7 +88,7 @@ def test_each_describe_of_a_batch_gets_its_own_answer(lane):
 def test_a_describe_skipped_after_an_error_takes_no_later_answer(lane):
     """The server skips a failed batch's Describe: the next batch's ParameterDescription belongs
     to the next batch's statement, not to the skipped one."""
-    d = ready()
+    d = ready_driver()
     d.client(P.build_parse("bad", "SELEC 1") + P.build_describe("S", "bad") + P.SYNC
              + P.build_parse("good", SELECT) + P.build_describe("S", "good") + P.SYNC)
     d.server(P.build_error_response("42601", "syntax error") + Z_IDLE)
@@ -110,7 +102,7 @@ def test_a_describe_skipped_after_an_error_takes_no_later_answer(lane):
 def test_a_describe_of_a_statement_unknown_here_keeps_the_order(lane):
     """A name the session does not know (the server answers it with an error) still holds its
     place, so the answers that follow go to the right statements."""
-    d = ready()
+    d = ready_driver()
     d.client(P.build_parse("q", SELECT) + P.SYNC)
     d.server(P.build_parse_complete() + Z_IDLE)
     d.client(P.build_describe("S", "q") + P.SYNC + P.build_describe("S", "nope") + P.SYNC)
@@ -122,7 +114,7 @@ def test_a_describe_of_a_statement_unknown_here_keeps_the_order(lane):
 
 
 def test_a_malformed_parameter_description_ends_the_session_with_08P01(lane):
-    d = ready()
+    d = ready_driver()
     d.client(P.build_parse("q", SELECT) + P.build_describe("S", "q") + P.SYNC)
     d.server(P.build_parse_complete() + b"t\0\0\0\x07\0\x02\0")
     errors = [f for f in P.split_messages(d.to_client)[0] if f[0] == b"E"]
@@ -132,7 +124,7 @@ def test_a_malformed_parameter_description_ends_the_session_with_08P01(lane):
 
 @pytest.mark.skipif(S._lanes is None, reason="the session runs without the C lanes (WARDEN_PURE_PYTHON=1)")
 def test_the_c_lane_reads_typed_values_itself():
-    d = ready()
+    d = ready_driver()
     d.client(P.build_parse("q", SELECT, [23, 701, 25]) + P.SYNC)
     d.server(P.build_parse_complete() + Z_IDLE)
     d.client(bind([b"\0\0\0\1", struct.pack("!d", 0.1), b"x"], "q"))
@@ -159,7 +151,7 @@ def test_masking_applies_to_values_read_by_their_type():
 def test_a_malformed_describe_gets_08P01_with_or_without_the_lanes(lane, describe):
     """Every Describe is read now (its ParameterDescription is noted): trailing bytes, an unknown
     target or a missing NUL closes the connection with 08P01 instead of reaching the server."""
-    d = ready()
+    d = ready_driver()
     d.client(describe + P.SYNC)
     assert d.to_server == b""
     errors = [f for f in P.split_messages(d.to_client)[0] if f[0] == b"E"]
@@ -169,7 +161,7 @@ def test_a_malformed_describe_gets_08P01_with_or_without_the_lanes(lane, describ
 def test_describes_that_fail_leave_no_notes_behind(lane):
     """A client describing unknown statements again and again: each batch's note is dropped once a
     later batch notes its own, so they do not pile up while no ParameterDescription comes."""
-    d = ready()
+    d = ready_driver()
     for _ in range(50):
         d.client(P.build_describe("S", "nope") + P.SYNC)
         d.server(P.build_error_response("26000", 'prepared statement "nope" does not exist') + Z_IDLE)
