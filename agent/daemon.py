@@ -177,9 +177,10 @@ class Agent:
 
     def _load_catalog(self, dsn: str):
         import psycopg
-        from enforcer.masking.catalog import CATALOG_QUERY, VIEWS_QUERY, catalog_from_rows
+        from enforcer.masking.catalog import CATALOG_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY, catalog_from_rows
         with psycopg.connect(dsn, connect_timeout=10) as conn:
-            return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall())
+            return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall(),
+                                     conn.execute(FUNCTIONS_QUERY).fetchall())
 
     async def _catalog_loop(self, stop: asyncio.Event) -> None:
         """Column names for `schema.table.column` masking rules, from each target's catalog DSN."""

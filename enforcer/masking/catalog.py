@@ -1,7 +1,7 @@
 """Resolving RowDescription's (table OID, attribute number) to schema.table.column names, and a
 view's columns to the table columns they show.
 
-The enforcer runs CATALOG_QUERY and VIEWS_QUERY on a catalog connection (a configured catalog
+The enforcer runs CATALOG_QUERY, VIEWS_QUERY and FUNCTIONS_QUERY on a catalog connection (a configured catalog
 DSN) and hands the rows to `catalog_from_rows`; the result is the `catalog` of
 `MaskingEngine.for_session`. Pure: the queries are run elsewhere.
 """
@@ -28,14 +28,30 @@ VIEWS_QUERY = (
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
 )
 
+# functions written in SQL (`LANGUAGE sql AS $$ ... $$`): their bodies, read with the statement
+# reader, so a function that returns a table column is masked like the column. PL/pgSQL and
+# SQL-standard bodies (BEGIN ATOMIC, RETURN) are not read: labels and detectors apply to them.
+FUNCTIONS_QUERY = (
+    "SELECT n.nspname, p.proname, p.prosrc "
+    "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+    "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
+    "WHERE l.lanname = 'sql' AND p.prosrc <> '' "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
+)
+
 _VIEW_DEPTH = 8      # views over views followed this deep
 
 
 class Catalog:
     """lookup(table_oid, attnum) -> 'schema.table.column' or None; `sources(oid, attnum)`: for a
-    view's column, the (table, column) pairs it shows (through views over views), else None."""
+    view's column, the (table, column) pairs it shows (through views over views), else None;
+    `function_bodies(name)`: the SQL bodies of the functions called `name` (qualified or not)."""
 
-    def __init__(self, rows: Iterable[tuple], views: Iterable[tuple] = ()):
+    def __init__(self, rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = ()):
+        self._functions: dict[str, tuple] = {}
+        for schema, name, body in functions:
+            for key in (f"{schema}.{name}", name):
+                self._functions[key] = self._functions.get(key, ()) + (body,)
         self.names: dict[tuple[int, int], str] = {}
         columns: dict[int, dict[int, str]] = {}
         relname: dict[int, str] = {}
@@ -62,6 +78,9 @@ class Catalog:
             for attnum, name in zip(sorted(cols), ordered):
                 self._by_attnum[(oid, attnum)] = named[name]
 
+    def function_bodies(self, name: str) -> tuple:
+        return self._functions.get(name, ())
+
     def __call__(self, table_oid: int, attnum: int) -> Optional[str]:
         return self.names.get((table_oid, attnum))
 
@@ -83,6 +102,6 @@ class Catalog:
         return frozenset(out)
 
 
-def catalog_from_rows(rows: Iterable[tuple], views: Iterable[tuple] = ()) -> Catalog:
-    """rows of CATALOG_QUERY (and of VIEWS_QUERY) -> the session maskers' catalog."""
-    return Catalog(rows, views)
+def catalog_from_rows(rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = ()) -> Catalog:
+    """rows of CATALOG_QUERY (and of VIEWS_QUERY and FUNCTIONS_QUERY) -> the session maskers' catalog."""
+    return Catalog(rows, views, functions)

@@ -213,14 +213,15 @@ class SessionMasker:
         return plan
 
     def _sources(self, text: str, lookup, nfields: int) -> Optional[tuple]:
+        functions = getattr(self.catalog, "function_bodies", None)
         if _FOLLOWS_A_NAME.match(text):
             # EXECUTE and FETCH mean what their name means now: never cached
-            entries = result_sources(text, lookup)
+            entries = result_sources(text, lookup, functions)
         else:
             key = statement_shape(text) or text
             entries = self._entries.get(key, _MISSING)
             if entries is _MISSING:
-                entries = result_sources(text)
+                entries = result_sources(text, None, functions)
                 if len(self._entries) >= MAX_CACHED_PLANS:
                     self._entries.pop(next(iter(self._entries)))
                 self._entries[key] = entries
@@ -363,7 +364,7 @@ class SessionMasker:
         """The fields of a COPY (query) TO as (label, sources) each, for mask_copy_line's
         `columns`; None when they cannot all be named (a table's `*`: COPY has no
         RowDescription to give those labels)."""
-        entries = statement_sources(query)
+        entries = statement_sources(query, getattr(self.catalog, "function_bodies", None))
         aligned = align(entries, ncols)
         if aligned is None:
             return None

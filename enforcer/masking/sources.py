@@ -73,8 +73,10 @@ def _all_sources(entries) -> frozenset:
 
 
 class _Reader:
-    def __init__(self, lookup: Optional[Callable[[str, str], Optional[str]]]):
+    def __init__(self, lookup: Optional[Callable[[str, str], Optional[str]]],
+                 functions: Optional[Callable[[str], tuple]] = None):
         self.lookup = lookup
+        self.functions = functions
         self.depth = 0
 
     # -- statements ------------------------------------------------------------------------
@@ -327,11 +329,38 @@ class _Reader:
                         out |= self.column_ref([_sval(f) for f in fields], scope)
                 elif k == "FuncCall" and _func_name(v) in _VALUE_FREE:
                     continue
+                elif k == "FuncCall" and self.functions is not None:
+                    out |= self.function_result(v)
+                    stack.append(v)          # and its arguments
                 elif k == "SelectStmt":
                     entries = self.select(v, scope, scope.ctes)
                     out |= _all_sources(entries)
                 elif isinstance(v, (dict, list)):
                     stack.append(v)
+        return frozenset(out)
+
+
+    def function_result(self, call: dict) -> frozenset:
+        """What a call of a function the catalog knows by its SQL body can return: the sources of
+        its last statement's result (every overload of the name, in any schema when unqualified);
+        a body this reader cannot follow may return anything."""
+        names = [_sval(n) for n in call.get("funcname", [])]
+        bodies = self.functions(".".join(n for n in names if n)) if names else ()
+        out: set = set()
+        for body in bodies or ():
+            self.depth += 1
+            try:
+                if self.depth > 64:
+                    raise _TooDeep()
+                tree = _parse(body)
+                entries = self.statement(*next(iter(tree[-1]["stmt"].items()))) if tree else None
+            finally:
+                self.depth -= 1
+            if entries is None:
+                out.add((None, WHOLE_ROW))
+                continue
+            # one value of the result's columns: a table's own columns are its whole row
+            out |= {(t, WHOLE_ROW if c == OWN_LABEL else c) for t, c in _all_sources(entries)}
         return frozenset(out)
 
 
@@ -376,20 +405,23 @@ def _parse(text: str) -> Optional[list]:
         return None
 
 
-def result_sources(text: str, lookup: Optional[Callable[[str, str], Optional[str]]] = None) -> Optional[list]:
+def result_sources(text: str, lookup: Optional[Callable[[str, str], Optional[str]]] = None,
+                   functions: Optional[Callable[[str], tuple]] = None) -> Optional[list]:
     """The result entries of a one-statement text: (label, sources) per column and Expanded for
     each `*`; None when they cannot be known. `lookup(kind, name)` gives the text behind
-    `EXECUTE name` ("prepared") and `FETCH ... name` ("cursor": the text that declared it)."""
+    `EXECUTE name` ("prepared") and `FETCH ... name` ("cursor": the text that declared it);
+    `functions(name)` the SQL bodies of the functions called so (Catalog.function_bodies), whose
+    results carry what their bodies read."""
     try:
-        return _Reader(lookup).text(text)
+        return _Reader(lookup, functions).text(text)
     except Exception:   # noqa: BLE001 - a tree this reader does not follow: labels and catalog only
         return None
 
 
-def statement_sources(tree: dict) -> Optional[list]:
+def statement_sources(tree: dict, functions: Optional[Callable[[str], tuple]] = None) -> Optional[list]:
     """result_sources for a statement already parsed ({kind: node}, e.g. the query of a COPY)."""
     try:
-        return _Reader(None).statement(*next(iter(tree.items())))
+        return _Reader(None, functions).statement(*next(iter(tree.items())))
     except Exception:   # noqa: BLE001 - as result_sources
         return None
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from enforcer.masking import CATALOG_QUERY, VIEWS_QUERY, catalog_from_rows, load_masking
+from enforcer.masking import CATALOG_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY, catalog_from_rows, load_masking
 from tests.pg_harness import EnforcerThread, PostgresServer, postgres_available
 
 pytestmark = [pytest.mark.postgres,
@@ -47,14 +47,17 @@ def pg():
                           "ALTER TABLE customers OWNER TO alice; "
                           "CREATE VIEW customer_view AS SELECT id, ssn AS tax_id, upper(ssn) AS loud, name "
                           "FROM customers; CREATE VIEW view_of_view AS SELECT tax_id AS t FROM customer_view; "
-                          "GRANT SELECT ON customer_view, view_of_view TO alice", dbname="app")
+                          "GRANT SELECT ON customer_view, view_of_view TO alice; "
+                          "CREATE FUNCTION ssn_backwards(int) RETURNS text LANGUAGE sql STABLE "
+                          "AS $$ SELECT reverse(ssn) FROM customers WHERE id = $1 $$", dbname="app")
         yield server
 
 
 @pytest.fixture(scope="module")
 def catalog(pg):
     with psycopg.connect(pg.dsn()) as conn:
-        return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall())
+        return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall(),
+                                 conn.execute(FUNCTIONS_QUERY).fetchall())
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +165,15 @@ def test_view_columns_are_masked_by_the_table_columns_they_show(enforcer, pg):
     assert fetch(enforcer, pg, "SELECT * FROM customer_view WHERE id = 1") == \
         [(1, "***-**-6789", "***-**-6789", "Jane Doe")]
     assert fetch(enforcer, pg, "SELECT t FROM view_of_view ORDER BY t") == [("***-**-1120",), ("***-**-6789",)]
+
+
+def test_a_sql_function_returning_a_masked_column_is_masked_with_the_catalog(enforcer, uncataloged_enforcer, pg):
+    """ssn_backwards(id) returns reverse(ssn), which no detector recognises: without the catalog
+    it is opaque, with it the function's body is read and the column's rule applies."""
+    backwards = "9876-54-321"
+    assert fetch(uncataloged_enforcer, pg, "SELECT ssn_backwards(1)") == [(backwards,)]
+    (masked,) = fetch(enforcer, pg, "SELECT ssn_backwards(1) AS x")
+    assert masked != (backwards,) and "9876" not in masked[0]
 
 
 def test_filtering_on_a_masked_column_leaves_other_columns_clear(uncataloged_enforcer, pg):
@@ -459,3 +471,12 @@ def test_records_hold_no_raw_values(pg, engine, catalog, tmp_path):
     blob = json.dumps([b.events for b in stored], default=lambda o: o.hex() if isinstance(o, bytes) else str(o))
     assert_no_secrets(blob)
     assert_no_secrets(str([b.events for b in stored]))
+
+
+def test_the_agent_loads_tables_views_and_sql_functions_from_a_catalog_dsn(pg):
+    """The agent's own catalog loader (what each target's catalog_dsn runs every minute)."""
+    from agent.daemon import Agent
+    catalog = Agent._load_catalog(None, pg.dsn())
+    assert catalog.function_bodies("ssn_backwards") == catalog.function_bodies("public.ssn_backwards") != ()
+    assert "reverse(ssn)" in catalog.function_bodies("ssn_backwards")[0]
+    assert "public.customers.ssn" in catalog.names.values()

@@ -290,3 +290,36 @@ def test_catalog_reads_views_through_their_definitions():
     fields = [int_field("id", 16390, 1), text_field("tax_id", 16390, 2), text_field("loud", 16390, 3)]
     assert simple(d, "SELECT * FROM customer_view", fields, [b"1", SSN, SSN]) == [[b"1", MASKED, MASKED]]
     assert simple(d, "SELECT t AS x FROM nested", [text_field("x", 16395, 1)], [SSN]) == [[MASKED]]
+
+
+FUNCTIONS = [("public", "get_ssn", "SELECT ssn FROM customers WHERE id = $1"),
+             ("public", "tax_id", "SELECT 1; SELECT reverse(c.ssn) FROM customers c WHERE c.id = $1"),
+             ("public", "via_other", "SELECT public.get_ssn($1)"),
+             ("public", "customer_row", "SELECT * FROM customers WHERE id = $1"),
+             ("public", "looping", "SELECT looping($1)"),
+             ("public", "unreadable", "SELEC nonsense")]
+
+
+def function_sources(sql, nfields):
+    return align(result_sources(sql, None, catalog_from_rows([], [], FUNCTIONS).function_bodies), nfields)
+
+
+def test_sql_functions_from_the_catalog_carry_what_their_bodies_return():
+    ssn = frozenset({("customers", "ssn")})
+    assert function_sources("SELECT get_ssn(7) AS x", 1) == (ssn,)
+    assert function_sources("SELECT public.tax_id(id) FROM orders", 1) == (ssn | {("orders", "id")},)
+    assert function_sources("SELECT via_other(1)", 1) == (ssn,)                     # a function calling one
+    assert function_sources("SELECT t FROM get_ssn(1) AS t", 1) == (ssn,)           # in FROM
+    assert function_sources("SELECT customer_row(1)", 1) == (frozenset({("customers", WHOLE_ROW)}),)
+    assert function_sources("SELECT unreadable(1)", 1) == (frozenset({(None, WHOLE_ROW)}),)
+    assert function_sources("SELECT looping(1)", 1) is None          # too deep: unknown, as before
+    assert function_sources("SELECT lower('a'), count(get_ssn(1))", 2) == (frozenset(), frozenset())
+    assert sources_of("SELECT get_ssn(7) AS x", 1) == (frozenset(),)              # no catalog: opaque
+
+
+def test_a_function_returning_a_masked_column_is_masked_through_the_catalog():
+    rows = [(16384, 1, "public", "customers", "id"), (16384, 2, "public", "customers", "ssn")]
+    d = driver(QUALIFIED_RULE, catalog=catalog_from_rows(rows, [], FUNCTIONS))
+    assert simple(d, "SELECT get_ssn(1) AS x", [text_field("x")], [SSN]) == [[MASKED]]
+    assert simple(d, "SELECT tax_id(1)", [text_field("tax_id")], [b"9876-54-321"]) != [[b"9876-54-321"]]
+    assert simple(d, "SELECT length(name) FROM customers", [int_field("length")], [b"8"]) == [[b"8"]]
