@@ -67,6 +67,11 @@ def session_events(sink, sid):
     return [(t, f) for t, f, s in list(sink.events) if s == sid]
 
 
+def new_events(sink, before, event_type):
+    """The fields of every `event_type` event of the sessions not in `before`."""
+    return [f for t, f, s in list(sink.events) if t == event_type and s not in before]
+
+
 def last_session(sink, before):
     sids = sink.sessions()
     new = [s for s in sids if s not in before]
@@ -201,15 +206,13 @@ def test_psql_large_objects_go_through_the_fast_path_decided_as_sql(enforcer, pg
     r = run_psql(enforcer, pg, "alice", "-c", f"\\lo_unlink {oid}")
     assert r.returncode == 0 and "lo_unlink" in r.stdout, r.stderr
     wait_for_session_end(enforcer.sink, len(before) + 3)
-    calls = [f for t, f, sid in list(enforcer.sink.events)
-             if t == "pg.statement" and sid not in before and f["protocol"] == "fastpath"]
+    calls = [f for f in new_events(enforcer.sink, before, "pg.statement") if f["protocol"] == "fastpath"]
     names = {f["text"].split("(")[0].removeprefix("SELECT pg_catalog.") for f in calls}
     assert {"lo_open", "lowrite", "loread", "lo_close", "lo_unlink"} <= names and names & {"lo_creat", "lo_create"}
     assert all(f["decision"] == "allow" for f in calls)
     written = [f["params"][1] for f in calls if "lowrite" in f["text"]]
     assert sum(int(p.strip("[] bytes")) for p in written) == 70_000
-    results = [f for t, f, sid in list(enforcer.sink.events) if t == "pg.result" and sid not in before]
-    assert not [f for f in results if f["sqlstate"]]
+    assert not [f for f in new_events(enforcer.sink, before, "pg.result") if f["sqlstate"]]
 
 
 # ---- asyncpg -----------------------------------------------------------------------------
@@ -263,8 +266,7 @@ def test_binary_parameters_are_recorded_as_the_server_prints_them(enforcer, pg):
     with psycopg.connect(enforcer.dsn(pg, user="alice"), autocommit=True) as conn:
         assert conn.execute("SELECT %s + 1", (41,)).fetchone() == (42,)
     wait_for_session_end(enforcer.sink, len(before) + 2)
-    params = [f["params"] for t, f, sid in list(enforcer.sink.events)
-              if t == "pg.statement" and sid not in before and f.get("params")]
+    params = [f["params"] for f in new_events(enforcer.sink, before, "pg.statement") if f.get("params")]
     assert params == [
         ["9007199254740993", "-7", "zoë", "true", str(some_uuid), "1.5", "2026-11-30", "\\x0001"],
         ["20"], ["21"], ["41"]]
