@@ -348,6 +348,8 @@ def render_bind_params(values: list, fmts: list, types: tuple,
     value shown as hex that is UTF-8 text is recorded masked instead when it holds something to
     mask, so its hex cannot carry the raw value."""
     shown = _render(values, fmts, mask_text)
+    if not fmts or not types:
+        return shown            # all text format, or no type known: as _render shows them
     for i, v in enumerate(values):
         oid = types[i] if i < len(types) else 0
         if v is None or not oid or P.param_format(fmts, i) != 1:
@@ -635,6 +637,13 @@ class PostgresSession:
             raise RuntimeError("resume() without a pending decision")
         self._pending = None
         out: list = []
+        self._resume_pending(pending, verdicts, out)
+        if self._cbuf and self.phase != CLOSED and self._pending is None:
+            out += self._process_client()
+        return out
+
+    def _resume_pending(self, pending: tuple, verdicts: list[Verdict], out: list) -> None:
+        """Go on with a client message held for its decision (Query, Parse, Bind, FunctionCall)."""
         kind = pending[0]
         if kind == "Q":
             self._resume_query(pending, verdicts, out)
@@ -644,9 +653,20 @@ class PostgresSession:
             self._resume_function_call(pending, verdicts, out)
         else:
             self._resume_parse(pending, verdicts, out)
-        if self._cbuf and self.phase != CLOSED and self._pending is None:
-            out += self._process_client()
-        return out
+
+    def _decide_or_hold(self, pending: tuple, text: str, request: Callable[[Optional[dict]], DecisionRequest],
+                        rest: bytes, out: list) -> bool:
+        """A client message that needs a decision: decided at once when the shell's decider can
+        (True: the caller goes on with the next message), else held with the bytes after it
+        (`rest`) behind a DECIDE of `request(prepared statements)` (False: the caller returns)."""
+        verdicts, prepared = self._decide_at_once(text)
+        if verdicts is not None:
+            self._resume_pending(pending, verdicts, out)
+            return True
+        self._cbuf = rest
+        self._pending = pending
+        out.append((DECIDE, request(prepared)))
+        return False
 
     def fatal(self, sqlstate: str, message: str, reason: str) -> list:
         """Error the connection from outside (timeouts, upstream failures)."""
@@ -856,16 +876,12 @@ class PostgresSession:
                     # values it binds; held (and what follows with it) while an approver decides
                     if run < pos:
                         out.append((TO_SERVER, buf[run:pos]))
-                    pending = ("B", buf[pos:end], bind, statement)
-                    verdicts, prepared = self._decide_at_once(statement.text)
-                    if verdicts is not None:
-                        # the policy answers at once now (it was reloaded): no approval to wait for
-                        self._resume_bind(pending, verdicts, out)
+                    # (the policy may answer at once now, if it was reloaded: no approval to wait for)
+                    if self._decide_or_hold(("B", buf[pos:end], bind, statement), statement.text,
+                                            lambda prepared: self._bind_request(statement, bind, prepared),
+                                            buf[end:], out):
                         run = pos = end
                         continue
-                    self._cbuf = buf[end:]
-                    self._pending = pending
-                    out.append((DECIDE, self._bind_request(statement, bind, prepared)))
                     return
                 expect.append(_BIND_EXPECT)
                 self._record_bind(bind, out, None, statement)
@@ -936,19 +952,11 @@ class PostgresSession:
                         pending = ("P", msg, parse, self._prepared_texts() if mentions_execute(sql) else None)
                 except P.ProtocolError as e:
                     return self._client_protocol_error(out, msg, 0, 0, e)
-                verdicts, prepared = self._decide_at_once(sql)
-                if verdicts is not None:
-                    # decided at once: the loop goes on with the next message
-                    if t == 81:
-                        self._resume_query(pending, verdicts, out)
-                    else:
-                        self._resume_parse(pending, verdicts, out)
-                    run = pos = end
+                if self._decide_or_hold(pending, sql, lambda prepared: (
+                        DecisionRequest(sql, "simple", None, prepared) if t == 81
+                        else DecisionRequest(sql, "extended", parse.name, prepared)), buf[end:], out):
+                    run = pos = end      # decided at once: the loop goes on with the next message
                     continue
-                self._cbuf = buf[end:]
-                self._pending = pending
-                out.append((DECIDE, DecisionRequest(sql, "simple", None, prepared) if t == 81
-                            else DecisionRequest(sql, "extended", parse.name, prepared)))
                 return
             elif t == 88:        # 'X' Terminate
                 self._terminated = True
@@ -964,18 +972,14 @@ class PostgresSession:
                     self._refuse_function_call(call, out)
                     run = end
                 else:
-                    pending = ("F", buf[pos:end], call, known)
-                    verdicts, _ = self._decide_at_once(known[0])
-                    if verdicts is not None:
-                        self._resume_function_call(pending, verdicts, out)
+                    # held for an approval, the approver sees the arguments and a grant covers only these
+                    if self._decide_or_hold(("F", buf[pos:end], call, known), known[0], lambda _prepared: (
+                            DecisionRequest(known[0], "fastpath", None,
+                                            params=self._function_call_params(call, known[1]),
+                                            params_key=_params_key(call.args, call.arg_formats),
+                                            statement_index=self.statements + 1)), buf[end:], out):
                         run = pos = end
                         continue
-                    self._cbuf = buf[end:]
-                    self._pending = pending
-                    # the approver sees the arguments, and a grant covers only these
-                    out.append((DECIDE, DecisionRequest(
-                        known[0], "fastpath", None, params=self._function_call_params(call, known[1]),
-                        params_key=_params_key(call.args, call.arg_formats), statement_index=self.statements + 1)))
                     return
             elif t not in _CLIENT_FORWARD_TYPES:
                 return self._client_protocol_error(out, buf, run, pos,
