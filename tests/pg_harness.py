@@ -162,6 +162,11 @@ class PostgresServer:
                         "-d", dbname, "-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql)
         return out.stdout
 
+    def create_table(self, name: str, columns: str, owner: str = "alice") -> None:
+        """A table in the app database that `owner` (a test role) owns: its sessions may read,
+        write and alter it like their own."""
+        self.psql_local(f"CREATE TABLE {name} ({columns}); ALTER TABLE {name} OWNER TO {owner}", dbname="app")
+
     def _create_roles(self) -> None:
         # password_encryption is per session: set it before each CREATE ROLE so md5 roles get md5 hashes
         stmts = []

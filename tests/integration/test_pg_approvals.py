@@ -40,8 +40,7 @@ DELETE = "DELETE FROM t WHERE id = $1"
 @pytest.fixture(scope="module")
 def pg():
     with PostgresServer() as server:
-        server.psql_local("CREATE TABLE t (id int primary key)", dbname="app")
-        server.psql_local("ALTER TABLE t OWNER TO alice", dbname="app")
+        server.create_table("t", "id int primary key")
         yield server
 
 

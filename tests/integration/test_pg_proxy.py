@@ -43,8 +43,7 @@ class DenyDeletes:
 @pytest.fixture(scope="module")
 def pg():
     with PostgresServer() as server:
-        server.psql_local("CREATE TABLE items (id int primary key, name text, email text)", dbname="app")
-        server.psql_local("ALTER TABLE items OWNER TO alice", dbname="app")
+        server.create_table("items", "id int primary key, name text, email text")
         yield server
 
 

@@ -31,11 +31,9 @@ permit (principal == Service::"test-svc", action == Action::"pg:select", resourc
 @pytest.fixture(scope="module")
 def pg():
     with PostgresServer() as server:
-        for sql in ("CREATE TABLE orders (id int primary key, item text)",
-                    "CREATE TABLE customers (id int primary key, name text)",
-                    "INSERT INTO orders VALUES (1, 'lamp')", "INSERT INTO customers VALUES (1, 'Ada')",
-                    "ALTER TABLE orders OWNER TO alice", "ALTER TABLE customers OWNER TO alice"):
-            server.psql_local(sql, dbname="app")
+        server.create_table("orders", "id int primary key, item text")
+        server.create_table("customers", "id int primary key, name text")
+        server.psql_local("INSERT INTO orders VALUES (1, 'lamp'); INSERT INTO customers VALUES (1, 'Ada')", dbname="app")
         yield server
 
 
