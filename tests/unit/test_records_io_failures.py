@@ -339,33 +339,50 @@ def test_stop_while_the_spool_is_full_stores_what_is_held_past_max_bytes(tmp_pat
     assert len(full) == 1 and full[0]["detail"]["stored_past_max_bytes_at_stop"] is True
 
 
+def _fill_until_refused(writer, most: int = 2000) -> int:
+    """Emit probe alerts until the writer turns events away (RecordBacklogFull), letting it store
+    each one first while it can: a writer lagging behind a slow disk would otherwise still be
+    storing, not yet full, when the loop ends, or hold more than the cap from before it was full."""
+    refused = 0
+    for _ in range(most):
+        try:
+            writer.emit("agent.alert", {"kind": "probe", "severity": "info", "message": os.urandom(300).hex()})
+        except RecordBacklogFull:
+            refused += 1
+            if refused >= 5:
+                break
+            continue
+        if not writer.full:
+            try:
+                writer.flush(timeout=0.5)
+            except TimeoutError:        # the spool refused it: the writer holds it now
+                pass
+    return refused
+
+
+def _ack_everything_at_once(spool) -> None:
+    """The collector acknowledges everything pending. Newest first, so that the oldest ack frees
+    all the space in one step: acked oldest first, the writer may store its held frame while
+    only part is free and find the spool full again, a second (true) episode."""
+    for ref, _ in reversed(list(spool.pending())):
+        spool.ack(ref)
+
+
 def test_on_full_block_is_bounded_capped_alerted_and_stops_cleanly(tmp_path):
     """Bug fix: with on_full block (as the daemon built it, no timeout) the writer waited in the
     spool forever: no backlog cap, no spool_full alert, and a stop raised SpoolClosed in the
     writer thread after saving a chain head past what was stored."""
     spool = Spool(str(tmp_path / "spool"), max_bytes=40_000, on_full="block", segment_bytes=8_000)
     key, spool, writer = make_writer(tmp_path, spool=spool, backlog_cap=50)
-    refused = 0
-    for _ in range(300):
-        try:
-            writer.emit("agent.alert", {"kind": "probe", "severity": "info", "message": os.urandom(300).hex()})
-        except RecordBacklogFull:
-            refused += 1
-        time.sleep(0.002)
+    refused = _fill_until_refused(writer)
     assert writer.full and refused > 0
     assert writer._unstored + (writer._open.count if writer._open is not None else 0) <= 50
-    for ref, _ in list(spool.pending()):          # the collector acknowledges: space returns
-        spool.ack(ref)
+    _ack_everything_at_once(spool)                # space returns
     writer.flush(timeout=10)
     kinds = [a["kind"] for a in alerts(spool)]
     assert kinds == ["spool_full", "spool_space_restored"]
     # full again, then a stop: nothing held is lost, the thread ends by itself
-    for _ in range(150):
-        try:
-            writer.emit("agent.alert", {"kind": "probe", "severity": "info", "message": os.urandom(300).hex()})
-        except RecordBacklogFull:
-            pass
-        time.sleep(0.002)
+    assert _fill_until_refused(writer) > 0
     assert writer.full
     writer.close(timeout=5)
     assert not writer._thread.is_alive()
