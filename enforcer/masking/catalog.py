@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-from .sources import OWN_LABEL, WHOLE_ROW, align, result_sources
+from .sources import OWN_LABEL, WHOLE_ROW, PlpgsqlDefinition, align, result_sources
 
 CATALOG_QUERY = (
     "SELECT c.oid::int8, a.attnum::int4, n.nspname, c.relname, a.attname "
@@ -28,14 +28,17 @@ VIEWS_QUERY = (
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
 )
 
-# functions written in SQL (`LANGUAGE sql AS $$ ... $$`): their bodies, read with the statement
-# reader, so a function that returns a table column is masked like the column. PL/pgSQL and
-# SQL-standard bodies (BEGIN ATOMIC, RETURN) are not read: labels and detectors apply to them.
+# functions written in SQL (`LANGUAGE sql AS $$ ... $$`) and in PL/pgSQL: their bodies, read with
+# the statement reader, so a function that returns a table column is masked like the column. A
+# PL/pgSQL function comes as its whole definition (the PL/pgSQL parser needs its arguments).
+# SQL-standard bodies (BEGIN ATOMIC, RETURN) and other languages are not read: labels and
+# detectors apply to them.
 FUNCTIONS_QUERY = (
-    "SELECT n.nspname, p.proname, p.prosrc "
+    "SELECT n.nspname, p.proname, "
+    "CASE WHEN l.lanname = 'sql' THEN p.prosrc ELSE pg_catalog.pg_get_functiondef(p.oid) END, l.lanname "
     "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
     "JOIN pg_catalog.pg_language l ON l.oid = p.prolang "
-    "WHERE l.lanname = 'sql' AND p.prosrc <> '' "
+    "WHERE ((l.lanname = 'sql' AND p.prosrc <> '') OR (l.lanname = 'plpgsql' AND p.prokind = 'f')) "
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
 )
 
@@ -45,11 +48,14 @@ _VIEW_DEPTH = 8      # views over views followed this deep
 class Catalog:
     """lookup(table_oid, attnum) -> 'schema.table.column' or None; `sources(oid, attnum)`: for a
     view's column, the (table, column) pairs it shows (through views over views), else None;
-    `function_bodies(name)`: the SQL bodies of the functions called `name` (qualified or not)."""
+    `function_bodies(name)`: the bodies of the functions called `name` (qualified or not): SQL
+    texts, and PlpgsqlDefinition for PL/pgSQL functions."""
 
     def __init__(self, rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = ()):
         self._functions: dict[str, tuple] = {}
-        for schema, name, body in functions:
+        for schema, name, body, *language in functions:
+            if language and language[0] == "plpgsql":
+                body = PlpgsqlDefinition(body)
             for key in (f"{schema}.{name}", name):
                 self._functions[key] = self._functions.get(key, ()) + (body,)
         self.names: dict[tuple[int, int], str] = {}

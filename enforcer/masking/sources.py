@@ -12,6 +12,7 @@ malformed tree), the answer is None and only labels and the catalog apply, as be
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Callable, Optional
 
@@ -352,6 +353,9 @@ class _Reader:
             try:
                 if self.depth > 64:
                     raise _TooDeep()
+                if isinstance(body, PlpgsqlDefinition):
+                    out |= self.plpgsql_result(body)
+                    continue
                 tree = _parse(body)
                 entries = self.statement(*next(iter(tree[-1]["stmt"].items()))) if tree else None
             finally:
@@ -362,6 +366,98 @@ class _Reader:
             # one value of the result's columns: a table's own columns are its whole row
             out |= {(t, WHOLE_ROW if c == OWN_LABEL else c) for t, c in _all_sources(entries)}
         return frozenset(out)
+
+
+    def plpgsql_result(self, definition: "PlpgsqlDefinition") -> frozenset:
+        """What a PL/pgSQL function can return: everything any query in its body reads. A value
+        reaches the result only through a query, an argument or a constant, so the union is
+        safe; it is also wide (a boolean computed from `ssn` counts as `ssn`), which errs toward
+        masking. Dynamic SQL (EXECUTE, RETURN QUERY EXECUTE, OPEN ... FOR EXECUTE) or a body
+        this reader cannot follow may return anything."""
+        program = _plpgsql_program(str(definition))
+        if program is None:
+            return frozenset({(None, WHOLE_ROW)})
+        variables, queries = program
+        out: set = set()
+        for text, statement in queries:
+            tree = _parse(text)
+            if tree is None or len(tree) != 1:
+                return frozenset({(None, WHOLE_ROW)})
+            kind, node = next(iter(tree[0]["stmt"].items()))
+            entries = self.statement(kind, node)
+            if entries is None:
+                if statement and kind not in _READING_KINDS:
+                    continue        # a utility statement (CREATE TEMP TABLE, LOCK, ...): no values
+                return frozenset({(None, WHOLE_ROW)})
+            for table, column in _all_sources(entries):
+                # names of the function's own variables, records and rows carry what earlier
+                # queries read, which are counted themselves
+                if (table is None and column in variables) or (table in variables):
+                    continue
+                out.add((table, WHOLE_ROW if column == OWN_LABEL else column))
+        return frozenset(out)
+
+
+class PlpgsqlDefinition(str):
+    """A PL/pgSQL function's whole CREATE FUNCTION text (pg_get_functiondef), which the
+    PL/pgSQL parser needs for the argument names; Catalog.function_bodies hands it out beside
+    the bodies of SQL functions."""
+    __slots__ = ()
+
+
+# statements whose result the reader follows; any other statement of a body yields no values
+_READING_KINDS = frozenset({"SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt",
+                            "ExecuteStmt", "FetchStmt", "DeclareCursorStmt", "PrepareStmt"})
+# PL/pgSQL expression parse modes (PLpgSQL_expr.parseMode): a whole statement, an expression,
+# and the three forms of an assignment `target := expression`
+_PLPGSQL_STATEMENT, _PLPGSQL_EXPRESSION = 0, 2
+_PLPGSQL_ASSIGNMENTS = (3, 4, 5)
+
+
+@functools.lru_cache(maxsize=512)
+def _plpgsql_program(definition: str) -> Optional[tuple]:
+    """(names of the function's variables, [(SQL text, is a whole statement)]) of every query and
+    expression in a PL/pgSQL definition, expressions written as SELECTs; None when the body cannot
+    be parsed or runs dynamic SQL."""
+    from pglast import parser as pg_parser
+    try:
+        tree = json.loads(pg_parser.parse_plpgsql_json(definition))
+    except Exception:   # noqa: BLE001 - a body the parser cannot read may return anything
+        return None
+    variables: set = set()
+    queries: list = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if "dynquery" in node or "PLpgSQL_stmt_dynexecute" in node or "PLpgSQL_stmt_dynfors" in node:
+            return None
+        for kind in ("PLpgSQL_var", "PLpgSQL_rec", "PLpgSQL_row"):
+            datum = node.get(kind)
+            if datum is not None and datum.get("refname"):
+                variables.add(datum["refname"])
+        expr = node.get("PLpgSQL_expr")
+        if expr is not None:
+            text, mode = expr.get("query") or "", expr.get("parseMode", _PLPGSQL_STATEMENT)
+            if mode == _PLPGSQL_STATEMENT:
+                queries.append((text, True))
+            elif mode == _PLPGSQL_EXPRESSION:
+                queries.append(("SELECT " + text, False))
+            elif mode in _PLPGSQL_ASSIGNMENTS:
+                _target, operator, value = text.partition(":=")
+                if not operator:
+                    _target, operator, value = text.partition("=")
+                if not operator:
+                    return None
+                queries.append(("SELECT " + value, False))
+            else:
+                return None
+        stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+    return frozenset(variables), queries
 
 
 class _TooDeep(Exception):

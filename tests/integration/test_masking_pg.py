@@ -49,7 +49,12 @@ def pg():
                           "FROM customers; CREATE VIEW view_of_view AS SELECT tax_id AS t FROM customer_view; "
                           "GRANT SELECT ON customer_view, view_of_view TO alice; "
                           "CREATE FUNCTION ssn_backwards(int) RETURNS text LANGUAGE sql STABLE "
-                          "AS $$ SELECT reverse(ssn) FROM customers WHERE id = $1 $$", dbname="app")
+                          "AS $$ SELECT reverse(ssn) FROM customers WHERE id = $1 $$; "
+                          "CREATE FUNCTION ssn_mirrored(p_id int) RETURNS text LANGUAGE plpgsql STABLE AS $$ "
+                          "DECLARE v text; BEGIN SELECT ssn INTO v FROM customers WHERE id = p_id; "
+                          "RETURN reverse(v); END $$; "
+                          "CREATE FUNCTION greeting(p_id int) RETURNS text LANGUAGE plpgsql STABLE AS $$ "
+                          "BEGIN RETURN 'hello ' || p_id; END $$", dbname="app")
         yield server
 
 
@@ -174,6 +179,18 @@ def test_a_sql_function_returning_a_masked_column_is_masked_with_the_catalog(enf
     assert fetch(uncataloged_enforcer, pg, "SELECT ssn_backwards(1)") == [(backwards,)]
     (masked,) = fetch(enforcer, pg, "SELECT ssn_backwards(1) AS x")
     assert masked != (backwards,) and "9876" not in masked[0]
+
+
+def test_a_plpgsql_function_returning_a_masked_column_is_masked_with_the_catalog(enforcer, uncataloged_enforcer,
+                                                                                  pg):
+    """ssn_mirrored(id) reads ssn INTO a variable and returns it reversed: opaque without the
+    catalog; with it, the PL/pgSQL body (as pg_get_functiondef prints it) is read and the ssn
+    rule applies. A function reading no table stays clear."""
+    backwards = "9876-54-321"
+    assert fetch(uncataloged_enforcer, pg, "SELECT ssn_mirrored(1)") == [(backwards,)]
+    (masked,) = fetch(enforcer, pg, "SELECT ssn_mirrored(1) AS x")
+    assert masked != (backwards,) and "9876" not in masked[0]
+    assert fetch(enforcer, pg, "SELECT greeting(1)") == [("hello 1",)]
 
 
 def test_filtering_on_a_masked_column_leaves_other_columns_clear(uncataloged_enforcer, pg):
@@ -473,10 +490,12 @@ def test_records_hold_no_raw_values(pg, engine, catalog, tmp_path):
     assert_no_secrets(str([b.events for b in stored]))
 
 
-def test_the_agent_loads_tables_views_and_sql_functions_from_a_catalog_dsn(pg):
+def test_the_agent_loads_tables_views_and_functions_from_a_catalog_dsn(pg):
     """The agent's own catalog loader (what each target's catalog_dsn runs every minute)."""
     from agent.daemon import Agent
     catalog = Agent._load_catalog(None, pg.dsn())
     assert catalog.function_bodies("ssn_backwards") == catalog.function_bodies("public.ssn_backwards") != ()
     assert "reverse(ssn)" in catalog.function_bodies("ssn_backwards")[0]
+    (mirrored,) = catalog.function_bodies("public.ssn_mirrored")
+    assert type(mirrored).__name__ == "PlpgsqlDefinition" and "RETURN reverse(v)" in mirrored
     assert "public.customers.ssn" in catalog.names.values()

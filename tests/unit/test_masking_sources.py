@@ -317,6 +317,79 @@ def test_sql_functions_from_the_catalog_carry_what_their_bodies_return():
     assert sources_of("SELECT get_ssn(7) AS x", 1) == (frozenset(),)              # no catalog: opaque
 
 
+def plpgsql(name: str, body: str, args: str = "p_id integer", returns: str = "text") -> tuple:
+    """A FUNCTIONS_QUERY row of a PL/pgSQL function: its definition as pg_get_functiondef prints it."""
+    return ("public", name, f"CREATE OR REPLACE FUNCTION public.{name}({args})\n RETURNS {returns}\n"
+                            f" LANGUAGE plpgsql\nAS $function$\n{body}\n$function$\n", "plpgsql")
+
+
+PLPGSQL = [
+    plpgsql("ssn_into", "DECLARE v text;\nBEGIN\n  SELECT ssn INTO v FROM customers WHERE id = p_id;\n"
+                        "  CREATE TEMP TABLE IF NOT EXISTS scratch (a int);\n  RETURN upper(v);\nEND"),
+    plpgsql("has_ssn", "BEGIN\n  RETURN EXISTS (SELECT 1 FROM customers WHERE id = p_id AND ssn IS NOT NULL);\nEND",
+            returns="boolean"),
+    plpgsql("ssn_checked", "DECLARE v text;\nBEGIN\n  v := (SELECT c.ssn FROM customers c WHERE c.id = p_id);\n"
+                           "  RETURN v IS NOT NULL;\nEND", returns="boolean"),
+    plpgsql("emails", "DECLARE r record; acc text := '';\nBEGIN\n"
+                      "  FOR r IN SELECT email FROM users LOOP acc := acc || r.email; END LOOP;\n"
+                      "  RETURN acc;\nEND"),
+    plpgsql("rows_of", "BEGIN\n  RETURN QUERY SELECT name FROM people WHERE id = p_id;\nEND",
+            returns="SETOF text"),
+    plpgsql("touched", "DECLARE v text;\nBEGIN\n  UPDATE customers SET seen = now() WHERE id = p_id "
+                         "RETURNING ssn INTO v;\n  RETURN v;\nEND"),
+    plpgsql("constant", "BEGIN\n  RETURN 'id ' || p_id;\nEND"),
+    plpgsql("calls_sql", "BEGIN\n  RETURN public.get_ssn(p_id);\nEND"),
+    plpgsql("cursor", "DECLARE c CURSOR FOR SELECT ssn FROM customers; v text;\nBEGIN\n"
+                      "  OPEN c; FETCH c INTO v; CLOSE c;\n  RETURN v;\nEND"),
+    plpgsql("dynamic", "DECLARE v text;\nBEGIN\n  EXECUTE 'SELECT name FROM people WHERE id = $1' INTO v USING p_id;\n"
+                       "  RETURN v;\nEND"),
+    plpgsql("dynamic_query", "BEGIN\n  RETURN QUERY EXECUTE 'SELECT name FROM people';\nEND", returns="SETOF text"),
+    plpgsql("open_dynamic", "DECLARE c refcursor; v text;\nBEGIN\n  OPEN c FOR EXECUTE 'SELECT 1'; FETCH c INTO v;\n"
+                            "  RETURN v;\nEND"),
+    plpgsql("broken", "BEGIN\n  RETURN QUERY SELECT 1;\nEND"),       # RETURN QUERY in a non-SETOF function
+]
+
+
+def plpgsql_sources(sql, nfields):
+    return align(result_sources(sql, None, catalog_from_rows([], [], FUNCTIONS + PLPGSQL).function_bodies), nfields)
+
+
+def test_plpgsql_functions_carry_everything_their_bodies_read():
+    ssn = frozenset({("customers", "ssn")})
+    assert plpgsql_sources("SELECT ssn_into(7)", 1) == (ssn,)                 # SELECT INTO, then upper(v)
+    assert plpgsql_sources("SELECT ssn_checked(7)", 1) == (ssn,)              # an assignment from a subquery
+    assert plpgsql_sources("SELECT touched(7)", 1) == (ssn,)                # UPDATE ... RETURNING INTO
+    assert plpgsql_sources("SELECT cursor(7)", 1) == (ssn,)                   # a cursor declared in DECLARE
+    assert plpgsql_sources("SELECT calls_sql(7)", 1) == (ssn,)                # through a SQL function
+    assert plpgsql_sources("SELECT emails()", 1) == (frozenset({("users", "email")}),)
+    assert plpgsql_sources("SELECT x FROM rows_of(1) AS x", 1) == (frozenset({("people", "name")}),)
+    # only what the body's queries return: a WHERE column alone (has_ssn reads 1) is not a value
+    assert plpgsql_sources("SELECT has_ssn(7)", 1) == (frozenset(),)
+    # arguments and constants carry nothing of a table; variables are not tables
+    assert plpgsql_sources("SELECT constant(7)", 1) == (frozenset(),)
+    # a call also carries its arguments, as any function's does
+    order_id = frozenset({("orders", "id")})
+    assert plpgsql_sources("SELECT public.ssn_into(id), constant(id) FROM orders", 2) == (ssn | order_id, order_id)
+
+
+def test_plpgsql_bodies_the_reader_cannot_follow_may_return_anything():
+    anything = (frozenset({(None, WHOLE_ROW)}),)
+    for name in ("dynamic", "dynamic_query", "open_dynamic", "broken"):
+        assert plpgsql_sources(f"SELECT {name}(1)", 1) == anything, name
+    # the catalog hands PL/pgSQL definitions out marked as such; SQL bodies stay plain text
+    catalog = catalog_from_rows([], [], FUNCTIONS + PLPGSQL)
+    assert type(catalog.function_bodies("ssn_into")[0]).__name__ == "PlpgsqlDefinition"
+    assert type(catalog.function_bodies("public.get_ssn")[0]) is str
+    assert plpgsql_sources("SELECT ssn_into(7)", 1) != sources_of("SELECT ssn_into(7)", 1)   # no catalog: opaque
+
+
+def test_a_plpgsql_function_returning_a_masked_column_is_masked_through_the_catalog():
+    rows = [(16384, 1, "public", "customers", "id"), (16384, 2, "public", "customers", "ssn")]
+    d = driver(QUALIFIED_RULE, catalog=catalog_from_rows(rows, [], FUNCTIONS + PLPGSQL))
+    assert simple(d, "SELECT ssn_into(1) AS x", [text_field("x")], [SSN]) == [[MASKED]]
+    assert simple(d, "SELECT constant(1)", [text_field("constant")], [b"id 1"]) == [[b"id 1"]]
+
+
 def test_a_function_returning_a_masked_column_is_masked_through_the_catalog():
     rows = [(16384, 1, "public", "customers", "id"), (16384, 2, "public", "customers", "ssn")]
     d = driver(QUALIFIED_RULE, catalog=catalog_from_rows(rows, [], FUNCTIONS))
