@@ -33,7 +33,9 @@ SANITIZE = "-fsanitize=address,undefined -fno-omit-frame-pointer"
 # The unit tests that reach the C modules. Those that start PostgreSQL are left out: its
 # server processes would inherit the sanitizer runtime.
 UNIT_TESTS = ("test_pg_lanes.py", "test_pgrow_native.py", "test_records_*.py", "test_pg_session*.py",
-              "test_pg_decisions.py", "test_pg_fastpath.py", "test_pg_protocol.py", "test_masking_*.py")
+              "test_pg_decisions.py", "test_pg_fastpath.py", "test_pg_protocol.py", "test_masking_*.py",
+              "test_pg_shape_memo.py", "test_pg_sql_execute.py", "test_pg_function_calls.py",
+              "test_pg_param_types.py")
 QUICK_SCALE = 0.03
 
 

@@ -26,6 +26,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 /* set by configure(): session.py's classes and constants */
 static PyObject *Portal, *Result, *BindExpect, *SyncExpect, *EventKind, *NotExecuted, *ToServer, *ToClient,
@@ -37,7 +38,8 @@ static PyObject *s_statements, *s_client_batch, *s_server_batch, *s_statements_m
     *s_append, *s_popleft, *s_params, *s_statement_index, *s_portal, *s_command_tag, *s_bytes,
     *s_duration_ns, *s_sqlstate, *s_error, *s_phase, *s_masking, *s_pending, *s_cbig, *s_cbuf, *s_sbig, *s_sbuf,
     *s_discard_until_sync, *s_withhold, *s_max_message_bytes, *s_bytes_in, *s_bytes_out, *s_process_messages,
-    *s_server_from, *s_decide, *s_allowed, *s_simple_record, *s_param_types;
+    *s_server_from, *s_decide, *s_allowed, *s_simple_record, *s_param_types, *s_shape_memo, *s_policy,
+    *s_version, *s_identity, *s_identity_attrs;
 
 static inline int32_t read_i32(const unsigned char *p) {
     return (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3]);
@@ -146,10 +148,80 @@ static PyObject *render_typed(const unsigned char *p, Py_ssize_t len, unsigned l
     return render_value(p, len, 1);
 }
 
+/* session._Result and session._Portal built without running their __init__ (a Python frame per
+ * statement): the same slots set to the same values. configure() checks the classes still have
+ * exactly these slots. */
+static const char *const RESULT_SLOTS[] = {"text", "start_ns", "rows", "nbytes", "batch", "denied", "index",
+                                           "portal", "refusal", "undo"};
+static const char *const PORTAL_SLOTS[] = {"statement", "formats", "fields", "described", "index", "undo"};
+#define N_RESULT_SLOTS (sizeof RESULT_SLOTS / sizeof RESULT_SLOTS[0])
+#define N_PORTAL_SLOTS (sizeof PORTAL_SLOTS / sizeof PORTAL_SLOTS[0])
+static PyObject *result_slot_names[N_RESULT_SLOTS], *portal_slot_names[N_PORTAL_SLOTS];
+
+static PyObject *new_slotted(PyObject *cls, PyObject *const *names, PyObject *const *values, size_t n) {
+    PyTypeObject *type = (PyTypeObject *)cls;
+    PyObject *obj = type->tp_alloc(type, 0);
+    if (obj == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (PyObject_GenericSetAttr(obj, names[i], values[i]) < 0) {
+            Py_DECREF(obj);
+            return NULL;
+        }
+    }
+    return obj;
+}
+
+/* _Result(text, start_ns, batch, denied, index, portal) */
+static PyObject *new_result(PyObject *text, PyObject *start_ns, PyObject *batch, PyObject *denied, PyObject *index,
+                            PyObject *portal) {
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL)
+        return NULL;
+    PyObject *values[N_RESULT_SLOTS] = {text, start_ns, zero, zero, batch, denied, index, portal, Py_None, Py_None};
+    PyObject *r = new_slotted(Result, result_slot_names, values, N_RESULT_SLOTS);
+    Py_DECREF(zero);
+    return r;
+}
+
+/* _Portal(statement, formats, index) */
+static PyObject *new_portal(PyObject *statement, PyObject *formats, PyObject *index) {
+    PyObject *values[N_PORTAL_SLOTS] = {statement, formats, Py_None, Py_False, index, Py_None};
+    return new_slotted(Portal, portal_slot_names, values, N_PORTAL_SLOTS);
+}
+
+/* 0 when `cls` is a class whose __slots__ are exactly `expected` (their interned names then in
+ * `names`), else -1 with TypeError */
+static int check_slots(PyObject *cls, const char *const *expected, size_t n, PyObject **names) {
+    if (!PyType_Check(cls)) {
+        PyErr_SetString(PyExc_TypeError, "configure: _Portal and _Result must be classes");
+        return -1;
+    }
+    PyObject *slots = PyObject_GetAttrString(cls, "__slots__");
+    if (slots == NULL)
+        return -1;
+    int same = PyTuple_Check(slots) && (size_t)PyTuple_GET_SIZE(slots) == n;
+    for (size_t i = 0; same && i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(slots, i);
+        same = PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, expected[i]) == 0;
+    }
+    Py_DECREF(slots);
+    if (!same) {
+        PyErr_Format(PyExc_TypeError, "configure: %R's __slots__ are not the ones the lanes set", cls);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (names[i] == NULL && (names[i] = PyUnicode_InternFromString(expected[i])) == NULL)
+            return -1;
+    }
+    return 0;
+}
+
 /* ---- client -------------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject *dict, *statements_map, *portals, *expect_append, *results_append, *clock, *decide;
+    PyObject *shape_memo;      /* borrowed from the session dict: None or the shell's memo tuple */
     long long statements, batch;
     int batch_changed;
 } ClientState;
@@ -243,7 +315,7 @@ static int client_bind(ClientState *st, const unsigned char *buf, Py_ssize_t pos
         goto done;
     if (PyDict_SetItem(st->dict, s_statements, index) < 0)
         goto done;
-    portal = PyObject_CallFunctionObjArgs(Portal, statement, rfmts, index, NULL);
+    portal = new_portal(statement, rfmts, index);
     if (portal == NULL)
         goto done;
     if (PyUnicode_GET_LENGTH(portal_name)) {
@@ -345,7 +417,7 @@ static int client_execute(ClientState *st, const unsigned char *buf, Py_ssize_t 
         now = PyObject_CallNoArgs(st->clock);
         if (now == NULL)
             goto done;
-        result = PyObject_CallFunctionObjArgs(Result, Py_None, now, batch, NULL);
+        result = new_result(Py_None, now, batch, Py_False, Py_None, Py_None);
     } else {
         /* _Portal.text: its statement's text */
         PyObject *statement = PyObject_GetAttr(portal, s_statement);
@@ -361,7 +433,7 @@ static int client_execute(ClientState *st, const unsigned char *buf, Py_ssize_t 
         index = PyObject_GetAttr(portal, s_index);
         if (index == NULL)
             goto done;
-        result = PyObject_CallFunctionObjArgs(Result, text, now, batch, Py_False, index, portal, NULL);
+        result = new_result(text, now, batch, Py_False, index, portal);
     }
     if (result == NULL)
         goto done;
@@ -379,6 +451,95 @@ done:
     return rc;
 }
 
+static PyObject *number_shape(PyObject *module, PyObject *sql);
+
+/* Python's str.isspace for ASCII: what str.strip() removes */
+static inline int ascii_space(int c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f); }
+
+/* sqlclass.single_statement_text for an ASCII text: sql.strip().rstrip(";").strip() */
+static PyObject *statement_text(PyObject *sql) {
+    const unsigned char *s = PyUnicode_1BYTE_DATA(sql);
+    Py_ssize_t lo = 0, hi = PyUnicode_GET_LENGTH(sql);
+    while (lo < hi && ascii_space(s[lo]))
+        lo++;
+    while (hi > lo && ascii_space(s[hi - 1]))
+        hi--;
+    while (hi > lo && s[hi - 1] == ';')
+        hi--;
+    while (hi > lo && ascii_space(s[hi - 1]))
+        hi--;
+    return PyUnicode_Substring(sql, lo, hi);
+}
+
+/* whether a getattr result equals what the memo was made with (`same`: by identity) */
+static int attr_is(PyObject *obj, PyObject *name, PyObject *expected, int same) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return -1;
+        PyErr_Clear();          /* getattr(obj, name, None) */
+        v = Py_NewRef(Py_None);
+    }
+    int eq = v == expected ? 1 : same ? 0 : PyObject_RichCompareBool(v, expected, Py_EQ);
+    Py_DECREF(v);
+    return eq;
+}
+
+/* The shell's shape memo (proxy._Connection._decide_inline) answered here, without a Python
+ * frame: session.shape_memo is (ctx, policy, policy.version, ctx.identity_attrs, ctx.identity,
+ * end of the hour, {shape: Verdict}) as of the memo's cache_base. It answers only while all of
+ * those are still what ctx holds (a reloaded policy, another principal or the next hour: the
+ * shell decides, and renews the memo), for an ASCII text without EXECUTE whose number shape it
+ * holds. 1: *verdict and *text set (new references), 0: ask the decider, -1: error. */
+static int memo_lookup(ClientState *st, PyObject *sql, PyObject **verdict, PyObject **text) {
+    PyObject *memo = st->shape_memo;
+    if (!PyTuple_CheckExact(memo) || PyTuple_GET_SIZE(memo) != 7 || !PyUnicode_IS_ASCII(sql))
+        return 0;
+    PyObject *ctx = PyTuple_GET_ITEM(memo, 0), *until = PyTuple_GET_ITEM(memo, 5),
+             *shapes = PyTuple_GET_ITEM(memo, 6);
+    if (!PyFloat_CheckExact(until) || !PyDict_CheckExact(shapes) || PyDict_GET_SIZE(shapes) == 0)
+        return 0;
+    /* sqlclass.mentions_execute: such a text means what the session's prepared statements mean */
+    const unsigned char *s = PyUnicode_1BYTE_DATA(sql);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(sql);
+    static const char execute[] = "execute";
+    for (Py_ssize_t i = 0; i + 7 <= n; i++) {
+        Py_ssize_t k = 0;
+        while (k < 7 && (s[i + k] | 0x20) == execute[k])
+            k++;
+        if (k == 7)
+            return 0;
+    }
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    if ((double)now.tv_sec + now.tv_nsec * 1e-9 >= PyFloat_AS_DOUBLE(until))
+        return 0;
+    PyObject *policy = PyObject_GetAttr(ctx, s_policy);
+    if (policy == NULL)
+        return -1;
+    int valid = policy == PyTuple_GET_ITEM(memo, 1);
+    if (valid)
+        valid = attr_is(policy, s_version, PyTuple_GET_ITEM(memo, 2), 0);
+    Py_DECREF(policy);
+    if (valid == 1)
+        valid = attr_is(ctx, s_identity_attrs, PyTuple_GET_ITEM(memo, 3), 1);
+    if (valid == 1)
+        valid = attr_is(ctx, s_identity, PyTuple_GET_ITEM(memo, 4), 0);
+    if (valid <= 0)
+        return valid;
+    PyObject *shape = number_shape(NULL, sql);
+    if (shape == NULL)
+        return -1;
+    PyObject *template = shape == Py_None ? NULL : PyDict_GetItemWithError(shapes, shape);
+    Py_DECREF(shape);
+    if (template == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if ((*text = statement_text(sql)) == NULL)
+        return -1;
+    *verdict = Py_NewRef(template);
+    return 1;
+}
+
 /* Query at buf[pos:end], decided by session.decide: the lane takes a one-statement text its
  * decider allows at once and whose simple-protocol record template exists (_resume_query's
  * common case); anything else is left to the reference, which asks the decider again (its
@@ -393,18 +554,22 @@ static int client_query(ClientState *st, const unsigned char *buf, Py_ssize_t po
     PyObject *sql = PyUnicode_DecodeUTF8((const char *)body, blen - 1, "replace");
     if (sql == NULL)
         return -1;
-    PyObject *verdicts = PyObject_CallOneArg(st->decide, sql);
-    Py_DECREF(sql);
-    if (verdicts == NULL)
-        return -1;
     int rc = -1;
-    PyObject *allowed = NULL, *box = NULL, *text = NULL, *batch = NULL, *now = NULL, *index = NULL,
-             *fields = NULL, *result = NULL, *r;
-    if (!PyList_CheckExact(verdicts) || PyList_GET_SIZE(verdicts) != 1) {
+    PyObject *verdicts = NULL, *verdict = NULL, *allowed = NULL, *box = NULL, *text = NULL, *batch = NULL,
+             *now = NULL, *index = NULL, *fields = NULL, *result = NULL, *r;
+    int hit = memo_lookup(st, sql, &verdict, &text);
+    if (hit == 0) {
+        verdicts = PyObject_CallOneArg(st->decide, sql);
+        if (verdicts != NULL && PyList_CheckExact(verdicts) && PyList_GET_SIZE(verdicts) == 1)
+            verdict = Py_NewRef(PyList_GET_ITEM(verdicts, 0));
+    }
+    Py_DECREF(sql);
+    if (hit < 0 || (hit == 0 && verdicts == NULL))
+        goto done;
+    if (verdict == NULL) {
         rc = 0;
         goto done;
     }
-    PyObject *verdict = PyList_GET_ITEM(verdicts, 0);
     if ((allowed = PyObject_GetAttr(verdict, s_allowed)) == NULL || (box = PyObject_GetAttr(verdict, s_simple_record)) == NULL)
         goto done;
     if (allowed != Py_True || !PyList_CheckExact(box) || PyList_GET_SIZE(box) < 1 ||
@@ -413,7 +578,8 @@ static int client_query(ClientState *st, const unsigned char *buf, Py_ssize_t po
         goto done;
     }
     PyObject *template = PyList_GET_ITEM(box, 0);
-    if ((text = PyObject_GetAttr(verdict, s_text)) == NULL || (batch = PyLong_FromLongLong(st->batch)) == NULL)
+    if ((text == NULL && (text = PyObject_GetAttr(verdict, s_text)) == NULL) ||
+        (batch = PyLong_FromLongLong(st->batch)) == NULL)
         goto done;
     st->batch += 1;
     st->batch_changed = 1;
@@ -431,14 +597,15 @@ static int client_query(ClientState *st, const unsigned char *buf, Py_ssize_t po
     if (fields == NULL || PyDict_SetItem(fields, s_text, text) < 0 ||
         PyDict_SetItem(fields, s_statement_index, index) < 0 || append_event(out, PgStatement, fields) < 0)
         goto done;
-    if ((result = PyObject_CallFunctionObjArgs(Result, text, now, batch, Py_False, index, NULL)) == NULL)
+    if ((result = new_result(text, now, batch, Py_False, index, Py_None)) == NULL)
         goto done;
     if ((r = PyObject_CallOneArg(st->results_append, result)) == NULL)
         goto done;
     Py_DECREF(r);
     rc = 1;
 done:
-    Py_DECREF(verdicts);
+    Py_XDECREF(verdicts);
+    Py_XDECREF(verdict);
     Py_XDECREF(allowed);
     Py_XDECREF(box);
     Py_XDECREF(text);
@@ -463,6 +630,7 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
         (st.statements_map = dict_item(st.dict, s_statements_map)) == NULL ||
         (st.portals = dict_item(st.dict, s_portals)) == NULL || (st.clock = dict_item(st.dict, s_clock)) == NULL ||
         (st.decide = dict_item(st.dict, s_decide)) == NULL ||
+        (st.shape_memo = dict_item(st.dict, s_shape_memo)) == NULL ||
         (expect = dict_item(st.dict, s_expect)) == NULL || (results = dict_item(st.dict, s_results)) == NULL) {
         Py_DECREF(st.dict);
         return -1;
@@ -477,6 +645,7 @@ static Py_ssize_t run_client_lane(PyObject *dict, const unsigned char *buf, Py_s
     Py_INCREF(st.portals);
     Py_INCREF(st.clock);
     Py_INCREF(st.decide);
+    Py_INCREF(st.shape_memo);
     st.expect_append = PyObject_GetAttr(expect, s_append);
     st.results_append = st.expect_append == NULL ? NULL : PyObject_GetAttr(results, s_append);
     if (st.results_append == NULL) {
@@ -537,6 +706,7 @@ finish:
     Py_DECREF(st.portals);
     Py_DECREF(st.clock);
     Py_DECREF(st.decide);
+    Py_DECREF(st.shape_memo);
     Py_DECREF(st.dict);
     return failed ? -1 : pos;
 }
@@ -1389,6 +1559,10 @@ static PyObject *configure(PyObject *module, PyObject *args) {
                           &sync_expect, &event_kind, &not_executed, &to_server, &to_client, &ready,
                           &binary_value_text))
         return NULL;
+    /* the lanes set _Result's and _Portal's slots themselves: the classes must have exactly those */
+    if (check_slots(result, RESULT_SLOTS, N_RESULT_SLOTS, result_slot_names) < 0 ||
+        check_slots(portal, PORTAL_SLOTS, N_PORTAL_SLOTS, portal_slot_names) < 0)
+        return NULL;
     Py_XSETREF(BinaryValueText, Py_NewRef(binary_value_text));
     Py_XSETREF(Portal, Py_NewRef(portal));
     Py_XSETREF(Result, Py_NewRef(result));
@@ -1477,6 +1651,11 @@ PyMODINIT_FUNC PyInit__pglanes(void) {
     INTERN(s_process_messages, "_process_messages");
     INTERN(s_server_from, "_server_from");
     INTERN(s_decide, "decide");
+    INTERN(s_shape_memo, "shape_memo");
+    INTERN(s_policy, "policy");
+    INTERN(s_version, "version");
+    INTERN(s_identity, "identity");
+    INTERN(s_identity_attrs, "identity_attrs");
     INTERN(s_write, "write");
     INTERN(s_writelines, "writelines");
     INTERN(s_is_closing, "is_closing");
@@ -1487,7 +1666,7 @@ PyMODINIT_FUNC PyInit__pglanes(void) {
     INTERN(PortalSuspendedTag, "PORTAL SUSPENDED");
     INTERN(EmptyTag, "");
     INTERN(s_done, "done");
-    INTERN(s_terminated, "terminated");
+    INTERN(s_terminated, "_terminated");     /* behind the terminated property: no frame */
     if (PyType_Ready(&ReaderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module_def);

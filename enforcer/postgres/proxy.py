@@ -899,6 +899,10 @@ class _Connection:
                 self._verdicts_key = base
                 self._verdicts = {}
                 self._shape_verdicts = {}
+                # the C lane answers from the shape memo while ctx still holds what `base` was
+                # made of, and until the end of its hour (see _pglanes memo_lookup)
+                self.session.shape_memo = (ctx, policy, getattr(policy, "version", None), ctx.identity_attrs,
+                                           ctx.identity, float((base[-1] + 1) * 3600), self._shape_verdicts)
             hit = self._verdicts.get(sql)
             if hit is not None:
                 return hit
@@ -925,7 +929,7 @@ class _Connection:
                 template = decision_cache.get((*base, None, shape))
                 if template is not None:
                     if len(self._shape_verdicts) >= 1000:
-                        self._shape_verdicts = {}
+                        self._shape_verdicts.clear()        # the shape memo's dict too
                     self._shape_verdicts[shape] = template
         return verdicts
 

@@ -505,6 +505,9 @@ class PostgresSession:
         # that may EXECUTE a prepared statement comes with prepared= (DecisionRequest.prepared)
         # when the session holds named statements
         self.decide = decide
+        # the shell's memo of decided statement shapes, which the C client lane reads to answer a
+        # simple Query without calling `decide` (proxy._Connection._decide_inline keeps it)
+        self.shape_memo: Optional[tuple] = None
 
         self.phase = STARTUP
         self.tls_client = False

@@ -76,8 +76,9 @@ class Held(Driver):
                                      approvals=approvals, masking=masking)
         conn = object.__new__(_Connection)      # only the decision state, no sockets
         conn.ctx, conn._verdicts, conn._shape_verdicts, conn._verdicts_key = self.ctx, {}, {}, None
-        super().__init__(PostgresSession(identity="svc", target="db", random_bytes=lambda n: b"\x11" * n,
-                                         decide=conn._decide_inline, masking=masking))
+        conn.session = PostgresSession(identity="svc", target="db", random_bytes=lambda n: b"\x11" * n,
+                                       decide=conn._decide_inline, masking=masking)
+        super().__init__(conn.session)
         self.pending = None
         self.client(STARTUP)
         self.server(AUTH_DONE)

@@ -1,6 +1,8 @@
 """The Postgres enforcer's decision caches: by exact text, by statement shape, per principal."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from enforcer.context import ConnectionContext, TargetInfo
 from enforcer.policy.engine import PolicyEngine
 from enforcer.postgres.proxy import CACHED_SHAPE, CACHED_TEXT, DECIDED, decide_now
@@ -84,6 +86,7 @@ def _connection(ctx):
     from enforcer.postgres.proxy import _Connection
     conn = object.__new__(_Connection)      # only the decision state, no sockets
     conn.ctx, conn._verdicts, conn._shape_verdicts, conn._verdicts_key = ctx, {}, {}, None
+    conn.session = SimpleNamespace(shape_memo=None)     # where the shell keeps the C lane's memo
     return conn
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -32,27 +34,47 @@ LANES = S._lanes
 needs_lanes = pytest.mark.skipif(LANES is None, reason="the session runs without the C lanes (WARDEN_PURE_PYTHON=1)")
 
 
-def new_session(inline: bool = False) -> PostgresSession:
+def new_session(inline=False) -> PostgresSession:
+    """inline: decisions by verdicts_for; "memo": and the shell's shape memo over its templates,
+    which the C lane reads itself (as proxy._Connection._decide_inline publishes it)."""
     ticks = itertools.count(1_000, 7)
     keys = itertools.count(1)
     s = PostgresSession(identity="svc", target="db", clock=lambda: next(ticks),
                         random_bytes=lambda n: next(keys).to_bytes(n, "big"),
                         decide=verdicts_for if inline else None)
+    if inline == "memo":
+        s.shape_memo = shape_memo(MemoContext(), _templates)
     s.feed_client(P.build_startup_message({"user": "alice", "database": "app"}))
     s.feed_server(P.build_authentication_ok() + P.build_ready_for_query("I"))
     assert s.phase == "ready"
     return s
 
 
-def verdicts_for(sql: str) -> list:
+class MemoContext:
+    """The ConnectionContext attributes the shape memo's guard reads."""
+
+    def __init__(self):
+        self.policy = SimpleNamespace(version=3)
+        self.identity = "svc"
+        self.identity_attrs = {"user": "app"}
+
+
+def shape_memo(ctx, shapes: dict, until: float | None = None) -> tuple:
+    """session.shape_memo as the shell makes it (proxy._Connection._decide_inline)."""
+    return (ctx, ctx.policy, ctx.policy.version, ctx.identity_attrs, ctx.identity,
+            until if until is not None else float((int(time.time() // 3600) + 1) * 3600), shapes)
+
+
+def verdicts_for(sql: str, prepared=None) -> list:
     """As the shell's memo answers: one-statement texts of a shape get copies of one verdict
-    (Verdict.with_text, sharing the record template it keeps once used); others a fresh decision."""
-    if ";" in sql:
+    (Verdict.with_text of the statement's text, sharing the record template it keeps once used);
+    others a fresh decision."""
+    if ";" in sql.strip().rstrip(";"):
         return _decide(sql)
     shape = sqlclass.statement_shape(sql)
     if shape not in _templates:
         _templates[shape] = _decide(sql)[0]
-    return [_templates[shape].with_text(sql)]
+    return [_templates[shape].with_text(sqlclass.single_statement_text(sql))]
 
 
 _templates: dict = {}
@@ -92,12 +114,12 @@ def _actions(actions: list, session: PostgresSession) -> list:
 def state(s: PostgresSession) -> dict:
     def portal(p):
         return None if p is None else (p.index, p.formats, p.statement.text if p.statement else None,
-                                       p.described)
+                                       p.described, p.fields, p.undo)
     return {
         "phase": s.phase, "statements": s.statements, "client_batch": s._client_batch,
         "server_batch": s._server_batch, "status": s.transaction_status, "expect": list(s._expect),
-        "results": [(r.text, r.start_ns, r.rows, r.nbytes, r.batch, r.denied, r.index, portal(r.portal))
-                    for r in s._results],
+        "results": [(r.text, r.start_ns, r.rows, r.nbytes, r.batch, r.denied, r.index, portal(r.portal),
+                     r.refusal, r.undo) for r in s._results],
         "portals": {k: portal(v) for k, v in s._portals.items()}, "unnamed": portal(s._unnamed_portal),
         "prepared": sorted(s._statements), "bytes": (s.bytes_in, s.bytes_out), "cbuf": s._cbuf,
         "param_types": {k: v.param_types for k, v in s._statements.items()},
@@ -120,7 +142,7 @@ def replay(steps: list, enabled: bool, inline: bool = False) -> tuple[list, dict
 def assert_same(steps: list) -> None:
     """The lanes and the Python loops agree, with decisions as DECIDE actions and inline."""
     want, want_state = replay(steps, False)
-    for enabled, inline in ((True, False), (True, True), (False, True)):
+    for enabled, inline in ((True, False), (True, True), (False, True), (True, "memo")):
         got, got_state = replay(steps, enabled, inline)
         assert got == want
         assert got_state == want_state
@@ -150,7 +172,9 @@ client_message = st.one_of(
     st.builds(lambda k, n: P.build_describe(k, n), st.sampled_from(["S", "P"]), names),
     st.builds(lambda k, n: P.build_close(k, n), st.sampled_from(["S", "P"]), names),
     st.just(P.SYNC), st.just(P.SYNC), st.just(b"H\0\0\0\4"),
-    st.builds(P.build_query, st.sampled_from(["SELECT 1", "SELECT 2", "SELECT 1; SELECT 2", "DELETE FROM forbidden"])),
+    st.builds(P.build_query, st.sampled_from(["SELECT 1", "SELECT 2", "SELECT 1; SELECT 2", "DELETE FROM forbidden",
+                                              " SELECT 3 ;;\n", "\tSELECT 4 ;;\n", "select 'x' FROM t",
+                                              "EXECUTE s1 (5)", "DELETE FROM forbidden WHERE a = 7"])),
     st.just(_cstr_msg(b"E", b"p1")),                      # Execute without its NUL
     st.just(b"B\0\0\0\x0b\0s1\0\xff\xff\0"),              # malformed Bind
     st.just(b"d\0\0\0\x06ab"), st.just(b"c\0\0\0\4"),
@@ -286,6 +310,100 @@ def test_lanes_stop_at_what_they_leave_to_python():
         assert native.server_lane(s2, reply + rest, 0, []) == len(reply)
 
 
+def memo_session(ctx, shapes: dict, until=None) -> tuple[PostgresSession, list]:
+    """A session whose decider counts its calls, with the shell's shape memo over `shapes`."""
+    asked = []
+
+    def decide(sql, prepared=None):
+        asked.append(sql)
+        return verdicts_for(sql, prepared)
+    s = PostgresSession(identity="svc", target="db", clock=itertools.count(1_000, 7).__next__,
+                        random_bytes=lambda n: b"\x01" * n, decide=decide)
+    s.shape_memo = shape_memo(ctx, shapes, until)
+    s.feed_client(P.build_startup_message({"user": "alice", "database": "app"}))
+    s.feed_server(P.build_authentication_ok() + P.build_ready_for_query("I"))
+    return s, asked
+
+
+def query_records(s: PostgresSession, sql: str) -> list:
+    actions = s.feed_client(P.build_query(sql))
+    normal(actions, s)
+    s.feed_server(P.build_command_complete("SELECT 1") + P.build_ready_for_query("I"))
+    return [a[1][1] for a in actions if a[0] == EVENT and a[1][0] == "pg.statement"]
+
+
+@needs_lanes
+def test_the_c_lane_answers_a_known_shape_from_the_shell_memo_without_asking():
+    """The simple-query steady state: a text of a shape the shell decided is recorded by the C
+    lane from the memo's template, with the statement's text (stripped as the shell strips it)."""
+    with lanes(True):
+        ctx = MemoContext()
+        shapes: dict = {}
+        s, asked = memo_session(ctx, shapes)
+        query_records(s, "SELECT a FROM t WHERE b = 1")            # the shell decides; its template
+        shapes[sqlclass.statement_shape("SELECT a FROM t WHERE b = 2")] = _templates[
+            sqlclass.statement_shape("SELECT a FROM t WHERE b = 1")]
+        assert set(asked) == {"SELECT a FROM t WHERE b = 1"}
+        before = len(asked)
+        (fields,) = query_records(s, "SELECT a FROM t WHERE b = 2")
+        assert len(asked) == before                                 # the memo answered
+        assert fields["text"] == "SELECT a FROM t WHERE b = 2" and fields["decision"] == "allow"
+        assert fields["statement_index"] == 2
+        (fields,) = query_records(s, "SELECT a FROM t WHERE b = 77")
+        assert len(asked) == before and fields["text"] == "SELECT a FROM t WHERE b = 77"
+        # the shell's own strip: surrounding whitespace and trailing semicolons are not the statement
+        shapes[sqlclass.statement_shape(" SELECT a FROM t WHERE b = 3 ;;\n")] = shapes[
+            sqlclass.statement_shape("SELECT a FROM t WHERE b = 2")]
+        (fields,) = query_records(s, " SELECT a FROM t WHERE b = 9 ;;\n")
+        assert fields["text"] == "SELECT a FROM t WHERE b = 9" and len(asked) == before
+
+
+@needs_lanes
+@pytest.mark.parametrize("change", [None, "policy", "version", "attributes", "identity", "hour"])
+def test_the_shell_memo_never_answers_once_what_it_was_made_with_changed(change):
+    """A reloaded policy (a new object or a new version), another principal (brokered login
+    replaces the attributes or the identity) or the next hour: the shell decides again."""
+    with lanes(True):
+        ctx = MemoContext()
+        shape = sqlclass.statement_shape("SELECT a FROM t WHERE b = 1")
+        shapes = {shape: verdicts_for("SELECT a FROM t WHERE b = 1")[0]}
+        s, asked = memo_session(ctx, shapes, until=time.time() - 1 if change == "hour" else None)
+        query_records(s, "SELECT a FROM t WHERE b = 1")     # the template is kept on first use
+        before = len(asked)
+        if change == "policy":
+            ctx.policy = SimpleNamespace(version=3)
+        elif change == "version":
+            ctx.policy.version = 4
+        elif change == "attributes":
+            ctx.identity_attrs = {"user": "app"}             # equal, but replaced: not the same principal
+        elif change == "identity":
+            ctx.identity = "other"
+        query_records(s, "SELECT a FROM t WHERE b = 2")
+        if change is None:
+            assert len(asked) == before          # unchanged: the memo answers
+        else:
+            assert len(asked) == before + 1 and asked[-1] == "SELECT a FROM t WHERE b = 2"
+
+
+@needs_lanes
+@pytest.mark.parametrize("sql", ["EXECUTE q (1)", "SELECT a FROM t WHERE b = 1 OR 1 = (SELECT 1) -- exEcUte",
+                                 "SELECT a FROM t WHERE b = 'é'", "SELECT a FROM t WHERE b = '1'",
+                                 "SELECT é FROM t WHERE b = 1"])
+def test_the_shell_memo_leaves_execute_quoted_and_non_ascii_texts_to_the_shell(sql):
+    with lanes(True):
+        ctx = MemoContext()
+        shapes = {}
+        s, asked = memo_session(ctx, shapes)
+        template = verdicts_for("SELECT a FROM t WHERE b = 5")[0]
+        query_records(s, "SELECT a FROM t WHERE b = 5")            # the template is kept
+        for text in (sql, sql.replace("1", "2")):
+            # a template under the text's own shape, as if the shell had kept one
+            shapes[native.number_shape(text) or sqlclass.statement_shape(text)] = template
+            before = len(asked)
+            query_records(s, text)
+            assert len(asked) > before and asked[-1] == text       # the shell was asked
+
+
 def test_denied_statement_in_a_transaction_still_aborts_it_with_the_lanes():
     steps = [("c", P.build_query("BEGIN")), ("s", P.build_command_complete("BEGIN") + P.build_ready_for_query("T")),
              ("c", PREPARE), ("s", PREPARED_REPLY.replace(b"Z\0\0\0\5I", b"Z\0\0\0\5T")),
@@ -314,6 +432,31 @@ def test_unconfigured_lanes_raise_instead_of_crashing():
             "    except RuntimeError as e:\n"
             "        print('configured' in str(e))\n")
     assert printed_with_pure_python(code, "1").split() == ["True"] * 5
+
+
+@needs_lanes
+def test_configure_refuses_result_and_portal_classes_whose_slots_changed():
+    """The lanes build session._Result and _Portal without their __init__, setting their slots
+    themselves: a class with other slots would get objects missing a field, so configure refuses it."""
+    class GrownResult:
+        __slots__ = S._Result.__slots__ + ("extra",)
+
+    class GrownPortal:
+        __slots__ = S._Portal.__slots__[:-1]
+    rest = (S._BIND_EXPECT, S._SYNC_EXPECT, EVENT, S._NOT_EXECUTED, TO_SERVER, TO_CLIENT, S.READY, P.binary_value_text)
+    for portal, result in ((S._Portal, GrownResult), (GrownPortal, S._Result)):
+        with pytest.raises(TypeError, match="__slots__"):
+            native.configure(portal, result, *rest)
+    native.configure(S._Portal, S._Result, *rest)      # as session.py configured it
+    s = new_session(inline=True)
+    normal(s.feed_client(P.build_query("SELECT 1")), s)     # Python's (the template is made)
+    reads = native.client_lane(s, P.build_query("SELECT 2"), 0, S.DEFAULT_MAX_MESSAGE_BYTES, [])
+    assert reads == len(P.build_query("SELECT 2"))        # taken by the lane: its _Result
+    first, second = s._results
+    fields = ("rows", "nbytes", "batch", "denied", "index", "portal", "refusal", "undo")
+    assert type(second) is S._Result and second.text == "SELECT 2" and second.start_ns > first.start_ns
+    assert [getattr(first, f) for f in fields] == [0, 0, 0, False, 1, None, None, None]
+    assert [getattr(second, f) for f in fields] == [0, 0, 1, False, 2, None, None, None]
 
 
 def test_pure_python_switch_turns_the_lanes_off():

@@ -58,8 +58,8 @@ class Setup:
                                      approvals=approvals)
         conn = object.__new__(_Connection)      # only the decision state, no sockets
         conn.ctx, conn._verdicts, conn._shape_verdicts, conn._verdicts_key = self.ctx, {}, {}, None
-        session = PostgresSession(identity="svc", target="db", random_bytes=lambda n: b"\x11" * n,
-                                  decide=conn._decide_inline)
+        session = conn.session = PostgresSession(identity="svc", target="db", random_bytes=lambda n: b"\x11" * n,
+                                                 decide=conn._decide_inline)
         self.d = Driver(session=session, decider=lambda req: asyncio.run(proxy.decide(self.ctx, req)))
         self.d.client(STARTUP)
         self.d.server(AUTH_DONE)
