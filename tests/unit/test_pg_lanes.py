@@ -359,6 +359,24 @@ def test_the_c_lane_answers_a_known_shape_from_the_shell_memo_without_asking():
 
 
 @needs_lanes
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=" \t\n\x0b\x0c\r\x1c\x1f;SELECT abt=12.5", min_size=1, max_size=24))
+def test_the_memo_records_the_text_as_the_shell_strips_it(sql):
+    """The C lane strips a text as sqlclass.single_statement_text does (str.strip's whitespace,
+    then trailing semicolons, then whitespace again) for every text it can shape."""
+    shape = native.number_shape(sql)
+    if shape is None or not sqlclass.single_statement_text(sql):
+        return
+    with lanes(True):
+        template = verdicts_for("SELECT a FROM t WHERE b = 5")[0]
+        s, asked = memo_session(MemoContext(), {shape: template})
+        query_records(s, "SELECT a FROM t WHERE b = 5")            # the template is kept
+        before = len(asked)
+        (fields,) = query_records(s, sql)
+        assert len(asked) == before and fields["text"] == sqlclass.single_statement_text(sql)
+
+
+@needs_lanes
 @pytest.mark.parametrize("change", [None, "policy", "version", "attributes", "identity", "hour"])
 def test_the_shell_memo_never_answers_once_what_it_was_made_with_changed(change):
     """A reloaded policy (a new object or a new version), another principal (brokered login
