@@ -426,14 +426,7 @@ def _plpgsql_program(definition: str) -> Optional[tuple]:
         return None
     variables: set = set()
     queries: list = []
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
+    for node in _json_objects(tree):
         if "dynquery" in node or "PLpgSQL_stmt_dynexecute" in node or "PLpgSQL_stmt_dynfors" in node:
             return None
         for kind in ("PLpgSQL_var", "PLpgSQL_rec", "PLpgSQL_row"):
@@ -456,8 +449,19 @@ def _plpgsql_program(definition: str) -> Optional[tuple]:
                 queries.append(("SELECT " + value, False))
             else:
                 return None
-        stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
     return frozenset(variables), queries
+
+
+def _json_objects(tree):
+    """Every object (dict) of a parsed JSON tree, at any depth."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            yield node
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
 
 
 class _TooDeep(Exception):

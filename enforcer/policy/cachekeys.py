@@ -59,3 +59,14 @@ def cache_base(ctx, policy) -> tuple:
     or version, other principal, next hour) what was cached under the old one is stale."""
     return (policy_key(policy), getattr(policy, "version", None), principal_key(ctx), ctx.target.name,
             int(time.time() // 3600))
+
+
+def base_guard(ctx, policy, base: tuple) -> tuple:
+    """What `base` (cache_base of ctx and policy) was made of, for a check that needs no Python:
+    (ctx, policy, its version, ctx.identity_attrs, ctx.identity, end of the base's hour). The C
+    client lane (_pglanes memo_lookup) answers from a memo keyed on `base` only while ctx.policy is
+    that object with that version, ctx.identity_attrs that object, ctx.identity equal and the wall
+    clock before that end; the target is fixed per connection. A new input of cache_base must
+    be added here and to that check."""
+    return (ctx, policy, getattr(policy, "version", None), ctx.identity_attrs, ctx.identity,
+            float((base[-1] + 1) * 3600))

@@ -207,7 +207,9 @@ static int check_slots(PyObject *cls, const char *const *expected, size_t n, PyO
     }
     Py_DECREF(slots);
     if (!same) {
-        PyErr_Format(PyExc_TypeError, "configure: %R's __slots__ are not the ones the lanes set", cls);
+        PyErr_Format(PyExc_TypeError, "configure: %R's __slots__ are not the ones the lanes set; "
+                     "change RESULT_SLOTS / PORTAL_SLOTS and new_result / new_portal in _pglanes.c with them",
+                     cls);
         return -1;
     }
     for (size_t i = 0; i < n; i++) {

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from ..policy.cachekeys import cache_base
+from ..policy.cachekeys import base_guard, cache_base
 from ..sqlclass import mentions_execute, reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
 from . import protocol as P
@@ -899,10 +899,8 @@ class _Connection:
                 self._verdicts_key = base
                 self._verdicts = {}
                 self._shape_verdicts = {}
-                # the C lane answers from the shape memo while ctx still holds what `base` was
-                # made of, and until the end of its hour (see _pglanes memo_lookup)
-                self.session.shape_memo = (ctx, policy, getattr(policy, "version", None), ctx.identity_attrs,
-                                           ctx.identity, float((base[-1] + 1) * 3600), self._shape_verdicts)
+                # the C lane answers from the shape memo while ctx still holds what `base` was made of
+                self.session.shape_memo = (*base_guard(ctx, policy, base), self._shape_verdicts)
             hit = self._verdicts.get(sql)
             if hit is not None:
                 return hit

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enforcer import sqlclass
+from enforcer.policy.cachekeys import base_guard
 from enforcer.postgres import protocol as P
 from enforcer.postgres import session as S
 from enforcer.postgres.protocol import FieldDescription
@@ -60,9 +61,10 @@ class MemoContext:
 
 
 def shape_memo(ctx, shapes: dict, until: float | None = None) -> tuple:
-    """session.shape_memo as the shell makes it (proxy._Connection._decide_inline)."""
-    return (ctx, ctx.policy, ctx.policy.version, ctx.identity_attrs, ctx.identity,
-            until if until is not None else float((int(time.time() // 3600) + 1) * 3600), shapes)
+    """session.shape_memo as the shell makes it (proxy._Connection._decide_inline); `until`: the
+    end of its hour instead of the real one."""
+    guard = base_guard(ctx, ctx.policy, (int(time.time() // 3600),))
+    return (*guard[:5], until if until is not None else guard[5], shapes)
 
 
 def verdicts_for(sql: str, prepared=None) -> list:
