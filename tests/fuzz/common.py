@@ -43,6 +43,7 @@ class Stats:
     violations: int = 0          # properties broken (bad output, bad error)
     hangs: int = 0
     rejected: int = 0            # inputs that ended in the documented protocol-error path
+    checked: int | None = None   # accepted messages whose forwarding property was checked (HTTP targets)
     seconds: float = 0.0
     examples: list = field(default_factory=list)
 

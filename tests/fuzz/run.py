@@ -59,17 +59,19 @@ def main(argv=None) -> int:
         per_core[core] = per_core.get(core, 0) + stats.inputs
         all_ok &= stats.ok
         rows.append({"target": name, "core": core, "kind": kind, "inputs": stats.inputs,
-                     "rejected": stats.rejected, "crashes": stats.crashes, "violations": stats.violations,
+                     "rejected": stats.rejected, "checked": "-" if stats.checked is None else stats.checked,
+                     "crashes": stats.crashes, "violations": stats.violations,
                      "hangs": stats.hangs, "time_s": round(stats.seconds, 1), "result": "PASS" if stats.ok else "FAIL",
                      "examples": stats.examples})
-        print(f"{name:<24} {stats.inputs:>8} inputs  {stats.crashes} crashes  {stats.violations} violations  "
+        checked = "" if stats.checked is None else f"  {stats.checked} checked"
+        print(f"{name:<24} {stats.inputs:>8} inputs{checked}  {stats.crashes} crashes  {stats.violations} violations  "
               f"{stats.hangs} hangs  {stats.seconds:.1f}s  {'PASS' if stats.ok else 'FAIL'}", flush=True)
         for example in stats.examples[:3]:
             print(f"    {example['kind']}: {example['error']}\n      input: {example['input'][:200]}", flush=True)
     enough = scale < 1.0 or all(v >= MIN_PER_CORE_FULL for v in per_core.values())
     if not enough:
         print(f"fewer than {MIN_PER_CORE_FULL} inputs for a core: {per_core}")
-    columns = ("target", "inputs", "rejected", "crashes", "violations", "hangs", "time_s", "result")
+    columns = ("target", "inputs", "rejected", "checked", "crashes", "violations", "hangs", "time_s", "result")
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     print()
     print("  ".join(c.ljust(widths[c]) for c in columns))
