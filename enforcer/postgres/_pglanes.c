@@ -23,6 +23,7 @@
  * The GIL is held throughout: the session's objects are ordinary Python objects. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -157,17 +158,19 @@ static const char *const PORTAL_SLOTS[] = {"statement", "formats", "fields", "de
 #define N_RESULT_SLOTS (sizeof RESULT_SLOTS / sizeof RESULT_SLOTS[0])
 #define N_PORTAL_SLOTS (sizeof PORTAL_SLOTS / sizeof PORTAL_SLOTS[0])
 static PyObject *result_slot_names[N_RESULT_SLOTS], *portal_slot_names[N_PORTAL_SLOTS];
+/* where each slot lives in an instance, from the classes' own member descriptors (check_slots) */
+static Py_ssize_t result_slot_offsets[N_RESULT_SLOTS], portal_slot_offsets[N_PORTAL_SLOTS];
 
-static PyObject *new_slotted(PyObject *cls, PyObject *const *names, PyObject *const *values, size_t n) {
+/* an instance of `cls` with its slots set as __init__ would, written straight into the member
+ * offsets (a generic setattr per slot was a dict lookup and a descriptor call each) */
+static PyObject *new_slotted(PyObject *cls, const Py_ssize_t *offsets, PyObject *const *values, size_t n) {
     PyTypeObject *type = (PyTypeObject *)cls;
     PyObject *obj = type->tp_alloc(type, 0);
     if (obj == NULL)
         return NULL;
     for (size_t i = 0; i < n; i++) {
-        if (PyObject_GenericSetAttr(obj, names[i], values[i]) < 0) {
-            Py_DECREF(obj);
-            return NULL;
-        }
+        PyObject **slot = (PyObject **)((char *)obj + offsets[i]);
+        Py_XSETREF(*slot, Py_NewRef(values[i]));
     }
     return obj;
 }
@@ -179,7 +182,7 @@ static PyObject *new_result(PyObject *text, PyObject *start_ns, PyObject *batch,
     if (zero == NULL)
         return NULL;
     PyObject *values[N_RESULT_SLOTS] = {text, start_ns, zero, zero, batch, denied, index, portal, Py_None, Py_None};
-    PyObject *r = new_slotted(Result, result_slot_names, values, N_RESULT_SLOTS);
+    PyObject *r = new_slotted(Result, result_slot_offsets, values, N_RESULT_SLOTS);
     Py_DECREF(zero);
     return r;
 }
@@ -187,12 +190,13 @@ static PyObject *new_result(PyObject *text, PyObject *start_ns, PyObject *batch,
 /* _Portal(statement, formats, index) */
 static PyObject *new_portal(PyObject *statement, PyObject *formats, PyObject *index) {
     PyObject *values[N_PORTAL_SLOTS] = {statement, formats, Py_None, Py_False, index, Py_None};
-    return new_slotted(Portal, portal_slot_names, values, N_PORTAL_SLOTS);
+    return new_slotted(Portal, portal_slot_offsets, values, N_PORTAL_SLOTS);
 }
 
 /* 0 when `cls` is a class whose __slots__ are exactly `expected` (their interned names then in
  * `names`), else -1 with TypeError */
-static int check_slots(PyObject *cls, const char *const *expected, size_t n, PyObject **names) {
+static int check_slots(PyObject *cls, const char *const *expected, size_t n, PyObject **names,
+                       Py_ssize_t *offsets) {
     if (!PyType_Check(cls)) {
         PyErr_SetString(PyExc_TypeError, "configure: _Portal and _Result must be classes");
         return -1;
@@ -215,6 +219,17 @@ static int check_slots(PyObject *cls, const char *const *expected, size_t n, PyO
     for (size_t i = 0; i < n; i++) {
         if (names[i] == NULL && (names[i] = PyUnicode_InternFromString(expected[i])) == NULL)
             return -1;
+        /* the slot as the class itself defines it: a writable object member */
+        PyObject *descr = PyDict_GetItemWithError(((PyTypeObject *)cls)->tp_dict, names[i]);
+        if (descr == NULL && PyErr_Occurred())
+            return -1;
+        if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) ||
+            ((PyMemberDescrObject *)descr)->d_member->type != T_OBJECT_EX ||
+            (((PyMemberDescrObject *)descr)->d_member->flags & READONLY)) {
+            PyErr_Format(PyExc_TypeError, "configure: %R.%U is not a plain slot of that class", cls, names[i]);
+            return -1;
+        }
+        offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
     }
     return 0;
 }
@@ -475,13 +490,18 @@ static PyObject *statement_text(PyObject *sql) {
 
 /* whether a getattr result equals what the memo was made with (`same`: by identity) */
 static int attr_is(PyObject *obj, PyObject *name, PyObject *expected, int same) {
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-            return -1;
-        PyErr_Clear();          /* getattr(obj, name, None) */
+    PyObject *v;
+    /* getattr(obj, name, None) without raising and clearing an AttributeError on every
+     * transaction (a policy engine with no version attribute) */
+#if PY_VERSION_HEX >= 0x030D0000
+    int found = PyObject_GetOptionalAttr(obj, name, &v);
+#else
+    int found = _PyObject_LookupAttr(obj, name, &v);
+#endif
+    if (found < 0)
+        return -1;
+    if (found == 0)
         v = Py_NewRef(Py_None);
-    }
     int eq = v == expected ? 1 : same ? 0 : PyObject_RichCompareBool(v, expected, Py_EQ);
     Py_DECREF(v);
     return eq;
@@ -1562,9 +1582,13 @@ static PyObject *configure(PyObject *module, PyObject *args) {
                           &binary_value_text))
         return NULL;
     /* the lanes set _Result's and _Portal's slots themselves: the classes must have exactly those */
-    if (check_slots(result, RESULT_SLOTS, N_RESULT_SLOTS, result_slot_names) < 0 ||
-        check_slots(portal, PORTAL_SLOTS, N_PORTAL_SLOTS, portal_slot_names) < 0)
+    /* offsets are taken only with the classes they belong to: a refused call changes nothing */
+    Py_ssize_t result_offsets[N_RESULT_SLOTS], portal_offsets[N_PORTAL_SLOTS];
+    if (check_slots(result, RESULT_SLOTS, N_RESULT_SLOTS, result_slot_names, result_offsets) < 0 ||
+        check_slots(portal, PORTAL_SLOTS, N_PORTAL_SLOTS, portal_slot_names, portal_offsets) < 0)
         return NULL;
+    memcpy(result_slot_offsets, result_offsets, sizeof result_offsets);
+    memcpy(portal_slot_offsets, portal_offsets, sizeof portal_offsets);
     Py_XSETREF(BinaryValueText, Py_NewRef(binary_value_text));
     Py_XSETREF(Portal, Py_NewRef(portal));
     Py_XSETREF(Result, Py_NewRef(result));

@@ -406,6 +406,26 @@ def test_the_shell_memo_never_answers_once_what_it_was_made_with_changed(change)
 
 
 @needs_lanes
+def test_the_shell_memo_answers_for_a_policy_without_a_version():
+    """A policy engine used as it is (no PolicyStore, so no version attribute, as in the bench):
+    the memo answers; once the policy has a version it did not have, the shell decides again."""
+    with lanes(True):
+        ctx = MemoContext()
+        ctx.policy = SimpleNamespace()
+        shape = sqlclass.statement_shape("SELECT a FROM t WHERE b = 1")
+        shapes = {shape: verdicts_for("SELECT a FROM t WHERE b = 1")[0]}
+        s, asked = memo_session(ctx, shapes)
+        query_records(s, "SELECT a FROM t WHERE b = 1")
+        before = len(asked)
+        for value in range(2, 5):
+            query_records(s, f"SELECT a FROM t WHERE b = {value}")
+        assert len(asked) == before
+        ctx.policy.version = 1
+        query_records(s, "SELECT a FROM t WHERE b = 5")
+        assert len(asked) == before + 1
+
+
+@needs_lanes
 @pytest.mark.parametrize("sql", ["EXECUTE q (1)", "SELECT a FROM t WHERE b = 1 OR 1 = (SELECT 1) -- exEcUte",
                                  "SELECT a FROM t WHERE b = 'é'", "SELECT a FROM t WHERE b = '1'",
                                  "SELECT é FROM t WHERE b = 1"])
@@ -467,6 +487,17 @@ def test_configure_refuses_result_and_portal_classes_whose_slots_changed():
     for portal, result in ((S._Portal, GrownResult), (GrownPortal, S._Result)):
         with pytest.raises(TypeError, match="__slots__"):
             native.configure(portal, result, *rest)
+
+    # the names are right but one is no longer the class's own slot: the lanes write slots at
+    # their member offsets, so anything else there is refused too
+    class ShadowedPortal:
+        __slots__ = S._Portal.__slots__
+    ShadowedPortal.fields = property(lambda self: None)
+
+    class SameResult:
+        __slots__ = S._Result.__slots__
+    with pytest.raises(TypeError, match="not a plain slot"):
+        native.configure(ShadowedPortal, SameResult, *rest)
     native.configure(S._Portal, S._Result, *rest)      # as session.py configured it
     s = new_session(inline=True)
     normal(s.feed_client(P.build_query("SELECT 1")), s)     # Python's (the template is made)
