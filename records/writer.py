@@ -95,6 +95,19 @@ class _Flush:
         self.done = threading.Event()
 
 
+class _Durable:
+    """A when_durable() request: every event up to `seq` stored, none lost past `low` (what
+    was stored when it was made)."""
+    __slots__ = ("seq", "low", "callback")
+
+    def __init__(self, seq: int, low: int, callback):
+        self.seq, self.low, self.callback = seq, low, callback
+
+
+class RecordsNotDurable(RuntimeError):
+    """when_durable(): the events it waited for cannot be stored."""
+
+
 class _OpenBatch:
     """The wake-up the writer thread gets when a batch opens: it must cut it by `deadline`."""
     __slots__ = ("deadline",)
@@ -343,6 +356,48 @@ class RecordWriter:
             raise TimeoutError(f"records not durable within {timeout} s"
                                + (f" ({self._held})" if self._held else ""))
 
+    def when_durable(self, callback) -> None:
+        """callback(None) once every event emitted before this call is in the spool (fsync'd);
+        callback(RecordsNotDurable) if one of them cannot be stored (the writer failed or is
+        closing, or they were lost). Called at once on this thread when nothing is pending,
+        else on the writer thread: it must not block. The open batch is cut when the writer
+        takes the request, not when it is made, so requests made while the writer stores a
+        batch share the next one and its fsync (group commit)."""
+        error = None
+        with self._lock:
+            batch = self._open
+            seq = batch.head[0] if batch is not None else self.last_seq
+            if self._failure is not None or self._closing:
+                error = RecordsNotDurable(self._held if self._failure is not None
+                                          else "the record writer is closing")
+            elif seq > self._stored_through:
+                self._queue.put(_Durable(seq, self._stored_through, callback))
+                return
+        callback(error)
+
+    def _durable_request(self, request: _Durable, closing: bool) -> None:
+        """On the writer thread: answer a when_durable() request, or cut the batch its events
+        are in and queue it again behind that batch."""
+        with self._lock:
+            lost = [e for e in self._lost if "first_seq" in e and e["first_seq"] <= request.seq
+                    and e["last_seq"] > request.low]
+            if lost:
+                error = RecordsNotDurable(f"records {lost[0]['first_seq']}..{lost[0]['last_seq']} "
+                                          f"were not stored: {lost[0]['reason']}")
+            elif request.seq <= self._stored_through:
+                error = None
+            elif closing:
+                error = RecordsNotDurable("the record writer stopped before storing them")
+            else:
+                if request.seq > self.last_seq:      # still in the open batch
+                    self._cut_locked()
+                self._queue.put(request)
+                return
+        try:
+            request.callback(error)
+        except Exception:        # the waiter's bug must not end the writer
+            log.exception("a when_durable callback failed")
+
     def close(self, timeout: float = 10.0) -> None:
         """Store everything sealed so far (past spool.max_bytes if the spool is full), then
         save the chain head; raises TimeoutError if the thread did not finish in time (what it
@@ -471,6 +526,8 @@ class RecordWriter:
                     item.done.set()
             elif isinstance(item, _OpenBatch):
                 deadline = item.deadline if deadline is None else min(deadline, item.deadline)
+            elif isinstance(item, _Durable):
+                self._durable_request(item, closing)
             if deadline is not None and time.monotonic() >= deadline:
                 deadline = None
                 with self._lock:
