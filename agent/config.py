@@ -159,12 +159,13 @@ _SECTION_KEYS = {
 _SIZE, _DURATION, _COUNT, _FLAG, _TEXT, _TEXTS = "size", "duration", "count", "flag", "text", "texts"
 TARGET_OPTIONS = {
     "postgres": {"max_message_bytes": _SIZE, "startup_timeout": _DURATION, "idle_timeout": _DURATION,
-                 "catalog_dsn": _TEXT, "max_connections": _COUNT},
+                 "catalog_dsn": _TEXT, "max_connections": _COUNT, "durable_before_forward": _FLAG,
+                 "durable_timeout": _DURATION},
     "http": {"max_header_bytes": _SIZE, "max_line_bytes": _SIZE, "allow_connect": _FLAG,
              "connect_timeout": _DURATION, "response_timeout": _DURATION, "mask_max_body_bytes": _SIZE,
              "discard_denied_body_bytes": _SIZE, "redact_headers": _TEXTS, "redact_query": _TEXTS,
              "client_hello_timeout": _DURATION, "client_tls_hostname": _TEXT, "client_tls_names": _TEXTS,
-             "max_connections": _COUNT},
+             "max_connections": _COUNT, "durable_before_forward": _FLAG, "durable_timeout": _DURATION},
     "tcp": {"max_connections": _COUNT},
 }
 # options a value of 0 switches off; the others must be positive

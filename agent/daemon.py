@@ -20,7 +20,7 @@ from agent.identity import IdentityResolver
 from agent.inventory import Inventory
 from enforcer.context import Attribution, ConnectionContext, TargetInfo, UpstreamTLS
 from records.schema import EVENT_FIELDS, SchemaError, new_session_id
-from records.writer import RecordBacklogFull
+from records.writer import RecordBacklogFull, RecordsNotDurable
 
 log = logging.getLogger("warden.agent")
 
@@ -239,6 +239,15 @@ class Agent:
                 log.error("event %s does not fit the schema (%s); unknown fields kept as x_*", event_type, exc)
             fixed = {(k if k in allowed or k.startswith("x_") else "x_" + k): v for k, v in fields.items()}
             self.sink.emit(event_type, fixed, session_id)
+
+    def when_durable(self, callback) -> None:
+        """callback(None) once every event emitted so far is in the spool (targets with
+        durable_before_forward wait on it before forwarding), callback(error) if it cannot be."""
+        wait = getattr(self.sink, "when_durable", None)
+        if wait is None:
+            callback(RecordsNotDurable("this agent's events go to no record writer"))
+        else:
+            wait(callback)
 
     def _target_name(self, target_id: int) -> Optional[str]:
         t = self.targets_by_id.get(target_id)

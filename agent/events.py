@@ -43,6 +43,16 @@ class FanoutSink:
         for sink in self.sinks:
             sink.emit(event_type, fields, session_id)
 
+    def when_durable(self, callback) -> None:
+        """The durable sink's when_durable (the record writer's); an error if none is."""
+        for sink in self.sinks:
+            wait = getattr(sink, "when_durable", None)
+            if wait is not None:
+                wait(callback)
+                return
+        from records.writer import RecordsNotDurable
+        callback(RecordsNotDurable("no record writer among the event sinks"))
+
 
 def fanout(*sinks):
     """One sink for all of `sinks` (None ones skipped): the only one itself, which keeps a

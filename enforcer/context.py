@@ -87,6 +87,9 @@ class ConnectionContext:
             emitter = getattr(self.sink, "emitter", None)
             self.emit = (emitter(self.session_id) if emitter is not None
                          else functools.partial(self.sink.emit, session_id=self.session_id))
+        # when_durable(callback): targets with durable_before_forward wait on it (None: the
+        # sink stores nothing durably, so such a target refuses to forward)
+        self.when_durable = getattr(self.sink, "when_durable", None)
 
     def emit(self, event_type: str, fields: dict) -> None:
         self.sink.emit(event_type, fields, session_id=self.session_id)

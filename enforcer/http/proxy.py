@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 from enforcer.context import ConnectionContext, UpstreamTLS
 
+from ..durable import DEFAULT_DURABLE_TIMEOUT, records_durable
 from ..masking.engine import http_body_kind
 from ..masking.pgrow import MaskingRefused
 from ..policy.cachekeys import cache_base
@@ -246,6 +247,9 @@ class HttpSession(asyncio.Protocol):
         self.allow_connect = bool(opts.get("allow_connect", False))
         self.connect_timeout = float(opts.get("connect_timeout", 10))
         self.response_timeout = float(opts.get("response_timeout", 120))
+        # durable_before_forward: a request goes upstream only once its records are in the spool
+        self.durable_first = bool(opts.get("durable_before_forward"))
+        self.durable_timeout = float(opts.get("durable_timeout", DEFAULT_DURABLE_TIMEOUT))
         self.mask_max = int(opts.get("mask_max_body_bytes", DEFAULT_MASK_MAX))
         self.discard_max = int(opts.get("discard_denied_body_bytes", 1024 * 1024))
         self.masker, self.mask_kind = _masker_of(ctx.masking)
@@ -646,15 +650,40 @@ class HttpSession(asyncio.Protocol):
         except _Refusal as refusal:
             self._refuse(exchange, refusal)
             return
+        if self.durable_first:
+            self._wait()
+            self._spawn(self._forward_once_recorded(exchange))
+            return
+        self._forward(exchange)
+
+    def _forward(self, exchange: _Exchange) -> bool:
+        """Send the request on the open upstream (True), or connect one first (False: a task
+        sends it and takes client input again)."""
         upstream = self.upstream
         if upstream is not None and upstream.usable() and upstream.tls_name == self._tls_name(exchange.request):
             self._send(exchange, upstream)
-            return
+            return True
         if upstream is not None:
             upstream.close()
             self.upstream = None
         self._wait()
         self._spawn(self._connect_and_send(exchange))
+        return False
+
+    async def _forward_once_recorded(self, exchange: _Exchange) -> None:
+        error = await records_durable(self.ctx, self.durable_timeout)
+        if self.phase == _ENDED:
+            return
+        if error is not None:
+            self._refuse(exchange, _Refusal(503, {
+                "error": "records_not_durable", "target": self.ctx.target.name,
+                "reason": f"Warden did not forward this request: its record could not be stored ({error}); "
+                          f"the target requires records to be durable first (durable_before_forward)"},
+                close=True))
+            self._unwait()
+            return
+        if self._forward(exchange):
+            self._unwait()
 
     async def _connect_and_send(self, exchange: _Exchange) -> None:
         try:

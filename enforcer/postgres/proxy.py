@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
+from ..durable import DEFAULT_DURABLE_TIMEOUT, records_durable, timed_out, wait_for_records
 from ..policy.cachekeys import base_guard, cache_base
 from ..sqlclass import mentions_execute, reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
@@ -285,6 +286,8 @@ class UpstreamError(Exception):
 
 
 class _Connection:
+    durable_first = False      # durable_before_forward (set per target in __init__)
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx):
         self.ctx = ctx
         self.creader = reader
@@ -324,6 +327,16 @@ class _Connection:
         self._shape_verdicts: dict = {}     # statement shape -> verdict template, likewise
         self._verdicts_key = None
         self._client_detached = False              # a failed direct-SSL handshake left no client stream
+        # durable_before_forward: bytes for the server wait until every record emitted before
+        # them is in the spool (a statement never runs unrecorded, even if the agent is killed)
+        self.durable_first = bool(opts.get("durable_before_forward"))
+        self.durable_timeout = float(opts.get("durable_timeout", DEFAULT_DURABLE_TIMEOUT))
+        self._held_for_records: list = []          # server bytes waiting for their records
+        self._held_total = 0                       # bytes objects ever held / released
+        self._released_total = 0
+        self._records_timer = None
+        self._records_failed = False               # nothing more is forwarded: the session ends
+        self._finish_after_release: Optional[str] = None
 
     # -- main ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -420,6 +433,8 @@ class _Connection:
 
     async def _run_actions(self, actions: list) -> None:
         for kind, payload in actions:
+            if kind in (TO_SERVER, CONNECT_UPSTREAM) and self.durable_first and not await self._records_durable():
+                continue
             if kind == TO_SERVER:
                 if self.swriter is not None:
                     self.swriter.write(payload)
@@ -446,6 +461,67 @@ class _Connection:
             await self.cwriter.drain()
         if self.closing:
             await self._drain_quietly(self.cwriter)
+
+    # -- durable_before_forward ----------------------------------------------------------
+    async def _records_durable(self) -> bool:
+        """Before the stream phase writes to the server: True once the records are stored; False
+        (the session ended with 53100, nothing forwarded) if they cannot be in time."""
+        if self._records_failed:
+            return False
+        error = await records_durable(self.ctx, self.durable_timeout)
+        if error is None:
+            return True
+        self._records_failed = True
+        await self._abort("53100", _not_durable_message(error), "records_not_durable")
+        return False
+
+    def _hold_for_records(self, parts: list) -> None:
+        """Fast phase: hold server bytes (and the client's next reads) until the records emitted
+        before them are stored; then _records_stored writes them in order."""
+        if self._records_failed:
+            return
+        self._held_for_records.extend(parts)
+        self._held_total += len(parts)
+        upto = self._held_total
+        self._pause_reading(True, "records")
+        if self._records_timer is None:
+            self._records_timer = asyncio.get_running_loop().call_later(
+                self.durable_timeout, self._records_stored, upto, timed_out(self.durable_timeout))
+        wait_for_records(self.ctx, lambda error: self._records_stored(upto, error))
+
+    def _records_stored(self, upto: int, error) -> None:
+        if self._done is None or self._done.done() or self._records_failed:
+            return
+        if error is not None:
+            self._records_failed = True
+            self._held_for_records.clear()
+            self._cancel_records_timer()
+            self._apply(self.session.fatal("53100", _not_durable_message(error), "records_not_durable"))
+            self._finish("records_not_durable")
+            return
+        count = upto - self._released_total
+        if count <= 0:
+            return
+        parts = self._held_for_records[:count]
+        del self._held_for_records[:count]
+        self._released_total = upto
+        transport = self.swriter.transport
+        if not transport.is_closing():
+            transport.writelines(parts)
+        if not self._held_for_records:
+            self._cancel_records_timer()
+            if self._finish_after_release is not None:
+                self._finish(self._finish_after_release)
+                return
+            self._resume_reading(True, "records")
+        elif self._records_timer is None:
+            self._records_timer = asyncio.get_running_loop().call_later(
+                self.durable_timeout, self._records_stored, self._held_total, timed_out(self.durable_timeout))
+
+    def _cancel_records_timer(self) -> None:
+        if self._records_timer is not None:
+            self._records_timer.cancel()
+            self._records_timer = None
 
     def _register_cancel_key(self, keys: tuple) -> None:
         """Map the client-facing cancel key to the upstream's, for CancelRequests on other connections."""
@@ -732,8 +808,8 @@ class _Connection:
         ceof = ceof or ct.is_closing() or self.creader.exception() is not None
         seof = seof or st.is_closing() or self.sreader.exception() is not None
         # _apply for reads that produced only records and bytes, in C when built; False: not such a read
-        self._apply_steady = (functools.partial(_apply_steady, self.ctx.emit, st, ct) if _apply_steady is not None
-                              else _not_steady)
+        self._apply_steady = (functools.partial(_apply_steady, self.ctx.emit, st, ct)
+                              if _apply_steady is not None and not self.durable_first else _not_steady)
         self._cleg, self._sleg = _Leg(self, True), _Leg(self, False)
         for transport, leg, reader, writer in ((ct, self._cleg, self.creader, self.cwriter),
                                                 (st, self._sleg, self.sreader, self.swriter)):
@@ -761,7 +837,7 @@ class _Connection:
         The C lanes exist exactly when the Reader does, so a read reaching a handler is one they
         declined: the handlers feed the session's Python loops directly."""
         handler = self._on_client_data if client else self._on_server_data
-        if _Reader is None:
+        if _Reader is None or self.durable_first:      # the C Reader writes to the server itself
             return handler
         reader = _Reader(self.session, client, self._done, self.ctx.emit, self.swriter.transport,
                          self.cwriter.transport, handler, self._client_rest if client else self._server_rest,
@@ -793,7 +869,10 @@ class _Connection:
             if not applied:
                 self._apply(actions)
             if self.session.terminated:
-                self._finish("client_terminated")
+                if self.durable_first and self._held_for_records:   # what came before it goes first
+                    self._finish_after_release = "client_terminated"
+                else:
+                    self._finish("client_terminated")
         except Exception as e:
             self._fail(e)
 
@@ -865,6 +944,9 @@ class _Connection:
             self._finish(self.session.end_reason or "closed")
 
     def _write(self, to_server: list, to_client: list) -> None:
+        if to_server and self.durable_first:
+            self._hold_for_records(to_server)
+            to_server = []
         if to_server:
             t = self.swriter.transport
             if not t.is_closing():
@@ -1010,6 +1092,11 @@ class _Connection:
             await asyncio.wait_for(writer.wait_closed(), 2)
         except (ConnectionError, OSError, ssl.SSLError, asyncio.TimeoutError):
             pass
+
+
+def _not_durable_message(error) -> str:
+    return (f"Warden did not forward this to the database: its record could not be stored "
+            f"({error}); the target requires records to be durable first (durable_before_forward)")
 
 
 async def serve_postgres(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,

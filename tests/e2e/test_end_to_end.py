@@ -121,9 +121,11 @@ def _agent_for(test_cgroup, collector, database, workdir, approvals_timeout="20s
         "agent": {"id": agent_id, "heartbeat_interval": "2s"},
         "collector": {"url": collector["url"], "enrollment": collector["enroll"]},
         "scope": {"cgroups": [test_cgroup.rel]},
+        # the approval runs also check durable_before_forward through the real agent: an
+        # approved statement goes to the database only once its records are in the spool
         "targets": [{"name": "customers-db", "protocol": "postgres",
                      "match": {"cidr": f"{database.host}/32", "port": database.port},
-                     "listen_port": free_port()}],
+                     "listen_port": free_port(), "durable_before_forward": True}],
         "identities": [{"name": "billing", "match": {"cgroup": test_cgroup.rel}}],
         "policy": {"path": str(policy)},
         "approvals": {"timeout": approvals_timeout},

@@ -286,6 +286,17 @@ def sessions_by_app(events: list[dict]) -> dict[str, dict]:
     return out
 
 
+def statements_by_app(events: list[dict]) -> dict[str, list[str]]:
+    """application_name -> the texts of its sessions' pg.statement events, from stored events."""
+    app_of = {ev["sid"]: ev["fields"]["application_name"] for ev in events
+              if ev["type"] == "session.start" and ev.get("sid") and ev["fields"].get("application_name")}
+    out: dict[str, list[str]] = {}
+    for ev in events:
+        if ev["type"] == "pg.statement" and ev.get("sid") in app_of:
+            out.setdefault(app_of[ev["sid"]], []).append(ev["fields"].get("text", ""))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 class Workload:
     """A workload process in the test cgroup, its JSON lines collected as it runs."""

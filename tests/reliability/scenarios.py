@@ -167,14 +167,16 @@ def collector_outage(quick: bool) -> ScenarioResult:
 
 
 # =============================================================================================
-def agent_kill9(quick: bool) -> ScenarioResult:
-    """The agent kill -9'ed repeatedly under traffic and restarted by this runner (the supervisor)."""
-    result = ScenarioResult("agent_kill9")
+def agent_kill9(quick: bool, durable: bool = False) -> ScenarioResult:
+    """The agent kill -9'ed repeatedly under traffic and restarted by this runner (the supervisor).
+    `durable`: the target has durable_before_forward, and then no session may have reached the
+    database, nor a statement run, without its record."""
+    result = ScenarioResult("agent_kill9_durable" if durable else "agent_kill9")
     rounds = 2 if quick else 10
     rng = random.Random(1009)
-    scene = E.Scene("kill9")
+    scene = E.Scene("kill9d" if durable else "kill9")
     try:
-        rig = Rig(scene)
+        rig = Rig(scene, target_options={"durable_before_forward": True} if durable else None)
         rig.start_agent()
         rig.wait_enrolled()
         stop_file = os.path.join(scene.workdir, "stop")
@@ -223,6 +225,20 @@ def agent_kill9(quick: bool) -> ScenarioResult:
         by_app = E.sessions_by_app(acc.events)
         # served to the client, but the agent died before the records were durable (batching window)
         result.notes["served_unrecorded_at_kill"] = sum(1 for a in excused if a not in by_app)
+        if durable:
+            # nothing is excused for statements: every one a client got an answer to has its
+            # pg.statement on record (it reached the database only once that was stored)
+            statements = E.statements_by_app(acc.events)
+            answered_unrecorded = [a["i"] for a in ok if f"SELECT {a['i']}" not in statements.get(f"kill-{a['i']}", ())]
+            result.notes["answered_statement_unrecorded"] = len(answered_unrecorded)
+            result.check(not answered_unrecorded, f"{len(answered_unrecorded)} statements answered without a "
+                                                  f"pg.statement on record: {answered_unrecorded[:5]}")
+            # a login the database saw whose session.start (emitted once authentication is done)
+            # a kill took, before any statement: reported, not an unrecorded access
+            started = {app for app, entry in by_app.items() if entry["start"]}
+            result.notes["logins_without_start"] = len({f"kill-{i}" for i in seen} - started)
+            # a session's end comes after its client is done: a kill may still take that one
+            excused = {a for a in excused if a in by_app and by_app[a]["end"] == 0}
         missing = [a for a in ok if f"kill-{a['i']}" not in by_app and f"kill-{a['i']}" not in excused]
         if missing:
             result.notes["missing_after_kill_s"] = [(a["i"], [round(a["ts1"] - k, 2) for k, _ in down_windows])
@@ -450,6 +466,7 @@ def concurrent_connections(quick: bool) -> ScenarioResult:
 SCENARIOS = {
     "collector_outage": collector_outage,
     "agent_kill9": agent_kill9,
+    "agent_kill9_durable": lambda quick: agent_kill9(quick, durable=True),
     "spool_full": spool_full,
     "postgres_restart": postgres_restart,
     "stalled_clients": stalled_clients,

@@ -131,6 +131,9 @@ def test_target_options_take_units_and_are_stored_as_numbers():
     api = parse(HTTP_TARGET + "    allow_connect: true\n    redact_headers: X-Api-Key\n"
                               "    response_timeout: 2m\n").targets[0]
     assert api.options == {"allow_connect": True, "redact_headers": ["X-Api-Key"], "response_timeout": 120.0}
+    for target in (PG_TARGET, HTTP_TARGET):
+        strict = parse(target + "    durable_before_forward: true\n    durable_timeout: 2s\n").targets[0]
+        assert strict.options == {"durable_before_forward": True, "durable_timeout": 2.0}
 
 
 @pytest.mark.parametrize("text, line, fragment", [
@@ -141,6 +144,8 @@ def test_target_options_take_units_and_are_stored_as_numbers():
     (PG_TARGET + "    idle_timout: 5m\n", 5, "unknown key 'idle_timout' for a postgres target"),
     (PG_TARGET + "    redact_headers: [X-Key]\n", 5, "unknown key 'redact_headers' for a postgres target"),
     (HTTP_TARGET + "    allow_connect: yes please\n", 5, "allow_connect must be true or false"),
+    (PG_TARGET + "    durable_before_forward: always\n", 5, "durable_before_forward must be true or false"),
+    (HTTP_TARGET + "    durable_timeout: 0\n", 5, "durable_timeout must be more than zero"),
     (HTTP_TARGET + "    redact_query: [1]\n", 5, "redact_query must be a list of names"),
     (HTTP_TARGET + "    credentials: [Authorization]\n", 5, "credentials' must be a mapping"),
     (HTTP_TARGET + "    credentials: {header: Authorization}\n", 5, "need both 'header' and 'value_file'"),

@@ -24,3 +24,24 @@ def test_several_sinks_each_get_every_event_in_order():
     sink.emit("session.end", {"reason": "closed"}, "s1")
     assert first.events == second.events == [("pg.result", {"rows": 1}, "s1"),
                                               ("session.end", {"reason": "closed"}, "s1")]
+
+
+def test_when_durable_is_the_durable_sinks_and_an_error_without_one():
+    """durable_before_forward waits on the record writer even with an event log beside it; a
+    fanout with no durable sink answers with an error (the enforcer then forwards nothing)."""
+    from records.writer import RecordsNotDurable
+
+    class _Durable(_Sink):
+        def __init__(self):
+            super().__init__()
+            self.waits = []
+
+        def when_durable(self, callback):
+            self.waits.append(callback)
+            callback(None)
+    log, durable = _Sink(), _Durable()
+    answers = []
+    fanout(log, durable).when_durable(answers.append)
+    assert answers == [None] and len(durable.waits) == 1
+    fanout(log, _Sink()).when_durable(answers.append)
+    assert isinstance(answers[-1], RecordsNotDurable)
