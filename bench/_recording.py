@@ -27,6 +27,7 @@ class SpoolSink:
         # enforcers (agent.events.fanout gives them the writer itself)
         self.emit = self.writer.emit
         self.emitter = self.writer.emitter
+        self.when_durable = self.writer.when_durable     # for durable_before_forward targets
 
     @property
     def count(self) -> int:
