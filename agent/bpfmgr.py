@@ -159,9 +159,13 @@ class BpfManager:
             self.funcs[name] = self.b.load_func(name.encode(), getattr(BPF, prog_type), attach_type=attach_type)
 
     def attach(self) -> None:
+        """Attach to every scope cgroup, then remove what a crashed run left there. In that order:
+        between the removal of the old programs and the attachment of the new ones, governed
+        connects would go straight to their destination, unrecorded. While both are attached,
+        a connect is redirected by one of them and, if by the old one, refused as unattributed."""
         BPF = self.bcc.BPF
+        own = {_prog_id(fn.fd) for fn in self.funcs.values()}
         for path in self.scope_paths:
-            sweep_stale(path)
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 for name, _bpftool, attach_type, _pt in PROGRAMS:
@@ -169,6 +173,7 @@ class BpfManager:
                     self.attached.append((path, self.funcs[name], attach_type))
             finally:
                 os.close(fd)
+            sweep_stale(path, keep=own)
         log.info("BPF programs attached to %s", ", ".join(self.scope_paths))
 
     def detach(self) -> None:
@@ -330,12 +335,25 @@ def ours(programs: list[dict]) -> list[dict]:
     return [p for p in programs if str(p.get("name", "")).startswith(bpf_sources.PROGRAM_PREFIX)]
 
 
-def sweep_stale(cgroup_path: str) -> int:
-    """Detach every `warden_*` program left on this cgroup by an earlier run that crashed."""
+def _prog_id(fd: int) -> int:
+    """The kernel's id of the BPF program behind a file descriptor of this process."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+    raise BpfUnavailable(f"fd {fd} is not a BPF program (no prog_id in its fdinfo)")
+
+
+def sweep_stale(cgroup_path: str, keep: Iterable[int] = ()) -> int:
+    """Detach every `warden_*` program left on this cgroup by an earlier run that crashed, but
+    those with an id in `keep` (this run's own)."""
     bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
     removed = 0
+    keep = set(keep)
     bpftool_type = {name: kind for name, kind, _num, _pt in PROGRAMS}
     for prog in ours(attached_programs(cgroup_path)):
+        if prog["id"] in keep:
+            continue
         kind = bpftool_type.get(prog["name"]) or prog["attach_type"]
         res = subprocess.run([bpftool, "cgroup", "detach", cgroup_path, kind,
                               "id", str(prog["id"])], capture_output=True, text=True, check=False)

@@ -211,6 +211,37 @@ def test_refuse_after_crash_then_restart_sweeps(test_cgroup, servers):
     assert no_programs_of_ours(test_cgroup.path)
 
 
+def test_a_restart_attaches_its_programs_before_it_removes_the_stale_ones(test_cgroup, monkeypatch):
+    """Bug fix (found by the agent_kill9_durable scenario): the restarted agent removed the
+    crashed run's programs first and attached its own a few ms later; a connect in between went
+    straight to the database, unrecorded. Now the stale programs are removed only once the new
+    ones are attached, and only those."""
+    from agent import bpfmgr
+    crashed = BpfManager([test_cgroup.path])      # stands for the run that was kill -9'ed
+    crashed.load()
+    crashed.attach()
+    restarted = BpfManager([test_cgroup.path])
+    restarted.load()
+    at_sweep = []
+    real_sweep = bpfmgr.sweep_stale
+
+    def sweep(path, keep=()):
+        at_sweep.append({p["id"] for p in ours(attached_programs(path))})
+        return real_sweep(path, keep)
+    monkeypatch.setattr(bpfmgr, "sweep_stale", sweep)
+    try:
+        restarted.attach()
+        new = {bpfmgr._prog_id(fn.fd) for fn in restarted.funcs.values()}
+        old = {bpfmgr._prog_id(fn.fd) for fn in crashed.funcs.values()}
+        assert len(new) == len(old) == len(PROGRAMS) and not new & old
+        assert at_sweep == [new | old]          # both sets attached when the stale ones went
+        assert {p["id"] for p in ours(attached_programs(test_cgroup.path))} == new
+    finally:
+        restarted.detach()
+        crashed.detach()                          # its attachments are gone already: no error
+    assert no_programs_of_ours(test_cgroup.path)
+
+
 def test_bypass_when_enforcer_down(test_cgroup, servers):
     """With on_enforcer_down: bypass and no listener, the connect goes direct and is reported as a bypass."""
     server = servers("127.0.0.2")
