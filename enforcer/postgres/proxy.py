@@ -490,8 +490,8 @@ class _Connection:
         wait_for_records(self.ctx, lambda error: self._records_stored(upto, error))
 
     def _records_stored(self, upto: int, error) -> None:
-        if self._done is None or self._done.done() or self._records_failed:
-            return
+        if self._done is None or self._done.done() or self._records_failed or upto <= self._released_total:
+            return      # over, or about bytes already released (a late timer or answer)
         if error is not None:
             self._records_failed = True
             self._held_for_records.clear()
@@ -500,21 +500,19 @@ class _Connection:
             self._finish("records_not_durable")
             return
         count = upto - self._released_total
-        if count <= 0:
-            return
         parts = self._held_for_records[:count]
         del self._held_for_records[:count]
         self._released_total = upto
         transport = self.swriter.transport
         if not transport.is_closing():
             transport.writelines(parts)
+        self._cancel_records_timer()
         if not self._held_for_records:
-            self._cancel_records_timer()
             if self._finish_after_release is not None:
                 self._finish(self._finish_after_release)
                 return
             self._resume_reading(True, "records")
-        elif self._records_timer is None:
+        else:           # what is still held gets its own time from now
             self._records_timer = asyncio.get_running_loop().call_later(
                 self.durable_timeout, self._records_stored, self._held_total, timed_out(self.durable_timeout))
 
