@@ -4,7 +4,7 @@
 set -eu
 
 need=""
-for pkg in python3-bpfcc bpftool iproute2 postgresql postgresql-contrib curl openssl python3-venv python3-dev rpm wrk pgbouncer libssl-dev gcc; do
+for pkg in python3-bpfcc bpftool iproute2 postgresql postgresql-contrib curl openssl python3-venv python3-dev rpm wrk pgbouncer libssl-dev gcc tshark; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need="$need $pkg"
 done
 kver="$(uname -r)"
