@@ -20,7 +20,7 @@ from agent.identity import IdentityResolver
 from agent.inventory import Inventory
 from enforcer.context import Attribution, ConnectionContext, TargetInfo, UpstreamTLS
 from records.schema import EVENT_FIELDS, SchemaError, new_session_id
-from records.writer import RecordBacklogFull, RecordsNotDurable
+from records.writer import RecordBacklogFull
 
 log = logging.getLogger("warden.agent")
 
@@ -73,6 +73,9 @@ class Agent:
         json_sink = JsonLinesSink(config.event_log) if config.event_log else None
         self.records = None if sink is not None else RecordsPipeline(config, self.agent_id)
         self.sink = fanout(sink or self.records.writer, json_sink)
+        # the sessions' contexts take the agent as their sink: durable_before_forward targets
+        # wait on the record writer's when_durable through it (None: nothing stores durably)
+        self.when_durable = getattr(self.sink, "when_durable", None)
         if self.records is not None and self.records.shipper is not None:
             self.records.shipper.on_alert = self._record_alert
         self._inventory_carry: dict[tuple, dict] = {}   # conn.observed not yet recorded
@@ -239,15 +242,6 @@ class Agent:
                 log.error("event %s does not fit the schema (%s); unknown fields kept as x_*", event_type, exc)
             fixed = {(k if k in allowed or k.startswith("x_") else "x_" + k): v for k, v in fields.items()}
             self.sink.emit(event_type, fixed, session_id)
-
-    def when_durable(self, callback) -> None:
-        """callback(None) once every event emitted so far is in the spool (targets with
-        durable_before_forward wait on it before forwarding), callback(error) if it cannot be."""
-        wait = getattr(self.sink, "when_durable", None)
-        if wait is None:
-            callback(RecordsNotDurable("this agent's events go to no record writer"))
-        else:
-            wait(callback)
 
     def _target_name(self, target_id: int) -> Optional[str]:
         t = self.targets_by_id.get(target_id)

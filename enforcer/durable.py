@@ -42,3 +42,11 @@ async def records_durable(ctx, timeout: float) -> Optional[BaseException]:
 
 def timed_out(timeout: float) -> RecordsNotDurable:
     return RecordsNotDurable(f"not stored within {timeout:g} s (target option durable_timeout)")
+
+
+def not_forwarded(what: str, error) -> str:
+    """What a client is told when its statement or request was not forwarded for want of its record."""
+    return (f"Warden did not forward this {what}: its record could not be stored ({error}). The target "
+            f"requires records on disk first (durable_before_forward): check free space and disk errors "
+            f"under the agent's spool.path (its alerts say spool_full or spool_io_error), or raise "
+            f"durable_timeout if the disk is only slow")

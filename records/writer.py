@@ -321,8 +321,11 @@ class RecordWriter:
     def chain_head(self) -> tuple[int, bytes]:
         """(last sequence number, its hash), read together: producers on other threads move both."""
         with self._lock:
-            batch = self._open
-            return batch.head if batch is not None else (self.last_seq, self.last_hash)
+            return self._head_locked()
+
+    def _head_locked(self) -> tuple[int, bytes]:
+        batch = self._open
+        return batch.head if batch is not None else (self.last_seq, self.last_hash)
 
     @property
     def full(self) -> bool:
@@ -365,8 +368,7 @@ class RecordWriter:
         batch share the next one and its fsync (group commit)."""
         error = None
         with self._lock:
-            batch = self._open
-            seq = batch.head[0] if batch is not None else self.last_seq
+            seq = self._head_locked()[0]
             if self._failure is not None or self._closing:
                 error = RecordsNotDurable(self._held if self._failure is not None
                                           else "the record writer is closing")
@@ -379,11 +381,11 @@ class RecordWriter:
         """On the writer thread: answer a when_durable() request, or cut the batch its events
         are in and queue it again behind that batch."""
         with self._lock:
-            lost = [e for e in self._lost if "first_seq" in e and e["first_seq"] <= request.seq
-                    and e["last_seq"] > request.low]
-            if lost:
-                error = RecordsNotDurable(f"records {lost[0]['first_seq']}..{lost[0]['last_seq']} "
-                                          f"were not stored: {lost[0]['reason']}")
+            lost = next((e for e in self._lost if "first_seq" in e and e["first_seq"] <= request.seq
+                         and e["last_seq"] > request.low), None)
+            if lost is not None:
+                error = RecordsNotDurable(f"records {lost['first_seq']}..{lost['last_seq']} "
+                                          f"were not stored: {lost['reason']}")
             elif request.seq <= self._stored_through:
                 error = None
             elif closing:

@@ -39,7 +39,7 @@ from typing import Any, Optional
 
 from enforcer.context import ConnectionContext, UpstreamTLS
 
-from ..durable import DEFAULT_DURABLE_TIMEOUT, records_durable
+from ..durable import DEFAULT_DURABLE_TIMEOUT, not_forwarded, records_durable
 from ..masking.engine import http_body_kind
 from ..masking.pgrow import MaskingRefused
 from ..policy.cachekeys import cache_base
@@ -677,8 +677,7 @@ class HttpSession(asyncio.Protocol):
         if error is not None:
             self._refuse(exchange, _Refusal(503, {
                 "error": "records_not_durable", "target": self.ctx.target.name,
-                "reason": f"Warden did not forward this request: its record could not be stored ({error}); "
-                          f"the target requires records to be durable first (durable_before_forward)"},
+                "reason": not_forwarded("request upstream", error)},
                 close=True))
             self._unwait()
             return

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from ..durable import DEFAULT_DURABLE_TIMEOUT, records_durable, timed_out, wait_for_records
+from ..durable import DEFAULT_DURABLE_TIMEOUT, not_forwarded, records_durable, timed_out, wait_for_records
 from ..policy.cachekeys import base_guard, cache_base
 from ..sqlclass import mentions_execute, reusable_by_shape, single_statement_text, statement_shape
 from ..tlslayer import TlsServerTransport
@@ -433,7 +433,7 @@ class _Connection:
 
     async def _run_actions(self, actions: list) -> None:
         for kind, payload in actions:
-            if kind in (TO_SERVER, CONNECT_UPSTREAM) and self.durable_first and not await self._records_durable():
+            if self.durable_first and kind in (TO_SERVER, CONNECT_UPSTREAM) and not await self._records_durable():
                 continue
             if kind == TO_SERVER:
                 if self.swriter is not None:
@@ -472,7 +472,7 @@ class _Connection:
         if error is None:
             return True
         self._records_failed = True
-        await self._abort("53100", _not_durable_message(error), "records_not_durable")
+        await self._abort("53100", not_forwarded("statement to the database", error), "records_not_durable")
         return False
 
     def _hold_for_records(self, parts: list) -> None:
@@ -485,8 +485,7 @@ class _Connection:
         upto = self._held_total
         self._pause_reading(True, "records")
         if self._records_timer is None:
-            self._records_timer = asyncio.get_running_loop().call_later(
-                self.durable_timeout, self._records_stored, upto, timed_out(self.durable_timeout))
+            self._arm_records_timer()
         wait_for_records(self.ctx, lambda error: self._records_stored(upto, error))
 
     def _records_stored(self, upto: int, error) -> None:
@@ -496,7 +495,8 @@ class _Connection:
             self._records_failed = True
             self._held_for_records.clear()
             self._cancel_records_timer()
-            self._apply(self.session.fatal("53100", _not_durable_message(error), "records_not_durable"))
+            message = not_forwarded("statement to the database", error)
+            self._apply(self.session.fatal("53100", message, "records_not_durable"))
             self._finish("records_not_durable")
             return
         count = upto - self._released_total
@@ -513,8 +513,13 @@ class _Connection:
                 return
             self._resume_reading(True, "records")
         else:           # what is still held gets its own time from now
-            self._records_timer = asyncio.get_running_loop().call_later(
-                self.durable_timeout, self._records_stored, self._held_total, timed_out(self.durable_timeout))
+            self._arm_records_timer()
+
+    def _arm_records_timer(self) -> None:
+        """What is held now must be released within durable_timeout, or the session ends."""
+        upto = self._held_total
+        self._records_timer = asyncio.get_running_loop().call_later(
+            self.durable_timeout, lambda: self._records_stored(upto, timed_out(self.durable_timeout)))
 
     def _cancel_records_timer(self) -> None:
         if self._records_timer is not None:
@@ -1090,11 +1095,6 @@ class _Connection:
             await asyncio.wait_for(writer.wait_closed(), 2)
         except (ConnectionError, OSError, ssl.SSLError, asyncio.TimeoutError):
             pass
-
-
-def _not_durable_message(error) -> str:
-    return (f"Warden did not forward this to the database: its record could not be stored "
-            f"({error}); the target requires records to be durable first (durable_before_forward)")
 
 
 async def serve_postgres(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
