@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -141,6 +142,7 @@ class BpfManager:
         self._on_event: Optional[Callable[[int, Capture], None]] = None
         self._lock = threading.Lock()
         self._redirected_op: Optional[_MapLookupDelete] = None
+        self.taken_over = 0          # programs a handed-over or crashed run left, removed at attach
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> None:
@@ -158,13 +160,19 @@ class BpfManager:
         for name, _bpftool, attach_type, prog_type in PROGRAMS:
             self.funcs[name] = self.b.load_func(name.encode(), getattr(BPF, prog_type), attach_type=attach_type)
 
-    def attach(self) -> None:
-        """Attach to every scope cgroup, then remove what a crashed run left there. In that order:
+    def attach(self, handover_path: Optional[str] = None) -> None:
+        """Attach to every scope cgroup, then remove what an earlier run left there. In that order:
         between the removal of the old programs and the attachment of the new ones, governed
         connects would go straight to their destination, unrecorded. While both are attached,
-        a connect is redirected by one of them and, if by the old one, refused as unattributed."""
+        a connect is redirected by one of them and, if by the old one, refused as unattributed.
+
+        `handover_path`: where a run that handed over (`hand_over`) listed what it left; those
+        programs are taken over quietly, on whichever cgroups they are, even ones no longer in
+        scope (they would refuse that cgroup's governed connects for good)."""
         BPF = self.bcc.BPF
         own = {_prog_id(fn.fd) for fn in self.funcs.values()}
+        handed = read_handover(handover_path) if handover_path else []
+        handed_ids = {entry["prog_id"] for entry in handed}
         for path in self.scope_paths:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -173,8 +181,35 @@ class BpfManager:
                     self.attached.append((path, self.funcs[name], attach_type))
             finally:
                 os.close(fd)
-            sweep_stale(path, keep=own)
+            self.taken_over += sweep_stale(path, keep=own, handed_over=handed_ids)
+        for path in sorted({entry["path"] for entry in handed} - set(self.scope_paths)):
+            if os.path.isdir(path):
+                self.taken_over += sweep_stale(path, keep=own, handed_over=handed_ids)
+        if handover_path and os.path.exists(handover_path):
+            os.unlink(handover_path)       # read once: a later start sweeps leftovers as a crash's
         log.info("BPF programs attached to %s", ", ".join(self.scope_paths))
+
+    def hand_over(self, handover_path: str) -> int:
+        """Stop without detaching, for the next run to take over (a planned restart): governed
+        connects meet the closed listener and are refused until it attaches, never sent direct.
+        What is left is listed at `handover_path` (written before anything is let go)."""
+        self.stop_events()
+        left = [{"path": path, "prog_id": _prog_id(fn.fd), "attach_type": attach_type}
+                for path, fn, attach_type in self.attached]
+        tmp = handover_path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "at": time.time(), "programs": left}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, handover_path)
+        self.attached.clear()
+        if self.b is not None:
+            self.b.cleanup()          # closes our descriptors; cgroup attachments stay (legacy attach)
+            self.b = None
+        log.info("%d BPF program attachments left on %s for the next agent run", len(left),
+                 ", ".join(self.scope_paths))
+        return len(left)
 
     def detach(self) -> None:
         self.stop_events()
@@ -344,12 +379,14 @@ def _prog_id(fd: int) -> int:
     raise BpfUnavailable(f"fd {fd} is not a BPF program (no prog_id in its fdinfo)")
 
 
-def sweep_stale(cgroup_path: str, keep: Iterable[int] = ()) -> int:
-    """Detach every `warden_*` program left on this cgroup by an earlier run that crashed, but
-    those with an id in `keep` (this run's own)."""
+def sweep_stale(cgroup_path: str, keep: Iterable[int] = (), handed_over: Iterable[int] = ()) -> int:
+    """Detach every `warden_*` program left on this cgroup by an earlier run, but those with an
+    id in `keep` (this run's own). Ids in `handed_over` were left on purpose (a planned restart);
+    any other is what a crash left, and is logged as such."""
     bpftool = shutil.which("bpftool") or "/usr/sbin/bpftool"
     removed = 0
     keep = set(keep)
+    handed_over = set(handed_over)
     bpftool_type = {name: kind for name, kind, _num, _pt in PROGRAMS}
     for prog in ours(attached_programs(cgroup_path)):
         if prog["id"] in keep:
@@ -359,8 +396,27 @@ def sweep_stale(cgroup_path: str, keep: Iterable[int] = ()) -> int:
                               "id", str(prog["id"])], capture_output=True, text=True, check=False)
         if res.returncode == 0:
             removed += 1
-            log.warning("removed stale %s program id %s from %s", prog["name"], prog["id"], cgroup_path)
+            if prog["id"] in handed_over:
+                log.info("took over from the previous run: %s program id %s on %s", prog["name"],
+                         prog["id"], cgroup_path)
+            else:
+                log.warning("removed stale %s program id %s from %s", prog["name"], prog["id"], cgroup_path)
         else:
             log.error("could not detach stale program %s from %s: %s", prog["id"], cgroup_path,
                       res.stderr.strip())
     return removed
+
+
+def read_handover(path: str) -> list[dict]:
+    """The attachments a handed-over run listed; nothing when there is no (readable) list, in
+    which case whatever was left is swept as a crash's."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return [{"path": str(p["path"]), "prog_id": int(p["prog_id"])} for p in data["programs"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("the previous run's handover list %s is unreadable (%s); what it left is "
+                    "removed as a crash's", path, exc)
+        return []

@@ -1,4 +1,4 @@
-"""`warden-agent`: run the daemon, check a host and config, validate and dry-run policies."""
+"""`warden-agent`: run the daemon, restart it, check a host and config, validate and dry-run policies."""
 from __future__ import annotations
 
 import argparse
@@ -101,6 +101,71 @@ def _cmd_ca(args) -> int:
     return 0
 
 
+def _main_pid(unit: str) -> tuple[int, str]:
+    """The unit's main pid (0 when it has none) and its ActiveState, as systemd reports them."""
+    import subprocess
+    out = subprocess.run(["systemctl", "show", "--property=MainPID,ActiveState", unit],
+                         capture_output=True, text=True, check=False, timeout=30)
+    props = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    return int(props.get("MainPID") or 0), props.get("ActiveState", "unknown")
+
+
+def _gone(pid: int) -> bool:
+    """Exited (or a zombie its parent has not reaped yet: it holds nothing any more)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _cmd_restart(args) -> int:
+    """A planned restart with no moment of direct access: the running agent is asked (SIGUSR2)
+    to stop with its BPF programs left attached, so governed connects are refused, not sent
+    direct, until the next run has attached its own and taken the old ones off."""
+    import signal
+    import time
+    if args.pid:
+        pid, state = args.pid, "given"
+    else:
+        try:
+            pid, state = _main_pid(args.unit)
+        except (OSError, ValueError) as exc:
+            print(f"cannot ask systemd for {args.unit} ({exc}); pass --pid", file=sys.stderr)
+            return 1
+        if not pid:
+            print(f"{args.unit} is not running ({state}); start it with `systemctl start {args.unit}`",
+                  file=sys.stderr)
+            return 1
+    started = time.monotonic()
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except ProcessLookupError:
+        print(f"no process {pid}", file=sys.stderr)
+        return 1
+    deadline = started + args.timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            print(f"the agent (pid {pid}) did not stop within {args.timeout:.0f}s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    if args.pid:
+        print(f"the agent (pid {pid}) stopped with its programs attached: governed connects are "
+              f"refused until it runs again; start it now")
+        return 0
+    while True:
+        new_pid, state = _main_pid(args.unit)
+        if new_pid and new_pid != pid and state == "active":
+            print(f"handed over from pid {pid} to pid {new_pid} in {time.monotonic() - started:.1f}s; "
+                  f"governed connects were refused meanwhile, none went direct")
+            return 0
+        if state == "failed" or time.monotonic() > deadline:
+            print(f"{args.unit} did not come back ({state}); governed connects stay refused until it "
+                  f"runs: see `journalctl -u {args.unit}`", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden-agent", description="Warden host agent")
     parser.add_argument("--log-level", default=os.environ.get("WARDEN_LOG_LEVEL", "INFO"))
@@ -109,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent in the foreground (systemd Type=notify)")
     run.add_argument("--config", default=DEFAULT_CONFIG)
     run.set_defaults(func=_cmd_run)
+
+    restart = sub.add_parser("restart", help="restart the running agent with no moment of direct access "
+                                             "(package upgrades use it)")
+    restart.add_argument("--unit", default="warden-agent.service", help="the systemd unit running the agent")
+    restart.add_argument("--pid", type=int, help="the agent's pid, when systemd does not run it")
+    restart.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for stop and start")
+    restart.set_defaults(func=_cmd_restart)
 
     check = sub.add_parser("check", help="validate the config and the host; exit 1 listing every problem")
     check.add_argument("--config", default=DEFAULT_CONFIG)

@@ -29,6 +29,9 @@ VERSION = "0.1.0"
 # spool.on_full: block: how long a new session waits for the spool to take records again
 # before it is refused like with refuse
 SPOOL_BLOCK_WAIT_S = 10.0
+# `run` exits with this after a handover (SIGUSR2); the unit has systemd start it again at once
+EXIT_HANDOVER = 75
+HANDOVER_FILE = "handover.json"
 
 
 def load_or_create_agent_id(state_dir: str, configured: Optional[str]) -> str:
@@ -66,6 +69,8 @@ class Agent:
         self.config = config
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
         self.agent_id = load_or_create_agent_id(config.state_dir, config.agent_id)
+        self.handover_path = os.path.join(config.state_dir, HANDOVER_FILE)
+        self.handing_over = False
         self.host = socket.gethostname()
         self.identities = IdentityResolver(config.identities, host=self.host)
         self.targets_by_id = {i + 1: t for i, t in enumerate(config.targets)}
@@ -311,14 +316,15 @@ class Agent:
         await self._start_listeners()
         try:
             self.bpf.set_targets(self._target_rules())
-            self.bpf.attach()
+            self.bpf.attach(self.handover_path)
             self.bpf.start_events(self._on_bpf_event)
             # pyroute2's synchronous API runs its own event loop: keep it off ours
             host_facts = await asyncio.to_thread(hostfacts.describe_host)
             self.emit("agent.start", {"version": VERSION, "agent_id": self.agent_id, "host": host_facts,
                                       "hostname": self.host, "pid": os.getpid(), "config_path": self.config.source,
                                       "kernel": os.uname().release, "boot_id": _boot_id(),
-                                      "bpf": {"attached": len(self.bpf.attached), "scope": self.scope_paths},
+                                      "bpf": {"attached": len(self.bpf.attached), "scope": self.scope_paths,
+                                              "taken_over": self.bpf.taken_over},
                                       "scope": list(self.config.scope_cgroups),
                                       "targets": [{"name": t.name, "protocol": t.protocol, "listen_port": t.listen_port,
                                                    "port": t.match.port, "cidrs": list(t.match.cidrs),
@@ -352,19 +358,39 @@ class Agent:
             sdnotify.notify("STOPPING=1")
             for server in self.servers:
                 server.close()
-            self.bpf.detach()
+            left = self._release_programs()
             self._flush_inventory()
             for task in list(self.active_sessions):
                 task.cancel()
             if self.active_sessions:
                 await asyncio.wait(list(self.active_sessions), timeout=5)
             try:
-                self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats), "reason": "signal",
+                self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats),
+                                         "reason": "handover" if self.handing_over else "signal",
+                                         "programs_left": left,
                                          "uptime_s": round(time.monotonic() - self.started, 3)})
             except (RecordBacklogFull, RuntimeError) as exc:
                 log.error("agent.stop not recorded: %s", exc)
             if self.records is not None:
                 await asyncio.to_thread(self.records.close)
+
+    def hand_over(self, stop: asyncio.Event) -> None:
+        """SIGUSR2: stop for a planned restart, leaving the programs attached for the next run
+        (`warden-agent restart`). Governed connects are refused meanwhile, never sent direct."""
+        log.info("handover asked: stopping with the BPF programs left attached for the next run")
+        self.handing_over = True
+        stop.set()
+
+    def _release_programs(self) -> int:
+        """Detach at a stop; at a handover leave them and say so. Returns how many were left."""
+        if self.handing_over:
+            try:
+                return self.bpf.hand_over(self.handover_path)
+            except Exception as exc:       # detaching is then the only clean way out
+                log.error("the programs could not be left for the next run (%s); detaching them", exc)
+                self.handing_over = False
+        self.bpf.detach()
+        return 0
 
     def _flush_inventory(self) -> None:
         """Record the connection inventory. While records cannot be taken (RecordBacklogFull),
@@ -770,7 +796,10 @@ def run_forever(config: AgentConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         agent = Agent(config)
         loop.add_signal_handler(signal.SIGHUP, agent.reload)
+        loop.add_signal_handler(signal.SIGUSR2, agent.hand_over, stop)
         await agent.run(stop)
+        if agent.handing_over:
+            outcome["code"] = EXIT_HANDOVER
 
     from agent.bpfmgr import BpfUnavailable
     try:

@@ -56,7 +56,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
                       "pending", "redirected", "bypassed", "pids", "first_ns", "last_ns"),
     "agent.start": ("version", "hostname", "pid", "config_path", "kernel", "boot_id",
                     "bpf", "chain_seq", "chain_hash", "agent_id", "host", "scope", "targets"),
-    "agent.stop": ("reason", "uptime_s", "agent_id", "stats"),
+    "agent.stop": ("reason", "uptime_s", "agent_id", "stats", "programs_left"),
     "agent.heartbeat": ("version", "uptime_s", "spool_backlog_bytes",
                         "spool_backlog_batches", "spool_full", "chain_seq", "chain_hash",
                         "bpf_state", "sessions_active", "stats"),

@@ -65,6 +65,13 @@ class AgentProcess:
             self.proc.kill()
             return self.proc.wait()
 
+    def hand_over(self, timeout: float = 30) -> int:
+        """SIGUSR2, as `warden-agent restart` sends: stop with the programs left attached."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError("the agent is not running")
+        self.proc.send_signal(signal.SIGUSR2)
+        return self.proc.wait(timeout=timeout)
+
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)

@@ -10,7 +10,12 @@ if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
     # deb: "configure <old-version>" on upgrade; rpm: $1 >= 2 on upgrade
     if { [ "${1:-}" = "configure" ] && [ -n "${2:-}" ]; } || [ "${1:-0}" -ge 2 ] 2>/dev/null; then
-        systemctl try-restart warden-agent.service >/dev/null 2>&1 || true
+        # a handover: the old run leaves its programs attached until the new one takes them
+        # over, so governed connects are refused during the upgrade, never sent direct
+        if systemctl is-active --quiet warden-agent.service; then
+            /opt/warden/agent/venv/bin/warden-agent restart >/dev/null 2>&1 || \
+                systemctl try-restart warden-agent.service >/dev/null 2>&1 || true
+        fi
     else
         # enabled, not started: it governs nothing until /etc/warden/agent.yaml names targets
         systemctl enable warden-agent.service >/dev/null 2>&1 || true

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -225,9 +226,9 @@ def test_a_restart_attaches_its_programs_before_it_removes_the_stale_ones(test_c
     at_sweep = []
     real_sweep = bpfmgr.sweep_stale
 
-    def sweep(path, keep=()):
+    def sweep(path, keep=(), **kw):
         at_sweep.append({p["id"] for p in ours(attached_programs(path))})
-        return real_sweep(path, keep)
+        return real_sweep(path, keep, **kw)
     monkeypatch.setattr(bpfmgr, "sweep_stale", sweep)
     try:
         restarted.attach()
@@ -239,6 +240,79 @@ def test_a_restart_attaches_its_programs_before_it_removes_the_stale_ones(test_c
     finally:
         restarted.detach()
         crashed.detach()                          # its attachments are gone already: no error
+    assert no_programs_of_ours(test_cgroup.path)
+
+
+def test_a_handover_leaves_the_programs_for_the_next_run_which_takes_them_over(test_cgroup, servers):
+    """`warden-agent restart` (SIGUSR2): a planned restart with no moment of direct access. The
+    stopping run leaves its programs attached (governed connects are refused, never direct),
+    says so in agent.stop, exits 75 (the unit starts it again), and the next run takes them
+    over as expected, not as a crash's leftovers. A plain SIGTERM still detaches everything."""
+    from agent.daemon import EXIT_HANDOVER, HANDOVER_FILE
+    server = servers("127.0.0.2")
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": server.port},
+         "listen_port": free_port(), "on_enforcer_down": "refuse"}])).start()
+    handover = os.path.join(agent.config["agent"]["state_dir"], HANDOVER_FILE)
+    try:
+        assert run_client(test_cgroup, "127.0.0.2", server.port)["echo"] == "ping"
+        first = {p["id"] for p in ours(attached_programs(test_cgroup.path))}
+        cli = subprocess.run([sys.executable, "-m", "agent.cli", "restart", "--pid", str(agent.proc.pid)],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert "programs attached" in cli.stdout
+        assert agent.proc.wait(10) == EXIT_HANDOVER
+        stop = agent.events("agent.stop")[-1]["f"]
+        assert stop["reason"] == "handover" and stop["programs_left"] == len(PROGRAMS)
+        # still attached while no agent runs: refused, and nothing reached the server
+        assert {p["id"] for p in ours(attached_programs(test_cgroup.path))} == first
+        with open(handover) as f:
+            assert {p["prog_id"] for p in json.load(f)["programs"]} == first
+        peers = len(server.peers)
+        out = run_client(test_cgroup, "127.0.0.2", server.port)
+        assert out.get("errname") == "ConnectionRefusedError", out
+        assert len(server.peers) == peers
+        agent.start()
+        start = agent.events("agent.start")[-1]["f"]
+        assert start["bpf"]["taken_over"] == len(PROGRAMS)
+        now = {p["id"] for p in ours(attached_programs(test_cgroup.path))}
+        assert len(now) == len(PROGRAMS) and not now & first
+        assert not os.path.exists(handover)
+        assert "took over from the previous run" in agent.stderr()
+        assert "removed stale" not in agent.stderr()
+        assert run_client(test_cgroup, "127.0.0.2", server.port)["echo"] == "ping"
+        assert len(agent.events("session.start")) == 2
+    finally:
+        code = agent.stop()
+    assert code == 0 and agent.events("agent.stop")[-1]["f"]["reason"] == "signal"
+    assert no_programs_of_ours(test_cgroup.path)
+
+
+def test_a_handover_list_is_honoured_on_a_cgroup_that_left_the_scope(test_cgroup, tmp_path):
+    """Programs a handed-over run left on a cgroup the next config no longer governs would
+    refuse that cgroup's governed connects for good: the next run takes them off too."""
+    from tests.bpfenv import ScratchCgroup
+    other = ScratchCgroup()
+    handover = str(tmp_path / "handover.json")
+    try:
+        leaving = BpfManager([other.path])
+        leaving.load()
+        leaving.attach()
+        assert leaving.hand_over(handover) == len(PROGRAMS)
+        assert len(ours(attached_programs(other.path))) == len(PROGRAMS)
+        assert oct(os.stat(handover).st_mode & 0o777) == "0o600"
+        nxt = BpfManager([test_cgroup.path])
+        nxt.load()
+        try:
+            nxt.attach(handover)
+            assert nxt.taken_over == len(PROGRAMS)
+            assert no_programs_of_ours(other.path)
+            assert len(ours(attached_programs(test_cgroup.path))) == len(PROGRAMS)
+            assert not os.path.exists(handover)
+        finally:
+            nxt.detach()
+    finally:
+        other.cleanup()            # sweeps whatever a failure midway left there
     assert no_programs_of_ours(test_cgroup.path)
 
 

@@ -110,3 +110,19 @@ def test_systemd_exposure(unit, limit):
     m = re.search(r"Overall exposure level for \S+: ([\d.]+)", res.stdout + res.stderr)
     assert m, res.stdout + res.stderr
     assert float(m.group(1)) <= limit, res.stdout
+
+
+def test_the_agent_unit_and_upgrades_restart_by_handover():
+    """A handover exits EXIT_HANDOVER with the programs attached: the unit must restart it at
+    once and not count it as a failure, and an upgrade must restart the agent that way (a
+    stop and start would leave governed connects going direct in between)."""
+    from agent.daemon import EXIT_HANDOVER
+    with open(os.path.join(UNITS, "warden-agent.service")) as f:
+        unit = f.read()
+    assert re.search(rf"^RestartForceExitStatus={EXIT_HANDOVER}$", unit, re.M), unit
+    assert re.search(rf"^SuccessExitStatus={EXIT_HANDOVER}$", unit, re.M), unit
+    with open(os.path.join(os.path.dirname(UNITS), "scripts", "agent-postinstall.sh")) as f:
+        postinst = f.read()
+    upgrade = postinst[postinst.index("on upgrade"):postinst.index("else")]
+    assert "/opt/warden/agent/venv/bin/warden-agent restart" in upgrade
+    assert upgrade.index("warden-agent restart") < upgrade.index("try-restart")     # the fallback only

@@ -17,7 +17,8 @@ import pytest
 from enforcer.postgres import protocol as P
 from tests.pg_harness import postgres_available
 
-FAST = ["collector_outage", "agent_kill9", "agent_kill9_durable", "postgres_restart", "stalled_clients"]
+FAST = ["collector_outage", "agent_kill9", "agent_kill9_durable", "agent_handover", "postgres_restart",
+        "stalled_clients"]
 SLOW = ["spool_full", "concurrent"]
 
 

@@ -167,14 +167,17 @@ def collector_outage(quick: bool) -> ScenarioResult:
 
 
 # =============================================================================================
-def agent_kill9(quick: bool, durable: bool = False) -> ScenarioResult:
+def agent_kill9(quick: bool, durable: bool = False, handover: bool = False) -> ScenarioResult:
     """The agent kill -9'ed repeatedly under traffic and restarted by this runner (the supervisor).
     `durable`: the target has durable_before_forward, and then no session may have reached the
-    database, nor a statement run, without its record."""
-    result = ScenarioResult("agent_kill9_durable" if durable else "agent_kill9")
+    database, nor a statement run, without its record. `handover`: planned restarts instead
+    (SIGUSR2, as `warden-agent restart` and package upgrades do): the agent stores its records
+    before it exits, so no served session is excused."""
+    name = "agent_handover" if handover else "agent_kill9_durable" if durable else "agent_kill9"
+    result = ScenarioResult(name)
     rounds = 2 if quick else 10
     rng = random.Random(1009)
-    scene = E.Scene("kill9d" if durable else "kill9")
+    scene = E.Scene("handover" if handover else "kill9d" if durable else "kill9")
     try:
         rig = Rig(scene, target_options={"durable_before_forward": True} if durable else None)
         rig.start_agent()
@@ -185,7 +188,11 @@ def agent_kill9(quick: bool, durable: bool = False) -> ScenarioResult:
         for _ in range(rounds):
             time.sleep(rng.uniform(1.5, 3.0))
             killed = time.time()
-            rig.agent.kill9()
+            if handover:
+                code = rig.agent.hand_over()
+                result.check(code == 75, f"a handover ended with exit code {code}, not 75")
+            else:
+                rig.agent.kill9()
             time.sleep(1.0)          # the outage: governed connects meet a dead listener
             rig.start_agent()
             down_windows.append((killed, time.time()))
@@ -226,9 +233,10 @@ def agent_kill9(quick: bool, durable: bool = False) -> ScenarioResult:
                                       f"them (a direct path): {went_around[:5]}")
         acc = rig.finish(result)
         result.notes["unflushed_at_kill"] = max(0, json_lines - acc.produced)
-        # sessions that ended within the writer's batching delay before a kill were not yet durable
-        excused = {f"kill-{a['i']}" for a in ok
-                   if any(k - 2.0 <= a.get("ts1", 0) <= up for k, up in down_windows)}
+        # sessions that ended within the writer's batching delay before a kill were not yet
+        # durable; a handover stores everything before it exits
+        excused = set() if handover else {f"kill-{a['i']}" for a in ok
+                                          if any(k - 2.0 <= a.get("ts1", 0) <= up for k, up in down_windows)}
         result.notes["ok_sessions_near_kill"] = len(excused)
         by_app = E.sessions_by_app(acc.events)
         # served to the client, but the agent died before the records were durable (batching window)
@@ -475,6 +483,7 @@ SCENARIOS = {
     "collector_outage": collector_outage,
     "agent_kill9": agent_kill9,
     "agent_kill9_durable": lambda quick: agent_kill9(quick, durable=True),
+    "agent_handover": lambda quick: agent_kill9(quick, handover=True),
     "spool_full": spool_full,
     "postgres_restart": postgres_restart,
     "stalled_clients": stalled_clients,
