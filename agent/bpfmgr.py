@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import bpf as bpf_sources
+from agent import ringdrain
 from agent.bccfind import import_bcc
 
 log = logging.getLogger("warden.bpf")
@@ -143,6 +144,7 @@ class BpfManager:
         self._lock = threading.Lock()
         self._redirected_op: Optional[_MapLookupDelete] = None
         self.taken_over = 0          # programs a handed-over or crashed run left, removed at attach
+        self.recovered: list[tuple[int, Capture]] = []   # what they reported while no agent read it
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> None:
@@ -173,21 +175,53 @@ class BpfManager:
         own = {_prog_id(fn.fd) for fn in self.funcs.values()}
         handed = read_handover(handover_path) if handover_path else []
         handed_ids = {entry["prog_id"] for entry in handed}
-        for path in self.scope_paths:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                for name, _bpftool, attach_type, _pt in PROGRAMS:
-                    BPF.attach_func(self.funcs[name], fd, attach_type, BPF_F_ALLOW_MULTI)
-                    self.attached.append((path, self.funcs[name], attach_type))
-            finally:
-                os.close(fd)
+        rings, seen_maps = [], set()
+
+        def take_over(path: str) -> None:
+            # their event rings are held open first: what they report until the sweep is kept
+            stale = [p["id"] for p in ours(attached_programs(path)) if p["id"] not in own]
+            rings.extend(ringdrain.hold_rings(stale, seen_maps))
             self.taken_over += sweep_stale(path, keep=own, handed_over=handed_ids)
-        for path in sorted({entry["path"] for entry in handed} - set(self.scope_paths)):
-            if os.path.isdir(path):
-                self.taken_over += sweep_stale(path, keep=own, handed_over=handed_ids)
+
+        try:
+            for path in self.scope_paths:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    for name, _bpftool, attach_type, _pt in PROGRAMS:
+                        BPF.attach_func(self.funcs[name], fd, attach_type, BPF_F_ALLOW_MULTI)
+                        self.attached.append((path, self.funcs[name], attach_type))
+                finally:
+                    os.close(fd)
+                take_over(path)
+            for path in sorted({entry["path"] for entry in handed} - set(self.scope_paths)):
+                if os.path.isdir(path):
+                    take_over(path)
+            self.recovered = self._read_rings(rings)
+        finally:
+            for ring in rings:
+                ring.close()
         if handover_path and os.path.exists(handover_path):
             os.unlink(handover_path)       # read once: a later start sweeps leftovers as a crash's
         log.info("BPF programs attached to %s", ", ".join(self.scope_paths))
+
+    @staticmethod
+    def _read_rings(rings: list) -> list[tuple[int, Capture]]:
+        """Connection events the earlier runs' programs reported while no agent read them."""
+        events = []
+        for ring in sorted(rings, key=lambda r: r.map_id):    # older runs first; each ring in order
+            # (an outcome carries only its attempt's cookie and no time: order is what pairs them)
+            try:
+                raw_events = ring.drain()
+            except (OSError, ValueError, struct.error) as exc:
+                log.warning("the connection events of an earlier run (map %s) cannot be read: %s",
+                            ring.map_id, exc)
+                continue
+            for raw in raw_events:
+                if len(raw) >= 8 + CONN_INFO.size:
+                    events.append((struct.unpack_from("<I", raw)[0], parse_conn_info(raw[8:])))
+        if events:
+            log.info("%d connection events reported while no agent ran were read back", len(events))
+        return events
 
     def hand_over(self, handover_path: str) -> int:
         """Stop without detaching, for the next run to take over (a planned restart): governed

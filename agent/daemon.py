@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -255,8 +256,9 @@ class Agent:
     def _describe_capture(self, cap: Capture) -> dict:
         return procinfo.as_record(procinfo.describe(cap.tgid, cap.pid, cap.uid, cap.gid, cap.comm, cap.cgroup_id))
 
-    def _on_bpf_event(self, kind: int, cap: Capture) -> None:
-        self.inventory.on_event(kind, cap)
+    def _on_bpf_event(self, kind: int, cap: Capture, at_ns: Optional[int] = None) -> None:
+        """`at_ns` is given for an event an earlier run's programs reported while no agent ran."""
+        self.inventory.on_event(kind, cap, at_ns)
         if kind == 1 and cap.bypass:
             self.stats["bypassed"] += 1
             # who went around the enforcer, named as its sessions would have been
@@ -264,8 +266,27 @@ class Agent:
             fields = {"target": self._target_name(cap.target_id), "orig_dst": f"{cap.orig_ip}:{cap.orig_port}",
                       "reason": "enforcer_down", "identity": self.identities.resolve(proc)[0],
                       "process": procinfo.as_record(proc)}
+            if at_ns is not None:
+                # an earlier run's target ids may not be this config's: name it by destination
+                fields.update(target=self._target_of(cap.orig_ip, cap.orig_port), reason="agent_down",
+                              connected_ns=at_ns)
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self.emit, "agent.bypass", fields)
+
+    def _target_of(self, ip: str, port: int) -> Optional[str]:
+        addr = ipaddress.ip_address(ip)
+        for target_id, nets in self._target_nets.items():
+            if self.targets_by_id[target_id].match.port == port and any(
+                    addr.version == net.version and addr in net for net in nets):
+                return self._target_name(target_id)
+        return None
+
+    def _replay_recovered(self) -> None:
+        """What the programs reported while no agent ran (a crash, a handover), at its own time."""
+        wall_minus_monotonic = time.time_ns() - time.monotonic_ns()   # bpf_ktime_get_ns is CLOCK_MONOTONIC
+        for kind, cap in self.bpf.recovered:
+            self._on_bpf_event(kind, cap, at_ns=cap.ktime_ns + wall_minus_monotonic)
+        self.bpf.recovered = []
 
     # ---- lifecycle ------------------------------------------------------------------------
     def _exempt_self(self) -> None:
@@ -324,12 +345,14 @@ class Agent:
                                       "hostname": self.host, "pid": os.getpid(), "config_path": self.config.source,
                                       "kernel": os.uname().release, "boot_id": _boot_id(),
                                       "bpf": {"attached": len(self.bpf.attached), "scope": self.scope_paths,
-                                              "taken_over": self.bpf.taken_over},
+                                              "taken_over": self.bpf.taken_over,
+                                              "recovered_events": len(self.bpf.recovered)},
                                       "scope": list(self.config.scope_cgroups),
                                       "targets": [{"name": t.name, "protocol": t.protocol, "listen_port": t.listen_port,
                                                    "port": t.match.port, "cidrs": list(t.match.cidrs),
                                                    "hostnames": list(t.match.hostnames)}
                                                   for t in self.config.targets]})
+            self._replay_recovered()
             if self.records is not None:
                 for alert in self.records.startup_alerts():
                     self.emit("agent.alert", alert)

@@ -47,8 +47,9 @@ class Inventory:
         self._open: dict[int, tuple] = {}      # cookie → pair key, until the outcome arrives
         self._process_cache: dict[int, dict] = {}
 
-    def on_event(self, kind: int, cap: Capture) -> None:
-        now = time.time_ns()
+    def on_event(self, kind: int, cap: Capture, at_ns: Optional[int] = None) -> None:
+        """`at_ns`: when it happened, for an event read back later (from an earlier run's ring)."""
+        now = at_ns or time.time_ns()
         with self._lock:
             if kind == EV_ATTEMPT:
                 key = (cap.tgid, cap.orig_ip, cap.orig_port)

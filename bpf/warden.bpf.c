@@ -93,7 +93,8 @@ BPF_HASH(exempt_cgroups, u64, u8, 64);
 BPF_TABLE("lru_hash", u64, struct conn_info, pending, 65536);
 BPF_TABLE("lru_hash", struct client_key, struct conn_info, redirected, 65536);
 BPF_TABLE("lru_hash", u64, struct orig_dst, peer_names, 65536);
-BPF_RINGBUF_OUTPUT(events, 64);
+// 1 MiB: about 10,900 events, what the programs report while no agent reads (a restart)
+BPF_RINGBUF_OUTPUT(events, 256);
 
 static __always_inline int is_exempt(void)
 {

@@ -61,7 +61,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
                         "spool_backlog_batches", "spool_full", "chain_seq", "chain_hash",
                         "bpf_state", "sessions_active", "stats"),
     "agent.alert": ("kind", "severity", "message", "detail"),
-    "agent.bypass": (*_PROCESS, "identity", "target", "orig_dst", "reason", "process"),
+    "agent.bypass": (*_PROCESS, "identity", "target", "orig_dst", "reason", "process", "connected_ns"),
     # a policy or config change that failed validation; the previous one stays active
     "agent.policy_rejected": ("file", "line", "reason", "problems"),
     "agent.config_rejected": ("file", "problems"),

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from agent.bpfmgr import PROGRAMS, BpfManager, TargetRule, attached_programs, ours
+from agent.bpfmgr import _prog_id as bpfmgr_prog_id
 from tests.agentproc import AgentProcess
 
 
@@ -313,6 +314,77 @@ def test_a_handover_list_is_honoured_on_a_cgroup_that_left_the_scope(test_cgroup
             nxt.detach()
     finally:
         other.cleanup()            # sweeps whatever a failure midway left there
+    assert no_programs_of_ours(test_cgroup.path)
+
+
+def test_what_the_programs_report_while_no_agent_reads_is_read_back_by_the_next_run(test_cgroup, servers):
+    """While no agent runs, its programs go on reporting into their own ring buffer (here: a
+    connect that went direct under `bypass`, and one refused at the closed listener); the
+    next run reads those back before the old programs and their maps are gone."""
+    from agent.bpfmgr import EV_ATTEMPT, EV_ESTABLISHED
+    bypassed = servers("127.0.0.2")
+    refused = servers("127.0.0.3")
+    dead_port = free_port()
+    rules = [TargetRule(7, ipaddress.ip_network("127.0.0.2/32"), bypassed.port, dead_port, "bypass"),
+             TargetRule(8, ipaddress.ip_network("127.0.0.3/32"), refused.port, dead_port, "refuse")]
+    gone = BpfManager([test_cgroup.path])          # a run that no longer reads its events
+    gone.load()
+    gone.set_targets(rules)
+    gone.attach()
+    nxt = BpfManager([test_cgroup.path])
+    try:
+        direct = run_client(test_cgroup, "127.0.0.2", bypassed.port)
+        assert direct["echo"] == "ping" and bypassed.peers[0][1] == direct["local"][1]
+        denied = run_client(test_cgroup, "127.0.0.3", refused.port)
+        assert denied.get("errname") == "ConnectionRefusedError" and refused.peers == []
+        nxt.load()
+        nxt.set_targets(rules)
+        nxt.attach()
+        got = [(kind, cap.tgid, cap.target_id, cap.bypass, cap.redirected) for kind, cap in nxt.recovered]
+        assert got.index((EV_ATTEMPT, direct["pid"], 7, True, False)) < got.index(
+            (EV_ATTEMPT, denied["pid"], 8, False, True))                      # in the order they happened
+        # an outcome names its attempt by socket cookie only, and comes after it
+        cookie = next(cap.cookie for kind, cap in nxt.recovered if kind == EV_ATTEMPT and cap.tgid == direct["pid"])
+        kinds = [(kind, cap.cookie) for kind, cap in nxt.recovered]
+        assert kinds.index((EV_ATTEMPT, cookie)) < kinds.index((EV_ESTABLISHED, cookie))
+        stamps = [cap.ktime_ns for kind, cap in nxt.recovered if kind == EV_ATTEMPT]
+        assert stamps == sorted(stamps) and 0 < time.monotonic_ns() - stamps[0] < 60e9
+        assert {p["id"] for p in ours(attached_programs(test_cgroup.path))} == {
+            bpfmgr_prog_id(fn.fd) for fn in nxt.funcs.values()}
+    finally:
+        nxt.detach()
+        gone.detach()
+    assert no_programs_of_ours(test_cgroup.path)
+
+
+def test_a_bypass_while_the_agent_restarts_is_recorded_with_when_it_happened(test_cgroup, servers):
+    """Under `on_enforcer_down: bypass` a connect made between two agent runs goes direct; the
+    next run records it as agent.bypass (reason agent_down, the time it connected, its
+    process and identity) and counts it in the connection inventory."""
+    server = servers("127.0.0.2")
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": server.port},
+         "listen_port": free_port(), "on_enforcer_down": "bypass"}])).start()
+    try:
+        assert agent.hand_over() == 75
+        before = time.time_ns()
+        out = run_client(test_cgroup, "127.0.0.2", server.port)
+        assert out["echo"] == "ping" and server.peers[-1][1] == out["local"][1]     # direct
+        after = time.time_ns()
+        time.sleep(0.3)
+        agent.start()
+        assert agent.events("agent.start")[-1]["f"]["bpf"]["recovered_events"] >= 2
+        bypass = agent.wait_for(lambda e: e["type"] == "agent.bypass", what="agent.bypass")["f"]
+        assert bypass["reason"] == "agent_down" and bypass["target"] == "db"
+        assert bypass["orig_dst"] == f"127.0.0.2:{server.port}"
+        assert bypass["identity"] == "test-client" and bypass["process"]["pid"] == out["pid"]
+        assert before - 50_000_000 <= bypass["connected_ns"] <= after + 50_000_000
+        seen = agent.wait_for(lambda e: e["type"] == "conn.observed" and e["f"]["bypassed"], timeout=15,
+                              what="conn.observed")["f"]
+        assert seen["attempts"] == 1 and seen["established"] == 1 and seen["target"] == "db"
+        assert before - 50_000_000 <= seen["first_ns"] <= after + 50_000_000
+    finally:
+        assert agent.stop() == 0
     assert no_programs_of_ours(test_cgroup.path)
 
 

@@ -233,6 +233,15 @@ def agent_kill9(quick: bool, durable: bool = False, handover: bool = False) -> S
                                       f"them (a direct path): {went_around[:5]}")
         acc = rig.finish(result)
         result.notes["unflushed_at_kill"] = max(0, json_lines - acc.produced)
+        # refused attempts are reported by the programs while no agent runs and read back by the
+        # next run: the inventory at the collector counts them as failed governed connects
+        failed_on_record = sum(e["fields"].get("failed", 0) for e in acc.events
+                               if e["type"] == "conn.observed" and e["fields"].get("governed")
+                               and e["fields"].get("dst_port") == rig.pg.port)
+        result.notes["refused_on_record"] = failed_on_record
+        if handover:      # (a kill may also take the inventory of what the killed run had read)
+            result.check(failed_on_record >= len(refused), f"{len(refused)} attempts were refused but the "
+                                                           f"inventory on record counts {failed_on_record}")
         # sessions that ended within the writer's batching delay before a kill were not yet
         # durable; a handover stores everything before it exits
         excused = set() if handover else {f"kill-{a['i']}" for a in ok
