@@ -119,51 +119,60 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _cmd_restart(args) -> int:
-    """A planned restart with no moment of direct access: the running agent is asked (SIGUSR2)
-    to stop with its BPF programs left attached, so governed connects are refused, not sent
-    direct, until the next run has attached its own and taken the old ones off."""
+def restart_agent(pid: int, status=None, timeout: float = 90.0, out=sys.stdout) -> int:
+    """Ask the agent at `pid` to hand over (SIGUSR2) and wait for it to stop; with `status` (a
+    callable answering the supervisor's (main pid, state), as systemd's MainPID and
+    ActiveState), also for the next run to be up. Returns the exit code for the CLI."""
     import signal
     import time
-    if args.pid:
-        pid, state = args.pid, "given"
-    else:
-        try:
-            pid, state = _main_pid(args.unit)
-        except (OSError, ValueError) as exc:
-            print(f"cannot ask systemd for {args.unit} ({exc}); pass --pid", file=sys.stderr)
-            return 1
-        if not pid:
-            print(f"{args.unit} is not running ({state}); start it with `systemctl start {args.unit}`",
-                  file=sys.stderr)
-            return 1
     started = time.monotonic()
+    deadline = started + timeout
     try:
         os.kill(pid, signal.SIGUSR2)
     except ProcessLookupError:
         print(f"no process {pid}", file=sys.stderr)
         return 1
-    deadline = started + args.timeout
     while not _gone(pid):
         if time.monotonic() > deadline:
-            print(f"the agent (pid {pid}) did not stop within {args.timeout:.0f}s", file=sys.stderr)
+            print(f"the agent (pid {pid}) did not stop within {timeout:.0f}s", file=sys.stderr)
             return 1
         time.sleep(0.05)
-    if args.pid:
+    if status is None:
         print(f"the agent (pid {pid}) stopped with its programs attached: governed connects are "
-              f"refused until it runs again; start it now")
+              f"refused until it runs again; start it now", file=out)
         return 0
     while True:
-        new_pid, state = _main_pid(args.unit)
+        new_pid, state = status()
         if new_pid and new_pid != pid and state == "active":
             print(f"handed over from pid {pid} to pid {new_pid} in {time.monotonic() - started:.1f}s; "
-                  f"governed connects were refused meanwhile, none went direct")
+                  f"governed connects were refused meanwhile, none went direct", file=out)
             return 0
         if state == "failed" or time.monotonic() > deadline:
-            print(f"{args.unit} did not come back ({state}); governed connects stay refused until it "
-                  f"runs: see `journalctl -u {args.unit}`", file=sys.stderr)
+            print(f"the agent did not come back ({state}); governed connects stay refused until it "
+                  f"runs", file=sys.stderr)
             return 1
         time.sleep(0.1)
+
+
+def _cmd_restart(args) -> int:
+    """A planned restart with no moment of direct access: the running agent is asked (SIGUSR2)
+    to stop with its BPF programs left attached, so governed connects are refused, not sent
+    direct, until the next run has attached its own and taken the old ones off."""
+    if args.pid:
+        return restart_agent(args.pid, timeout=args.timeout)
+    try:
+        pid, state = _main_pid(args.unit)
+    except (OSError, ValueError) as exc:
+        print(f"cannot ask systemd for {args.unit} ({exc}); pass --pid", file=sys.stderr)
+        return 1
+    if not pid:
+        print(f"{args.unit} is not running ({state}); start it with `systemctl start {args.unit}`",
+              file=sys.stderr)
+        return 1
+    code = restart_agent(pid, status=lambda: _main_pid(args.unit), timeout=args.timeout)
+    if code:
+        print(f"see `journalctl -u {args.unit}`", file=sys.stderr)
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

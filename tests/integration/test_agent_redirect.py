@@ -289,6 +289,48 @@ def test_a_handover_leaves_the_programs_for_the_next_run_which_takes_them_over(t
     assert no_programs_of_ours(test_cgroup.path)
 
 
+def test_restart_waits_for_the_supervisor_to_bring_the_next_run_up(test_cgroup, servers):
+    """`warden-agent restart` against a supervisor that, as the unit (RestartForceExitStatus=75),
+    starts the agent again when it exits 75: it returns once the new run is active, and says
+    which pid handed over to which; a supervisor that gives up makes it fail."""
+    import io
+
+    from agent.cli import restart_agent
+    server = servers("127.0.0.2")
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": server.port},
+         "listen_port": free_port()}])).start()
+    unit = {"pid": agent.proc.pid, "state": "active", "exit": None}
+
+    def supervise(restart: bool):
+        unit["exit"] = agent.proc.wait()
+        unit.update(pid=0, state="activating" if restart else "failed")
+        if restart and unit["exit"] == 75:
+            agent.start()
+            unit.update(pid=agent.proc.pid, state="active")
+
+    try:
+        first = agent.proc.pid
+        supervisor = threading.Thread(target=supervise, args=(True,))
+        supervisor.start()
+        said = io.StringIO()
+        assert restart_agent(first, status=lambda: (unit["pid"], unit["state"]), timeout=60, out=said) == 0
+        supervisor.join(30)
+        assert unit["exit"] == 75 and agent.proc.pid != first
+        assert f"handed over from pid {first} to pid {agent.proc.pid}" in said.getvalue()
+        assert run_client(test_cgroup, "127.0.0.2", server.port)["echo"] == "ping"
+        # the next one is not brought back: the command fails instead of waiting forever
+        supervisor = threading.Thread(target=supervise, args=(False,))
+        supervisor.start()
+        assert restart_agent(agent.proc.pid, status=lambda: (unit["pid"], unit["state"]), timeout=60,
+                             out=io.StringIO()) == 1
+        supervisor.join(30)
+        agent.start()               # the programs left attached are taken over
+    finally:
+        assert agent.stop() == 0
+    assert no_programs_of_ours(test_cgroup.path)
+
+
 def test_a_handover_list_is_honoured_on_a_cgroup_that_left_the_scope(test_cgroup, tmp_path):
     """Programs a handed-over run left on a cgroup the next config no longer governs would
     refuse that cgroup's governed connects for good: the next run takes them off too."""
