@@ -441,6 +441,45 @@ def sweep_stale(cgroup_path: str, keep: Iterable[int] = (), handed_over: Iterabl
     return removed
 
 
+def held_prog_ids() -> set[int]:
+    """Ids of the BPF programs a live process holds a descriptor of: a running agent's own."""
+    held = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    held.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+            except (OSError, ValueError):
+                continue          # closed or exited meanwhile
+    return held
+
+
+def release_left(scope_paths: Iterable[str], handover_path: str) -> tuple[int, int]:
+    """Detach the `warden_*` programs stopped runs left attached (`on_stop: hold`, a handover
+    whose next run never came, a crash) from the scope's cgroups and those a handover list
+    names. Programs a live process holds (a running agent's) stay. Returns (removed, kept)."""
+    handed = read_handover(handover_path)
+    paths = list(dict.fromkeys([*(os.path.abspath(p) for p in scope_paths), *(e["path"] for e in handed)]))
+    held = held_prog_ids()
+    removed = kept = 0
+    for path in paths:
+        if not os.path.isdir(path):
+            continue
+        kept += sum(1 for prog in ours(attached_programs(path)) if prog["id"] in held)
+        removed += sweep_stale(path, keep=held)
+    if os.path.exists(handover_path):
+        os.unlink(handover_path)
+    return removed, kept
+
+
 def read_handover(path: str) -> list[dict]:
     """The attachments a handed-over run listed; nothing when there is no (readable) list, in
     which case whatever was left is swept as a crash's."""

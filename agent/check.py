@@ -57,6 +57,9 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
     else:
         problems.append("bpftool is missing: install it (apt-get install bpftool / dnf install bpftool)")
 
+    if cfg is not None and os.geteuid() == 0:
+        problems.extend(programs_left_attached(cfg))
+
     if cfg is not None:
         from enforcer.postgres.broker import PostgresBroker
         for target in cfg.targets:
@@ -90,6 +93,27 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
             problems.append(f"collector {cfg.collector.url} is not reachable: {exc}; check collector.url, "
                             f"DNS and any firewall between this host and the collector")
     return problems, notes
+
+
+def programs_left_attached(cfg) -> list[str]:
+    """Warden programs on the scope's cgroups that no running process holds: a stopped agent
+    left them (on_stop: hold, a handover, a crash) and governed connects are refused."""
+    from agent.bpfmgr import BpfUnavailable, attached_programs, held_prog_ids, ours
+    try:
+        mount = cgroups.cgroup2_mount()
+        held = held_prog_ids()
+        left = {}
+        for cg in cfg.scope_cgroups:
+            path = cgroups.abs_path(cg, mount)
+            if os.path.isdir(path):
+                count = sum(1 for prog in ours(attached_programs(path)) if prog["id"] not in held)
+                if count:
+                    left[cg] = count
+    except (cgroups.CgroupError, BpfUnavailable, OSError, ValueError):
+        return []            # reported above (no cgroup2, no bpftool)
+    return [f"scope cgroup {cg}: {n} Warden program attachment(s) left by a stopped agent; its governed "
+            f"connects are refused until the agent runs (`warden-agent release` detaches them instead)"
+            for cg, n in left.items()]
 
 
 def uncataloged_masking_rules(cfg) -> list[str]:

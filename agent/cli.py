@@ -1,4 +1,5 @@
-"""`warden-agent`: run the daemon, restart it, check a host and config, validate and dry-run policies."""
+"""`warden-agent`: run the daemon, restart it, release what a stopped one left, check a host and
+config, validate and dry-run policies."""
 from __future__ import annotations
 
 import argparse
@@ -175,6 +176,35 @@ def _cmd_restart(args) -> int:
     return code
 
 
+def _cmd_release(args) -> int:
+    """Detach what stopped agent runs left attached, so governed connects go direct again."""
+    from agent import cgroups
+    from agent import config as config_mod
+    from agent.bpfmgr import BpfUnavailable, release_left
+    from agent.daemon import HANDOVER_FILE
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        mount = cgroups.cgroup2_mount()
+        paths = [cgroups.abs_path(c, mount) for c in cfg.scope_cgroups]
+        removed, kept = release_left(paths, os.path.join(cfg.state_dir, HANDOVER_FILE))
+    except (cgroups.CgroupError, BpfUnavailable, OSError) as exc:
+        print(f"cannot release: {exc}", file=sys.stderr)
+        return 1
+    if removed:
+        print(f"detached {removed} program attachment(s) left by a stopped agent: governed connects now "
+              f"go direct, unrecorded, until the agent runs")
+    else:
+        print("nothing was left attached by a stopped agent")
+    if kept:
+        print(f"{kept} attachment(s) belong to a running agent and were kept; stop it first "
+              f"(with agent.on_stop: detach) to detach those")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warden-agent", description="Warden host agent")
     parser.add_argument("--log-level", default=os.environ.get("WARDEN_LOG_LEVEL", "INFO"))
@@ -190,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     restart.add_argument("--pid", type=int, help="the agent's pid, when systemd does not run it")
     restart.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for stop and start")
     restart.set_defaults(func=_cmd_restart)
+
+    release = sub.add_parser("release", help="detach the BPF programs a stopped agent left attached "
+                                             "(on_stop: hold, a handover, a crash); package removal uses it")
+    release.add_argument("--config", default=DEFAULT_CONFIG)
+    release.set_defaults(func=_cmd_release)
 
     check = sub.add_parser("check", help="validate the config and the host; exit 1 listing every problem")
     check.add_argument("--config", default=DEFAULT_CONFIG)

@@ -103,6 +103,7 @@ class AgentConfig:
     event_log: Optional[str]          # JSON lines of every event, '-' for stdout, None for off
     listen_host4: str = "127.0.0.1"
     listen_host6: str = "::1"
+    on_stop: str = "detach"           # detach | hold: what a stop does with the BPF programs
 
     def policy_groups(self) -> dict[str, list[str]]:
         """Group name -> the identities in it (`identities[].groups`), as policies see them."""
@@ -143,7 +144,7 @@ def _parse_duration(value: Any) -> float:
 
 # the keys of each top-level mapping (targets, identities and masking are checked where parsed)
 _SECTION_KEYS = {
-    "agent": ("id", "state_dir", "event_log", "heartbeat_interval"),
+    "agent": ("id", "state_dir", "event_log", "heartbeat_interval", "on_stop"),
     "collector": ("url", "enrollment", "ca"),
     "scope": ("cgroups",),
     "enforcer": ("listen_port_base",),
@@ -417,6 +418,12 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
     except ValueError:
         err(("inventory", "interval"), "inventory.interval must be a duration such as 10s"); inventory_interval = 10
 
+    on_stop = agent.get("on_stop", "detach")
+    if on_stop not in ("detach", "hold"):
+        err(("agent", "on_stop"), f"agent.on_stop must be detach (a stop lets governed connects go direct) "
+                                  f"or hold (they are refused until the agent runs again), got {on_stop!r}")
+        on_stop = "detach"
+
     try:
         heartbeat_interval = _parse_duration(agent.get("heartbeat_interval", 30))
     except ValueError:
@@ -445,7 +452,7 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         approvals_timeout=approvals_timeout, approvals_grant_window=grant_window,
         inventory_interval=inventory_interval,
         heartbeat_interval=heartbeat_interval,
-        event_log=event_log)
+        event_log=event_log, on_stop=on_stop)
 
 
 def load(path: str) -> AgentConfig:

@@ -405,8 +405,9 @@ class Agent:
         stop.set()
 
     def _release_programs(self) -> int:
-        """Detach at a stop; at a handover leave them and say so. Returns how many were left."""
-        if self.handing_over:
+        """Detach at a stop; at a handover, or any stop with `agent.on_stop: hold`, leave them for
+        the next run (governed connects are refused meanwhile). Returns how many were left."""
+        if self.handing_over or self.config.on_stop == "hold":
             try:
                 return self.bpf.hand_over(self.handover_path)
             except Exception as exc:       # detaching is then the only clean way out

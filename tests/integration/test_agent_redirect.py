@@ -331,6 +331,50 @@ def test_restart_waits_for_the_supervisor_to_bring_the_next_run_up(test_cgroup, 
     assert no_programs_of_ours(test_cgroup.path)
 
 
+def test_on_stop_hold_refuses_until_the_agent_runs_and_release_opens_the_direct_path(test_cgroup, servers):
+    """`agent.on_stop: hold`: a plain stop leaves the programs attached, so governed connects are
+    refused while no agent runs; `warden-agent check` says so, and `warden-agent release`
+    detaches them (package removal runs it). Release never touches a running agent's own."""
+    server = servers("127.0.0.2")
+    config = agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": server.port},
+         "listen_port": free_port()}])
+    config["agent"] = {"on_stop": "hold"}
+    agent = AgentProcess(config).start()
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "agent.cli", *argv, "--config", agent.config_path],
+                              capture_output=True, text=True, timeout=120)
+    try:
+        # a running agent's programs are its own: release keeps them and it goes on governing
+        released = cli("release")
+        assert released.returncode == 0 and "6 attachment(s) belong to a running agent" in released.stdout
+        assert run_client(test_cgroup, "127.0.0.2", server.port)["echo"] == "ping"
+        assert len(server.peers) == 1 and agent.wait_for(lambda e: e["type"] == "session.start")
+        assert "left by a stopped agent" not in cli("check").stdout
+        assert agent.stop() == 0
+        stop = agent.events("agent.stop")[-1]["f"]
+        assert stop["reason"] == "signal" and stop["programs_left"] == len(PROGRAMS)
+        assert len(ours(attached_programs(test_cgroup.path))) == len(PROGRAMS)
+        refused = run_client(test_cgroup, "127.0.0.2", server.port)
+        assert refused.get("errname") == "ConnectionRefusedError" and len(server.peers) == 1
+        check = cli("check")
+        assert f"scope cgroup {test_cgroup.rel}: {len(PROGRAMS)} Warden program attachment(s) left by a " \
+               f"stopped agent" in check.stdout and check.returncode == 1
+        released = cli("release")
+        assert released.returncode == 0, released.stderr
+        assert f"detached {len(PROGRAMS)} program attachment(s)" in released.stdout
+        assert no_programs_of_ours(test_cgroup.path)
+        direct = run_client(test_cgroup, "127.0.0.2", server.port)
+        assert direct["echo"] == "ping" and server.peers[-1][1] == direct["local"][1]
+        assert "nothing was left attached" in cli("release").stdout
+    finally:
+        agent.stop()
+        if not no_programs_of_ours(test_cgroup.path):
+            cli("release")
+    assert no_programs_of_ours(test_cgroup.path)
+
+
 def test_a_handover_list_is_honoured_on_a_cgroup_that_left_the_scope(test_cgroup, tmp_path):
     """Programs a handed-over run left on a cgroup the next config no longer governs would
     refuse that cgroup's governed connects for good: the next run takes them off too."""

@@ -178,6 +178,13 @@ def test_misspelt_keys_in_any_section_are_refused_with_their_line(text, line, fr
     assert_refused_at(text, "a.yaml", line, fragment)
 
 
+def test_on_stop_is_detach_unless_hold_is_asked_and_nothing_else_is_taken():
+    assert parse("targets: []\n").on_stop == "detach"
+    assert parse("agent:\n  on_stop: hold\ntargets: []\n").on_stop == "hold"
+    assert_refused_at("agent:\n  id: a\n  on_stop: keep\n", "a.yaml", 3,
+                      "agent.on_stop must be detach (a stop lets governed connects go direct) or hold")
+
+
 def test_readme_agent_config_is_valid():
     """The configuration reference in the README parses as it is shown."""
     import os
