@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import bpf as bpf_sources
-from agent import ringdrain
+from agent import stale_maps
 from agent.bccfind import import_bcc
 
 log = logging.getLogger("warden.bpf")
@@ -59,6 +59,7 @@ PROGRAMS = (
 # struct conn_info / conn_event layout in bpf/warden.bpf.c
 CONN_INFO = struct.Struct("<QQQ16sIIIIIHBB16s")
 CONN_EVENT = struct.Struct("<II" + CONN_INFO.format[1:])
+PEER_NAME = struct.Struct("<16sI")      # struct orig_dst: the address and port the workload asked for
 assert CONN_INFO.size == 80 and CONN_EVENT.size == 88
 
 
@@ -145,6 +146,11 @@ class BpfManager:
         self._redirected_op: Optional[_MapLookupDelete] = None
         self.taken_over = 0          # programs a handed-over or crashed run left, removed at attach
         self.recovered: list[tuple[int, Capture]] = []   # what they reported while no agent read it
+        self._old_redirected: list[tuple[int, _MapLookupDelete]] = []   # theirs, for connects they redirected
+        self._held = stale_maps.HeldMaps()
+        self._handed: list[dict] = []
+        self._handover_path: Optional[str] = None
+        self._earlier_paths: Optional[list[str]] = None   # set by hold_earlier_runs
 
     # ---- lifecycle -------------------------------------------------------------------
     def load(self) -> None:
@@ -162,27 +168,35 @@ class BpfManager:
         for name, _bpftool, attach_type, prog_type in PROGRAMS:
             self.funcs[name] = self.b.load_func(name.encode(), getattr(BPF, prog_type), attach_type=attach_type)
 
+    def hold_earlier_runs(self, handover_path: Optional[str] = None) -> None:
+        """Before this run listens: open the maps of the programs earlier runs left on the scope
+        (and on the cgroups a handover list at `handover_path` names), so that their attribution
+        of connects still waiting to be accepted, and the events they reported while no agent
+        read them, outlive those programs. `attach` then takes the programs off."""
+        self._handed = read_handover(handover_path) if handover_path else []
+        self._handover_path = handover_path
+        paths = [*self.scope_paths, *sorted({e["path"] for e in self._handed} - set(self.scope_paths))]
+        self._earlier_paths = [p for p in paths if os.path.isdir(p)]
+        seen: set[int] = set()
+        for path in self._earlier_paths:
+            stale_maps.hold_maps([p["id"] for p in ours(attached_programs(path))], seen, self._held)
+        self._old_redirected = [(fd, _MapLookupDelete(fd, 20, CONN_INFO.size)) for fd in self._held.redirected]
+
     def attach(self, handover_path: Optional[str] = None) -> None:
         """Attach to every scope cgroup, then remove what an earlier run left there. In that order:
         between the removal of the old programs and the attachment of the new ones, governed
         connects would go straight to their destination, unrecorded. While both are attached,
-        a connect is redirected by one of them and, if by the old one, refused as unattributed.
+        a connect is redirected by one of them and served (`take_redirected` looks in the old
+        run's map too) or, if that map is not held, refused as unattributed.
 
-        `handover_path`: where a run that handed over (`hand_over`) listed what it left; those
-        programs are taken over quietly, on whichever cgroups they are, even ones no longer in
-        scope (they would refuse that cgroup's governed connects for good)."""
+        Programs a handed-over run listed are taken over quietly, on whichever cgroups they are,
+        even ones no longer in scope (they would refuse that cgroup's governed connects for
+        good). What the earlier programs reported is read back into `recovered`."""
+        if self._earlier_paths is None:
+            self.hold_earlier_runs(handover_path)
         BPF = self.bcc.BPF
         own = {_prog_id(fn.fd) for fn in self.funcs.values()}
-        handed = read_handover(handover_path) if handover_path else []
-        handed_ids = {entry["prog_id"] for entry in handed}
-        rings, seen_maps = [], set()
-
-        def take_over(path: str) -> None:
-            # their event rings are held open first: what they report until the sweep is kept
-            stale = [p["id"] for p in ours(attached_programs(path)) if p["id"] not in own]
-            rings.extend(ringdrain.hold_rings(stale, seen_maps))
-            self.taken_over += sweep_stale(path, keep=own, handed_over=handed_ids)
-
+        handed_ids = {entry["prog_id"] for entry in self._handed}
         try:
             for path in self.scope_paths:
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -192,17 +206,32 @@ class BpfManager:
                         self.attached.append((path, self.funcs[name], attach_type))
                 finally:
                     os.close(fd)
-                take_over(path)
-            for path in sorted({entry["path"] for entry in handed} - set(self.scope_paths)):
-                if os.path.isdir(path):
-                    take_over(path)
-            self.recovered = self._read_rings(rings)
+            for path in self._earlier_paths:
+                self.taken_over += sweep_stale(path, keep=own, handed_over=handed_ids)
+            # read once the old programs are gone: nothing they report is missed
+            self.recovered = self._read_rings(self._held.rings)
+            self._adopt_peer_names()
         finally:
-            for ring in rings:
+            for ring in self._held.rings:
                 ring.close()
-        if handover_path and os.path.exists(handover_path):
-            os.unlink(handover_path)       # read once: a later start sweeps leftovers as a crash's
+            self._held.rings = []
+            self._held.close_tables()
+        if self._handover_path and os.path.exists(self._handover_path):
+            os.unlink(self._handover_path)   # read once: a later start sweeps leftovers as a crash's
         log.info("BPF programs attached to %s", ", ".join(self.scope_paths))
+
+    def _adopt_peer_names(self) -> None:
+        """Connects the earlier programs redirected keep answering getpeername() with what the
+        workload asked for: their entries move into this run's map."""
+        ours_fd = self.b[b"peer_names"].map_fd
+        for fd in self._held.peer_names:
+            try:
+                copied = stale_maps.copy_entries(fd, ours_fd, 8, PEER_NAME.size)
+            except OSError as exc:
+                log.warning("the earlier run's peer names could not be taken over: %s", exc)
+                continue
+            if copied:
+                log.info("took over the original destinations of %d connects an earlier run redirected", copied)
 
     @staticmethod
     def _read_rings(rings: list) -> list[tuple[int, Capture]]:
@@ -228,6 +257,7 @@ class BpfManager:
         connects meet the closed listener and are refused until it attaches, never sent direct.
         What is left is listed at `handover_path` (written before anything is let go)."""
         self.stop_events()
+        self.forget_earlier_runs()
         left = [{"path": path, "prog_id": _prog_id(fn.fd), "attach_type": attach_type}
                 for path, fn, attach_type in self.attached]
         tmp = handover_path + ".tmp"
@@ -247,6 +277,7 @@ class BpfManager:
 
     def detach(self) -> None:
         self.stop_events()
+        self.forget_earlier_runs()
         if self.bcc is None:
             return
         BPF = self.bcc.BPF
@@ -309,7 +340,20 @@ class BpfManager:
             self._redirected_op = _MapLookupDelete(self.b[b"redirected"].map_fd, 20, CONN_INFO.size)
         key = mapped16(client_ip) + struct.pack("<HH", client_port, 0)
         raw = self._redirected_op(key)
+        if raw is None:
+            # redirected by an earlier run's programs and waiting in the listener's backlog
+            # (handed back by the service manager) while this run started
+            for _fd, old_op in self._old_redirected:
+                raw = old_op(key)
+                if raw is not None:
+                    break
         return parse_conn_info(raw) if raw is not None else None
+
+    def forget_earlier_runs(self) -> None:
+        """Let go of the earlier runs' attribution maps, once their redirected connects are served."""
+        for fd, _op in self._old_redirected:
+            os.close(fd)
+        self._old_redirected = []
 
     def map_counts(self) -> dict[str, int]:
         return {name: len(list(self.b[name.encode()].keys())) for name in ("targets", "pending", "redirected")}

@@ -33,6 +33,8 @@ SPOOL_BLOCK_WAIT_S = 10.0
 # `run` exits with this after a handover (SIGUSR2); the unit has systemd start it again at once
 EXIT_HANDOVER = 75
 HANDOVER_FILE = "handover.json"
+# how long connects an earlier run redirected (waiting in a handed-back listener) stay attributable
+EARLIER_RUN_MAPS_KEPT_S = 60.0
 
 
 def load_or_create_agent_id(state_dir: str, configured: Optional[str]) -> str:
@@ -72,6 +74,7 @@ class Agent:
         self.agent_id = load_or_create_agent_id(config.state_dir, config.agent_id)
         self.handover_path = os.path.join(config.state_dir, HANDOVER_FILE)
         self.handing_over = False
+        self.listeners_passed = 0        # listening sockets handed back by the service manager
         self.host = socket.gethostname()
         self.identities = IdentityResolver(config.identities, host=self.host)
         self.targets_by_id = {i + 1: t for i, t in enumerate(config.targets)}
@@ -310,18 +313,35 @@ class Agent:
         return rules
 
     async def _start_listeners(self) -> None:
+        """Listen for the redirected connects of every target. Under systemd each listening socket
+        is also kept in the unit's descriptor store and comes back at the next start: connects
+        made while the agent restarts (or after a crash) wait in its backlog to be served,
+        instead of being refused."""
+        passed = sdnotify.listen_fds()
         for target_id, target in self.targets_by_id.items():
             handler = self._make_handler(target_id, target)
             for host in (self.config.listen_host4, self.config.listen_host6):
+                name = f"listen-v{6 if ':' in host else 4}-{target.listen_port}"
+                sock = _passed_listener(passed.pop(name, []), host, target.listen_port)
                 try:
-                    server = await asyncio.start_server(handler, host, target.listen_port, reuse_address=True,
-                                                        backlog=4096)
+                    if sock is not None:
+                        server = await asyncio.start_server(handler, sock=sock, backlog=4096)
+                        self.listeners_passed += 1
+                    else:
+                        server = await asyncio.start_server(handler, host, target.listen_port,
+                                                            reuse_address=True, backlog=4096)
                 except OSError as exc:
                     if host == self.config.listen_host6 and exc.errno in (97, 99):   # no IPv6 on this host
                         continue
                     raise RuntimeError(f"cannot listen on {host} port {target.listen_port} for target "
                                        f"{target.name!r}: {exc.strerror}; choose another listen_port") from exc
                 self.servers.append(server)
+                if sock is None:
+                    sdnotify.store_fd(name, server.sockets[0].fileno())
+        for name, fds in passed.items():        # a listener the config no longer has
+            for fd in fds:
+                os.close(fd)
+            sdnotify.forget_fd(name)
 
     def _refuse_collector_capture(self) -> None:
         """A target that matches the collector's address would send our own shipping through us."""
@@ -334,10 +354,13 @@ class Agent:
         self._refuse_collector_capture()
         self.bpf.load()
         self._exempt_self()
+        # before listening: connects an earlier run redirected may be waiting in a listener the
+        # service manager hands back, and are attributed from that run's map
+        self.bpf.hold_earlier_runs(self.handover_path)
         await self._start_listeners()
         try:
             self.bpf.set_targets(self._target_rules())
-            self.bpf.attach(self.handover_path)
+            self.bpf.attach()
             self.bpf.start_events(self._on_bpf_event)
             # pyroute2's synchronous API runs its own event loop: keep it off ours
             host_facts = await asyncio.to_thread(hostfacts.describe_host)
@@ -347,12 +370,14 @@ class Agent:
                                       "bpf": {"attached": len(self.bpf.attached), "scope": self.scope_paths,
                                               "taken_over": self.bpf.taken_over,
                                               "recovered_events": len(self.bpf.recovered)},
+                                      "listeners_passed": self.listeners_passed,
                                       "scope": list(self.config.scope_cgroups),
                                       "targets": [{"name": t.name, "protocol": t.protocol, "listen_port": t.listen_port,
                                                    "port": t.match.port, "cidrs": list(t.match.cidrs),
                                                    "hostnames": list(t.match.hostnames)}
                                                   for t in self.config.targets]})
             self._replay_recovered()
+            self._loop.call_later(EARLIER_RUN_MAPS_KEPT_S, self.bpf.forget_earlier_runs)
             if self.records is not None:
                 for alert in self.records.startup_alerts():
                     self.emit("agent.alert", alert)
@@ -783,6 +808,24 @@ class RecordsPipeline:
                 self.spool.close()
             except OSError as exc:
                 log.critical("closing the record spool failed: %s", exc)
+
+
+def _passed_listener(fds: list[int], host: str, port: int) -> Optional[socket.socket]:
+    """The listening socket passed back for (host, port), if it is one; extras are closed."""
+    sock = None
+    for fd in fds:
+        candidate = socket.socket(fileno=fd)
+        try:
+            listening = candidate.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            bound = candidate.getsockname()[:2]
+        except OSError:
+            listening, bound = 0, None
+        if sock is None and listening and bound == (host, port):
+            sock = candidate
+        else:
+            log.warning("a passed descriptor is not the listener on %s port %s; closed", host, port)
+            candidate.close()
+    return sock
 
 
 def _fold_observed(into: dict, more: dict) -> None:

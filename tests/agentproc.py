@@ -14,8 +14,11 @@ import yaml
 
 
 class AgentProcess:
-    def __init__(self, config: dict, cgroup=None, workdir: Optional[str] = None, env: Optional[dict] = None):
+    def __init__(self, config: dict, cgroup=None, workdir: Optional[str] = None, env: Optional[dict] = None,
+                 fd_store=None):
+        """`fd_store`: a tests.fdstore.FdStore standing for systemd's descriptor store."""
         self.env = {**os.environ, **(env or {})}
+        self.fd_store = fd_store
         self.workdir = workdir or tempfile.mkdtemp(prefix="warden-agent-test-")
         self.config = dict(config)
         agent = dict(self.config.get("agent") or {})
@@ -34,11 +37,15 @@ class AgentProcess:
     def start(self, timeout: float = 60) -> "AgentProcess":
         starts_before = len(self.events("agent.start"))
         argv = [sys.executable, "-m", "agent.cli", "run", "--config", self.config_path]
+        env, pass_fds = self.env, ()
+        if self.fd_store is not None:
+            argv, extra, pass_fds = self.fd_store.launch(argv)
+            env = {**self.env, **extra}
         stderr = open(self.stderr_path, "a")
         if self.cgroup is not None:
-            self.proc = self.cgroup.popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=self.env)
+            self.proc = self.cgroup.popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env, pass_fds=pass_fds)
         else:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=self.env)
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr, env=env, pass_fds=pass_fds)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if len(self.events("agent.start")) > starts_before:

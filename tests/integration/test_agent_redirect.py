@@ -289,6 +289,44 @@ def test_a_handover_leaves_the_programs_for_the_next_run_which_takes_them_over(t
     assert no_programs_of_ours(test_cgroup.path)
 
 
+def test_under_the_descriptor_store_a_connect_made_during_a_handover_waits_and_is_served(test_cgroup, servers,
+                                                                                         tmp_path):
+    """Under systemd (FileDescriptorStoreMax) the listening sockets are kept by the service
+    manager across a restart: a governed connect made while no agent runs completes in the
+    kernel, waits in the backlog, and the next run serves it, attributed from the map of the
+    programs that redirected it, instead of it being refused."""
+    from tests.fdstore import FdStore
+    server = servers("127.0.0.2")
+    store = FdStore(str(tmp_path))
+    listen = free_port()
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.2/32", "port": server.port},
+         "listen_port": listen}]), fd_store=store).start()
+    try:
+        assert f"listen-v4-{listen}" in store.names()
+        assert agent.events("agent.start")[-1]["f"]["listeners_passed"] == 0
+        assert agent.hand_over() == 75
+        # no agent runs: the client connects now and waits for an answer
+        waiting = test_cgroup.popen([sys.executable, "-c", CLIENT, "127.0.0.2", str(server.port), "4"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        assert waiting.poll() is None and server.peers == []
+        agent.start()
+        out, err = waiting.communicate(timeout=20)
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got.get("echo") == "ping", (got, err)
+        assert got["remote"] == ["127.0.0.2", server.port]
+        assert len(server.peers) == 1 and server.peers[0][1] != got["local"][1]      # through the agent
+        assert agent.events("agent.start")[-1]["f"]["listeners_passed"] >= 1
+        session = agent.wait_for(lambda e: e["type"] == "session.start", what="session.start")["f"]
+        assert session["process"]["pid"] == got["pid"] and session["identity"] == "test-client"
+        assert not agent.events("agent.alert")         # nothing closed as unattributed
+    finally:
+        assert agent.stop() == 0
+        store.close()
+    assert no_programs_of_ours(test_cgroup.path)
+
+
 def test_restart_waits_for_the_supervisor_to_bring_the_next_run_up(test_cgroup, servers):
     """`warden-agent restart` against a supervisor that, as the unit (RestartForceExitStatus=75),
     starts the agent again when it exits 75: it returns once the new run is active, and says

@@ -121,6 +121,7 @@ def test_the_agent_unit_and_upgrades_restart_by_handover():
         unit = f.read()
     assert re.search(rf"^RestartForceExitStatus={EXIT_HANDOVER}$", unit, re.M), unit
     assert re.search(rf"^SuccessExitStatus={EXIT_HANDOVER}$", unit, re.M), unit
+    assert re.search(r"^FileDescriptorStoreMax=[1-9]\d*$", unit, re.M), unit     # listeners kept meanwhile
     with open(os.path.join(os.path.dirname(UNITS), "scripts", "agent-postinstall.sh")) as f:
         postinst = f.read()
     upgrade = postinst[postinst.index("on upgrade"):postinst.index("else")]

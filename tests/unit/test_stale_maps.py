@@ -3,7 +3,7 @@ busy bit, discard bit), 8-byte alignment, positions that keep growing past the r
 and a record that wraps (the data area is mapped twice, so it reads contiguously)."""
 import struct
 
-from agent.ringdrain import parse_ring
+from agent.stale_maps import parse_ring
 
 BUSY, DISCARD = 1 << 31, 1 << 30
 

@@ -1,4 +1,5 @@
-"""The connection events an earlier agent run's BPF ring buffer still holds.
+"""What an earlier agent run's BPF maps still hold: the connection events in its ring buffer,
+the attribution of the connects it redirected, and what getpeername() must report for them.
 
 While no agent runs (after a crash, or during a handover) its programs stay attached and go
 on reporting every governed connect into their own ring buffer: attempts refused at the
@@ -30,6 +31,12 @@ _RINGBUF_BUSY = 1 << 31
 _RINGBUF_DISCARD = 1 << 30
 _RINGBUF_HEADER = 8
 EVENTS_MAP = "events"
+REDIRECTED_MAP = "redirected"
+PEER_NAMES_MAP = "peer_names"
+_BPF_MAP_LOOKUP_ELEM = 1
+_BPF_MAP_UPDATE_ELEM = 2
+_BPF_MAP_GET_NEXT_KEY = 4
+_BPF_NOEXIST = 1
 
 
 class HeldRing:
@@ -86,9 +93,22 @@ def _map_fd(map_id: int) -> int:
     return fd
 
 
-def hold_rings(prog_ids: Iterable[int], seen: set[int]) -> list[HeldRing]:
-    """Open the `events` ring buffers of these programs (ids in `seen` are skipped and added)."""
-    held = []
+class HeldMaps:
+    """The maps of earlier runs that are worth keeping past their programs."""
+
+    def __init__(self):
+        self.rings: list[HeldRing] = []
+        self.redirected: list[int] = []      # descriptors: attribution of connects they redirected
+        self.peer_names: list[int] = []      # descriptors: what getpeername() must report for those
+
+    def close_tables(self) -> None:
+        for fd in self.peer_names:
+            os.close(fd)
+        self.peer_names = []
+
+
+def hold_maps(prog_ids: Iterable[int], seen: set[int], into: HeldMaps) -> None:
+    """Open the maps worth keeping of these programs (map ids in `seen` are skipped and added)."""
     for prog_id in prog_ids:
         info = _bpftool_json("prog", "show", "id", str(prog_id)) or {}
         for map_id in info.get("map_ids", []):
@@ -96,10 +116,41 @@ def hold_rings(prog_ids: Iterable[int], seen: set[int]) -> list[HeldRing]:
                 continue
             seen.add(map_id)
             desc = _bpftool_json("map", "show", "id", str(map_id)) or {}
-            if desc.get("type") != "ringbuf" or desc.get("name") != EVENTS_MAP:
-                continue
+            name = desc.get("name")
             try:
-                held.append(HeldRing(map_id, _map_fd(map_id), int(desc["max_entries"])))
+                if desc.get("type") == "ringbuf" and name == EVENTS_MAP:
+                    into.rings.append(HeldRing(map_id, _map_fd(map_id), int(desc["max_entries"])))
+                elif name == REDIRECTED_MAP:
+                    into.redirected.append(_map_fd(map_id))
+                elif name == PEER_NAMES_MAP:
+                    into.peer_names.append(_map_fd(map_id))
             except (OSError, KeyError, ValueError) as exc:
-                log.warning("the connection events of an earlier run (map %s) cannot be read: %s", map_id, exc)
-    return held
+                log.warning("map %s of an earlier run cannot be opened: %s", map_id, exc)
+
+
+class _ElemAttr(ctypes.Structure):
+    # union bpf_attr for the map element commands: the fourth word is `value` or `next_key`
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def copy_entries(src_fd: int, dst_fd: int, key_size: int, value_size: int) -> int:
+    """Copy every entry of one hash map into another where its key is not already; returns how
+    many were copied."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    key, next_key = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)
+    value = ctypes.create_string_buffer(value_size)
+
+    def bpf(cmd: int, fd: int, k, v, flags: int = 0) -> int:
+        attr = _ElemAttr(fd, 0, ctypes.addressof(k) if k is not None else 0, ctypes.addressof(v), flags)
+        return libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+
+    copied = 0
+    current = None                      # no key: the first one
+    while bpf(_BPF_MAP_GET_NEXT_KEY, src_fd, current, next_key) == 0:
+        ctypes.memmove(key, next_key, key_size)
+        current = key
+        if bpf(_BPF_MAP_LOOKUP_ELEM, src_fd, key, value) == 0 and \
+                bpf(_BPF_MAP_UPDATE_ELEM, dst_fd, key, value, _BPF_NOEXIST) == 0:
+            copied += 1
+    return copied
