@@ -289,12 +289,13 @@ def test_a_handover_leaves_the_programs_for_the_next_run_which_takes_them_over(t
     assert no_programs_of_ours(test_cgroup.path)
 
 
-def test_under_the_descriptor_store_a_connect_made_during_a_handover_waits_and_is_served(test_cgroup, servers,
-                                                                                         tmp_path):
+@pytest.mark.parametrize("stop", ["handover", "kill9"])
+def test_under_the_descriptor_store_a_connect_made_while_no_agent_runs_waits_and_is_served(
+        test_cgroup, servers, tmp_path, stop):
     """Under systemd (FileDescriptorStoreMax) the listening sockets are kept by the service
-    manager across a restart: a governed connect made while no agent runs completes in the
-    kernel, waits in the backlog, and the next run serves it, attributed from the map of the
-    programs that redirected it, instead of it being refused."""
+    manager across a restart, planned or after a crash: a governed connect made while no agent
+    runs completes in the kernel, waits in the backlog, and the next run serves it, attributed
+    from the map of the programs that redirected it, instead of it being refused."""
     from tests.fdstore import FdStore
     server = servers("127.0.0.2")
     store = FdStore(str(tmp_path))
@@ -305,7 +306,10 @@ def test_under_the_descriptor_store_a_connect_made_during_a_handover_waits_and_i
     try:
         assert f"listen-v4-{listen}" in store.names()
         assert agent.events("agent.start")[-1]["f"]["listeners_passed"] == 0
-        assert agent.hand_over() == 75
+        if stop == "handover":
+            assert agent.hand_over() == 75
+        else:
+            agent.kill9()
         # no agent runs: the client connects now and waits for an answer
         waiting = test_cgroup.popen([sys.executable, "-c", CLIENT, "127.0.0.2", str(server.port), "4"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
