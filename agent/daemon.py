@@ -814,7 +814,12 @@ def _passed_listener(fds: list[int], host: str, port: int) -> Optional[socket.so
     """The listening socket passed back for (host, port), if it is one; extras are closed."""
     sock = None
     for fd in fds:
-        candidate = socket.socket(fileno=fd)
+        try:
+            candidate = socket.socket(fileno=fd)
+        except OSError:              # not a socket at all
+            log.warning("a passed descriptor named for %s port %s is not a socket; closed", host, port)
+            os.close(fd)
+            continue
         try:
             listening = candidate.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
             bound = candidate.getsockname()[:2]

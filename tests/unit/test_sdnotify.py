@@ -77,3 +77,32 @@ def test_descriptors_meant_for_another_process_are_not_taken():
     result = _child(listen_pid="1")
     assert result["got"] == {}
     assert "LISTEN_FDS" in result["env"]
+
+
+def test_a_passed_listener_is_used_only_if_it_listens_where_the_target_does():
+    from agent.daemon import _passed_listener
+    right = socket.socket()
+    right.bind(("127.0.0.1", 0))
+    right.listen()
+    port = right.getsockname()[1]
+    unbound = socket.socket()
+    r, w = os.pipe()
+    wrong_place = socket.socket()
+    wrong_place.bind(("127.0.0.1", 0))
+    wrong_place.listen()
+    try:
+        fds = [os.dup(unbound.fileno()), r, os.dup(wrong_place.fileno()), os.dup(right.fileno())]
+        sock = _passed_listener(fds, "127.0.0.1", port)
+        assert sock is not None and sock.fileno() == fds[3] and sock.getsockname() == ("127.0.0.1", port)
+        for fd in fds[:3]:                  # the others are closed, a pipe included
+            try:
+                os.fstat(fd)
+                raise AssertionError(f"descriptor {fd} was left open")
+            except OSError:
+                pass
+        sock.close()
+        assert _passed_listener([], "127.0.0.1", port) is None
+    finally:
+        os.close(w)
+        for s in (right, unbound, wrong_place):
+            s.close()
