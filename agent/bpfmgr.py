@@ -254,8 +254,9 @@ class BpfManager:
 
     def hand_over(self, handover_path: str) -> int:
         """Stop without detaching, for the next run to take over (a planned restart): governed
-        connects meet the closed listener and are refused until it attaches, never sent direct.
-        What is left is listed at `handover_path` (written before anything is let go)."""
+        connects wait in the listener the service manager keeps, or without one are refused,
+        until the next run is up; never sent direct. What is left is listed at `handover_path`
+        (written before anything is let go)."""
         self.stop_events()
         self.forget_earlier_runs()
         left = [{"path": path, "prog_id": _prog_id(fn.fd), "attach_type": attach_type}
@@ -354,6 +355,7 @@ class BpfManager:
         for fd, _op in self._old_redirected:
             os.close(fd)
         self._old_redirected = []
+        self._held.redirected = []
 
     def map_counts(self) -> dict[str, int]:
         return {name: len(list(self.b[name.encode()].keys())) for name in ("targets", "pending", "redirected")}

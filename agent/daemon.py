@@ -30,7 +30,7 @@ VERSION = "0.1.0"
 # spool.on_full: block: how long a new session waits for the spool to take records again
 # before it is refused like with refuse
 SPOOL_BLOCK_WAIT_S = 10.0
-# `run` exits with this after a handover (SIGUSR2); the unit has systemd start it again at once
+# `run` exits with this after a handover (SIGUSR2); the unit has systemd start it again
 EXIT_HANDOVER = 75
 HANDOVER_FILE = "handover.json"
 # how long connects an earlier run redirected (waiting in a handed-back listener) stay attributable
@@ -424,14 +424,16 @@ class Agent:
 
     def hand_over(self, stop: asyncio.Event) -> None:
         """SIGUSR2: stop for a planned restart, leaving the programs attached for the next run
-        (`warden-agent restart`). Governed connects are refused meanwhile, never sent direct."""
+        (`warden-agent restart`). Governed connects wait meanwhile in the listeners systemd keeps
+        (or, without it, are refused); none is sent direct."""
         log.info("handover asked: stopping with the BPF programs left attached for the next run")
         self.handing_over = True
         stop.set()
 
     def _release_programs(self) -> int:
         """Detach at a stop; at a handover, or any stop with `agent.on_stop: hold`, leave them for
-        the next run (governed connects are refused meanwhile). Returns how many were left."""
+        the next run (governed connects wait or are refused meanwhile, never go direct). Returns
+        how many were left."""
         if self.handing_over or self.config.on_stop == "hold":
             try:
                 return self.bpf.hand_over(self.handover_path)
