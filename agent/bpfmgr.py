@@ -146,7 +146,7 @@ class BpfManager:
         self._redirected_op: Optional[_MapLookupDelete] = None
         self.taken_over = 0          # programs a handed-over or crashed run left, removed at attach
         self.recovered: list[tuple[int, Capture]] = []   # what they reported while no agent read it
-        self._old_redirected: list[tuple[int, _MapLookupDelete]] = []   # theirs, for connects they redirected
+        self._old_redirected: list[_MapLookupDelete] = []   # theirs, for connects they redirected
         self._held = stale_maps.HeldMaps()
         self._handed: list[dict] = []
         self._handover_path: Optional[str] = None
@@ -180,7 +180,7 @@ class BpfManager:
         seen: set[int] = set()
         for path in self._earlier_paths:
             stale_maps.hold_maps([p["id"] for p in ours(attached_programs(path))], seen, self._held)
-        self._old_redirected = [(fd, _MapLookupDelete(fd, 20, CONN_INFO.size)) for fd in self._held.redirected]
+        self._old_redirected = [_MapLookupDelete(fd, 20, CONN_INFO.size) for fd in self._held.redirected]
 
     def attach(self, handover_path: Optional[str] = None) -> None:
         """Attach to every scope cgroup, then remove what an earlier run left there. In that order:
@@ -344,7 +344,7 @@ class BpfManager:
         if raw is None:
             # redirected by an earlier run's programs and waiting in the listener's backlog
             # (handed back by the service manager) while this run started
-            for _fd, old_op in self._old_redirected:
+            for old_op in self._old_redirected:
                 raw = old_op(key)
                 if raw is not None:
                     break
@@ -352,10 +352,10 @@ class BpfManager:
 
     def forget_earlier_runs(self) -> None:
         """Let go of the earlier runs' attribution maps, once their redirected connects are served."""
-        for fd, _op in self._old_redirected:
+        for fd in self._held.redirected:
             os.close(fd)
-        self._old_redirected = []
         self._held.redirected = []
+        self._old_redirected = []
 
     def map_counts(self) -> dict[str, int]:
         return {name: len(list(self.b[name.encode()].keys())) for name in ("targets", "pending", "redirected")}
@@ -394,12 +394,8 @@ class BpfManager:
 _BPF_MAP_LOOKUP_ELEM = 1
 _BPF_MAP_DELETE_ELEM = 3
 _BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
-
-
-class _MapElemAttr(ctypes.Structure):
-    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
-                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+_SYS_BPF = stale_maps.SYS_BPF
+_MapElemAttr = stale_maps.MapElemAttr
 
 
 class _MapLookupDelete:

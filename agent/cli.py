@@ -84,15 +84,21 @@ def _cmd_policy_test(args) -> int:
                     groups=config.policy_groups() if config is not None else None)
 
 
-def _cmd_ca(args) -> int:
-    """The agent's local CA: what workloads using sslmode=verify-full must trust."""
-    import os
+def _load_config(path: str):
+    """The agent config, or None after printing what is wrong with it (file:line and the fix)."""
     from agent import config as config_mod
-    from enforcer.tls import LocalCA
     try:
-        cfg = config_mod.load(args.config)
+        return config_mod.load(path)
     except config_mod.ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def _cmd_ca(args) -> int:
+    """The agent's local CA: what workloads using sslmode=verify-full must trust."""
+    from enforcer.tls import LocalCA
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 1
     ca = LocalCA.load_or_create(os.path.join(cfg.state_dir, "ca"))
     if args.path:
@@ -179,13 +185,10 @@ def _cmd_restart(args) -> int:
 def _cmd_release(args) -> int:
     """Detach what stopped agent runs left attached, so governed connects go direct again."""
     from agent import cgroups
-    from agent import config as config_mod
     from agent.bpfmgr import BpfUnavailable, release_left
     from agent.daemon import HANDOVER_FILE
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load_config(args.config)
+    if cfg is None:
         return 1
     try:
         mount = cgroups.cgroup2_mount()

@@ -25,7 +25,7 @@ from typing import Iterable
 
 log = logging.getLogger("warden.bpf")
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)   # the bpf(2) syscall number
 _BPF_MAP_GET_FD_BY_ID = 14
 _RINGBUF_BUSY = 1 << 31
 _RINGBUF_DISCARD = 1 << 30
@@ -87,7 +87,7 @@ def _bpftool_json(*args: str):
 def _map_fd(map_id: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     attr = ctypes.create_string_buffer(struct.pack("<III", map_id, 0, 0), 16)
-    fd = libc.syscall(_SYS_BPF, _BPF_MAP_GET_FD_BY_ID, attr, 12)
+    fd = libc.syscall(SYS_BPF, _BPF_MAP_GET_FD_BY_ID, attr, 12)
     if fd < 0:
         raise OSError(ctypes.get_errno(), f"cannot open BPF map id {map_id}")
     return fd
@@ -128,7 +128,7 @@ def hold_maps(prog_ids: Iterable[int], seen: set[int], into: HeldMaps) -> None:
                 log.warning("map %s of an earlier run cannot be opened: %s", map_id, exc)
 
 
-class _ElemAttr(ctypes.Structure):
+class MapElemAttr(ctypes.Structure):
     # union bpf_attr for the map element commands: the fourth word is `value` or `next_key`
     _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
                 ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
@@ -142,8 +142,8 @@ def copy_entries(src_fd: int, dst_fd: int, key_size: int, value_size: int) -> in
     value = ctypes.create_string_buffer(value_size)
 
     def bpf(cmd: int, fd: int, k, v, flags: int = 0) -> int:
-        attr = _ElemAttr(fd, 0, ctypes.addressof(k) if k is not None else 0, ctypes.addressof(v), flags)
-        return libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+        attr = MapElemAttr(fd, 0, ctypes.addressof(k) if k is not None else 0, ctypes.addressof(v), flags)
+        return libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
 
     copied = 0
     current = None                      # no key: the first one
