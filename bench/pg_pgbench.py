@@ -339,7 +339,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     ap.add_argument("--sink", choices=("spool", "memory"), default="spool",
                     help="where Warden records: the real writer and spool (default) or an in-memory counter")
+    ap.add_argument("--clients", default=",".join(map(str, CLIENTS)),
+                    help="comma-separated client counts (default 1,8); e.g. --clients 1 --rounds 9 for a "
+                         "steadier 1-client latency figure")
     args = ap.parse_args()
+    clients_list = tuple(int(c) for c in args.clients.split(","))
     runs: dict = {}
     logdir = tempfile.mkdtemp(prefix="warden-pgbench-")
     os.chmod(logdir, 0o777)
@@ -360,7 +364,7 @@ def main():
         try:
             for rnd in range(args.rounds):
                 for mode in MODES:
-                    for clients in CLIENTS:
+                    for clients in clients_list:
                         for name in PATHS:
                             host, port = paths[name]
                             cpu0 = cpu_of[name]() if name in cpu_of else 0.0
@@ -393,7 +397,7 @@ def main():
 
     summary = {}
     for mode in MODES:
-        for clients in CLIENTS:
+        for clients in clients_list:
             tps = {n: med(mode, clients, n, 0) for n in PATHS}
             lat = {n: med(mode, clients, n, 1) for n in PATHS}
             cpu = {n: med(mode, clients, n, 2) for n in PROXIES}
@@ -439,15 +443,20 @@ def main():
               + f"{row['warden_over_relay_latency_us']:>9.0f}{row['warden_over_relay_proto_latency_us']:>9.0f}"
               + f"{row['warden_over_pgbouncer_latency_us']:>11.0f}"
               + "".join(num(row["proxy_cpu_us_per_tx"][n], 17, 1) for n in PROXIES))
+    def meets(key, check):
+        # None where that client count was not run
+        return check(summary[key]) if key in summary else None
+
     targets = {
         "warden_vs_relay_c8_min": 0.9,
         "warden_added_latency_c1_max_us": 30,
-        "met": {k: (summary[f"{k}/c8"]["warden_vs_relay"] >= 0.9
-                    and summary[f"{k}/c1"]["warden_added_latency_us"] <= 30) for k in MODES},
+        "met": {k: {"c8_vs_relay": meets(f"{k}/c8", lambda r: r["warden_vs_relay"] >= 0.9),
+                    "c1_added_latency": meets(f"{k}/c1", lambda r: r["warden_added_latency_us"] <= 30)}
+                for k in MODES},
     }
     print(f"targets: warden >= 0.9x relay at 8 clients, <= 30 µs added median latency at 1 client: {targets['met']}"
           f" (against relay-proto at 8 clients: "
-          f"{ {k: summary[f'{k}/c8']['warden_vs_relay_proto'] >= 0.9 for k in MODES} })")
+          f"{ {k: meets(f'{k}/c8', lambda r: r['warden_vs_relay_proto'] >= 0.9) for k in MODES} })")
     print(f"events recorded by Warden: {sink.count} (sink: {args.sink}; policy: Cedar engine)")
     print("BENCH " + json.dumps({"bench": "pg_pgbench", "seconds": args.seconds, "rounds": args.rounds,
                                  "sink": args.sink, "policy": "cedar",
