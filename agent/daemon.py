@@ -189,10 +189,21 @@ class Agent:
 
     def _load_catalog(self, dsn: str):
         import psycopg
-        from enforcer.masking.catalog import CATALOG_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY, catalog_from_rows
+        from enforcer.masking.catalog import (CATALOG_QUERY, FUNCTION_OIDS_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY,
+                                              catalog_from_rows)
         with psycopg.connect(dsn, connect_timeout=10) as conn:
             return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall(),
-                                     conn.execute(FUNCTIONS_QUERY).fetchall())
+                                     conn.execute(FUNCTIONS_QUERY).fetchall(),
+                                     conn.execute(FUNCTION_OIDS_QUERY).fetchall())
+
+    def _function_by_oid(self, target: str):
+        """OID -> (schema, name, argument types) from the target's newest catalog, for fast-path
+        calls: read at each call, so a long session sees functions created after it started once
+        the catalog is read again."""
+        def lookup(oid: int):
+            catalog = self.catalogs.get(target)
+            return catalog.function_by_oid(oid) if catalog is not None else None
+        return lookup
 
     async def _catalog_loop(self, stop: asyncio.Event) -> None:
         """Column names for `schema.table.column` masking rules, from each target's catalog DSN."""
@@ -649,6 +660,8 @@ class Agent:
                 info.options.setdefault("client_tls_names", list(target.match.hostnames))
             if self.local_ca is not None:
                 ctx.extra["local_ca"] = self.local_ca
+        if target.protocol == "postgres" and target.options.get("catalog_dsn"):
+            ctx.extra["pg_function_by_oid"] = self._function_by_oid(target.name)
         broker = self.brokers.get(target.name)
         if broker is not None:
             ctx.extra["pg_broker"] = broker

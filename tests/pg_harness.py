@@ -255,8 +255,10 @@ class EnforcerThread:
 
     def __init__(self, upstream: tuple[str, int], sink: Optional[ListSink] = None, policy=None, masking=None,
                  approvals=None, options: Optional[dict] = None, tls=None, server_ssl_context=None,
-                 identity: str = "test-svc", target_name: str = "testdb", use_uvloop: bool = False):
+                 identity: str = "test-svc", target_name: str = "testdb", use_uvloop: bool = False,
+                 function_by_oid=None):
         self.upstream = upstream
+        self.function_by_oid = function_by_oid    # the target catalog's, as the agent hands it over
         self.sink = sink or ListSink()
         self.policy = policy
         self.masking = masking
@@ -285,7 +287,8 @@ class EnforcerThread:
                                  identity_attrs={"unit": "test.service"}, target=target, attribution=None,
                                  sink=self.sink, policy=self.policy, masking=self.masking,
                                  approvals=self.approvals,
-                                 extra={"server_ssl_context": self.server_ssl_context})
+                                 extra={"server_ssl_context": self.server_ssl_context,
+                                        "pg_function_by_oid": self.function_by_oid})
 
     def start(self) -> "EnforcerThread":
         import asyncio

@@ -1,9 +1,10 @@
 """Resolving RowDescription's (table OID, attribute number) to schema.table.column names, and a
 view's columns to the table columns they show.
 
-The enforcer runs CATALOG_QUERY, VIEWS_QUERY and FUNCTIONS_QUERY on a catalog connection (a configured catalog
-DSN) and hands the rows to `catalog_from_rows`; the result is the `catalog` of
-`MaskingEngine.for_session`. Pure: the queries are run elsewhere.
+The enforcer runs CATALOG_QUERY, VIEWS_QUERY, FUNCTIONS_QUERY and FUNCTION_OIDS_QUERY on a catalog
+connection (a configured catalog DSN) and hands the rows to `catalog_from_rows`; the result is the
+`catalog` of `MaskingEngine.for_session`, and names the functions of fast-path calls (protocol
+FunctionCall, which gives only an OID) for policy. Pure: the queries are run elsewhere.
 """
 from __future__ import annotations
 
@@ -42,6 +43,14 @@ FUNCTIONS_QUERY = (
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
 )
 
+# every plain function by OID, with its argument types: a FunctionCall names its function by OID
+# only, so this is how policy and the records learn which function it calls
+FUNCTION_OIDS_QUERY = (
+    "SELECT p.oid::int8, n.nspname, p.proname, p.proargtypes::pg_catalog.oid[] "
+    "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+    "WHERE p.prokind = 'f'"
+)
+
 _VIEW_DEPTH = 8      # views over views followed this deep
 
 
@@ -49,9 +58,14 @@ class Catalog:
     """lookup(table_oid, attnum) -> 'schema.table.column' or None; `sources(oid, attnum)`: for a
     view's column, the (table, column) pairs it shows (through views over views), else None;
     `function_bodies(name)`: the bodies of the functions called `name` (qualified or not): SQL
-    texts, and PlpgsqlDefinition for PL/pgSQL functions."""
+    texts, and PlpgsqlDefinition for PL/pgSQL functions; `function_by_oid(oid)`: (schema, name,
+    argument type OIDs) of a plain function, else None."""
 
-    def __init__(self, rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = ()):
+    def __init__(self, rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = (),
+                 function_oids: Iterable[tuple] = ()):
+        self._by_function_oid: dict[int, tuple[str, str, tuple[int, ...]]] = {
+            int(oid): (schema, name, tuple(int(t) for t in (argtypes or ())))
+            for oid, schema, name, argtypes in function_oids}
         self._functions: dict[str, tuple] = {}
         for schema, name, body, *language in functions:
             if language and language[0] == "plpgsql":
@@ -87,6 +101,9 @@ class Catalog:
     def function_bodies(self, name: str) -> tuple:
         return self._functions.get(name, ())
 
+    def function_by_oid(self, oid: int) -> Optional[tuple[str, str, tuple[int, ...]]]:
+        return self._by_function_oid.get(oid)
+
     def __call__(self, table_oid: int, attnum: int) -> Optional[str]:
         return self.names.get((table_oid, attnum))
 
@@ -108,6 +125,8 @@ class Catalog:
         return frozenset(out)
 
 
-def catalog_from_rows(rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = ()) -> Catalog:
-    """rows of CATALOG_QUERY (and of VIEWS_QUERY and FUNCTIONS_QUERY) -> the session maskers' catalog."""
-    return Catalog(rows, views, functions)
+def catalog_from_rows(rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = (),
+                      function_oids: Iterable[tuple] = ()) -> Catalog:
+    """rows of CATALOG_QUERY (and of VIEWS_QUERY, FUNCTIONS_QUERY and FUNCTION_OIDS_QUERY) -> the
+    catalog of the session maskers and of fast-path calls."""
+    return Catalog(rows, views, functions, function_oids)

@@ -303,7 +303,8 @@ class _Connection:
             identity=ctx.identity, target=ctx.target.name,
             max_message_bytes=int(opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
             client_tls_available=self.server_ssl is not None, masking=ctx.masking,
-            start_fields=_start_fields(ctx), decide=self._decide_inline)
+            start_fields=_start_fields(ctx), decide=self._decide_inline,
+            function_by_oid=extra.get("pg_function_by_oid"))
         self.closing = False
         self.started = time.monotonic()            # the startup timeout counts from here
         self.last_activity = self.started

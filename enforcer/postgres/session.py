@@ -30,9 +30,9 @@ enforcer sends in its place a DO block that raises SQLSTATE 42501 with the denia
   of the DO block on the unnamed statement and portal; their ParseComplete/BindComplete are
   swallowed, the client's following messages are discarded until Sync, and Sync is forwarded
   so the server answers ReadyForQuery with the true transaction status;
-- FunctionCall (the fast-path interface, which calls a function by OID that policy cannot see)
-  is always refused: the DO block goes as a simple Query in its place, whose ErrorResponse and
-  ReadyForQuery end the FunctionCall's cycle.
+- FunctionCall (the fast-path interface, which calls a function by OID): denied, or of a
+  function policy cannot name (fastpath.known_call), the DO block goes as a simple Query in its
+  place, whose ErrorResponse and ReadyForQuery end the FunctionCall's cycle.
 
 Approvals in the extended protocol: a Parse runs nothing, so a statement that needs approval
 is parsed (its verdict says decision "approval") and each execution is held instead: the Bind,
@@ -491,8 +491,12 @@ class PostgresSession:
                  clock: Callable[[], int] = time.perf_counter_ns,
                  random_bytes: Callable[[int], bytes] = os.urandom,
                  start_fields: Optional[dict] = None,
-                 decide: Optional[Callable[[str], Optional[list]]] = None):
+                 decide: Optional[Callable[[str], Optional[list]]] = None,
+                 function_by_oid: Optional[Callable[[int], Optional[tuple]]] = None):
         self.identity = identity
+        # the target catalog's OID -> (schema, name, argument types), which names the function
+        # of a fast-path call (FunctionCall) for policy; None: only the large-object calls are known
+        self.function_by_oid = function_by_oid
         self.target = target
         self.max_message_bytes = max_message_bytes
         self.client_tls_available = client_tls_available
@@ -970,9 +974,12 @@ class PostgresSession:
                     call = P.parse_function_call(buf[pos + 5:end])
                 except P.ProtocolError as e:
                     return self._client_protocol_error(out, buf, pos, pos, e)
-                known = fastpath.known_call(call.function_oid, len(call.args))
+                known = fastpath.known_call(call.function_oid, len(call.args), self.function_by_oid)
                 if known is None:
                     self._refuse_function_call(call, out)
+                    run = end
+                elif self.masking is not None and not fastpath.is_large_object_call(call.function_oid):
+                    self._refuse_function_call(call, out, known[0])
                     run = end
                 else:
                     # held for an approval, the approver sees the arguments and a grant covers only these
@@ -1224,20 +1231,29 @@ class PostgresSession:
         masking = self.masking
         params = render_bind_params(call.args, call.arg_formats, types,
                                     masking.mask_text if masking is not None else None)
-        for i, value in enumerate(call.args):
-            if value is not None and i < len(types) and types[i] == fastpath.BYTEA:
-                params[i] = f"[{len(value)} bytes]"
+        if fastpath.is_large_object_call(call.function_oid):
+            for i, value in enumerate(call.args):
+                if value is not None and i < len(types) and types[i] == fastpath.BYTEA:
+                    params[i] = f"[{len(value)} bytes]"
         return params
 
-    def _refuse_function_call(self, call: P.FunctionCallMessage, out: list) -> None:
-        """FunctionCall (the fast-path interface) of a function policy cannot see (by OID, and not
-        one fastpath.known_call knows): refused. Like a denied statement, the server itself raises
-        the error (an explicit transaction becomes aborted) and answers ReadyForQuery, which ends
-        the cycle."""
-        text = f"<FunctionCall of function OID {call.function_oid}>"
-        verdict = Verdict(False, text, action="pg:function", kind="FunctionCall", decision="deny",
-                          reason="the fast-path function call interface is refused for this function: it is "
-                                 "called by OID, which policy cannot see")
+    def _refuse_function_call(self, call: P.FunctionCallMessage, out: list, named: Optional[str] = None) -> None:
+        """FunctionCall (the fast-path interface) refused before any decision: of a function policy
+        cannot name (by OID, and not one fastpath.known_call knows), or, `named` (the SQL call it
+        equals), of a catalog-named function while masking rules apply to the session (its result
+        value comes back with no column or type a rule could follow). Like a denied statement, the
+        server itself raises the error (an explicit transaction becomes aborted) and answers
+        ReadyForQuery, which ends the cycle."""
+        if named is None:
+            text = f"<FunctionCall of function OID {call.function_oid}>"
+            reason = ("the fast-path function call interface is refused for this function: it is called by OID, "
+                      "which policy cannot see")
+            why = "it calls a function by OID, which policy cannot see"
+        else:
+            text = named
+            reason = why = ("masking rules apply to this session, and a fast-path call's result cannot be "
+                            "masked")
+        verdict = Verdict(False, text, action="pg:function", kind="FunctionCall", decision="deny", reason=reason)
         self.statements += 1
         index = self.statements
         masking = self.masking
@@ -1245,9 +1261,10 @@ class PostgresSession:
         out.append((EVENT, ("pg.statement", self._statement_fields(text, params, verdict, "fastpath", None, index))))
         message = (f'permission denied by Warden: identity "{self.identity}" may not use the fast-path function '
                    f'call interface (FunctionCall of function OID {call.function_oid}) on target "{self.target}": '
-                   f"it calls a function by OID, which policy cannot see")
-        hint = ("Call the function in SQL instead, e.g. SELECT fn(...), which policy decides (the client "
-                "library's large-object calls pass, decided as the SQL calls they are).")
+                   f"{why}")
+        hint = ("Call the function in SQL instead, e.g. SELECT fn(...), which policy decides (large-object calls, "
+                "and calls of the functions the target's catalog_dsn names, are decided as the SQL calls they are)."
+                if named is None else "Call the function in SQL instead (SELECT fn(...)), where its result is masked.")
         self._refuse_call(text, index, message, hint, out)
 
     def _refuse_call(self, text: str, index: int, message: str, hint: Optional[str], out: list) -> None:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -499,3 +500,12 @@ def test_the_agent_loads_tables_views_and_functions_from_a_catalog_dsn(pg):
     (mirrored,) = catalog.function_bodies("public.ssn_mirrored")
     assert type(mirrored).__name__ == "PlpgsqlDefinition" and "RETURN reverse(v)" in mirrored
     assert "public.customers.ssn" in catalog.names.values()
+    # and names functions by OID for fast-path calls, read from the newest catalog at each call
+    with psycopg.connect(pg.dsn()) as conn:
+        oid = conn.execute("SELECT 'public.ssn_backwards'::regproc::oid::int8").fetchone()[0]
+    assert catalog.function_by_oid(oid)[:2] == ("public", "ssn_backwards")
+    agent = SimpleNamespace(catalogs={})
+    lookup = Agent._function_by_oid(agent, "db")
+    assert lookup(oid) is None
+    agent.catalogs["db"] = catalog
+    assert lookup(oid)[:2] == ("public", "ssn_backwards")

@@ -1,7 +1,7 @@
 """Protocol FunctionCall (the fast-path interface), as bytes: the built-in large-object functions
-libpq's lo_* calls use are decided and recorded as the SQL calls they are and forwarded as sent
-when allowed; any other function OID, or arguments the function does not take, is refused with
-42501 raised by the server itself."""
+libpq's lo_* calls use, and with a target catalog any function it names, are decided and recorded
+as the SQL calls they are and forwarded as sent when allowed; any other function OID, or arguments
+the function does not take, is refused with 42501 raised by the server itself."""
 import struct
 
 import pytest
@@ -145,3 +145,78 @@ def test_a_call_with_no_decision_does_not_run(lane):
     d.client(P.build_function_call(LO_CLOSE, [int4(0)], [1]))
     (st,) = records(d, "pg.statement")
     assert st["decision"] == "deny" and b"42501" in d.to_server and not d.to_server.startswith(b"F")
+
+
+# ---- functions the target's catalog names ---------------------------------------------------------
+ADD_ONE, TAG_BLOB, MIXED_CASE = 16500, 16501, 16502
+CATALOG = {ADD_ONE: ("public", "add_one", (23,)), TAG_BLOB: ("app", "tag_blob", (17, 25)),
+           MIXED_CASE: ("Sales", 'Odd"Name', ())}
+
+
+def test_a_call_the_catalog_names_is_decided_forwarded_and_recorded_as_the_sql_call(lane):
+    d = ready_driver(decider=allow_functions, function_by_oid=CATALOG.get)
+    call = P.build_function_call(ADD_ONE, [int4(41)], [1])
+    d.client(call)
+    assert d.to_server == call
+    assert [(r.sql, r.protocol, r.params) for r in d.requests] == [('SELECT "public"."add_one"($1)', "fastpath", ["41"])]
+    (st,) = records(d, "pg.statement")
+    assert (st["text"], st["protocol"], st["params"], st["decision"]) == (
+        'SELECT "public"."add_one"($1)', "fastpath", ["41"], "allow")
+    d.server(P.build_function_call_response(int4(42)) + Z_IDLE)
+    (res,) = records(d, "pg.result")
+    assert (res["bytes"], res["sqlstate"], res["statement_index"]) == (4, None, st["statement_index"])
+    assert d.to_client == P.build_function_call_response(int4(42)) + Z_IDLE
+
+
+def test_a_catalog_named_calls_bytea_argument_is_recorded_as_a_bind_parameter_is():
+    """Only data written to a large object is recorded by its size; another function's bytea
+    argument is a parameter like any other."""
+    d = ready_driver(decider=allow_functions, function_by_oid=CATALOG.get)
+    d.client(P.build_function_call(TAG_BLOB, [b"\x01\x02", b"label"], [1, 0]))
+    (st,) = records(d, "pg.statement")
+    assert st["text"] == 'SELECT "app"."tag_blob"($1, $2)' and st["params"] == ["\\x0102", "label"]
+
+
+def test_catalog_names_are_quoted_exactly():
+    assert fastpath.known_call(MIXED_CASE, 0, CATALOG.get)[0] == 'SELECT "Sales"."Odd""Name"()'
+
+
+def test_a_denied_catalog_named_call_is_refused_by_the_server_itself(lane):
+    d = ready_driver(decider=deny_functions, function_by_oid=CATALOG.get)
+    d.client(P.build_function_call(ADD_ONE, [int4(1)], [1]))
+    (query,) = P.split_messages(d.to_server)[0]
+    assert query[0] == b"Q" and b"42501" in query[1]
+    (st,) = records(d, "pg.statement")
+    assert (st["text"], st["decision"]) == ('SELECT "public"."add_one"($1)', "deny")
+
+
+@pytest.mark.parametrize("oid, args", [
+    (16999, [int4(1)]),                          # not in the catalog (created since it was read)
+    (ADD_ONE, [int4(1), int4(2)]),               # add_one takes one argument
+])
+def test_a_call_the_catalog_does_not_name_as_sent_is_refused(lane, oid, args):
+    d = ready_driver(decider=allow_functions, function_by_oid=CATALOG.get)
+    d.client(P.build_function_call(oid, args, [1]))
+    assert not d.requests
+    (st,) = records(d, "pg.statement")
+    assert (st["kind"], st["decision"]) == ("FunctionCall", "deny") and "policy cannot see" in st["reason"]
+    assert b"42501" in d.to_server and not d.to_server.startswith(b"F")
+
+
+def test_under_masking_a_catalog_named_call_is_refused_and_a_large_object_call_is_not(lane):
+    """A fast-path result is one bare value, with no column a masking rule could follow: where
+    rules apply, the call is refused (in SQL its result is masked); large-object calls, whose
+    contents masking never covers, go on."""
+    from enforcer.masking import load_masking
+    masker = load_masking({"rules": [{"column": "*ssn*"}]}).for_session("svc-a", {}, "db1")
+    d = ready_driver(decider=allow_functions, function_by_oid=CATALOG.get, masking=masker)
+    d.client(P.build_function_call(ADD_ONE, [int4(1)], [1]))
+    assert not d.requests and not d.to_server.startswith(b"F") and b"42501" in d.to_server
+    (st,) = records(d, "pg.statement")
+    assert (st["text"], st["decision"]) == ('SELECT "public"."add_one"($1)', "deny")
+    assert "cannot be masked" in st["reason"]
+    d.server(P.build_error_response("42501", "permission denied by Warden") + Z_IDLE)
+    d.reset()
+    call = P.build_function_call(LO_CLOSE, [int4(0)], [1])
+    d.client(call)
+    assert d.to_server == call
