@@ -80,6 +80,11 @@ def run_checks(config_path: str) -> tuple[list[str], list[str]]:
 
     if cfg is not None and cfg.masking_engine is not None:
         notes.extend(uncataloged_masking_rules(cfg))
+    if cfg is not None:
+        from agent.catalogs import check_catalogs
+        found, read = check_catalogs(cfg)
+        problems.extend(found)
+        notes.extend(read)
 
     if cfg is not None and cfg.collector.url:
         problems.extend(hostfacts.collector_capture(cfg))

@@ -15,6 +15,7 @@ from typing import Optional
 
 from agent import cgroups, hostfacts, procinfo, sdnotify
 from agent.bpfmgr import BpfManager, Capture, TargetRule
+from agent.catalogs import load_catalog
 from agent.config import AgentConfig, TargetConfig, resolve_target_networks
 from agent.events import JsonLinesSink, fanout
 from agent.identity import IdentityResolver
@@ -187,15 +188,6 @@ class Agent:
             if await asyncio.to_thread(self.policy.maybe_reload):
                 self.emit("agent.reloaded", {"what": "policy", "generation": self.policy.generation})
 
-    def _load_catalog(self, dsn: str):
-        import psycopg
-        from enforcer.masking.catalog import (CATALOG_QUERY, FUNCTION_OIDS_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY,
-                                              catalog_from_rows)
-        with psycopg.connect(dsn, connect_timeout=10) as conn:
-            return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall(),
-                                     conn.execute(FUNCTIONS_QUERY).fetchall(),
-                                     conn.execute(FUNCTION_OIDS_QUERY).fetchall())
-
     def _function_by_oid(self, target: str):
         """OID -> (schema, name, argument types) from the target's newest catalog, for fast-path
         calls: read at each call, so a long session sees functions created after it started once
@@ -211,7 +203,7 @@ class Agent:
         while sources and not stop.is_set():
             for name, dsn in sources.items():
                 try:
-                    self.catalogs[name] = await asyncio.to_thread(self._load_catalog, dsn)
+                    self.catalogs[name] = await asyncio.to_thread(load_catalog, dsn)
                 except Exception as exc:
                     log.warning("catalog for target %s not refreshed: %s", name, exc)
             try:

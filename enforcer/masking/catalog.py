@@ -104,6 +104,9 @@ class Catalog:
     def function_by_oid(self, oid: int) -> Optional[tuple[str, str, tuple[int, ...]]]:
         return self._by_function_oid.get(oid)
 
+    def size_summary(self) -> str:
+        return f"{len(self.names)} columns, {len(self._view_columns)} views, {len(self._by_function_oid)} functions"
+
     def __call__(self, table_oid: int, attnum: int) -> Optional[str]:
         return self.names.get((table_oid, attnum))
 

@@ -493,8 +493,9 @@ def test_records_hold_no_raw_values(pg, engine, catalog, tmp_path):
 
 def test_the_agent_loads_tables_views_and_functions_from_a_catalog_dsn(pg):
     """The agent's own catalog loader (what each target's catalog_dsn runs every minute)."""
+    from agent.catalogs import load_catalog
     from agent.daemon import Agent
-    catalog = Agent._load_catalog(None, pg.dsn())
+    catalog = load_catalog(pg.dsn())
     assert catalog.function_bodies("ssn_backwards") == catalog.function_bodies("public.ssn_backwards") != ()
     assert "reverse(ssn)" in catalog.function_bodies("ssn_backwards")[0]
     (mirrored,) = catalog.function_bodies("public.ssn_mirrored")
@@ -509,3 +510,23 @@ def test_the_agent_loads_tables_views_and_functions_from_a_catalog_dsn(pg):
     assert lookup(oid) is None
     agent.catalogs["db"] = catalog
     assert lookup(oid)[:2] == ("public", "ssn_backwards")
+
+
+def test_check_reads_each_catalog_dsn_as_the_agent_will_and_never_shows_it(pg):
+    """`warden-agent check`: a readable catalog_dsn is noted with what it holds; one that cannot be
+    read is a problem saying what falls back, without the DSN (it may hold a password)."""
+    from agent.catalogs import check_catalogs
+    from agent.config import parse
+    text = ("targets:\n"
+            "  - {name: good-db, protocol: postgres, match: {cidr: 127.0.0.2/32, port: 5432}, "
+            f"catalog_dsn: '{pg.dsn()}'}}\n"
+            "  - {name: bad-db, protocol: postgres, match: {cidr: 127.0.0.3/32, port: 5432}, "
+            f"catalog_dsn: '{pg.dsn(password='wrong-pw-91x')}'}}\n"
+            "  - {name: no-catalog, protocol: postgres, match: {cidr: 127.0.0.4/32, port: 5432}}\n")
+    problems, notes = check_catalogs(parse(text, "agent.yaml"))
+    (note,) = notes
+    assert note.startswith("target good-db: catalog_dsn readable (") and "functions)" in note
+    assert int(note.split(", ")[-1].split()[0]) > 1000        # every plain function, built-ins too
+    (problem,) = problems
+    assert problem.startswith("target bad-db: its catalog_dsn cannot be read (") and "fast-path" in problem
+    assert "wrong-pw-91x" not in problem and "alice-pw" not in note
