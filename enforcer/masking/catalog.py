@@ -43,10 +43,10 @@ FUNCTIONS_QUERY = (
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"
 )
 
-# every plain function by OID, with its argument types: a FunctionCall names its function by OID
-# only, so this is how policy and the records learn which function it calls
+# every plain function by OID, with its argument and result types: a FunctionCall names its
+# function by OID only, so this is how policy, the records and masking learn which function it calls
 FUNCTION_OIDS_QUERY = (
-    "SELECT p.oid::int8, n.nspname, p.proname, p.proargtypes::pg_catalog.oid[] "
+    "SELECT p.oid::int8, n.nspname, p.proname, p.proargtypes::pg_catalog.oid[], p.prorettype::int8 "
     "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
     "WHERE p.prokind = 'f'"
 )
@@ -59,13 +59,13 @@ class Catalog:
     view's column, the (table, column) pairs it shows (through views over views), else None;
     `function_bodies(name)`: the bodies of the functions called `name` (qualified or not): SQL
     texts, and PlpgsqlDefinition for PL/pgSQL functions; `function_by_oid(oid)`: (schema, name,
-    argument type OIDs) of a plain function, else None."""
+    argument type OIDs, result type OID) of a plain function, else None."""
 
     def __init__(self, rows: Iterable[tuple], views: Iterable[tuple] = (), functions: Iterable[tuple] = (),
                  function_oids: Iterable[tuple] = ()):
-        self._by_function_oid: dict[int, tuple[str, str, tuple[int, ...]]] = {
-            int(oid): (schema, name, tuple(int(t) for t in (argtypes or ())))
-            for oid, schema, name, argtypes in function_oids}
+        self._by_function_oid: dict[int, tuple[str, str, tuple[int, ...], int]] = {
+            int(oid): (schema, name, tuple(int(t) for t in (argtypes or ())), int(rettype))
+            for oid, schema, name, argtypes, rettype in function_oids}
         self._functions: dict[str, tuple] = {}
         for schema, name, body, *language in functions:
             if language and language[0] == "plpgsql":
@@ -101,7 +101,7 @@ class Catalog:
     def function_bodies(self, name: str) -> tuple:
         return self._functions.get(name, ())
 
-    def function_by_oid(self, oid: int) -> Optional[tuple[str, str, tuple[int, ...]]]:
+    def function_by_oid(self, oid: int) -> Optional[tuple[str, str, tuple[int, ...], int]]:
         return self._by_function_oid.get(oid)
 
     def size_summary(self) -> str:

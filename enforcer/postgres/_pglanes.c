@@ -153,7 +153,7 @@ static PyObject *render_typed(const unsigned char *p, Py_ssize_t len, unsigned l
  * statement): the same slots set to the same values. configure() checks the classes still have
  * exactly these slots. */
 static const char *const RESULT_SLOTS[] = {"text", "start_ns", "rows", "nbytes", "batch", "denied", "index",
-                                           "portal", "refusal", "undo"};
+                                           "portal", "refusal", "undo", "call_plan"};
 static const char *const PORTAL_SLOTS[] = {"statement", "formats", "fields", "described", "index", "undo"};
 #define N_RESULT_SLOTS (sizeof RESULT_SLOTS / sizeof RESULT_SLOTS[0])
 #define N_PORTAL_SLOTS (sizeof PORTAL_SLOTS / sizeof PORTAL_SLOTS[0])
@@ -181,7 +181,8 @@ static PyObject *new_result(PyObject *text, PyObject *start_ns, PyObject *batch,
     PyObject *zero = PyLong_FromLong(0);
     if (zero == NULL)
         return NULL;
-    PyObject *values[N_RESULT_SLOTS] = {text, start_ns, zero, zero, batch, denied, index, portal, Py_None, Py_None};
+    PyObject *values[N_RESULT_SLOTS] = {text, start_ns, zero, zero, batch, denied, index, portal, Py_None, Py_None,
+                                        Py_None};
     PyObject *r = new_slotted(Result, result_slot_offsets, values, N_RESULT_SLOTS);
     Py_DECREF(zero);
     return r;

@@ -45,7 +45,7 @@ def known_call(function_oid: int, nargs: int,
                ) -> Optional[tuple[str, tuple[int, ...]]]:
     """(the SQL text the call equals, its argument types), or None for a call policy cannot see:
     an OID neither the large-object list nor `function_by_oid` (the catalog's: OID -> (schema,
-    name, argument types)) names, or arguments the function does not take."""
+    name, argument types, result type)) names, or arguments the function does not take."""
     entry = _LARGE_OBJECT_FUNCTIONS.get(function_oid)
     if entry is not None:
         name, types = entry
@@ -54,7 +54,7 @@ def known_call(function_oid: int, nargs: int,
         found = function_by_oid(function_oid) if function_by_oid is not None else None
         if found is None:
             return None
-        schema, name, types = found
+        schema, name, types = found[:3]
         qualified = f"{quote_identifier(schema)}.{quote_identifier(name)}"
     if len(types) != nargs:
         return None

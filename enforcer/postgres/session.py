@@ -218,7 +218,8 @@ def result_formats(codes: list, ncols: int) -> list:
 
 class _Result:
     """One expected statement result (an Execute, or one statement of a simple Query)."""
-    __slots__ = ("text", "start_ns", "rows", "nbytes", "batch", "denied", "index", "portal", "refusal", "undo")
+    __slots__ = ("text", "start_ns", "rows", "nbytes", "batch", "denied", "index", "portal", "refusal", "undo",
+                 "call_plan")
 
     def __init__(self, text: Optional[str], start_ns: int, batch: int, denied: bool = False,
                  index: Optional[int] = None, portal: Optional[_Portal] = None):
@@ -232,6 +233,7 @@ class _Result:
         self.portal = portal
         self.refusal: Optional[tuple[str, str]] = None     # (sqlstate, message) sent instead of rows
         self.undo: Optional[list] = None      # how to take back the statement's effects if it does not run
+        self.call_plan = None                 # masking of a fast-path call's value (its RowPlan)
 
 
 _BIG_MESSAGE = 256 * 1024
@@ -978,9 +980,6 @@ class PostgresSession:
                 if known is None:
                     self._refuse_function_call(call, out)
                     run = end
-                elif self.masking is not None and not fastpath.is_large_object_call(call.function_oid):
-                    self._refuse_function_call(call, out, known[0])
-                    run = end
                 else:
                     # held for an approval, the approver sees the arguments and a grant covers only these
                     if self._decide_or_hold(("F", buf[pos:end], call, known), known[0], lambda _prepared: (
@@ -1220,10 +1219,34 @@ class PostgresSession:
         if denied is not None:
             self._refuse_call(text, index, denial_message(self.identity, self.target, denied), None, out)
             return
-        self._results.append(_Result(text, self.clock(), self._client_batch, index=index))
+        try:
+            plan = self._call_plan(call, text)
+        except MaskingRefused as e:
+            self._refuse_call(text, index, str(e), None, out)
+            return
+        result = _Result(text, self.clock(), self._client_batch, index=index)
+        result.call_plan = plan
+        self._results.append(result)
         self._client_batch += 1
         self._expect.append(_SYNC_EXPECT)
         out.append((TO_SERVER, msg))
+
+    def _call_plan(self, call: P.FunctionCallMessage, text: str):
+        """How the value of an allowed fast-path call is masked: as the one column of its SQL call
+        (`SELECT "public"."get_ssn"($1)`), so a function whose body returns a masked column is
+        masked like it, and the detectors read it; None when nothing can need masking. Large-object
+        contents are not masked (as for lo_get in SQL). Raises MaskingRefused when no plan can be
+        made (a result type the catalog does not give, or a rule's on_binary: error)."""
+        masking = self.masking
+        if masking is None or fastpath.is_large_object_call(call.function_oid):
+            return None
+        found = self.function_by_oid(call.function_oid) if self.function_by_oid is not None else None
+        if found is None or len(found) < 4:
+            raise MaskingRefused(f"Warden refused the fast-path call of function OID {call.function_oid}: masking "
+                                 f"rules apply and its result type is not known, so its result cannot be masked; "
+                                 f"call it in SQL (SELECT fn(...))")
+        field = P.FieldDescription(found[1], 0, 0, found[3], -1, -1, call.result_format)
+        return masking.plan_for([field], text)
 
     def _function_call_params(self, call: P.FunctionCallMessage, types: tuple) -> list:
         """A call's arguments as recorded: as Bind parameters are, except that data written to a
@@ -1237,23 +1260,15 @@ class PostgresSession:
                     params[i] = f"[{len(value)} bytes]"
         return params
 
-    def _refuse_function_call(self, call: P.FunctionCallMessage, out: list, named: Optional[str] = None) -> None:
-        """FunctionCall (the fast-path interface) refused before any decision: of a function policy
-        cannot name (by OID, and not one fastpath.known_call knows), or, `named` (the SQL call it
-        equals), of a catalog-named function while masking rules apply to the session (its result
-        value comes back with no column or type a rule could follow). Like a denied statement, the
-        server itself raises the error (an explicit transaction becomes aborted) and answers
-        ReadyForQuery, which ends the cycle."""
-        if named is None:
-            text = f"<FunctionCall of function OID {call.function_oid}>"
-            reason = ("the fast-path function call interface is refused for this function: it is called by OID, "
-                      "which policy cannot see")
-            why = "it calls a function by OID, which policy cannot see"
-        else:
-            text = named
-            reason = why = ("masking rules apply to this session, and a fast-path call's result cannot be "
-                            "masked")
-        verdict = Verdict(False, text, action="pg:function", kind="FunctionCall", decision="deny", reason=reason)
+    def _refuse_function_call(self, call: P.FunctionCallMessage, out: list) -> None:
+        """FunctionCall (the fast-path interface) of a function policy cannot see (by OID, and not
+        one fastpath.known_call knows): refused. Like a denied statement, the server itself raises
+        the error (an explicit transaction becomes aborted) and answers ReadyForQuery, which ends
+        the cycle."""
+        text = f"<FunctionCall of function OID {call.function_oid}>"
+        verdict = Verdict(False, text, action="pg:function", kind="FunctionCall", decision="deny",
+                          reason="the fast-path function call interface is refused for this function: it is "
+                                 "called by OID, which policy cannot see")
         self.statements += 1
         index = self.statements
         masking = self.masking
@@ -1261,10 +1276,9 @@ class PostgresSession:
         out.append((EVENT, ("pg.statement", self._statement_fields(text, params, verdict, "fastpath", None, index))))
         message = (f'permission denied by Warden: identity "{self.identity}" may not use the fast-path function '
                    f'call interface (FunctionCall of function OID {call.function_oid}) on target "{self.target}": '
-                   f"{why}")
+                   f"it calls a function by OID, which policy cannot see")
         hint = ("Call the function in SQL instead, e.g. SELECT fn(...), which policy decides (large-object calls, "
-                "and calls of the functions the target's catalog_dsn names, are decided as the SQL calls they are)."
-                if named is None else "Call the function in SQL instead (SELECT fn(...)), where its result is masked.")
+                "and calls of the functions the target's catalog_dsn names, are decided as the SQL calls they are).")
         self._refuse_call(text, index, message, hint, out)
 
     def _refuse_call(self, text: str, index: int, message: str, hint: Optional[str], out: list) -> None:
@@ -1624,6 +1638,15 @@ class PostgresSession:
                 if results:
                     r = results.popleft()
                     r.nbytes += max(length - 8, 0)       # the value, without its length word
+                    if r.call_plan is not None:
+                        # the value as the one column of a DataRow: int16 1, then the same int32 length + bytes
+                        row = b"\x00\x01" + buf[pos + 5:end]
+                        masked = r.call_plan.mask_data_row(row)
+                        if masked is not row:
+                            if run < pos:
+                                out.append((TO_CLIENT, buf[run:pos]))
+                            out.append((TO_CLIENT, b"V" + _pack_i32(len(masked) + 2) + masked[2:]))
+                            run = end
                     self._emit_result(out, r, None, None, None)
             elif t == 99:                    # 'c' CopyDone
                 self._copy_out = None

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from enforcer.masking import CATALOG_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY, catalog_from_rows, load_masking
+from enforcer.masking import (CATALOG_QUERY, FUNCTION_OIDS_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY, catalog_from_rows,
+                              load_masking)
 from tests.pg_harness import EnforcerThread, PostgresServer, postgres_available
 
 pytestmark = [pytest.mark.postgres,
@@ -63,7 +64,7 @@ def pg():
 def catalog(pg):
     with psycopg.connect(pg.dsn()) as conn:
         return catalog_from_rows(conn.execute(CATALOG_QUERY).fetchall(), conn.execute(VIEWS_QUERY).fetchall(),
-                                 conn.execute(FUNCTIONS_QUERY).fetchall())
+                                 conn.execute(FUNCTIONS_QUERY).fetchall(), conn.execute(FUNCTION_OIDS_QUERY).fetchall())
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +181,36 @@ def test_a_sql_function_returning_a_masked_column_is_masked_with_the_catalog(enf
     assert fetch(uncataloged_enforcer, pg, "SELECT ssn_backwards(1)") == [(backwards,)]
     (masked,) = fetch(enforcer, pg, "SELECT ssn_backwards(1) AS x")
     assert masked != (backwards,) and "9876" not in masked[0]
+
+
+def test_a_fast_path_call_is_masked_as_the_sql_call_it_equals(pg, engine, catalog):
+    """libpq's PQfn of ssn_backwards(1) (protocol FunctionCall, by OID): its value is masked as
+    `SELECT ssn_backwards(1)` is, through the function's body; a function reading no table comes
+    back as it is; the record shows the call as SQL."""
+    from tests.libpq import Libpq
+    masker = engine.for_session("test-svc", {"unit": "test.service"}, "testdb", catalog=catalog)
+    with psycopg.connect(pg.dsn()) as conn:
+        backwards_oid, greeting_oid = (conn.execute(f"SELECT '{name}'::regproc::oid::int8").fetchone()[0]
+                                       for name in ("public.ssn_backwards", "public.greeting"))
+    with EnforcerThread((pg.host, pg.port), masking=masker, identity="test-svc",
+                        function_by_oid=catalog.function_by_oid) as enf:
+        client = Libpq(enf.dsn(pg))
+        try:
+            masked, error = client.call_text(backwards_oid, 1)
+            assert error is None and masked and b"9876" not in masked and masked != b"9876-54-321"
+            assert client.call_text(greeting_oid, 1) == (b"hello 1", None)
+        finally:
+            client.close()
+        calls = [f for f in enf.sink.of_type("pg.statement") if f["protocol"] == "fastpath"]
+        assert [f["text"] for f in calls] == ['SELECT "public"."ssn_backwards"($1)', 'SELECT "public"."greeting"($1)']
+    # without the catalog's result types the value cannot be planned: refused, not sent
+    with EnforcerThread((pg.host, pg.port), masking=masker, identity="test-svc",
+                        function_by_oid=lambda oid: catalog.function_by_oid(oid)[:3]) as enf:
+        client = Libpq(enf.dsn(pg))
+        try:
+            assert client.call_text(backwards_oid, 1) == (None, "42501")
+        finally:
+            client.close()
 
 
 def test_a_plpgsql_function_returning_a_masked_column_is_masked_with_the_catalog(enforcer, uncataloged_enforcer,

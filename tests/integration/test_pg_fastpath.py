@@ -2,12 +2,10 @@
 serve_postgres to a real PostgreSQL 15: with the target's catalog (read with the agent's
 FUNCTION_OIDS_QUERY) a call is decided by the Cedar engine as the SQL call it is, recorded, and
 runs; without it, or denied, the server itself refuses it with 42501."""
-import ctypes
-import ctypes.util
-
 import pytest
 
 from enforcer.masking import CATALOG_QUERY, FUNCTION_OIDS_QUERY, FUNCTIONS_QUERY, VIEWS_QUERY, catalog_from_rows
+from tests.libpq import Libpq
 from tests.pg_harness import EnforcerThread, PostgresServer, postgres_available
 
 pytestmark = [pytest.mark.postgres,
@@ -21,66 +19,6 @@ permit (principal == Service::"test-svc", action == Action::"pg:connect", resour
 @id("reads")
 permit (principal == Service::"test-svc", action == Action::"pg:select", resource in Target::"testdb");
 """
-
-PGRES_COMMAND_OK, PGRES_FATAL_ERROR, CONNECTION_OK = 1, 7, 0
-PG_DIAG_SQLSTATE = ord("C")
-
-
-class _ArgValue(ctypes.Union):
-    _fields_ = [("ptr", ctypes.c_void_p), ("integer", ctypes.c_int)]
-
-
-class PQArgBlock(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_int), ("isint", ctypes.c_int), ("u", _ArgValue)]
-
-
-def _libpq():
-    lib = ctypes.CDLL(ctypes.util.find_library("pq") or "libpq.so.5")
-    lib.PQconnectdb.restype = ctypes.c_void_p
-    lib.PQconnectdb.argtypes = [ctypes.c_char_p]
-    lib.PQstatus.argtypes = [ctypes.c_void_p]
-    lib.PQerrorMessage.restype = ctypes.c_char_p
-    lib.PQerrorMessage.argtypes = [ctypes.c_void_p]
-    lib.PQfn.restype = ctypes.c_void_p
-    lib.PQfn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int),
-                         ctypes.c_int, ctypes.POINTER(PQArgBlock), ctypes.c_int]
-    lib.PQresultStatus.argtypes = [ctypes.c_void_p]
-    lib.PQresultErrorField.restype = ctypes.c_char_p
-    lib.PQresultErrorField.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    lib.PQclear.argtypes = [ctypes.c_void_p]
-    lib.PQfinish.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-class Libpq:
-    """One libpq connection; `call_int(oid, *ints)` is PQfn with int4 arguments and result:
-    (value, None) or (None, SQLSTATE)."""
-
-    def __init__(self, dsn: str):
-        self.lib = _libpq()
-        self.conn = self.lib.PQconnectdb(dsn.encode())
-        if self.lib.PQstatus(self.conn) != CONNECTION_OK:
-            message = self.lib.PQerrorMessage(self.conn).decode()
-            self.lib.PQfinish(self.conn)
-            raise RuntimeError(f"libpq could not connect: {message}")
-
-    def call_int(self, oid: int, *args: int):
-        blocks = (PQArgBlock * max(1, len(args)))()
-        for i, value in enumerate(args):
-            blocks[i].len, blocks[i].isint, blocks[i].u.integer = 4, 1, value
-        result, result_len = ctypes.c_int(0), ctypes.c_int(0)
-        res = self.lib.PQfn(self.conn, oid, ctypes.byref(result), ctypes.byref(result_len), 1, blocks, len(args))
-        try:
-            status = self.lib.PQresultStatus(res)
-            if status == PGRES_COMMAND_OK:
-                return result.value, None
-            assert status == PGRES_FATAL_ERROR, status
-            return None, self.lib.PQresultErrorField(res, PG_DIAG_SQLSTATE).decode()
-        finally:
-            self.lib.PQclear(res)
-
-    def close(self):
-        self.lib.PQfinish(self.conn)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +49,8 @@ def test_a_call_the_catalog_names_is_decided_as_sql_recorded_and_runs(pg):
 
     catalog = catalog_of(pg)
     add_one, read_file = oid_of(pg, "public.add_one(int4)"), oid_of(pg, "pg_catalog.pg_read_file(text)")
-    assert catalog.function_by_oid(add_one) == ("public", "add_one", (23,))
-    assert catalog.function_by_oid(read_file) == ("pg_catalog", "pg_read_file", (25,))
+    assert catalog.function_by_oid(add_one) == ("public", "add_one", (23,), 23)
+    assert catalog.function_by_oid(read_file) == ("pg_catalog", "pg_read_file", (25,), 25)
     with EnforcerThread((pg.host, pg.port), policy=PolicyEngine.from_text(POLICY),
                         function_by_oid=catalog.function_by_oid) as enforcer:
         client = Libpq(enforcer.dsn(pg))

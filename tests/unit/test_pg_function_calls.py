@@ -148,9 +148,9 @@ def test_a_call_with_no_decision_does_not_run(lane):
 
 
 # ---- functions the target's catalog names ---------------------------------------------------------
-ADD_ONE, TAG_BLOB, MIXED_CASE = 16500, 16501, 16502
-CATALOG = {ADD_ONE: ("public", "add_one", (23,)), TAG_BLOB: ("app", "tag_blob", (17, 25)),
-           MIXED_CASE: ("Sales", 'Odd"Name', ())}
+ADD_ONE, TAG_BLOB, MIXED_CASE, SSN_OF = 16500, 16501, 16502, 16503
+CATALOG = {ADD_ONE: ("public", "add_one", (23,), 23), TAG_BLOB: ("app", "tag_blob", (17, 25), 25),
+           MIXED_CASE: ("Sales", 'Odd"Name', (), 2278), SSN_OF: ("public", "ssn_of", (23,), 25)}
 
 
 def test_a_call_the_catalog_names_is_decided_forwarded_and_recorded_as_the_sql_call(lane):
@@ -203,20 +203,36 @@ def test_a_call_the_catalog_does_not_name_as_sent_is_refused(lane, oid, args):
     assert b"42501" in d.to_server and not d.to_server.startswith(b"F")
 
 
-def test_under_masking_a_catalog_named_call_is_refused_and_a_large_object_call_is_not(lane):
-    """A fast-path result is one bare value, with no column a masking rule could follow: where
-    rules apply, the call is refused (in SQL its result is masked); large-object calls, whose
-    contents masking never covers, go on."""
+def test_under_masking_a_catalog_named_calls_value_is_masked_and_a_large_object_call_is_not(lane):
+    """A fast-path result is masked as the one column of the SQL call it equals (here by the
+    detectors, as its function has no body to read); large-object contents are not (as for lo_get
+    in SQL)."""
     from enforcer.masking import load_masking
-    masker = load_masking({"rules": [{"column": "*ssn*"}]}).for_session("svc-a", {}, "db1")
+    masker = load_masking({"rules": [{"scan_all_text": True, "detectors": ["ssn"]}]}).for_session("svc-a", {}, "db1")
     d = ready_driver(decider=allow_functions, function_by_oid=CATALOG.get, masking=masker)
-    d.client(P.build_function_call(ADD_ONE, [int4(1)], [1]))
-    assert not d.requests and not d.to_server.startswith(b"F") and b"42501" in d.to_server
-    (st,) = records(d, "pg.statement")
-    assert (st["text"], st["decision"]) == ('SELECT "public"."add_one"($1)', "deny")
-    assert "cannot be masked" in st["reason"]
-    d.server(P.build_error_response("42501", "permission denied by Warden") + Z_IDLE)
-    d.reset()
-    call = P.build_function_call(LO_CLOSE, [int4(0)], [1])
+    call = P.build_function_call(SSN_OF, [int4(1)], [1])
     d.client(call)
     assert d.to_server == call
+    d.server(P.build_function_call_response(b"ssn 123-45-6789 on file") + Z_IDLE)
+    (value,) = [body for t, body in P.split_messages(d.to_client)[0] if t == b"V"]
+    assert b"123-45-6789" not in value and value.startswith(struct.pack("!i", len(value) - 4))
+    assert d.to_client.endswith(Z_IDLE)
+    (res,) = records(d, "pg.result")
+    assert res["bytes"] == len(b"ssn 123-45-6789 on file")
+    d.reset()
+    d.client(P.build_function_call(ADD_ONE, [int4(1)], [1]))
+    d.server(P.build_function_call_response(int4(2)) + Z_IDLE)
+    assert d.to_client == P.build_function_call_response(int4(2)) + Z_IDLE
+    d.reset()
+    d.client(P.build_function_call(LOREAD, [int4(0), int4(64)], [1]))
+    d.server(P.build_function_call_response(b"ssn 123-45-6789") + Z_IDLE)
+    assert d.to_client == P.build_function_call_response(b"ssn 123-45-6789") + Z_IDLE
+
+
+def test_under_masking_a_call_whose_result_type_is_unknown_is_refused(lane):
+    from enforcer.masking import load_masking
+    masker = load_masking({"rules": [{"scan_all_text": True, "detectors": ["ssn"]}]}).for_session("svc-a", {}, "db1")
+    d = ready_driver(decider=allow_functions, function_by_oid=lambda oid: CATALOG[oid][:3], masking=masker)
+    d.client(P.build_function_call(ADD_ONE, [int4(1)], [1]))
+    assert not d.to_server.startswith(b"F") and b"42501" in d.to_server
+    assert b"result cannot be masked" in d.to_server
