@@ -104,6 +104,7 @@ class AgentConfig:
     listen_host4: str = "127.0.0.1"
     listen_host6: str = "::1"
     on_stop: str = "detach"           # detach | hold: what a stop does with the BPF programs
+    stop_drain: float = 5.0           # s a stop waits for sessions to reach an idle point
 
     def policy_groups(self) -> dict[str, list[str]]:
         """Group name -> the identities in it (`identities[].groups`), as policies see them."""
@@ -144,7 +145,7 @@ def _parse_duration(value: Any) -> float:
 
 # the keys of each top-level mapping (targets, identities and masking are checked where parsed)
 _SECTION_KEYS = {
-    "agent": ("id", "state_dir", "event_log", "heartbeat_interval", "on_stop"),
+    "agent": ("id", "state_dir", "event_log", "heartbeat_interval", "on_stop", "stop_drain"),
     "collector": ("url", "enrollment", "ca"),
     "scope": ("cgroups",),
     "enforcer": ("listen_port_base",),
@@ -425,6 +426,14 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         on_stop = "detach"
 
     try:
+        stop_drain = _parse_duration(agent.get("stop_drain", 5))
+        if stop_drain < 0:
+            raise ValueError
+    except ValueError:
+        err(("agent", "stop_drain"), "agent.stop_drain must be a duration such as 5s (0: cut sessions at once)")
+        stop_drain = 5.0
+
+    try:
         heartbeat_interval = _parse_duration(agent.get("heartbeat_interval", 30))
     except ValueError:
         err(("agent", "heartbeat_interval"), "agent.heartbeat_interval must be a duration such as 30s")
@@ -452,7 +461,7 @@ def parse(text: str, filename: str = "agent.yaml") -> AgentConfig:
         approvals_timeout=approvals_timeout, approvals_grant_window=grant_window,
         inventory_interval=inventory_interval,
         heartbeat_interval=heartbeat_interval,
-        event_log=event_log, on_stop=on_stop)
+        event_log=event_log, on_stop=on_stop, stop_drain=stop_drain)
 
 
 def load(path: str) -> AgentConfig:

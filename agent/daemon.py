@@ -95,6 +95,8 @@ class Agent:
         self.inventory = Inventory(self._describe_capture, self._target_name)
         self.servers: list[asyncio.base_events.Server] = []
         self.active_sessions: set[asyncio.Task] = set()
+        # set when the agent starts stopping: sessions leave at their next idle point
+        self.stopping = asyncio.Event()
         self.stats = {"accepted": 0, "unattributed": 0, "bypassed": 0}
         self.open_per_target: dict[str, int] = {}    # sessions being served, for max_connections
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -407,10 +409,12 @@ class Agent:
                     log.error("task %s had failed: %s", task.get_name(), outcome, exc_info=outcome)
         finally:
             sdnotify.notify("STOPPING=1")
+            self.stopping.set()
             for server in self.servers:
                 server.close()
             left = self._release_programs()
             self._flush_inventory()
+            drained = await self._drain_sessions()
             for task in list(self.active_sessions):
                 task.cancel()
             if self.active_sessions:
@@ -418,12 +422,31 @@ class Agent:
             try:
                 self.emit("agent.stop", {"agent_id": self.agent_id, "stats": dict(self.stats),
                                          "reason": "handover" if self.handing_over else "signal",
-                                         "programs_left": left,
+                                         "programs_left": left, "sessions_drained": drained[0],
+                                         "sessions_cut": drained[1],
                                          "uptime_s": round(time.monotonic() - self.started, 3)})
             except (RecordBacklogFull, RuntimeError) as exc:
                 log.error("agent.stop not recorded: %s", exc)
             if self.records is not None:
                 await asyncio.to_thread(self.records.close)
+
+    async def _drain_sessions(self) -> tuple[int, int]:
+        """Give the sessions up to agent.stop_drain to reach an idle point, where each ends with the
+        protocol's own goodbye (Postgres: FATAL 57P01, as at a server shutdown; HTTP: the
+        connection closed between requests), so no statement or request is cut that could finish.
+        Returns (ended within the drain, still running: they are cut)."""
+        sessions = list(self.active_sessions)
+        if not sessions:
+            return 0, 0
+        drain = self.config.stop_drain
+        if drain > 0:
+            log.info("stopping: waiting up to %gs for %d session(s) to reach an idle point", drain, len(sessions))
+            await asyncio.wait(sessions, timeout=drain)
+        running = sum(1 for task in sessions if not task.done())
+        if running:
+            log.warning("stopping: %d session(s) still running after agent.stop_drain (%gs) are cut",
+                        running, drain)
+        return len(sessions) - running, running
 
     def hand_over(self, stop: asyncio.Event) -> None:
         """SIGUSR2: stop for a planned restart, leaving the programs attached for the next run
@@ -665,6 +688,7 @@ class Agent:
                           if self.masking is not None else None)
                 return name, new_attrs, masker
             ctx.extra["reidentify"] = reidentify
+        ctx.extra["agent_stopping"] = self.stopping
         ctx.extra["session_start_fields"] = {
             "identity": identity, "target": target.name, "protocol": target.protocol,
             "orig_dst": f"{cap.orig_ip}:{cap.orig_port}", "process": procinfo.as_record(proc),

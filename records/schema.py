@@ -57,7 +57,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     "agent.start": ("version", "hostname", "pid", "config_path", "kernel", "boot_id",
                     "bpf", "chain_seq", "chain_hash", "agent_id", "host", "scope", "targets",
                     "listeners_passed"),
-    "agent.stop": ("reason", "uptime_s", "agent_id", "stats", "programs_left"),
+    "agent.stop": ("reason", "uptime_s", "agent_id", "stats", "programs_left", "sessions_drained", "sessions_cut"),
     "agent.heartbeat": ("version", "uptime_s", "spool_backlog_bytes",
                         "spool_backlog_batches", "spool_full", "chain_seq", "chain_hash",
                         "bpf_state", "sessions_active", "stats"),

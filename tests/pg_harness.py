@@ -256,8 +256,9 @@ class EnforcerThread:
     def __init__(self, upstream: tuple[str, int], sink: Optional[ListSink] = None, policy=None, masking=None,
                  approvals=None, options: Optional[dict] = None, tls=None, server_ssl_context=None,
                  identity: str = "test-svc", target_name: str = "testdb", use_uvloop: bool = False,
-                 function_by_oid=None):
+                 function_by_oid=None, stopping=None):
         self.upstream = upstream
+        self.stopping = stopping        # the agent's "stopping" asyncio.Event, set with stop_sessions()
         self.function_by_oid = function_by_oid    # the target catalog's, as the agent hands it over
         self.sink = sink or ListSink()
         self.policy = policy
@@ -288,7 +289,8 @@ class EnforcerThread:
                                  sink=self.sink, policy=self.policy, masking=self.masking,
                                  approvals=self.approvals,
                                  extra={"server_ssl_context": self.server_ssl_context,
-                                        "pg_function_by_oid": self.function_by_oid})
+                                        "pg_function_by_oid": self.function_by_oid,
+                                        "agent_stopping": self.stopping})
 
     def start(self) -> "EnforcerThread":
         import asyncio

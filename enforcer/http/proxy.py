@@ -357,6 +357,11 @@ class HttpSession(asyncio.Protocol):
         if not self.done.done():
             self.done.set_result(None)
 
+    def idle(self) -> bool:
+        """Between requests: nothing read of the next one, nothing owed to the client."""
+        return (self.phase == _IDLE and self.exchange is None and not self.tasks and self.tunnel is None
+                and self.parser.at_message_start and not self.parser.buffered)
+
     def _fail_internally(self, exc: BaseException) -> None:
         # one bad connection must not take the listener down; it is closed and recorded
         self._end("internal_error", f"{type(exc).__name__}: {exc}")
@@ -1312,15 +1317,37 @@ async def serve_http(client_reader: asyncio.StreamReader, client_writer: asyncio
     await _run_session(session, buffered, eof)
 
 
+# While the agent stops (ctx.extra["agent_stopping"] set), a session is closed at its next idle
+# point (between requests); one it cannot wait for is cut
+STOPPING_POLL_S = 0.02
+
+
 async def _run_session(session: HttpSession, buffered: bytes, eof: bool) -> None:
+    stopping: Optional[asyncio.Event] = (session.ctx.extra or {}).get("agent_stopping")
     try:
         session.start(buffered, eof)
-        await session.done
+        if stopping is None:
+            await session.done
+        else:
+            await _serve_until_stop(session, stopping)
     except asyncio.CancelledError:
-        session._end("cancelled")
+        session._end("agent_stopping" if stopping is not None and stopping.is_set() else "cancelled")
         raise
     except Exception as exc:
         session._fail_internally(exc)
+
+
+async def _serve_until_stop(session: HttpSession, stopping: asyncio.Event) -> None:
+    stop_wait = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait((session.done, stop_wait), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+    while not session.done.done():
+        if session.idle():
+            session._end("agent_stopping")
+            return
+        await asyncio.sleep(STOPPING_POLL_S)
 
 
 def _stream_leftover(reader: asyncio.StreamReader) -> tuple[bytes, bool]:

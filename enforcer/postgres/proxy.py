@@ -48,6 +48,14 @@ WRITE_HIGH_WATER = 512 * 1024
 # PostgreSQL 17 requires this ALPN on direct SSL connections (and libpq sends it)
 POSTGRES_ALPN = "postgresql"
 
+# The agent is stopping (ctx.extra["agent_stopping"] set): a session leaves at its next idle point
+# (no statement running, no transaction open) with the FATAL PostgreSQL sends at a shutdown, which
+# drivers and pools answer by connecting again; one the agent cannot wait for gets it too.
+STOPPING_SQLSTATE = "57P01"
+STOPPING_MESSAGE = ("terminating connection because the Warden agent is stopping (a restart or an upgrade); "
+                    "connect again")
+STOPPING_POLL_S = 0.02
+
 log = logging.getLogger("warden.postgres")
 
 # client-facing cancel key -> (upstream host, port, upstream pid, upstream key); entries live as long
@@ -299,6 +307,7 @@ class _Connection:
         self.idle_timeout = float(opts.get("idle_timeout", 0) or 0)
         extra = ctx.extra or {}
         self.server_ssl: Optional[ssl.SSLContext] = extra.get("server_ssl_context")
+        self.stopping: Optional[asyncio.Event] = extra.get("agent_stopping")
         self.session = PostgresSession(
             identity=ctx.identity, target=ctx.target.name,
             max_message_bytes=int(opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
@@ -347,6 +356,14 @@ class _Connection:
             reason = await self._client_pump()
         except (ConnectionError, ssl.SSLError, OSError) as e:
             reason = f"client_error: {e.__class__.__name__}"
+        except asyncio.CancelledError:
+            # the agent ended the session (its stop could not wait for it): say so, to the client too
+            if self.stopping is not None and self.stopping.is_set():
+                reason = "agent_stopping"
+                self._tell_client_stopping()
+            else:
+                reason = "cancelled"
+            raise
         finally:
             watchdog.cancel()
             if self.fast:
@@ -768,7 +785,7 @@ class _Connection:
             period = min(period, max(0.05, self.idle_timeout / 4))
         seen_reads = self._client_read_count()
         while True:
-            await asyncio.sleep(period)
+            await self._watch_pause(period)
             now = time.monotonic()
             reads = self._client_read_count()
             session = self.session
@@ -787,6 +804,50 @@ class _Connection:
                 await self._abort("57P05", f"terminating connection due to idle timeout of "
                                            f"{self.idle_timeout:g} s (target option idle_timeout)", "idle_timeout")
                 return
+            if self.stopping is not None and self.stopping.is_set() and self._may_leave_now():
+                await self._abort(STOPPING_SQLSTATE, STOPPING_MESSAGE, "agent_stopping")
+                return
+
+    async def _watch_pause(self, period: float) -> None:
+        """The watchdog's sleep, cut short when the agent starts stopping; then a short poll for
+        the session's next idle point."""
+        stopping = self.stopping
+        if stopping is None:
+            await asyncio.sleep(period)
+        elif stopping.is_set():
+            await asyncio.sleep(STOPPING_POLL_S)
+        else:
+            try:
+                await asyncio.wait_for(stopping.wait(), period)
+            except asyncio.TimeoutError:
+                pass
+
+    def _may_leave_now(self) -> bool:
+        """Idle for a stop: nothing running or owed, no transaction open, no decision pending (a
+        session still starting up never gets further)."""
+        session = self.session
+        if session.phase != READY:
+            return True
+        return (not session._results and session.transaction_status == "I" and not session.waiting_for_decision
+                and not session._expect)
+
+    def _tell_client_stopping(self) -> None:
+        """Best effort on a cancelled session: the FATAL and the end reason, without waiting."""
+        session = self.session
+        if session.phase == "closed":
+            return
+        try:
+            actions = session.fatal(STOPPING_SQLSTATE, STOPPING_MESSAGE, "agent_stopping")
+            if self.fast:
+                self._apply(actions)
+            else:
+                for kind, payload in actions:
+                    if kind == TO_CLIENT and not self.cwriter.is_closing():
+                        self.cwriter.write(payload)
+                    elif kind == EVENT:
+                        self._emit([(kind, payload)])
+        except Exception:       # the session is going anyway; its end is recorded in run()
+            log.debug("could not tell the client the agent is stopping", exc_info=True)
 
     async def _abort(self, sqlstate: str, message: str, reason: str) -> None:
         if self.fast:

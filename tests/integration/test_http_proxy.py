@@ -855,3 +855,48 @@ def test_upstream_tls_names_and_verifies_the_host_of_each_request(two_name_upstr
                        options={"client_tls_names": ["a.test", "b.test"]})
     with httpx.Client(base_url=enforcer.url) as client:
         assert client.get("/", headers={"Host": "b.test"}).json()["sni"] == "a.test"
+
+
+def test_at_an_agent_stop_idle_connections_close_and_a_request_in_flight_finishes(enforcer):
+    """The agent's `stopping` event: a keep-alive connection between requests is closed at once,
+    one whose request is with the upstream gets its whole response first; both sessions end with
+    reason agent_stopping."""
+    serving = []
+
+    async def slow_echo(reader, writer):
+        serving.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if b"/slow" in head.split(b"\r\n", 1)[0]:
+                    await asyncio.sleep(0.6)
+                body = head.split(b"\r\n", 1)[0]
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            serving.remove(writer)
+            writer.close()
+
+    stopping = asyncio.Event()
+    with _RawUpstream(enforcer, slow_echo) as port:
+        enforcer.configure(port, extra={"agent_stopping": stopping})
+        idle = socket.create_connection(("127.0.0.1", enforcer.port), timeout=5)
+        busy = socket.create_connection(("127.0.0.1", enforcer.port), timeout=5)
+        try:
+            idle.sendall(b"GET /first HTTP/1.1\r\nHost: api\r\n\r\n")
+            assert _recv_response(idle).endswith(b"GET /first HTTP/1.1")
+            busy.sendall(b"GET /slow HTTP/1.1\r\nHost: api\r\n\r\n")
+            time.sleep(0.2)                          # with the upstream now
+            enforcer.loop.call_soon_threadsafe(stopping.set)
+            assert idle.recv(100) == b""             # closed between requests
+            assert _recv_response(busy).endswith(b"GET /slow HTTP/1.1")
+            assert busy.recv(100) == b""             # then closed too
+            wait_for(lambda: len(enforcer.sink.of("session.end")) == 2, timeout=5)
+            assert [e["reason"] for e in enforcer.sink.of("session.end")] == ["agent_stopping"] * 2
+            assert [r["status"] for r in enforcer.sink.of("http.response")] == [200, 200]
+            assert wait_for(lambda: not serving, timeout=5), "an upstream connection was left open"
+        finally:
+            idle.close()
+            busy.close()

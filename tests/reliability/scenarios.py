@@ -219,12 +219,19 @@ def agent_kill9(quick: bool, durable: bool = False, handover: bool = False) -> S
         result.sessions = len(ok)
         result.notes.update(refused_during_outage=len(refused), closed_unattributed_at_restart=len(closed_at_restart),
                             broken_by_kill=len(broken))
+        if broken:
+            result.notes["broken_errors"] = sorted({a.get("error", "")[:120] for a in broken})[:4]
         # sessions that began while no agent ran
         during = [a for a in ok if any(k <= a.get("ts1", 0) - a.get("t", 0) <= up for k, up in down_windows)]
         result.notes["served_after_waiting_out_the_restart"] = len(during)
         if handover:      # the listeners outlive the agent: nothing is refused, what waited is served
             result.check(not refused, f"{len(refused)} connects were refused during handovers")
             result.check(len(during) > 0, "no session began while the agent restarted")
+            # a session the stop ended (at its idle point, or still starting up) was told why
+            # (57P01, as at a server shutdown), never cut without a word
+            unexplained = [a for a in broken if "Warden agent is stopping" not in a.get("error", "")]
+            result.check(not unexplained, f"{len(unexplained)} sessions were cut at a handover without the "
+                                          f"57P01 goodbye: {[a.get('error', '')[:80] for a in unexplained[:3]]}")
         else:
             result.check(len(refused) > 0, "no governed connection was attempted while the agent was down")
         alerts = [e for e in rig.agent.events("agent.alert") if e["f"].get("kind") == "unattributed_connection"]

@@ -196,3 +196,11 @@ def test_readme_agent_config_is_valid():
     cfg = parse(blocks[0].replace("masking: {...}", "masking: {}"), "README.md")
     assert [t.name for t in cfg.targets] == ["customers-db", "partner-api"]
     assert cfg.targets[0].options["max_connections"] == 50
+
+
+def test_stop_drain_is_a_duration_of_five_seconds_unless_set():
+    assert parse("targets: []\n").stop_drain == 5.0
+    assert parse("agent:\n  stop_drain: 500ms\ntargets: []\n").stop_drain == 0.5
+    assert parse("agent:\n  stop_drain: 0\ntargets: []\n").stop_drain == 0.0
+    assert_refused_at("agent:\n  id: a\n  stop_drain: soon\n", "a.yaml", 3, "agent.stop_drain must be a duration")
+    assert_refused_at("agent:\n  id: a\n  stop_drain: -1s\n", "a.yaml", 3, "agent.stop_drain must be a duration")
