@@ -226,6 +226,29 @@ def test_sni_mode_decides_by_name_and_relays_the_tls_stream(tls_upstream, enforc
     assert enforcer.sink.of("session.start")[0]["x_client_tls"] == "sni"
 
 
+def test_an_sni_tunnel_cut_by_an_agent_stop_is_recorded_as_such(tls_upstream, enforcer):
+    """A relayed TLS stream has no idle point the enforcer can see: when the agent's stop ends
+    it (its drain ran out), the session says agent_stopping, not just "cancelled"."""
+    import asyncio
+    port, ca_file = tls_upstream
+    stopping = asyncio.Event()
+    enforcer.configure(port, host="127.0.0.3", options={"client_tls": "sni"},
+                       policy=PolicyEngine.from_text(SNI_POLICY), extra={"agent_stopping": stopping})
+    raw = socket.create_connection(("127.0.0.1", enforcer.port), timeout=10)
+    with _client_context(ca_file).wrap_socket(raw, server_hostname="api.test") as tls:
+        tls.sendall(b"GET /echo HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")         # the tunnel is up
+
+        async def stop_and_cancel():
+            stopping.set()
+            for task in asyncio.all_tasks():
+                if task.get_coro().__qualname__ == "Enforcer._handle":
+                    task.cancel()
+        asyncio.run_coroutine_threadsafe(stop_and_cancel(), enforcer.loop).result(5)
+        end = _session_end(enforcer)
+    assert end["reason"] == "agent_stopping" and end["x_tunnel_bytes_down"] > 0
+
+
 def test_sni_mode_with_httpx_and_a_denied_name(tls_upstream, enforcer):
     port, ca_file = tls_upstream
     enforcer.configure(port, host="127.0.0.3", options={"client_tls": "sni"},
