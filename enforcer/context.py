@@ -93,3 +93,10 @@ class ConnectionContext:
 
     def emit(self, event_type: str, fields: dict) -> None:
         self.sink.emit(event_type, fields, session_id=self.session_id)
+
+
+def cancelled_reason(ctx: "ConnectionContext") -> str:
+    """The end reason of a session whose task was cancelled: the agent's stop (ctx.extra
+    agent_stopping set: its drain ran out), or anything else."""
+    stopping = (ctx.extra or {}).get("agent_stopping")
+    return "agent_stopping" if stopping is not None and stopping.is_set() else "cancelled"

@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Optional
 
-from enforcer.context import ConnectionContext
+from enforcer.context import ConnectionContext, cancelled_reason
 
 CHUNK = 64 * 1024
 
@@ -102,20 +102,33 @@ async def serve_tcp(client_reader: asyncio.StreamReader, client_writer: asyncio.
                     ctx: ConnectionContext) -> None:
     started = time.monotonic_ns()
     ctx.emit("session.start", ctx.extra.get("session_start_fields", {}))
-    reason, error = "closed", None
     counts = [0, 0]
+    try:
+        reason, error = await _connect_and_relay(client_reader, client_writer, ctx, counts)
+    except asyncio.CancelledError:
+        # cut by the agent's stop (or the host's): the session's end is on record all the same
+        client_writer.close()
+        _end(ctx, started, cancelled_reason(ctx), None, counts)
+        raise
+    _end(ctx, started, reason, error, counts)
+
+
+async def _connect_and_relay(client_reader, client_writer, ctx: ConnectionContext,
+                             counts: list) -> tuple[str, Optional[str]]:
     target = ctx.target
     try:
         up_reader, up_writer = await asyncio.wait_for(
             asyncio.open_connection(target.upstream_host, target.upstream_port), timeout=10)
     except (OSError, asyncio.TimeoutError) as exc:
-        reason = "upstream_unreachable"
-        error = (f"cannot reach {target.upstream_host}:{target.upstream_port} for target {target.name!r} "
-                 f"({type(exc).__name__}: {exc}); check that the service is up and the target's upstream "
-                 f"address in agent.yaml")
         client_writer.close()
-    else:
-        reason, error = await relay(client_reader, client_writer, up_reader, up_writer, counts)
+        return "upstream_unreachable", (
+            f"cannot reach {target.upstream_host}:{target.upstream_port} for target {target.name!r} "
+            f"({type(exc).__name__}: {exc}); check that the service is up and the target's upstream "
+            f"address in agent.yaml")
+    return await relay(client_reader, client_writer, up_reader, up_writer, counts)
+
+
+def _end(ctx: ConnectionContext, started: int, reason: str, error: Optional[str], counts: list) -> None:
     ctx.emit("session.end", {"reason": reason, "error": error,
                              "duration_ns": time.monotonic_ns() - started,
                              "bytes_in": counts[0], "bytes_out": counts[1]})

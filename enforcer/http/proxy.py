@@ -37,7 +37,7 @@ import time
 import zlib
 from typing import Any, Optional
 
-from enforcer.context import ConnectionContext, UpstreamTLS
+from enforcer.context import ConnectionContext, UpstreamTLS, cancelled_reason
 
 from ..durable import DEFAULT_DURABLE_TIMEOUT, not_forwarded, records_durable
 from ..masking.engine import http_body_kind
@@ -1331,16 +1331,10 @@ async def _run_session(session: HttpSession, buffered: bytes, eof: bool) -> None
         else:
             await _serve_until_stop(session, stopping)
     except asyncio.CancelledError:
-        session._end(_cancelled_reason(session.ctx))
+        session._end(cancelled_reason(session.ctx))
         raise
     except Exception as exc:
         session._fail_internally(exc)
-
-
-def _cancelled_reason(ctx: ConnectionContext) -> str:
-    """How a cancelled session ended: the agent's stop (its drain ran out) or anything else."""
-    stopping = (ctx.extra or {}).get("agent_stopping")
-    return "agent_stopping" if stopping is not None and stopping.is_set() else "cancelled"
 
 
 async def _serve_until_stop(session: HttpSession, stopping: asyncio.Event) -> None:
@@ -1511,7 +1505,7 @@ async def _relay_by_sni(client_reader, client_writer, ctx: ConnectionContext, fr
         kind, action, policy_ids, reason, resource = await _decide_tls(ctx, name)
     except asyncio.CancelledError:
         client_writer.close()
-        front.end(_cancelled_reason(ctx), None, len(consumed))
+        front.end(cancelled_reason(ctx), None, len(consumed))
         raise
     ctx.emit("policy.decision", {"decision": kind, "policy_ids": list(policy_ids), "reason": reason,
                                  "identity": ctx.identity, "action": action, "resource": resource,
@@ -1537,7 +1531,7 @@ async def _relay_by_sni(client_reader, client_writer, ctx: ConnectionContext, fr
         reason, error = await relay(client_reader, client_writer, upstream_reader, upstream_writer,
                                     counts, first=consumed)
     except asyncio.CancelledError:
-        front.end(_cancelled_reason(ctx), None, counts[0], counts[1], counts)
+        front.end(cancelled_reason(ctx), None, counts[0], counts[1], counts)
         raise
     front.end(reason, error, counts[0], counts[1], counts)
 
@@ -1571,7 +1565,7 @@ async def _intercept(client_reader, client_writer, ctx: ConnectionContext, front
         server_context = await leaf_context(local_ca, name)
     except asyncio.CancelledError:
         client_writer.close()
-        front.end(_cancelled_reason(ctx), None, len(consumed))
+        front.end(cancelled_reason(ctx), None, len(consumed))
         raise
     except Exception as exc:  # noqa: BLE001 - the CA's failure closes this connection, not the listener
         client_writer.close()
@@ -1596,7 +1590,7 @@ async def _intercept(client_reader, client_writer, ctx: ConnectionContext, front
             await tls.handshake
     except asyncio.CancelledError:
         tls.abort()
-        front.end(_cancelled_reason(ctx), None, len(consumed) + len(leftover))
+        front.end(cancelled_reason(ctx), None, len(consumed) + len(leftover))
         raise
     except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError) as exc:
         tls.abort()

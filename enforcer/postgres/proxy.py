@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
+from ..context import cancelled_reason
 from ..durable import DEFAULT_DURABLE_TIMEOUT, not_forwarded, records_durable, timed_out, wait_for_records
 from ..policy.cachekeys import base_guard, cache_base
 from ..sqlclass import mentions_execute, reusable_by_shape, single_statement_text, statement_shape
@@ -358,11 +359,9 @@ class _Connection:
             reason = f"client_error: {e.__class__.__name__}"
         except asyncio.CancelledError:
             # the agent ended the session (its stop could not wait for it): say so, to the client too
-            if self.stopping is not None and self.stopping.is_set():
-                reason = "agent_stopping"
+            reason = cancelled_reason(self.ctx)
+            if reason == "agent_stopping":
                 self._tell_client_stopping()
-            else:
-                reason = "cancelled"
             raise
         finally:
             watchdog.cancel()

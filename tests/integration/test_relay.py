@@ -136,3 +136,55 @@ def test_a_client_reset_mid_stream_is_recorded_as_a_reset():
     reason, error = asyncio.run(main())
     assert reason == "reset"
     assert error.startswith("the client reset the connection (ConnectionResetError")
+
+
+def test_a_tcp_session_cut_by_an_agent_stop_still_records_its_end():
+    """serve_tcp cancelled mid-relay (the agent's stop drain ran out): session.end is recorded,
+    with reason agent_stopping and the bytes relayed so far; without a stop, `cancelled`."""
+    from enforcer.context import ConnectionContext, TargetInfo
+    from enforcer.relay import serve_tcp
+
+    class Sink:
+        def __init__(self):
+            self.events = []
+
+        def emit(self, event_type, fields, session_id=None):
+            self.events.append((event_type, fields))
+
+    async def echo(reader, writer):
+        while data := await reader.read(4096):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def run(stop: bool):
+        loop = asyncio.get_running_loop()
+        upstream = await asyncio.start_server(echo, "127.0.0.2", 0)
+        sink, stopping, tasks = Sink(), asyncio.Event(), []
+        target = TargetInfo("db", "tcp", "127.0.0.2", upstream.sockets[0].getsockname()[1])
+
+        async def handle(reader, writer):
+            tasks.append(asyncio.current_task())
+            await serve_tcp(reader, writer, ConnectionContext("s1", "svc", {}, target, None, sink,
+                                                              extra={"agent_stopping": stopping}))
+
+        front = await asyncio.start_server(handle, "127.0.0.1", 0)
+        client = socket.socket()
+        client.setblocking(False)
+        await loop.sock_connect(client, front.sockets[0].getsockname())
+        await loop.sock_sendall(client, b"ping")
+        assert await loop.sock_recv(client, 100) == b"ping"
+        if stop:
+            stopping.set()
+        tasks[0].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert await loop.sock_recv(client, 100) == b""          # the client's side is closed
+        client.close()
+        front.close()
+        upstream.close()
+        return [f for t, f in sink.events if t == "session.end"]
+
+    (end,) = asyncio.run(run(stop=True))
+    assert (end["reason"], end["bytes_in"], end["bytes_out"]) == ("agent_stopping", 4, 4)
+    (end,) = asyncio.run(run(stop=False))
+    assert end["reason"] == "cancelled"
