@@ -825,10 +825,7 @@ class _Connection:
         """Idle for a stop: nothing running or owed, no transaction open, no decision pending (a
         session still starting up never gets further)."""
         session = self.session
-        if session.phase != READY:
-            return True
-        return (not session._results and session.transaction_status == "I" and not session.waiting_for_decision
-                and not session._expect)
+        return session.phase != READY or session.at_rest
 
     def _tell_client_stopping(self) -> None:
         """Best effort on a cancelled session: the FATAL and the end reason, without waiting."""

@@ -709,6 +709,13 @@ class PostgresSession:
     def waiting_for_decision(self) -> bool:
         return self._pending is not None
 
+    @property
+    def at_rest(self) -> bool:
+        """Ready, and the client owes the next move with nothing open: no statement running or
+        answer owed, no transaction, no decision pending. Where a stopping agent may end it."""
+        return (self.phase == READY and not self._results and not self._expect
+                and self.transaction_status == "I" and self._pending is None)
+
     # ================================================================================
     # client side
     # ================================================================================

@@ -526,3 +526,21 @@ def test_inline_decider_without_an_answer_asks_with_decide_and_holds_the_rest():
     assert held.to_server == (P.build_query("SELECT 1") + P.build_query("DELETE approve")
                               + P.build_query("SELECT 2"))
     assert [f["statement_index"] for _, f in held.events] == [1, 2, 3]
+
+
+def test_at_rest_only_when_the_client_owes_the_next_move_with_nothing_open(lane):
+    """What a stopping agent waits for before it ends a session (57P01)."""
+    d = ready_driver()
+    assert d.s.at_rest
+    d.client(P.build_query("SELECT 1"))
+    assert not d.s.at_rest                                   # running: its answer is owed
+    d.server(P.build_row_description([]) + P.build_command_complete("SELECT 0") + P.build_ready_for_query("I"))
+    assert d.s.at_rest
+    d.client(P.build_query("BEGIN"))
+    d.server(P.build_command_complete("BEGIN") + P.build_ready_for_query("T"))
+    assert not d.s.at_rest                                   # a transaction is open
+    d.client(P.build_query("COMMIT"))
+    d.server(P.build_command_complete("COMMIT") + P.build_ready_for_query("I"))
+    assert d.s.at_rest
+    d.client(P.build_parse("", "SELECT 1", []) + P.build_bind("", "", [], []) + P.build_execute("", 0))
+    assert not d.s.at_rest                                   # extended protocol before its Sync
