@@ -17,7 +17,7 @@ def load_catalog(dsn: str):
                                  conn.execute(FUNCTION_OIDS_QUERY).fetchall())
 
 
-def check_catalogs(cfg, load=load_catalog) -> tuple[list[str], list[str]]:
+def check_catalogs(cfg) -> tuple[list[str], list[str]]:
     """(problems, notes) for each Postgres target's catalog_dsn: read it as the agent will. The
     DSN itself is never shown (it may hold a password)."""
     problems: list[str] = []
@@ -27,7 +27,7 @@ def check_catalogs(cfg, load=load_catalog) -> tuple[list[str], list[str]]:
         if not dsn:
             continue
         try:
-            catalog = load(dsn)
+            catalog = load_catalog(dsn)
         except Exception as exc:
             problems.append(f"target {target.name}: its catalog_dsn cannot be read ({_first_line(exc)}); "
                             f"until it can, schema.table.column masking rules match by the table names "

@@ -191,9 +191,9 @@ class Agent:
                 self.emit("agent.reloaded", {"what": "policy", "generation": self.policy.generation})
 
     def _function_by_oid(self, target: str):
-        """OID -> (schema, name, argument types) from the target's newest catalog, for fast-path
-        calls: read at each call, so a long session sees functions created after it started once
-        the catalog is read again."""
+        """OID -> (schema, name, argument types, result type) from the target's newest catalog, for
+        fast-path calls: read at each call, so a long session sees functions created after it
+        started once the catalog is read again."""
         def lookup(oid: int):
             catalog = self.catalogs.get(target)
             return catalog.function_by_oid(oid) if catalog is not None else None

@@ -95,8 +95,17 @@ class ConnectionContext:
         self.sink.emit(event_type, fields, session_id=self.session_id)
 
 
+# While the agent stops, a session looks this often for its next idle point to end at.
+STOPPING_POLL_S = 0.02
+
+
+def agent_stopping(ctx: "ConnectionContext"):
+    """The agent's stopping asyncio.Event (ctx.extra agent_stopping), or None outside an agent."""
+    return (ctx.extra or {}).get("agent_stopping")
+
+
 def cancelled_reason(ctx: "ConnectionContext") -> str:
-    """The end reason of a session whose task was cancelled: the agent's stop (ctx.extra
-    agent_stopping set: its drain ran out), or anything else."""
-    stopping = (ctx.extra or {}).get("agent_stopping")
+    """The end reason of a session whose task was cancelled: the agent's stop (its drain ran
+    out), or anything else."""
+    stopping = agent_stopping(ctx)
     return "agent_stopping" if stopping is not None and stopping.is_set() else "cancelled"

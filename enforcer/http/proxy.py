@@ -37,7 +37,7 @@ import time
 import zlib
 from typing import Any, Optional
 
-from enforcer.context import ConnectionContext, UpstreamTLS, cancelled_reason
+from enforcer.context import STOPPING_POLL_S, ConnectionContext, UpstreamTLS, agent_stopping, cancelled_reason
 
 from ..durable import DEFAULT_DURABLE_TIMEOUT, not_forwarded, records_durable
 from ..masking.engine import http_body_kind
@@ -1317,13 +1317,10 @@ async def serve_http(client_reader: asyncio.StreamReader, client_writer: asyncio
     await _run_session(session, buffered, eof)
 
 
-# While the agent stops (ctx.extra["agent_stopping"] set), a session is closed at its next idle
-# point (between requests); one it cannot wait for is cut
-STOPPING_POLL_S = 0.02
-
-
 async def _run_session(session: HttpSession, buffered: bytes, eof: bool) -> None:
-    stopping: Optional[asyncio.Event] = (session.ctx.extra or {}).get("agent_stopping")
+    # while the agent stops, a session is closed at its next idle point (between requests); one
+    # it cannot wait for is cut
+    stopping: Optional[asyncio.Event] = agent_stopping(session.ctx)
     try:
         session.start(buffered, eof)
         if stopping is None:

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from typing import Optional
 
-from ..context import cancelled_reason
+from ..context import STOPPING_POLL_S, agent_stopping, cancelled_reason
 from ..durable import DEFAULT_DURABLE_TIMEOUT, not_forwarded, records_durable, timed_out, wait_for_records
 from ..policy.cachekeys import base_guard, cache_base
 from ..sqlclass import mentions_execute, reusable_by_shape, single_statement_text, statement_shape
@@ -32,7 +32,7 @@ from . import protocol as P
 from . import native
 from .broker import BrokerFailure, authenticate_client, authenticate_upstream, is_loopback_peer
 from .session import (CANCEL, CLOSE, CONNECT_UPSTREAM, DECIDE, DEFAULT_MAX_MESSAGE_BYTES, EVENT,
-                      READY, REGISTER_CANCEL_KEY, START_CLIENT_TLS, TO_CLIENT, TO_SERVER,
+                      CLOSED, READY, REGISTER_CANCEL_KEY, START_CLIENT_TLS, TO_CLIENT, TO_SERVER,
                       DecisionRequest, PostgresSession, Verdict)
 
 # _Connection._apply for reads that produced only records and bytes (the steady state), and the
@@ -55,7 +55,6 @@ POSTGRES_ALPN = "postgresql"
 STOPPING_SQLSTATE = "57P01"
 STOPPING_MESSAGE = ("terminating connection because the Warden agent is stopping (a restart or an upgrade); "
                     "connect again")
-STOPPING_POLL_S = 0.02
 
 log = logging.getLogger("warden.postgres")
 
@@ -308,7 +307,7 @@ class _Connection:
         self.idle_timeout = float(opts.get("idle_timeout", 0) or 0)
         extra = ctx.extra or {}
         self.server_ssl: Optional[ssl.SSLContext] = extra.get("server_ssl_context")
-        self.stopping: Optional[asyncio.Event] = extra.get("agent_stopping")
+        self.stopping: Optional[asyncio.Event] = agent_stopping(ctx)
         self.session = PostgresSession(
             identity=ctx.identity, target=ctx.target.name,
             max_message_bytes=int(opts.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)),
@@ -778,13 +777,27 @@ class _Connection:
 
     # -- housekeeping ----------------------------------------------------------------
     async def _watchdog(self) -> None:
-        started = self.started
         period = min(1.0, max(0.05, self.startup_timeout / 4))
         if self.idle_timeout:
             period = min(period, max(0.05, self.idle_timeout / 4))
         seen_reads = self._client_read_count()
+        # one wait on the agent's stop for the connection's life (not a task per tick)
+        stop_wait = asyncio.ensure_future(self.stopping.wait()) if self.stopping is not None else None
+        try:
+            await self._watch(period, seen_reads, stop_wait)
+        finally:
+            if stop_wait is not None:
+                stop_wait.cancel()
+
+    async def _watch(self, period: float, seen_reads: int, stop_wait: Optional[asyncio.Future]) -> None:
+        started = self.started
         while True:
-            await self._watch_pause(period)
+            if stop_wait is None:
+                await asyncio.sleep(period)
+            elif stop_wait.done():
+                await asyncio.sleep(STOPPING_POLL_S)     # stopping: look for the next idle point
+            else:
+                await asyncio.wait((stop_wait,), timeout=period)
             now = time.monotonic()
             reads = self._client_read_count()
             session = self.session
@@ -794,7 +807,7 @@ class _Connection:
             if reads != seen_reads or session._results:
                 seen_reads = reads
                 self.last_activity = now
-            if session.phase != READY and session.phase != "closed" and now - started > self.startup_timeout:
+            if session.phase != READY and session.phase != CLOSED and now - started > self.startup_timeout:
                 await self._abort("08P01", f"startup did not complete within {self.startup_timeout:g} s "
                                            "(target option startup_timeout)", "startup_timeout")
                 return
@@ -803,23 +816,9 @@ class _Connection:
                 await self._abort("57P05", f"terminating connection due to idle timeout of "
                                            f"{self.idle_timeout:g} s (target option idle_timeout)", "idle_timeout")
                 return
-            if self.stopping is not None and self.stopping.is_set() and self._may_leave_now():
+            if stop_wait is not None and stop_wait.done() and self._may_leave_now():
                 await self._abort(STOPPING_SQLSTATE, STOPPING_MESSAGE, "agent_stopping")
                 return
-
-    async def _watch_pause(self, period: float) -> None:
-        """The watchdog's sleep, cut short when the agent starts stopping; then a short poll for
-        the session's next idle point."""
-        stopping = self.stopping
-        if stopping is None:
-            await asyncio.sleep(period)
-        elif stopping.is_set():
-            await asyncio.sleep(STOPPING_POLL_S)
-        else:
-            try:
-                await asyncio.wait_for(stopping.wait(), period)
-            except asyncio.TimeoutError:
-                pass
 
     def _may_leave_now(self) -> bool:
         """Idle for a stop: nothing running or owed, no transaction open, no decision pending (a
@@ -830,7 +829,7 @@ class _Connection:
     def _tell_client_stopping(self) -> None:
         """Best effort on a cancelled session: the FATAL and the end reason, without waiting."""
         session = self.session
-        if session.phase == "closed":
+        if session.phase == CLOSED:
             return
         try:
             actions = session.fatal(STOPPING_SQLSTATE, STOPPING_MESSAGE, "agent_stopping")
