@@ -23,11 +23,14 @@ class SpoolSink:
         from agent.config import SpoolConfig
         self.writer = RecordWriter("bench-agent", Ed25519PrivateKey.generate(), os.path.join(self.dir, "state"),
                                    self.spool, batch_max_delay=SpoolConfig(path="").flush_interval)
-        # the writer's own emit and per-session emitter, as the agent hands them to the
-        # enforcers (agent.events.fanout gives them the writer itself)
-        self.emit = self.writer.emit
-        self.emitter = self.writer.emitter
         self.when_durable = self.writer.when_durable     # for durable_before_forward targets
+
+    def emit(self, event_type: str, fields: dict, session_id: Optional[str] = None) -> None:
+        # One frame, then the writer's emit, as in the agent: its sessions' contexts take the
+        # agent itself as their sink (agent.daemon.Agent.emit, which also repairs schema
+        # errors). The writer's per-session C emitter would be about 0.2 µs faster per event,
+        # but the agent does not use it, so neither does the bench.
+        self.writer.emit(event_type, fields, session_id)
 
     @property
     def count(self) -> int:
