@@ -130,12 +130,13 @@ def restart_agent(pid: int, status=None, timeout: float = 90.0, out=sys.stdout) 
     """Ask the agent at `pid` to hand over (SIGUSR2) and wait for it to stop; with `status` (a
     callable answering the supervisor's (main pid, state), as systemd's MainPID and
     ActiveState), also for the next run to be up. Returns the exit code for the CLI."""
-    import signal
     import time
+
+    from agent.daemon import HANDOVER_SIGNAL
     started = time.monotonic()
     deadline = started + timeout
     try:
-        os.kill(pid, signal.SIGUSR2)
+        os.kill(pid, HANDOVER_SIGNAL)
     except ProcessLookupError:
         print(f"no process {pid}", file=sys.stderr)
         return 1

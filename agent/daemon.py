@@ -33,6 +33,9 @@ VERSION = "0.1.0"
 SPOOL_BLOCK_WAIT_S = 10.0
 # `run` exits with this after a handover (SIGUSR2); the unit has systemd start it again
 EXIT_HANDOVER = 75
+# asks for a handover: sent by `warden-agent restart`, and by systemd at `systemctl restart`
+# (the unit's RestartKillSignal)
+HANDOVER_SIGNAL = signal.SIGUSR2
 HANDOVER_FILE = "handover.json"
 # how long connects an earlier run redirected (waiting in a handed-back listener) stay attributable
 EARLIER_RUN_MAPS_KEPT_S = 60.0
@@ -449,9 +452,9 @@ class Agent:
         return len(sessions) - running, running
 
     def hand_over(self, stop: asyncio.Event) -> None:
-        """SIGUSR2: stop for a planned restart, leaving the programs attached for the next run
-        (`warden-agent restart`). Governed connects wait meanwhile in the listeners systemd keeps
-        (or, without it, are refused); none is sent direct."""
+        """HANDOVER_SIGNAL: stop for a planned restart, leaving the programs attached for the next
+        run (`warden-agent restart`, `systemctl restart`). Governed connects wait meanwhile in the
+        listeners systemd keeps (or, without them, are refused); none is sent direct."""
         log.info("handover asked: stopping with the BPF programs left attached for the next run")
         self.handing_over = True
         stop.set()
@@ -899,7 +902,7 @@ def run_forever(config: AgentConfig) -> int:
             loop.add_signal_handler(sig, stop.set)
         agent = Agent(config)
         loop.add_signal_handler(signal.SIGHUP, agent.reload)
-        loop.add_signal_handler(signal.SIGUSR2, agent.hand_over, stop)
+        loop.add_signal_handler(HANDOVER_SIGNAL, agent.hand_over, stop)
         await agent.run(stop)
         if agent.handing_over:
             outcome["code"] = EXIT_HANDOVER

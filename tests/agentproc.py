@@ -73,10 +73,12 @@ class AgentProcess:
             return self.proc.wait()
 
     def hand_over(self, timeout: float = 30) -> int:
-        """SIGUSR2, as `warden-agent restart` sends: stop with the programs left attached."""
+        """HANDOVER_SIGNAL (SIGUSR2), as `warden-agent restart` and `systemctl restart` send:
+        stop with the programs left attached."""
+        from agent.daemon import HANDOVER_SIGNAL
         if self.proc is None or self.proc.poll() is not None:
             raise RuntimeError("the agent is not running")
-        self.proc.send_signal(signal.SIGUSR2)
+        self.proc.send_signal(HANDOVER_SIGNAL)
         return self.proc.wait(timeout=timeout)
 
     def kill9(self) -> None:

@@ -112,15 +112,32 @@ def test_systemd_exposure(unit, limit):
     assert float(m.group(1)) <= limit, res.stdout
 
 
+@pytest.mark.parametrize("unit", ["warden-agent.service", "warden-collector.service"])
+def test_units_have_no_key_systemd_would_ignore(unit):
+    """systemd skips a key it does not know with a warning, so a misspelt or too-new directive
+    (RestartKillSignal needs systemd 244) would silently not apply: this machine's systemd
+    must read every line."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed")
+    res = subprocess.run(["systemd-analyze", "verify", "--man=no", os.path.join(UNITS, unit)],
+                         capture_output=True, text=True, timeout=60)
+    problems = [line for line in (res.stdout + res.stderr).splitlines()
+                if "is not executable" not in line]          # not installed here: expected
+    assert problems == [], "\n".join(problems)
+
+
 def test_the_agent_unit_and_upgrades_restart_by_handover():
     """A handover exits EXIT_HANDOVER with the programs attached: the unit must restart it at
-    once and not count it as a failure, and an upgrade must restart the agent that way (a
-    stop and start would leave governed connects going direct in between)."""
-    from agent.daemon import EXIT_HANDOVER
+    once and not count it as a failure, `systemctl restart` must ask for one (a stop and start
+    would leave governed connects going direct in between) while `systemctl stop` still sends
+    SIGTERM, and an upgrade must restart the agent that way."""
+    from agent.daemon import EXIT_HANDOVER, HANDOVER_SIGNAL
     with open(os.path.join(UNITS, "warden-agent.service")) as f:
         unit = f.read()
     assert re.search(rf"^RestartForceExitStatus={EXIT_HANDOVER}$", unit, re.M), unit
     assert re.search(rf"^SuccessExitStatus={EXIT_HANDOVER}$", unit, re.M), unit
+    assert re.search(rf"^RestartKillSignal={HANDOVER_SIGNAL.name}$", unit, re.M), unit
+    assert not re.search(r"^KillSignal=", unit, re.M), unit          # a stop is SIGTERM: detach
     assert re.search(r"^FileDescriptorStoreMax=[1-9]\d*$", unit, re.M), unit     # listeners kept meanwhile
     with open(os.path.join(os.path.dirname(UNITS), "scripts", "agent-postinstall.sh")) as f:
         postinst = f.read()
