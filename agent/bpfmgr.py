@@ -146,6 +146,7 @@ class BpfManager:
         self._redirected_op: Optional[_MapLookupDelete] = None
         self.taken_over = 0          # programs a handed-over or crashed run left, removed at attach
         self.recovered: list[tuple[int, Capture]] = []   # what they reported while no agent read it
+        self.recovered_drops = 0     # events their rings had no room for that no run has recorded
         self._old_redirected: list[_MapLookupDelete] = []   # theirs, for connects they redirected
         self._held = stale_maps.HeldMaps()
         self._handed: list[dict] = []
@@ -210,6 +211,7 @@ class BpfManager:
                 self.taken_over += sweep_stale(path, keep=own, handed_over=handed_ids)
             # read once the old programs are gone: nothing they report is missed
             self.recovered = self._read_rings(self._held.rings)
+            self.recovered_drops = stale_maps.unrecorded_drops(self._held.drops)
             self._adopt_peer_names()
         finally:
             for ring in self._held.rings:
@@ -356,6 +358,20 @@ class BpfManager:
             os.close(fd)
         self._held.redirected = []
         self._old_redirected = []
+
+    def ring_drops(self) -> tuple[int, int]:
+        """(events this run's programs found no room for in their ring, how many of those are
+        recorded); (0, 0) before the programs are loaded."""
+        if self.b is None:
+            return 0, 0
+        table = self.b[b"ring_drops"]
+        return table[table.Key(0)].value, table[table.Key(1)].value
+
+    def mark_drops_recorded(self, dropped: int) -> None:
+        """The drops up to `dropped` are on record: a later run that takes this one's map over
+        records only those after."""
+        table = self.b[b"ring_drops"]
+        table[table.Key(1)] = table.Leaf(dropped)
 
     def map_counts(self) -> dict[str, int]:
         return {name: len(list(self.b[name.encode()].keys())) for name in ("targets", "pending", "redirected")}

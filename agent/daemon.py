@@ -71,6 +71,18 @@ def _boot_id() -> Optional[str]:
         return None
 
 
+def ring_drops_alert(dropped: int, during: str) -> dict:
+    """agent.alert for connection events the BPF programs could not report, their ring being
+    full: `during` agent_down (no agent read it: a crash, a stop with the programs held, a long
+    handover) or agent_behind (this run did not read it fast enough)."""
+    when = ("while no agent ran" if during == "agent_down" else "because the agent fell behind reading it")
+    return {"kind": "bpf_events_dropped", "severity": "error",
+            "message": f"{dropped} connection events (connect attempts and their outcomes) were not "
+                       f"reported: the BPF programs' ring buffer was full {when}; the connection "
+                       f"inventory and the agent.bypass records miss them",
+            "detail": {"dropped": dropped, "during": during}}
+
+
 class Agent:
     def __init__(self, config: AgentConfig, sink=None):
         self.config = config
@@ -385,6 +397,8 @@ class Agent:
                                                    "hostnames": list(t.match.hostnames)}
                                                   for t in self.config.targets]})
             self._replay_recovered()
+            if self.bpf.recovered_drops:
+                self.emit("agent.alert", ring_drops_alert(self.bpf.recovered_drops, "agent_down"))
             self._loop.call_later(EARLIER_RUN_MAPS_KEPT_S, self.bpf.forget_earlier_runs)
             if self.records is not None:
                 for alert in self.records.startup_alerts():
@@ -415,6 +429,10 @@ class Agent:
             self.stopping.set()
             for server in self.servers:
                 server.close()
+            try:        # while the counter is ours to read (a next run reads what comes after)
+                self._record_ring_drops()
+            except Exception as exc:
+                log.error("connection events the ring had no room for could not be recorded: %s", exc)
             left = self._release_programs()
             self._flush_inventory()
             drained = await self._drain_sessions()
@@ -472,9 +490,22 @@ class Agent:
         self.bpf.detach()
         return 0
 
+    def _record_ring_drops(self) -> None:
+        """Connection events this run's programs found no room for in their ring (the agent fell
+        behind reading it): recorded once each, as an alert with their count."""
+        dropped, recorded = self.bpf.ring_drops()
+        if dropped > recorded:
+            self.emit("agent.alert", ring_drops_alert(dropped - recorded, "agent_behind"))
+            self.bpf.mark_drops_recorded(dropped)
+
     def _flush_inventory(self) -> None:
-        """Record the connection inventory. While records cannot be taken (RecordBacklogFull),
-        what is not recorded stays folded, per process and destination, for the next pass."""
+        """Record the connection inventory, and any connection events the ring had no room
+        for. While records cannot be taken (RecordBacklogFull), what is not recorded stays
+        folded, per process and destination, for the next pass."""
+        try:
+            self._record_ring_drops()
+        except RecordBacklogFull as exc:
+            log.warning("connection events the ring had no room for: alert kept for the next pass: %s", exc)
         carry = self._inventory_carry
         for fields in self.inventory.flush():
             key = (fields["process"].get("tgid"), fields["dst_ip"], fields["dst_port"])

@@ -33,6 +33,7 @@ _RINGBUF_HEADER = 8
 EVENTS_MAP = "events"
 REDIRECTED_MAP = "redirected"
 PEER_NAMES_MAP = "peer_names"
+DROPS_MAP = "ring_drops"        # [0] events the ring had no room for, [1] how many are on record
 _BPF_MAP_LOOKUP_ELEM = 1
 _BPF_MAP_UPDATE_ELEM = 2
 _BPF_MAP_GET_NEXT_KEY = 4
@@ -100,11 +101,13 @@ class HeldMaps:
         self.rings: list[HeldRing] = []
         self.redirected: list[int] = []      # descriptors: attribution of connects they redirected
         self.peer_names: list[int] = []      # descriptors: what getpeername() must report for those
+        self.drops: list[int] = []           # descriptors: their counts of events the ring had no room for
 
     def close_tables(self) -> None:
-        for fd in self.peer_names:
+        for fd in self.peer_names + self.drops:
             os.close(fd)
         self.peer_names = []
+        self.drops = []
 
 
 def hold_maps(prog_ids: Iterable[int], seen: set[int], into: HeldMaps) -> None:
@@ -124,6 +127,8 @@ def hold_maps(prog_ids: Iterable[int], seen: set[int], into: HeldMaps) -> None:
                     into.redirected.append(_map_fd(map_id))
                 elif name == PEER_NAMES_MAP:
                     into.peer_names.append(_map_fd(map_id))
+                elif name == DROPS_MAP:
+                    into.drops.append(_map_fd(map_id))
             except (OSError, KeyError, ValueError) as exc:
                 log.warning("map %s of an earlier run cannot be opened: %s", map_id, exc)
 
@@ -154,3 +159,30 @@ def copy_entries(src_fd: int, dst_fd: int, key_size: int, value_size: int) -> in
                 bpf(_BPF_MAP_UPDATE_ELEM, dst_fd, key, value, _BPF_NOEXIST) == 0:
             copied += 1
     return copied
+
+
+def read_counters(fd: int, count: int) -> list[int]:
+    """Slots 0..count-1 of a BPF array map of u64 counters."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    key, value = ctypes.c_uint32(), ctypes.c_uint64()
+    out = []
+    for slot in range(count):
+        key.value = slot
+        attr = MapElemAttr(fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
+        if libc.syscall(SYS_BPF, _BPF_MAP_LOOKUP_ELEM, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot read slot {slot} of BPF map fd {fd}")
+        out.append(value.value)
+    return out
+
+
+def unrecorded_drops(fds: Iterable[int]) -> int:
+    """Events earlier runs' rings had no room for and no agent recorded (DROPS_MAP)."""
+    total = 0
+    for fd in fds:
+        try:
+            dropped, recorded = read_counters(fd, 2)
+        except OSError as exc:
+            log.warning("an earlier run's count of events its ring had no room for cannot be read: %s", exc)
+            continue
+        total += max(0, dropped - recorded)
+    return total

@@ -95,6 +95,10 @@ BPF_TABLE("lru_hash", struct client_key, struct conn_info, redirected, 65536);
 BPF_TABLE("lru_hash", u64, struct orig_dst, peer_names, 65536);
 // 1 MiB: about 10,900 events, what the programs report while no agent reads (a restart)
 BPF_RINGBUF_OUTPUT(events, 256);
+// [0]: events the ring had no room for (no agent read it for a while, or one fell behind);
+// [1]: how many of those an agent has recorded (written by the agent). A run that finds an
+// earlier run's map records the difference, so a full ring is on record, never silent.
+BPF_ARRAY(ring_drops, u64, 2);
 
 static __always_inline int is_exempt(void)
 {
@@ -123,8 +127,13 @@ static __always_inline void fill_process(struct conn_info *info)
 static __always_inline void report(u32 kind, struct conn_info *info)
 {
     struct conn_event *ev = events.ringbuf_reserve(sizeof(struct conn_event));
-    if (!ev)
-        return;     // userspace counts ring drops through the attempt/outcome mismatch
+    if (!ev) {
+        u32 slot = 0;
+        u64 *dropped = ring_drops.lookup(&slot);
+        if (dropped)
+            __sync_fetch_and_add(dropped, 1);
+        return;
+    }
     ev->kind = kind;
     ev->pad = 0;
     __builtin_memcpy(&ev->info, info, sizeof(*info));

@@ -485,6 +485,86 @@ def test_what_the_programs_report_while_no_agent_reads_is_read_back_by_the_next_
     assert no_programs_of_ours(test_cgroup.path)
 
 
+# many connects from one process in the governed cgroup: how many were refused
+RING_FILLER = r"""
+import socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+refused = 0
+for _ in range(count):
+    s = socket.socket()
+    try:
+        s.connect((host, port))
+    except ConnectionRefusedError:
+        refused += 1
+    finally:
+        s.close()
+print(refused)
+"""
+RING_FILLING_CONNECTS = 8000     # two events each: about 16,000 for a ring that holds about 10,900
+
+
+def fill_the_ring(cg, host, port, count=RING_FILLING_CONNECTS) -> None:
+    res = cg.run([sys.executable, "-c", RING_FILLER, host, str(port), str(count)], timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.strip()) == count          # every one refused at the closed listener
+
+
+def test_events_the_ring_has_no_room_for_are_counted_and_read_back_once(test_cgroup):
+    """While no agent reads it, the ring fills up after some thousands of connects. The programs
+    count every event they could not report, and the next run reads back the count no run has
+    recorded: every event is either read back or counted, and none twice."""
+    from agent.bpfmgr import EV_ATTEMPT
+    dead_port = free_port()
+    rules = [TargetRule(8, ipaddress.ip_network("127.0.0.3/32"), 5999, dead_port, "refuse")]
+    gone = BpfManager([test_cgroup.path])          # a run that no longer reads its events
+    gone.load()
+    gone.set_targets(rules)
+    gone.attach()
+    nxt = BpfManager([test_cgroup.path])
+    try:
+        assert gone.ring_drops() == (0, 0)
+        fill_the_ring(test_cgroup, "127.0.0.3", 5999)
+        dropped, recorded = gone.ring_drops()
+        assert recorded == 0 and dropped > 1000
+        gone.mark_drops_recorded(dropped - 123)     # that run had recorded all but the last 123
+        nxt.load()
+        nxt.set_targets(rules)
+        nxt.attach()
+        assert nxt.recovered_drops == 123
+        attempts = sum(1 for kind, _cap in nxt.recovered if kind == EV_ATTEMPT)
+        assert 0 < attempts < RING_FILLING_CONNECTS
+        # an attempt and its outcome per connect: each one read back or counted
+        assert len(nxt.recovered) + dropped == 2 * RING_FILLING_CONNECTS
+        assert nxt.ring_drops() == (0, 0)           # this run's own counter starts afresh
+    finally:
+        nxt.detach()
+        gone.detach()
+    assert no_programs_of_ours(test_cgroup.path)
+
+
+def test_a_full_ring_between_two_runs_is_on_record_as_an_alert(test_cgroup):
+    """The agent records what its programs could not report while it was away (here: a
+    handover, then more connects than the ring holds) as one agent.alert with their count."""
+    dead_port = free_port()
+    agent = AgentProcess(agent_config(test_cgroup, [
+        {"name": "db", "protocol": "tcp", "match": {"cidr": "127.0.0.3/32", "port": 5999},
+         "listen_port": dead_port}])).start()
+    try:
+        assert agent.hand_over() == 75
+        fill_the_ring(test_cgroup, "127.0.0.3", 5999)
+        agent.start()
+        recovered = agent.events("agent.start")[-1]["f"]["bpf"]["recovered_events"]
+        alert = agent.wait_for(lambda e: e["type"] == "agent.alert" and e["f"]["kind"] == "bpf_events_dropped",
+                               what="the bpf_events_dropped alert")["f"]
+        assert alert["severity"] == "error" and alert["detail"]["during"] == "agent_down"
+        assert recovered + alert["detail"]["dropped"] == 2 * RING_FILLING_CONNECTS
+        assert f"{alert['detail']['dropped']} connection events" in alert["message"]
+    finally:
+        assert agent.stop() == 0
+    assert len([e for e in agent.events("agent.alert") if e["f"]["kind"] == "bpf_events_dropped"]) == 1
+    assert no_programs_of_ours(test_cgroup.path)
+
+
 def test_a_bypass_while_the_agent_restarts_is_recorded_with_when_it_happened(test_cgroup, servers):
     """Under `on_enforcer_down: bypass` a connect made between two agent runs goes direct; the
     next run records it as agent.bypass (reason agent_down, the time it connected, its

@@ -458,9 +458,16 @@ def test_heartbeat_and_inventory_survive_a_full_backlog(tmp_path):
 
     class Bpf:
         attached = []
+        counters = [5, 0]        # the ring had no room for 5 events, none recorded yet
 
         def map_counts(self):
             return {}
+
+        def ring_drops(self):
+            return tuple(self.counters)
+
+        def mark_drops_recorded(self, dropped):
+            self.counters[1] = dropped
 
     agent.bpf = Bpf()
 
@@ -488,6 +495,10 @@ def test_heartbeat_and_inventory_survive_a_full_backlog(tmp_path):
     assert "agent.heartbeat" in kinds
     observed = [f for t, f in agent.sink.got if t == "conn.observed"]
     assert len(observed) == 1 and observed[0]["attempts"] == 2 and observed[0]["established"] == 2
+    # the ring's drops too: kept while refused, then recorded once
+    drops = [f for t, f in agent.sink.got if t == "agent.alert" and f["kind"] == "bpf_events_dropped"]
+    assert [d["detail"] for d in drops] == [{"dropped": 5, "during": "agent_behind"}]
+    assert agent.bpf.counters == [5, 5]
     assert observed[0]["pids"] == [70, 71]
 
 
