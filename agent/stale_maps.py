@@ -85,10 +85,12 @@ def _bpftool_json(*args: str):
     return json.loads(out.stdout)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
 def _map_fd(map_id: int) -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
     attr = ctypes.create_string_buffer(struct.pack("<III", map_id, 0, 0), 16)
-    fd = libc.syscall(SYS_BPF, _BPF_MAP_GET_FD_BY_ID, attr, 12)
+    fd = _libc.syscall(SYS_BPF, _BPF_MAP_GET_FD_BY_ID, attr, 12)
     if fd < 0:
         raise OSError(ctypes.get_errno(), f"cannot open BPF map id {map_id}")
     return fd
@@ -139,37 +141,35 @@ class MapElemAttr(ctypes.Structure):
                 ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
 
 
+def _map_elem(cmd: int, fd: int, key, value, flags: int = 0) -> int:
+    """One bpf(2) map element command on ctypes buffers (key None: no key); 0 on success."""
+    attr = MapElemAttr(fd, 0, ctypes.addressof(key) if key is not None else 0, ctypes.addressof(value), flags)
+    return _libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+
+
 def copy_entries(src_fd: int, dst_fd: int, key_size: int, value_size: int) -> int:
     """Copy every entry of one hash map into another where its key is not already; returns how
     many were copied."""
-    libc = ctypes.CDLL(None, use_errno=True)
     key, next_key = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)
     value = ctypes.create_string_buffer(value_size)
-
-    def bpf(cmd: int, fd: int, k, v, flags: int = 0) -> int:
-        attr = MapElemAttr(fd, 0, ctypes.addressof(k) if k is not None else 0, ctypes.addressof(v), flags)
-        return libc.syscall(SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
-
     copied = 0
     current = None                      # no key: the first one
-    while bpf(_BPF_MAP_GET_NEXT_KEY, src_fd, current, next_key) == 0:
+    while _map_elem(_BPF_MAP_GET_NEXT_KEY, src_fd, current, next_key) == 0:
         ctypes.memmove(key, next_key, key_size)
         current = key
-        if bpf(_BPF_MAP_LOOKUP_ELEM, src_fd, key, value) == 0 and \
-                bpf(_BPF_MAP_UPDATE_ELEM, dst_fd, key, value, _BPF_NOEXIST) == 0:
+        if _map_elem(_BPF_MAP_LOOKUP_ELEM, src_fd, key, value) == 0 and \
+                _map_elem(_BPF_MAP_UPDATE_ELEM, dst_fd, key, value, _BPF_NOEXIST) == 0:
             copied += 1
     return copied
 
 
 def read_counters(fd: int, count: int) -> list[int]:
     """Slots 0..count-1 of a BPF array map of u64 counters."""
-    libc = ctypes.CDLL(None, use_errno=True)
     key, value = ctypes.c_uint32(), ctypes.c_uint64()
     out = []
     for slot in range(count):
         key.value = slot
-        attr = MapElemAttr(fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
-        if libc.syscall(SYS_BPF, _BPF_MAP_LOOKUP_ELEM, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+        if _map_elem(_BPF_MAP_LOOKUP_ELEM, fd, key, value) != 0:
             raise OSError(ctypes.get_errno(), f"cannot read slot {slot} of BPF map fd {fd}")
         out.append(value.value)
     return out
