@@ -32,7 +32,8 @@ def check_catalogs(cfg) -> tuple[list[str], list[str]]:
             problems.append(f"target {target.name}: its catalog_dsn cannot be read ({_first_line(exc)}); "
                             f"until it can, schema.table.column masking rules match by the table names "
                             f"statements use and fast-path calls of functions other than the large-object "
-                            f"ones are refused")
+                            f"ones are refused. Check the DSN's host, port, database and credentials "
+                            f"(`psql \"<catalog_dsn>\"` from this host should connect)")
             continue
         notes.append(f"target {target.name}: catalog_dsn readable ({catalog.size_summary()})")
     return problems, notes

@@ -75,11 +75,17 @@ def ring_drops_alert(dropped: int, during: str) -> dict:
     """agent.alert for connection events the BPF programs could not report, their ring being
     full: `during` agent_down (no agent read it: a crash, a stop with the programs held, a long
     handover) or agent_behind (this run did not read it fast enough)."""
-    when = ("while no agent ran" if during == "agent_down" else "because the agent fell behind reading it")
+    if during == "agent_down":
+        when = "while no agent ran"
+        remedy = ("keep the agent's downtime short: restart it with `warden-agent restart` or "
+                  "`systemctl restart` (a handover), and find why it crashed or stayed stopped")
+    else:
+        when = "because the agent fell behind reading it"
+        remedy = "give the agent more CPU (check its unit's CPU limits and the host's load)"
     return {"kind": "bpf_events_dropped", "severity": "error",
             "message": f"{dropped} connection events (connect attempts and their outcomes) were not "
                        f"reported: the BPF programs' ring buffer was full {when}; the connection "
-                       f"inventory and the agent.bypass records miss them",
+                       f"inventory and the agent.bypass records miss them. To avoid it: {remedy}",
             "detail": {"dropped": dropped, "during": during}}
 
 
@@ -429,7 +435,7 @@ class Agent:
             self.stopping.set()
             for server in self.servers:
                 server.close()
-            try:        # while the counter is ours to read (a next run reads what comes after)
+            try:        # while the counter is ours to read (a next run records what comes after)
                 self._record_ring_drops()
             except Exception as exc:
                 log.error("connection events the ring had no room for could not be recorded: %s", exc)
@@ -492,20 +498,21 @@ class Agent:
 
     def _record_ring_drops(self) -> None:
         """Connection events this run's programs found no room for in their ring (the agent fell
-        behind reading it): recorded once each, as an alert with their count."""
+        behind reading it): recorded once each, as an alert with their count; while records
+        cannot be taken (RecordBacklogFull), at the next pass."""
         dropped, recorded = self.bpf.ring_drops()
-        if dropped > recorded:
-            self.emit("agent.alert", ring_drops_alert(dropped - recorded, "agent_behind"))
-            self.bpf.mark_drops_recorded(dropped)
-
-    def _flush_inventory(self) -> None:
-        """Record the connection inventory, and any connection events the ring had no room
-        for. While records cannot be taken (RecordBacklogFull), what is not recorded stays
-        folded, per process and destination, for the next pass."""
+        if dropped <= recorded:
+            return
         try:
-            self._record_ring_drops()
+            self.emit("agent.alert", ring_drops_alert(dropped - recorded, "agent_behind"))
         except RecordBacklogFull as exc:
             log.warning("connection events the ring had no room for: alert kept for the next pass: %s", exc)
+            return
+        self.bpf.mark_drops_recorded(dropped)
+
+    def _flush_inventory(self) -> None:
+        """Record the connection inventory. While records cannot be taken (RecordBacklogFull),
+        what is not recorded stays folded, per process and destination, for the next pass."""
         carry = self._inventory_carry
         for fields in self.inventory.flush():
             key = (fields["process"].get("tgid"), fields["dst_ip"], fields["dst_port"])
@@ -529,6 +536,7 @@ class Agent:
             except asyncio.TimeoutError:
                 pass
             try:
+                self._record_ring_drops()
                 self._flush_inventory()
             except Exception:
                 log.exception("connection inventory not recorded; retried at the next pass")
