@@ -113,6 +113,15 @@ def no_programs_of_ours(path):
     return ours(attached_programs(path)) == []
 
 
+def start_run(mgr, rules):
+    """What an agent run does with its programs before it serves: load, targets, attach (which
+    takes over and reads back what an earlier run's programs left)."""
+    mgr.load()
+    mgr.set_targets(rules)
+    mgr.attach()
+    return mgr
+
+
 def test_ipv4_redirect_attribution_and_exemption(test_cgroup, servers):
     server = servers("127.0.0.2")
     listen = free_port()
@@ -455,19 +464,14 @@ def test_what_the_programs_report_while_no_agent_reads_is_read_back_by_the_next_
     dead_port = free_port()
     rules = [TargetRule(7, ipaddress.ip_network("127.0.0.2/32"), bypassed.port, dead_port, "bypass"),
              TargetRule(8, ipaddress.ip_network("127.0.0.3/32"), refused.port, dead_port, "refuse")]
-    gone = BpfManager([test_cgroup.path])          # a run that no longer reads its events
-    gone.load()
-    gone.set_targets(rules)
-    gone.attach()
+    gone = start_run(BpfManager([test_cgroup.path]), rules)     # a run that no longer reads its events
     nxt = BpfManager([test_cgroup.path])
     try:
         direct = run_client(test_cgroup, "127.0.0.2", bypassed.port)
         assert direct["echo"] == "ping" and bypassed.peers[0][1] == direct["local"][1]
         denied = run_client(test_cgroup, "127.0.0.3", refused.port)
         assert denied.get("errname") == "ConnectionRefusedError" and refused.peers == []
-        nxt.load()
-        nxt.set_targets(rules)
-        nxt.attach()
+        start_run(nxt, rules)
         got = [(kind, cap.tgid, cap.target_id, cap.bypass, cap.redirected) for kind, cap in nxt.recovered]
         assert got.index((EV_ATTEMPT, direct["pid"], 7, True, False)) < got.index(
             (EV_ATTEMPT, denied["pid"], 8, False, True))                      # in the order they happened
@@ -516,10 +520,7 @@ def test_events_the_ring_has_no_room_for_are_counted_and_read_back_once(test_cgr
     from agent.bpfmgr import EV_ATTEMPT
     dead_port = free_port()
     rules = [TargetRule(8, ipaddress.ip_network("127.0.0.3/32"), 5999, dead_port, "refuse")]
-    gone = BpfManager([test_cgroup.path])          # a run that no longer reads its events
-    gone.load()
-    gone.set_targets(rules)
-    gone.attach()
+    gone = start_run(BpfManager([test_cgroup.path]), rules)     # a run that no longer reads its events
     nxt = BpfManager([test_cgroup.path])
     try:
         assert gone.ring_drops() == (0, 0)
@@ -527,9 +528,7 @@ def test_events_the_ring_has_no_room_for_are_counted_and_read_back_once(test_cgr
         dropped, recorded = gone.ring_drops()
         assert recorded == 0 and dropped > 1000
         gone.mark_drops_recorded(dropped - 123)     # that run had recorded all but the last 123
-        nxt.load()
-        nxt.set_targets(rules)
-        nxt.attach()
+        start_run(nxt, rules)
         assert nxt.recovered_drops == 123
         attempts = sum(1 for kind, _cap in nxt.recovered if kind == EV_ATTEMPT)
         assert 0 < attempts < RING_FILLING_CONNECTS
